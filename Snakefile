@@ -1,0 +1,25 @@
+# snaketune: download -> clean -> split -> tokenizer -> tokenize -> train -> evaluate -> track.
+# Entry only: config, validation, rule files, and the target list.
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/download.smk"
+include: "workflow/rules/clean.smk"
+include: "workflow/rules/split.smk"
+include: "workflow/rules/tokenizer.smk"
+include: "workflow/rules/tokenize.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/track.smk"
+
+
+rule all:
+    input:
+        get_final_outputs(),
+    default_target: True
+
+
+onsuccess:
+    print_summary()

@@ -1,0 +1,20 @@
+rule clean_corpus:
+    input:
+        raw=get_raw_dir,
+    output:
+        corpus=f"{R}/{{experiment}}/clean/corpus.parquet",
+        report=f"{R}/{{experiment}}/clean/report.json",
+        manifest=f"{R}/{{experiment}}/clean/manifest.json",
+    params:
+        settings=get_clean_settings,
+    conda:
+        "../../envs/data.yaml"
+    log:
+        f"{R}/{{experiment}}/clean/clean.log",
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "snaketune clean --raw {input.raw:q} --corpus {output.corpus:q}"
+        " --report {output.report:q} --manifest {output.manifest:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"

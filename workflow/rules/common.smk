@@ -1,0 +1,121 @@
+# Config validation, wildcard constraints and the get_<thing>(wildcards) helpers the rules use.
+import json
+import os
+import re
+from urllib.parse import urlparse
+
+from snakemake.utils import validate
+
+from snaketune.config import SCHEMA, cross_checks, raise_if_invalid, schema_problems
+from snaketune.track import resolve_tracking_uri
+
+# Readable problems first (every key at once), then snakemake's validate fills the defaults.
+raise_if_invalid(schema_problems(config), "schema")
+validate(config, SCHEMA)
+raise_if_invalid(cross_checks(config), "cross-checks")
+
+R = config["results_dir"]
+EXPERIMENTS = {exp["name"]: exp for exp in config["experiments"]}
+TRACKING_URI = resolve_tracking_uri(config["mlflow"]["tracking_uri"], R)
+
+
+wildcard_constraints:
+    experiment="|".join(re.escape(name) for name in EXPERIMENTS),
+    dataset="|".join(re.escape(name) for name in config["datasets"]),
+
+
+def get_final_outputs():
+    return [f"{R}/{name}/track/runs.json" for name in EXPERIMENTS]
+
+
+def dataset_of(wildcards):
+    return config["datasets"][EXPERIMENTS[wildcards.experiment]["dataset"]]
+
+
+def resolve_url(url):
+    """Relative paths are relative to the repository, wherever snakemake runs."""
+    if urlparse(url).scheme in ("http", "https", "file"):
+        return url
+    return url if os.path.isabs(url) else os.path.join(workflow.basedir, url)
+
+
+def get_raw_dir(wildcards):
+    return f"{R}/datasets/{EXPERIMENTS[wildcards.experiment]['dataset']}/download/files"
+
+
+def get_download_settings(wildcards):
+    ds = config["datasets"][wildcards.dataset]
+    return json.dumps(
+        {
+            "url": resolve_url(ds["url"]),
+            "sha256": ds["sha256"],
+            "max_unpacked_bytes": ds["max_unpacked_bytes"],
+        }
+    )
+
+
+def get_clean_settings(wildcards):
+    exp, ds = EXPERIMENTS[wildcards.experiment], dataset_of(wildcards)
+    read_keys = ("format", "text_column", "header", "column_names", "quoting")
+    read = {key: ds[key] for key in read_keys}
+    read["text_template"] = exp["text_template"]
+    read["label_column"] = (
+        ds["label_column"] if exp["task"] == "sequence_classification" else None
+    )
+    return json.dumps({"read": read, "clean": exp["clean"], "member": ds["member"]})
+
+
+def _section(name):
+    def get_settings(wildcards):
+        return json.dumps(EXPERIMENTS[wildcards.experiment][name])
+
+    return get_settings
+
+
+get_split_settings = _section("split")
+get_tokenizer_settings = _section("tokenizer")
+
+
+def get_tokenize_settings(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    return json.dumps({"task": exp["task"], **exp["tokenize"]})
+
+
+def get_train_settings(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    return json.dumps({"task": exp["task"], "model": exp["model"], "train": exp["train"]})
+
+
+def get_evaluate_settings(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    return json.dumps({"task": exp["task"], "evaluate": exp["evaluate"]})
+
+
+def get_track_settings(wildcards):
+    local = not TRACKING_URI.startswith(("http://", "https://"))
+    artifacts = f"file://{os.path.abspath(R)}/mlartifacts" if local else None
+    return json.dumps(
+        {
+            "experiment": wildcards.experiment,
+            "mlflow_experiment": config["mlflow"]["experiment_name"],
+            "tracking_uri": TRACKING_URI,
+            "artifact_location": artifacts,
+            "config": EXPERIMENTS[wildcards.experiment],
+        }
+    )
+
+
+def print_summary():
+    ui = TRACKING_URI
+    if ui.startswith("sqlite:///"):
+        ui = f"mlflow ui --backend-store-uri {ui} --host 127.0.0.1 --port 5000"
+    else:
+        ui = f"open {ui} in a browser"
+    print(f"\nsnaketune: results are under {os.path.abspath(R)}/<experiment>/<stage>/")
+    for name in EXPERIMENTS:
+        print(f"  {name}: {R}/{name}/evaluate/metrics.json")
+    print(f"Browse the runs: {ui}\n")
+
+
+def get_download_manifest(wildcards):
+    return f"{R}/datasets/{EXPERIMENTS[wildcards.experiment]['dataset']}/download/manifest.json"

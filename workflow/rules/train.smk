@@ -1,0 +1,30 @@
+# Checkpoints go to train_state/, which is not an output: Snakemake deletes a failed job's
+# outputs, and the checkpoint must survive so that a rerun resumes instead of starting over.
+rule train_model:
+    input:
+        shards=rules.tokenize_shards.output.shards,
+        tokenize_manifest=rules.tokenize_shards.output.manifest,
+        tokenizer=rules.prepare_tokenizer.output.tokenizer,
+    output:
+        model=directory(f"{R}/{{experiment}}/train/model"),
+        history=f"{R}/{{experiment}}/train/history.jsonl",
+        manifest=f"{R}/{{experiment}}/train/manifest.json",
+    params:
+        settings=get_train_settings,
+        state_dir=f"{R}/{{experiment}}/train_state",
+    conda:
+        "../../envs/train.yaml"
+    log:
+        f"{R}/{{experiment}}/train/train.log",
+    benchmark:
+        f"{R}/{{experiment}}/train/benchmark.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=0,
+    shell:
+        "OMP_NUM_THREADS={threads} snaketune train --shards {input.shards:q}"
+        " --tokenize-manifest {input.tokenize_manifest:q} --tokenizer {input.tokenizer:q}"
+        " --out {output.model:q} --history {output.history:q} --manifest {output.manifest:q}"
+        " --state-dir {params.state_dir:q} --settings {params.settings:q} > {log:q} 2>&1"

@@ -1,0 +1,220 @@
+"""Stage 7, evaluate_model: held-out metrics, with the protocol written next to each number.
+
+Causal LM: token perplexity = exp(sum NLL / predicted tokens) over the test shards, next-token
+accuracy and bits per byte, plus generation samples. Classification: accuracy, macro-F1 and a
+confusion matrix from the shipped `evaluate` modules, beside two baselines on the same split
+(majority class; bag-of-words logistic regression).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from snaketune.fileio import atomic_path, read_json, write_json
+from snaketune.manifest import stage_manifest
+from snaketune.metrics import load_metric
+from snaketune.models import load_trained
+from snaketune.train import Examples, load_examples
+
+MAX_LOG_PERPLEXITY = 700.0  # exp(709) overflows float64; report inf beyond this
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int = 32
+    prompts: list[str] = field(default_factory=list)
+    """causal_lm: prompts whose continuations go to samples.jsonl."""
+    max_new_tokens: int = 40
+    temperature: float = 0.8
+    top_k: int = 20
+    seed: int = 1234
+
+
+def perplexity(nll_sum: float, tokens: int) -> float:
+    mean = nll_sum / max(tokens, 1)
+    return math.exp(mean) if mean < MAX_LOG_PERPLEXITY else float("inf")
+
+
+def token_byte_lengths(tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (special tokens count as one separator byte)."""
+    lengths = np.ones(len(tokenizer), dtype=np.int64)
+    special = set(tokenizer.all_special_ids)
+    for token, idx in tokenizer.get_vocab().items():
+        if idx in special or idx >= len(lengths):
+            continue
+        text = tokenizer.convert_tokens_to_string([token])
+        lengths[idx] = len(text.encode("utf-8"))
+    return lengths
+
+
+@torch.no_grad()
+def score_lm(model, data: Examples, batch_size: int, byte_lengths: np.ndarray) -> dict:
+    """Sum NLL over every predicted position of each test block (positions 1..block-1)."""
+    model.eval()
+    nll_sum, tokens, correct, n_bytes = 0.0, 0, 0, 0
+    for start in range(0, len(data), batch_size):
+        batch = data.batch(np.arange(start, min(len(data), start + batch_size)))
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1].double()
+        targets = batch["input_ids"][:, 1:]
+        mask = batch["attention_mask"][:, 1:].bool()
+        nll = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+        ).view_as(targets)
+        nll_sum += float(nll[mask].sum())
+        tokens += int(mask.sum())
+        correct += int((logits.argmax(-1) == targets)[mask].sum())
+        n_bytes += int(byte_lengths[targets[mask].numpy()].sum())
+    return {
+        "perplexity": perplexity(nll_sum, tokens),
+        "nll_per_token": nll_sum / tokens,
+        "next_token_accuracy": correct / tokens,
+        "bits_per_byte": nll_sum / math.log(2) / max(n_bytes, 1),
+        "predicted_tokens": tokens,
+        "scored_bytes": n_bytes,
+    }
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, settings: EvalSettings, context: int) -> str:
+    """Top-k sampling with a seeded generator; the same loop serves GPT-2 and the LSTM."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    ids = torch.tensor([tokenizer.encode(prompt, add_special_tokens=False)], dtype=torch.long)
+    prompt_len = ids.size(1)
+    for _ in range(settings.max_new_tokens):
+        logits = model(input_ids=ids[:, -context:]).logits[0, -1].float()
+        logits = logits / max(settings.temperature, 1e-6)
+        top = torch.topk(logits, min(settings.top_k, logits.numel()))
+        probs = torch.softmax(top.values, dim=-1)
+        next_id = top.indices[torch.multinomial(probs, 1, generator=generator)]
+        if int(next_id) == tokenizer.eos_token_id:
+            break
+        ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    return tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True)
+
+
+def evaluate_lm(model, tokenizer, test: Examples, settings: EvalSettings, samples_path: Path):
+    metrics = score_lm(model, test, settings.batch_size, token_byte_lengths(tokenizer))
+    context = test.input_ids.size(1)
+    metrics["protocol"] = (
+        f"test split packed into non-overlapping blocks of {context} tokens (context_length = "
+        f"stride = {context}); each block scores positions 1..{context - 1} given the tokens "
+        "before it; perplexity = exp(sum NLL / predicted tokens); bits_per_byte divides the NLL "
+        "in bits by the UTF-8 bytes of the predicted tokens (special tokens count one byte)"
+    )
+    with atomic_path(samples_path) as tmp:
+        lines = [
+            json.dumps(
+                {"prompt": p, "completion": generate(model, tokenizer, p, settings, context)}
+            )
+            for p in settings.prompts
+        ]
+        tmp.write_text("".join(line + "\n" for line in lines))
+    return metrics
+
+
+@torch.no_grad()
+def predict_classes(model, data: Examples, batch_size: int) -> np.ndarray:
+    model.eval()
+    predictions = []
+    for start in range(0, len(data), batch_size):
+        batch = data.batch(np.arange(start, min(len(data), start + batch_size)))
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        predictions.append(logits.argmax(-1).numpy())
+    return np.concatenate(predictions)
+
+
+def classification_metrics(
+    predictions: np.ndarray, references: np.ndarray, label_names: list[str]
+) -> dict:
+    n = len(label_names)
+    accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)
+    f1 = load_metric("macro_f1").compute(
+        predictions=predictions, references=references, num_classes=n
+    )
+    matrix = load_metric("confusion_matrix").compute(
+        predictions=predictions, references=references, num_classes=n
+    )
+    return {
+        "accuracy": accuracy["accuracy"],
+        "macro_f1": f1["macro_f1"],
+        "per_class": {
+            name: {"precision": f1["precision"][i], "recall": f1["recall"][i], "f1": f1["f1"][i]}
+            for i, name in enumerate(label_names)
+        },
+        "confusion_matrix": matrix["confusion_matrix"],
+    }
+
+
+def baselines(train_split: Path, test_split: Path, label_names: list[str]) -> dict:
+    """Majority class and bag-of-words logistic regression, on the same test documents."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    train, test = pd.read_parquet(train_split), pd.read_parquet(test_split)
+    label_ids = {n: i for i, n in enumerate(label_names)}
+    y_train = train["label"].map(label_ids).to_numpy()
+    y_test = test["label"].map(label_ids).to_numpy()
+    majority = int(np.bincount(y_train).argmax())
+    vectorizer = CountVectorizer(ngram_range=(1, 2), min_df=1)
+    features = vectorizer.fit_transform(train["text"])
+    classifier = LogisticRegression(max_iter=2000).fit(features, y_train)
+    bow = classifier.predict(vectorizer.transform(test["text"]))
+    return {
+        "majority_class": {
+            "label": label_names[majority],
+            "accuracy": float((y_test == majority).mean()),
+        },
+        "bow_logistic_regression": {
+            "accuracy": float((bow == y_test).mean()),
+            "macro_f1": load_metric("macro_f1").compute(
+                predictions=bow, references=y_test, num_classes=len(label_names)
+            )["macro_f1"],
+        },
+    }
+
+
+def evaluate_model(
+    model_dir: Path,
+    shard_dir: Path,
+    tokenize_manifest: Path,
+    splits: dict[str, Path],
+    metrics_path: Path,
+    samples_path: Path,
+    manifest: Path,
+    task: str,
+    settings: EvalSettings,
+) -> dict:
+    from transformers import AutoTokenizer
+
+    data_info = read_json(tokenize_manifest)
+    inputs = {"model": model_dir, "test_shards": Path(shard_dir) / "test"}
+    with stage_manifest("evaluate", manifest, inputs, asdict(settings)) as record:
+        torch.manual_seed(settings.seed)
+        model = load_trained(model_dir, task)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        test = load_examples(Path(shard_dir) / "test", task, data_info["pad_token_id"])
+        if task == "causal_lm":
+            metrics = evaluate_lm(model, tokenizer, test, settings, samples_path)
+        else:
+            labels = data_info["label_names"]
+            predictions = predict_classes(model, test, settings.batch_size)
+            metrics = classification_metrics(predictions, test.labels.numpy(), labels)
+            metrics["label_names"] = labels
+            metrics["baselines"] = baselines(splits["train"], splits["test"], labels)
+            metrics["protocol"] = (
+                f"{len(test)} test examples, truncated to "
+                f"{test.input_ids.size(1)} tokens; argmax prediction"
+            )
+            with atomic_path(samples_path) as tmp:
+                tmp.write_text("")
+        metrics["test_rows"] = len(test)
+        write_json(metrics_path, metrics)
+        record.counts = {"test_rows": len(test)}
+    return metrics

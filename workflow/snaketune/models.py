@@ -1,0 +1,180 @@
+"""The models the trainer can build: GPT-2 style transformers (from scratch or a pretrained
+path/hub id) and a small LSTM baseline, each for causal LM or sequence classification.
+
+Every model is called the same way, `model(input_ids=..., attention_mask=..., labels=...)`, and
+returns an object with `.loss` and `.logits`, so training and evaluation need no branches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+ARCHS = ("gpt2", "lstm")
+LSTM_CONFIG = "snaketune_lstm.json"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    arch: str = "gpt2"
+    init: str = "scratch"
+    """'scratch' builds from the sizes below; 'pretrained' loads name_or_path."""
+    name_or_path: str | None = None
+    trust_remote_code: bool = False
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class LstmConfig:
+    task: str
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    dropout: float
+    pad_token_id: int
+    num_labels: int = 0
+
+
+class LstmModel(nn.Module):
+    """Embedding → LSTM → linear head: the classic baseline for both tasks."""
+
+    def __init__(self, config: LstmConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.lstm = nn.LSTM(
+            config.n_embd,
+            config.n_embd,
+            config.n_layer,
+            batch_first=True,
+            dropout=config.dropout if config.n_layer > 1 else 0.0,
+        )
+        self.drop = nn.Dropout(config.dropout)
+        out = config.vocab_size if config.task == "causal_lm" else config.num_labels
+        self.head = nn.Linear(config.n_embd, out)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        hidden, _ = self.lstm(self.drop(self.embed(input_ids)))
+        hidden = self.drop(hidden)
+        if self.config.task == "causal_lm":
+            logits = self.head(hidden)
+            loss = None
+            if labels is not None:
+                loss = nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
+                )
+            return SimpleNamespace(logits=logits, loss=loss)
+        # Classify from the hidden state at each example's last real token.
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        last = attention_mask.sum(dim=1).clamp(min=1) - 1
+        logits = self.head(hidden[torch.arange(hidden.size(0)), last])
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return SimpleNamespace(logits=logits, loss=loss)
+
+    def save_pretrained(self, out_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / LSTM_CONFIG).write_text(json.dumps(asdict(self.config), indent=2))
+        save_file(
+            {k: v.contiguous() for k, v in self.state_dict().items()}, out_dir / "model.safetensors"
+        )
+
+
+def build_model(
+    settings: ModelSettings,
+    task: str,
+    vocab_size: int,
+    context: int,
+    pad_token_id: int,
+    eos_token_id: int | None,
+    label_names: list[str],
+) -> nn.Module:
+    if settings.arch == "lstm":
+        return LstmModel(
+            LstmConfig(
+                task,
+                vocab_size,
+                settings.n_embd,
+                settings.n_layer,
+                settings.dropout,
+                pad_token_id,
+                len(label_names),
+            )
+        )
+    labels = (
+        {
+            "num_labels": len(label_names),
+            "id2label": dict(enumerate(label_names)),
+            "label2id": {n: i for i, n in enumerate(label_names)},
+        }
+        if label_names
+        else {}
+    )
+    if settings.init == "pretrained":
+        model = _load_hf(settings.name_or_path, task, settings.trust_remote_code, **labels)
+        if model.get_input_embeddings().num_embeddings < vocab_size:
+            model.resize_token_embeddings(vocab_size)
+        model.config.pad_token_id = pad_token_id
+        return model
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=context,
+        n_embd=settings.n_embd,
+        n_layer=settings.n_layer,
+        n_head=settings.n_head,
+        resid_pdrop=settings.dropout,
+        embd_pdrop=settings.dropout,
+        attn_pdrop=settings.dropout,
+        pad_token_id=pad_token_id,
+        bos_token_id=eos_token_id,
+        eos_token_id=eos_token_id,
+        **labels,
+    )
+    return GPT2LMHeadModel(config) if task == "causal_lm" else GPT2ForSequenceClassification(config)
+
+
+def _load_hf(name_or_path: str | None, task: str, trust_remote_code: bool, **kwargs):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if not name_or_path:
+        raise ValueError("model.init 'pretrained' needs model.name_or_path")
+    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    extra = {"ignore_mismatched_sizes": True, **kwargs} if task != "causal_lm" else {}
+    try:
+        return cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
+    except OSError as err:
+        raise OSError(
+            f"could not load model {name_or_path!r}: give a local directory saved with "
+            f"save_pretrained, or a hub id reachable from here (offline runs need a local path "
+            f"or a filled cache). ({err})"
+        ) from err
+
+
+def load_trained(model_dir: Path, task: str) -> nn.Module:
+    """Load what the trainer saved, whichever architecture it was."""
+    model_dir = Path(model_dir)
+    if (model_dir / LSTM_CONFIG).exists():
+        from safetensors.torch import load_file
+
+        config = LstmConfig(**json.loads((model_dir / LSTM_CONFIG).read_text()))
+        model = LstmModel(config)
+        model.load_state_dict(load_file(model_dir / "model.safetensors"))
+        return model
+    return _load_hf(str(model_dir), task, trust_remote_code=False)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

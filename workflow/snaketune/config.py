@@ -34,7 +34,8 @@ def describe(error) -> str:
         )
         return f"{where}: unknown key(s) {unknown}; allowed keys are {allowed}"
     if error.validator == "enum":
-        return f"{where}: {error.instance!r} is not allowed; allowed values are {error.validator_value}"
+        allowed = error.validator_value
+        return f"{where}: {error.instance!r} is not allowed; allowed values are {allowed}"
     return f"{where}: {error.message}"
 
 

@@ -206,8 +206,8 @@ def tokenize_shards(
                 "eos_token_id": tokenizer.eos_token_id,
                 "vocab_size": len(tokenizer),
                 "shards": {name: [asdict(s) for s in st.shards] for name, st in stats.items()},
-                "packing": "documents joined with EOS and packed into block_size rows across document "
-                "boundaries; each split's final partial block is dropped "
+                "packing": "documents joined with EOS and packed into block_size rows across "
+                "document boundaries; each split's final partial block is dropped "
                 "(dropped_remainder_tokens)"
                 if settings.task == "causal_lm"
                 else "one row per example, truncated to max_length",

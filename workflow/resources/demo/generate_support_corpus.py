@@ -225,7 +225,8 @@ ANSWERS: dict[str, list[str]] = {
         "You can change your email and address under Account, then Profile. I've updated it for "
         "you now.",
         "I've unsubscribed you from marketing emails; it can take up to 48 hours to take effect.",
-        "Account deletion is permanent. I've sent a confirmation link to your email to complete it.",
+        "Account deletion is permanent. I've sent a confirmation link to your email to "
+        "complete it.",
         "I've merged the two accounts; your order history now appears in one place.",
     ],
     "technical_issue": [
@@ -235,7 +236,8 @@ ANSWERS: dict[str, list[str]] = {
         "looking into the error.",
         "Please hold the power button for 10 seconds to reset the device. If it still fails, "
         "we'll replace it under warranty.",
-        "Thanks for reporting this. Our engineers are aware of the problem and a fix is on the way.",
+        "Thanks for reporting this. Our engineers are aware of the problem and a fix is on "
+        "the way.",
     ],
 }
 

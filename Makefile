@@ -1,0 +1,35 @@
+# `make demo` and `make test` each set themselves up on a fresh clone (venv + pinned install).
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+# The demo and the tests never reach the model hub.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+CORES ?= 2
+
+.PHONY: install demo test test-fast lint clean
+
+$(VENV)/.installed: pyproject.toml envs/constraints.txt
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c envs/constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	snakemake --cores $(CORES)
+
+lint: install
+	ruff check .
+	ruff format --check .
+	snakemake --lint
+
+# Everything, slow tests included: what CI runs.
+test: lint
+	pytest -m "slow or not slow"
+
+test-fast: install
+	pytest
+
+clean:
+	rm -rf results .snakemake

@@ -42,15 +42,36 @@ def perplexity(nll_sum: float, tokens: int) -> float:
     return math.exp(mean) if mean < MAX_LOG_PERPLEXITY else float("inf")
 
 
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-to-printable-character table, inverted: each character stands for one byte."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
 def token_byte_lengths(tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (special tokens count as one separator byte)."""
+    """UTF-8 bytes each token id stands for (special tokens count as one separator byte).
+
+    Byte-level BPE tokens can hold part of a multi-byte character, which decodes to U+FFFD on
+    its own; their length is read from the byte alphabet instead.
+    """
     lengths = np.ones(len(tokenizer), dtype=np.int64)
     special = set(tokenizer.all_special_ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and "ByteLevel" in type(backend.decoder).__name__
+    alphabet = byte_level_alphabet()
     for token, idx in tokenizer.get_vocab().items():
         if idx in special or idx >= len(lengths):
             continue
-        text = tokenizer.convert_tokens_to_string([token])
-        lengths[idx] = len(text.encode("utf-8"))
+        if byte_level and all(ch in alphabet for ch in token):
+            lengths[idx] = len(token)
+        else:
+            lengths[idx] = len(tokenizer.convert_tokens_to_string([token]).encode("utf-8"))
     return lengths
 
 

@@ -1,0 +1,153 @@
+"""The real workflow, end to end, on a tiny config in a temp dir: every stage's outputs, plausible
+metrics, the MLflow store's runs and artifacts, and a second invocation that has nothing to do."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["download", "clean", "split", "tokenizer", "tokenize", "train", "evaluate"]
+TINY_MODEL = {"n_layer": 1, "n_embd": 48, "n_head": 2, "dropout": 0.0}
+
+
+def tiny_config(results: Path) -> dict:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["results_dir"] = str(results)
+    config["mlflow"]["experiment_name"] = "snaketune-test"
+    lm, intent = config["experiments"]
+    lm.update(
+        tokenizer={"vocab_size": 500},
+        model=TINY_MODEL,
+        train={
+            "max_steps": 40,
+            "batch_size": 8,
+            "eval_every": 20,
+            "checkpoint_every": 20,
+            "warmup_steps": 5,
+            "lr": 0.005,
+        },
+        evaluate={"prompts": lm["evaluate"]["prompts"][:1], "max_new_tokens": 8},
+    )
+    intent.update(
+        tokenizer={"vocab_size": 500},
+        model=TINY_MODEL,
+        train={
+            "max_steps": 80,
+            "batch_size": 32,
+            "eval_every": 40,
+            "checkpoint_every": 40,
+            "warmup_steps": 5,
+            "lr": 0.003,
+        },
+    )
+    return config
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    command = [
+        str(Path(sys.executable).with_name("snakemake")),
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        "2",
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    workdir = tmp_path_factory.mktemp("workflow")
+    results = workdir / "results"
+    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config(results)))
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return results, run
+
+
+def test_every_stage_writes_outputs_and_a_manifest(finished_run):
+    results, _ = finished_run
+    assert (results / "datasets" / "support-demo" / "download" / "manifest.json").exists()
+    for experiment in ("demo-lm", "demo-intent"):
+        for stage in STAGES[1:]:
+            manifest = json.loads((results / experiment / stage / "manifest.json").read_text())
+            assert manifest["stage"] == stage
+            assert manifest["versions"]["torch"] and manifest["seconds"] >= 0
+        for split in ("train", "val", "test"):
+            frame = pd.read_parquet(results / experiment / "split" / f"{split}.parquet")
+            assert list(frame.columns) == ["doc_id", "text", "label"] and len(frame) > 0
+            shards = sorted(
+                (results / experiment / "tokenize" / "shards" / split).glob("*.parquet")
+            )
+            assert shards and len(pd.read_parquet(shards[0])) > 0
+        assert (results / experiment / "train" / "model" / "model.safetensors").exists()
+        assert len((results / experiment / "train" / "history.jsonl").read_text().splitlines()) > 1
+
+
+def test_clean_report_counts_what_the_demo_corpus_needs_cleaned(finished_run):
+    results, _ = finished_run
+    report = json.loads((results / "demo-intent" / "clean" / "report.json").read_text())
+    assert report["html_stripped"] > 0 and report["pii_redacted"]["email"] > 0
+    assert report["removed"]["exact_duplicate"] > 0
+    assert report["output_records"] == report["input_records"] - sum(report["removed"].values())
+
+
+def test_metrics_are_plausible(finished_run):
+    results, _ = finished_run
+    lm = json.loads((results / "demo-lm" / "evaluate" / "metrics.json").read_text())
+    assert math.isfinite(lm["perplexity"]) and 1 < lm["perplexity"] < 500  # vocab is 500
+    assert 0 < lm["bits_per_byte"] < 8 and "stride" in lm["protocol"]
+    intent = json.loads((results / "demo-intent" / "evaluate" / "metrics.json").read_text())
+    assert intent["accuracy"] > intent["baselines"]["majority_class"]["accuracy"] + 0.2
+    assert intent["baselines"]["bow_logistic_regression"]["accuracy"] > 0.5
+    assert len(intent["confusion_matrix"]) == len(intent["label_names"]) == 8
+
+
+def test_mlflow_store_has_a_parent_and_a_child_per_stage(finished_run):
+    from mlflow import MlflowClient
+
+    results, _ = finished_run
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("snaketune-test")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert sorted(parents) == ["demo-intent", "demo-lm"]
+    for name, parent in parents.items():
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+        assert parent.data.tags["git.commit"] and parent.data.tags["snaketune.config_hash"]
+        assert parent.data.params["task"] in ("causal_lm", "sequence_classification")
+        train = next(r for r in children if r.info.run_name == "train")
+        assert len(client.get_metric_history(train.info.run_id, "train.loss")) > 1
+        artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
+        assert {"manifest.json", "history.jsonl", "model"} <= artifacts
+        runs_json = json.loads((results / name / "track" / "runs.json").read_text())
+        assert runs_json["runs"]["parent"] == parent.info.run_id
+    assert "accuracy" in " ".join(parents["demo-intent"].data.metrics)
+
+
+def test_summary_names_results_and_the_mlflow_ui_command(finished_run):
+    _, run = finished_run
+    assert "mlflow ui --backend-store-uri sqlite:///" in run.stdout + run.stderr
+
+
+def test_second_invocation_has_nothing_to_do(finished_run):
+    results, _ = finished_run
+    rerun = snakemake(results.parent, "--dry-run")
+    assert rerun.returncode == 0
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr

@@ -1,0 +1,119 @@
+"""Evaluation numbers checked against independent, straightforward computations."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score
+
+from snaketune.evaluation import (
+    EvalSettings,
+    classification_metrics,
+    evaluate_model,
+    perplexity,
+    score_lm,
+    token_byte_lengths,
+)
+from snaketune.models import ModelSettings, build_model
+from snaketune.train import load_examples
+
+
+def tiny_lm(info: dict, context: int):
+    torch.manual_seed(0)
+    model = build_model(
+        ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.0),
+        "causal_lm",
+        info["vocab_size"],
+        context,
+        info["pad_token_id"],
+        info["eos_token_id"],
+        [],
+    )
+    return model.eval()
+
+
+def reference_nll(model, blocks: torch.Tensor) -> tuple[float, int]:
+    """Block by block, position by position, in float64: the definition, written plainly."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for block in blocks:
+            logits = model(input_ids=block[None]).logits[0].double()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            for pos in range(1, block.numel()):
+                total -= float(log_probs[pos - 1, block[pos]])
+                count += 1
+    return total, count
+
+
+def test_perplexity_matches_an_independent_float64_loop(lm_data):
+    info = json.loads(lm_data["tokenize_manifest"].read_text())
+    test = load_examples(lm_data["shards"] / "test", "causal_lm", info["pad_token_id"])
+    model = tiny_lm(info, test.input_ids.size(1))
+    from transformers import AutoTokenizer
+
+    lengths = token_byte_lengths(AutoTokenizer.from_pretrained(lm_data["tokenizer"]))
+    ours = score_lm(model, test, batch_size=7, byte_lengths=lengths)
+    total, count = reference_nll(model, test.input_ids)
+    assert ours["predicted_tokens"] == count == len(test) * (test.input_ids.size(1) - 1)
+    assert ours["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-6)
+
+
+def test_perplexity_overflow_is_reported_as_infinity():
+    assert perplexity(10.0, 5) == pytest.approx(math.exp(2.0))
+    assert perplexity(1e6, 10) == math.inf
+
+
+def test_byte_lengths_cover_the_test_text(lm_data):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
+    lengths = token_byte_lengths(tokenizer)
+    text = "Customer: my refund of $20.50 hasn't arrived – what's up?"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
+
+
+def test_classification_metrics_agree_with_sklearn():
+    rng = np.random.default_rng(3)
+    references = rng.integers(0, 4, 300)
+    predictions = np.where(rng.random(300) < 0.7, references, rng.integers(0, 4, 300))
+    names = ["a", "b", "c", "d"]
+    ours = classification_metrics(predictions, references, names)
+    assert ours["accuracy"] == pytest.approx(accuracy_score(references, predictions))
+    assert ours["macro_f1"] == pytest.approx(f1_score(references, predictions, average="macro"))
+    precision = precision_score(references, predictions, average=None)
+    assert [ours["per_class"][n]["precision"] for n in names] == pytest.approx(list(precision))
+    assert ours["confusion_matrix"] == confusion_matrix(references, predictions).tolist()
+
+
+def test_lm_evaluation_writes_metrics_protocol_and_samples(lm_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    info = json.loads(lm_data["tokenize_manifest"].read_text())
+    model = tiny_lm(info, 32)
+    model.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(lm_data["tokenizer"]).save_pretrained(tmp_path / "model")
+    settings = EvalSettings(prompts=["Customer: hello\nAgent:"], max_new_tokens=5)
+    metrics = evaluate_model(
+        tmp_path / "model",
+        lm_data["shards"],
+        lm_data["tokenize_manifest"],
+        lm_data["splits"],
+        tmp_path / "metrics.json",
+        tmp_path / "samples.jsonl",
+        tmp_path / "manifest.json",
+        "causal_lm",
+        settings,
+    )
+    assert json.loads((tmp_path / "metrics.json").read_text())["perplexity"] == pytest.approx(
+        metrics["perplexity"]
+    )
+    # An untrained model is near-uniform: perplexity close to the vocabulary size.
+    assert 0.3 * info["vocab_size"] < metrics["perplexity"] < 3 * info["vocab_size"]
+    assert "stride" in metrics["protocol"]
+    (sample,) = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert sample["prompt"] == "Customer: hello\nAgent:" and isinstance(sample["completion"], str)

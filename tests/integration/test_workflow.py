@@ -116,6 +116,9 @@ def test_metrics_are_plausible(finished_run):
     assert intent["accuracy"] > intent["baselines"]["majority_class"]["accuracy"] + 0.2
     assert intent["baselines"]["bow_logistic_regression"]["accuracy"] > 0.5
     assert len(intent["confusion_matrix"]) == len(intent["label_names"]) == 8
+    samples = (results / "demo-intent" / "evaluate" / "samples.jsonl").read_text().splitlines()
+    first = json.loads(samples[0])
+    assert first["label"] in intent["label_names"] and first["predicted"] in intent["label_names"]
 
 
 def test_mlflow_store_has_a_parent_and_a_child_per_stage(finished_run):

@@ -201,6 +201,32 @@ def baselines(train_split: Path, test_split: Path, label_names: list[str]) -> di
     }
 
 
+def write_predictions(
+    test_split: Path,
+    shard_dir: Path,
+    predictions: np.ndarray,
+    label_names: list[str],
+    samples_path: Path,
+    limit: int = 50,
+) -> None:
+    """The first test examples with their true and predicted labels, for a reader to skim."""
+    from snaketune.shards import read_shards
+
+    doc_ids = read_shards(shard_dir).column("doc_id").to_pylist()
+    texts = pd.read_parquet(test_split).set_index("doc_id")
+    rows = []
+    for doc_id, predicted in list(zip(doc_ids, predictions, strict=True))[:limit]:
+        rows.append(
+            {
+                "text": texts.at[doc_id, "text"],
+                "label": texts.at[doc_id, "label"],
+                "predicted": label_names[int(predicted)],
+            }
+        )
+    with atomic_path(samples_path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def evaluate_model(
     model_dir: Path,
     shard_dir: Path,
@@ -233,8 +259,9 @@ def evaluate_model(
                 f"{len(test)} test examples, truncated to "
                 f"{test.input_ids.size(1)} tokens; argmax prediction"
             )
-            with atomic_path(samples_path) as tmp:
-                tmp.write_text("")
+            write_predictions(
+                splits["test"], Path(shard_dir) / "test", predictions, labels, samples_path
+            )
         metrics["test_rows"] = len(test)
         write_json(metrics_path, metrics)
         record.counts = {"test_rows": len(test)}

@@ -8,6 +8,7 @@ rule evaluate_model:
     output:
         metrics=f"{R}/{{experiment}}/evaluate/metrics.json",
         samples=f"{R}/{{experiment}}/evaluate/samples.jsonl",
+        plot=f"{R}/{{experiment}}/evaluate/eval_plot.png",
         manifest=f"{R}/{{experiment}}/evaluate/manifest.json",
     params:
         settings=get_evaluate_settings,

@@ -11,10 +11,12 @@ rule track_experiment:
         tokenize=rules.tokenize_shards.output.manifest,
         train=rules.train_model.output.manifest,
         history=rules.train_model.output.history,
+        loss_curve=rules.train_model.output.loss_curve,
         model=rules.train_model.output.model,
         evaluate=rules.evaluate_model.output.manifest,
         metrics=rules.evaluate_model.output.metrics,
         samples=rules.evaluate_model.output.samples,
+        eval_plot=rules.evaluate_model.output.plot,
     output:
         runs=f"{R}/{{experiment}}/track/runs.json",
     params:
@@ -34,6 +36,7 @@ rule track_experiment:
         " --stage split {input.split:q}"
         " --stage tokenizer {input.tokenizer:q} {input.tokenizer_dir:q}"
         " --stage tokenize {input.tokenize:q}"
-        " --stage train {input.train:q} {input.history:q} {input.model:q}"
+        " --stage train {input.train:q} {input.history:q} {input.loss_curve:q} {input.model:q}"
         " --stage evaluate {input.evaluate:q} {input.metrics:q} {input.samples:q}"
+        " {input.eval_plot:q}"
         " > {log:q} 2>&1"

@@ -8,6 +8,7 @@ rule train_model:
     output:
         model=directory(f"{R}/{{experiment}}/train/model"),
         history=f"{R}/{{experiment}}/train/history.jsonl",
+        loss_curve=f"{R}/{{experiment}}/train/loss_curve.png",
         manifest=f"{R}/{{experiment}}/train/manifest.json",
     params:
         settings=get_train_settings,

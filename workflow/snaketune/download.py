@@ -78,6 +78,10 @@ def _fetch_http(settings: DownloadSettings, part: Path) -> None:
             _stream_once(settings, part)
             return
         except urllib.error.HTTPError as err:
+            if err.code == 416 and part.exists() and part.stat().st_size:
+                # Nothing lies past the bytes we hold: the .part is already whole (e.g. kept
+                # because unpacking failed after it was verified). fetch() checks its digest.
+                return
             if err.code < 500 and err.code != 429:
                 raise DownloadError(f"HTTP {err.code} {err.reason} for {settings.url}") from err
             problem = f"HTTP {err.code} {err.reason}"

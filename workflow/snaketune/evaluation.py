@@ -17,12 +17,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from snaketune import plots
 from snaketune.fileio import atomic_path, read_json, write_json
 from snaketune.manifest import stage_manifest
 from snaketune.metrics import load_metric
 from snaketune.models import load_trained
 from snaketune.train import Examples, load_examples
 
+EVAL_PLOT = "eval_plot.png"  # written beside metrics.json
 MAX_LOG_PERPLEXITY = 700.0  # exp(709) overflows float64; report inf beyond this
 
 
@@ -80,6 +82,8 @@ def score_lm(model, data: Examples, batch_size: int, byte_lengths: np.ndarray) -
     """Sum NLL over every predicted position of each test block (positions 1..block-1)."""
     model.eval()
     nll_sum, tokens, correct, n_bytes = 0.0, 0, 0, 0
+    by_position = torch.zeros(data.input_ids.size(1) - 1, dtype=torch.float64)
+    count_by_position = torch.zeros_like(by_position)
     for start in range(0, len(data), batch_size):
         batch = data.batch(np.arange(start, min(len(data), start + batch_size)))
         logits = model(input_ids=batch["input_ids"]).logits[:, :-1].double()
@@ -89,6 +93,8 @@ def score_lm(model, data: Examples, batch_size: int, byte_lengths: np.ndarray) -
             logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
         ).view_as(targets)
         nll_sum += float(nll[mask].sum())
+        by_position += (nll * mask).sum(dim=0)
+        count_by_position += mask.sum(dim=0)
         tokens += int(mask.sum())
         correct += int((logits.argmax(-1) == targets)[mask].sum())
         n_bytes += int(byte_lengths[targets[mask].numpy()].sum())
@@ -99,6 +105,7 @@ def score_lm(model, data: Examples, batch_size: int, byte_lengths: np.ndarray) -
         "bits_per_byte": nll_sum / math.log(2) / max(n_bytes, 1),
         "predicted_tokens": tokens,
         "scored_bytes": n_bytes,
+        "nll_by_position": (by_position / count_by_position.clamp(min=1)).tolist(),
     }
 
 
@@ -263,6 +270,11 @@ def evaluate_model(
                 splits["test"], Path(shard_dir) / "test", predictions, labels, samples_path
             )
         metrics["test_rows"] = len(test)
+        plot_path = Path(metrics_path).with_name(EVAL_PLOT)
+        if task == "causal_lm":
+            plots.nll_by_position(metrics.pop("nll_by_position"), plot_path)
+        else:
+            plots.confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], plot_path)
         write_json(metrics_path, metrics)
         record.counts = {"test_rows": len(test)}
     return metrics

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+import re
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 STAGES = ("download", "clean", "split", "tokenizer", "tokenize", "train", "evaluate")
 RUN_KEY_TAG = "snaketune.run_key"
 MAX_PARAM_LENGTH = 500  # MLflow's limit is larger, but long values are unreadable in the UI
+# MLflow refuses metric names with characters outside [/\w.\- :] and names that change under path
+# normalisation ('a//b', 'a/../b'). Class labels come from the user's data and end up in metric
+# names (eval.per_class.<label>.f1), so one label like 'billing & payments' would fail every retry
+# of the upload. Such characters, '/' included (which rules out the path cases), become '_'.
+_UNSAFE_IN_METRIC_NAME = re.compile(r"[^\w.\- :]")
 
 
 @dataclass(frozen=True)
@@ -74,9 +80,10 @@ def as_params(config: dict[str, Any]) -> dict[str, str]:
 
 
 def numeric_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Every finite-or-infinite number in a nested dict, keyed by its dotted path."""
+    """Every finite-or-infinite number in a nested dict, keyed by its dotted path (with the
+    characters MLflow refuses in a metric name replaced by '_')."""
     return {
-        key: float(v)
+        _UNSAFE_IN_METRIC_NAME.sub("_", key): float(v)
         for key, v in flatten(values, prefix).items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }

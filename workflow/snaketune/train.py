@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from snaketune import plots
 from snaketune.errors import TrainingError
 from snaketune.fileio import atomic_dir, atomic_path, read_json, sha256_tree
 from snaketune.manifest import stage_manifest
@@ -31,6 +32,7 @@ from snaketune.shards import read_shards
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
+LOSS_CURVE = "loss_curve.png"  # written beside history.jsonl
 
 
 @dataclass(frozen=True)
@@ -384,6 +386,7 @@ def save_final(
             shutil.copy2(item, tmp / item.name)
     with atomic_path(history_path) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
+    plots.loss_curve(history, Path(history_path).with_name(LOSS_CURVE), "training loss")
 
 
 def last_checkpoint_step(state_dir: Path) -> int | None:

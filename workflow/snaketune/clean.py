@@ -83,6 +83,12 @@ def decode_counting(raw: bytes) -> tuple[str, int]:
     return text, bad
 
 
+def split_lines(text: str) -> list[str]:
+    r"""Split on \n, \r\n or \r only. str.splitlines also breaks on U+2028, NEL and form feed,
+    which a JSON string may hold unescaped and which do not end a line of a text file."""
+    return re.split(r"\r\n?|\n", text)
+
+
 def read_records(path: Path, settings: ReadSettings) -> tuple[pd.DataFrame, int]:
     """Return the raw records as a DataFrame of strings and the count of replaced bytes."""
     if settings.format not in FORMATS:
@@ -91,10 +97,10 @@ def read_records(path: Path, settings: ReadSettings) -> tuple[pd.DataFrame, int]
         return pd.read_parquet(path).astype("string"), 0
     text, bad = decode_counting(Path(path).read_bytes())
     if settings.format == "txt":
-        lines = [line for line in text.splitlines() if line.strip()]
+        lines = [line for line in split_lines(text) if line.strip()]
         return pd.DataFrame({settings.text_column: lines}, dtype="string"), bad
     if settings.format == "jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = [json.loads(line) for line in split_lines(text) if line.strip()]
         return pd.DataFrame(rows).astype("string"), bad
     frame = pd.read_csv(
         io.StringIO(text),
@@ -132,7 +138,8 @@ def compose_texts(frame: pd.DataFrame, settings: ReadSettings) -> pd.Series:
 # --- cleaning ----------------------------------------------------------------------------------
 
 _TAG = re.compile(r"<[^>]{0,200}>")
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# \v and \f are left to _HSPACE, which turns them into a space instead of gluing words together.
+_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
 _HSPACE = re.compile(r"[ \t\r\f\v]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 PII_PATTERNS = {

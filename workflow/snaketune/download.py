@@ -8,6 +8,7 @@ appears under the output name until the digest matches.
 from __future__ import annotations
 
 import gzip
+import http.client
 import logging
 import shutil
 import tarfile
@@ -85,7 +86,9 @@ def _fetch_http(settings: DownloadSettings, part: Path) -> None:
             if err.code < 500 and err.code != 429:
                 raise DownloadError(f"HTTP {err.code} {err.reason} for {settings.url}") from err
             problem = f"HTTP {err.code} {err.reason}"
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+        except (OSError, http.client.HTTPException) as err:
+            # OSError covers URLError, dropped connections and timeouts. A chunked response cut
+            # off mid-stream raises IncompleteRead, an HTTPException: just as retryable.
             problem = f"{type(err).__name__}: {getattr(err, 'reason', err)}"
         if attempt == settings.retries:
             raise DownloadError(

@@ -1,0 +1,291 @@
+"""tokenize_shards with a real BPE trained on the demo corpus: packed LM blocks are exactly the
+documents joined with EOS, classification rows are the examples truncated and labelled as the
+manifest says, and every shard is bounded, readable and has the digest the manifest records."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from tokenizers import Tokenizer
+
+from snaketune.clean import CleanSettings, ReadSettings, clean_corpus
+from snaketune.errors import CorpusError
+from snaketune.fileio import sha256_file
+from snaketune.shards import TokenizeSettings, read_shards, tokenize_shards
+from snaketune.split import SPLITS, SplitSettings, split_corpus
+from snaketune.tokenizer import EOS, TokenizerSettings, prepare_tokenizer
+from tests.conftest import DEMO_CORPUS
+
+BLOCK = 32
+MAX_LENGTH = 90  # about the median document length, so some rows are cut and some not
+LM_SHARD_ROWS = 500
+CLS_SHARD_ROWS = 300
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def run_tokenize(
+    splits: dict[str, Path], tokenizer: Path, root: Path, settings: TokenizeSettings
+) -> dict:
+    """Run the stage; return its shard folder and parsed manifest."""
+    tokenize_shards(splits, tokenizer, root / "shards", root / "manifest.json", settings)
+    return {"dir": root / "shards", "manifest": json.loads((root / "manifest.json").read_text())}
+
+
+def write_splits(root: Path, rows: dict[str, list[tuple[str, str]]]) -> dict[str, Path]:
+    """Small hand-made splits: {split: [(text, label), ...]} as clean/split write them."""
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, pairs in rows.items():
+        paths[name] = root / f"{name}.parquet"
+        frame = pd.DataFrame(
+            {
+                "doc_id": [f"{name}-{i}" for i in range(len(pairs))],
+                "text": [t for t, _ in pairs],
+                "label": [y for _, y in pairs],
+            }
+        ).astype("string")
+        frame.to_parquet(paths[name], index=False)
+    return paths
+
+
+def reference_ids(tokenizer_dir: Path, split: Path) -> list[list[int]]:
+    """Token ids of each document, from the saved tokenizer.json alone (not via transformers)."""
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    texts = pd.read_parquet(split)["text"].tolist()
+    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def eos_id(tokenizer_dir: Path) -> int:
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).token_to_id(EOS)
+
+
+def shard_files(shard_dir: Path) -> list[str]:
+    return sorted(p.name for p in shard_dir.iterdir())
+
+
+# --- real data, built once per module ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_splits(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("demo-splits")
+    raw = root / "raw"
+    raw.mkdir()
+    (raw / "support.jsonl").write_bytes(gzip.decompress(DEMO_CORPUS.read_bytes()))
+    read = ReadSettings(
+        format="jsonl",
+        text_template="Customer: {question}\nAgent: {answer}",
+        label_column="intent",
+    )
+    corpus = root / "corpus.parquet"
+    clean_corpus(raw, corpus, root / "report.json", root / "clean.json", read, CleanSettings())
+    splits = {name: root / f"{name}.parquet" for name in SPLITS}
+    split_corpus(corpus, splits, root / "split.json", SplitSettings())
+    return splits
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(demo_splits, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
+    settings = TokenizerSettings(vocab_size=400)
+    prepare_tokenizer(demo_splits["train"], out, out.parent / "manifest.json", settings)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lm(demo_splits, tokenizer_dir, tmp_path_factory) -> dict:
+    # read_batch_rows=100 makes blocks straddle read batches, not only documents.
+    settings = TokenizeSettings(
+        task="causal_lm", block_size=BLOCK, shard_rows=LM_SHARD_ROWS, read_batch_rows=100
+    )
+    return run_tokenize(demo_splits, tokenizer_dir, tmp_path_factory.mktemp("lm"), settings)
+
+
+@pytest.fixture(scope="module")
+def cls(demo_splits, tokenizer_dir, tmp_path_factory) -> dict:
+    settings = TokenizeSettings(
+        task="sequence_classification",
+        max_length=MAX_LENGTH,
+        shard_rows=CLS_SHARD_ROWS,
+        read_batch_rows=128,
+    )
+    return run_tokenize(demo_splits, tokenizer_dir, tmp_path_factory.mktemp("cls"), settings)
+
+
+# --- causal_lm -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_lm_every_row_has_exactly_block_size_tokens(lm, split):
+    table = read_shards(lm["dir"] / split)
+    lengths = {len(row) for row in table.column("input_ids").to_pylist()}
+    assert lengths == {BLOCK}
+    assert table.num_rows == lm["manifest"]["counts"][split]["rows"] > 0
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_lm_blocks_are_documents_joined_with_eos_minus_a_short_remainder(
+    lm, demo_splits, tokenizer_dir, split
+):
+    eos = eos_id(tokenizer_dir)
+    expected = [t for doc in reference_ids(tokenizer_dir, demo_splits[split]) for t in (*doc, eos)]
+    packed = np.concatenate(read_shards(lm["dir"] / split).column("input_ids").to_numpy())
+    dropped = lm["manifest"]["counts"][split]["dropped_remainder_tokens"]
+
+    assert 0 <= dropped < BLOCK
+    assert len(packed) + dropped == len(expected)
+    assert packed.tolist() == expected[: len(packed)]
+
+
+def test_lm_manifest_counts_documents_tokens_and_special_ids(lm, demo_splits, tokenizer_dir):
+    manifest = lm["manifest"]
+    for split in SPLITS:
+        counts = manifest["counts"][split]
+        assert counts["documents"] == len(pd.read_parquet(demo_splits[split]))
+        assert counts["tokens"] == counts["rows"] * BLOCK
+        assert counts["truncated"] == 0
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    assert manifest["eos_token_id"] == eos_id(tokenizer_dir)
+    assert manifest["vocab_size"] == tokenizer.get_vocab_size()
+    assert manifest["task"] == "causal_lm" and manifest["label_names"] == []
+
+
+def test_lm_shards_hold_at_most_shard_rows_and_only_the_last_is_short(lm):
+    shards = lm["manifest"]["shards"]["train"]
+    rows = [pq.ParquetFile(lm["dir"] / "train" / s["file"]).metadata.num_rows for s in shards]
+
+    assert len(shards) > 1
+    assert rows == [s["rows"] for s in shards]
+    assert all(r == LM_SHARD_ROWS for r in rows[:-1])
+    assert 0 < rows[-1] <= LM_SHARD_ROWS
+    assert sum(rows) == lm["manifest"]["counts"]["train"]["rows"]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_lm_manifest_sha256_matches_each_shard_file(lm, split):
+    shards = lm["manifest"]["shards"][split]
+    assert shard_files(lm["dir"] / split) == [s["file"] for s in shards]
+    for shard in shards:
+        assert sha256_file(lm["dir"] / split / shard["file"]) == shard["sha256"], shard["file"]
+
+
+def test_lm_shards_are_readable_by_pandas_and_pyarrow(lm):
+    first = lm["dir"] / "train" / "shard-00000.parquet"
+
+    frame = pd.read_parquet(first)
+    table = pq.read_table(first)
+
+    assert list(frame.columns) == ["input_ids"]
+    assert len(frame) == LM_SHARD_ROWS
+    assert {len(ids) for ids in frame["input_ids"]} == {BLOCK}
+    assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+    assert frame["input_ids"][0].tolist() == table.column("input_ids")[0].as_py()
+
+
+def test_lm_split_shorter_than_one_block_is_an_error(tokenizer_dir, tmp_path):
+    long_text = "Customer: where is my order? Agent: it ships tomorrow. " * 20
+    splits = write_splits(
+        tmp_path / "splits",
+        {"train": [(long_text, "")], "val": [("hi", "")], "test": [(long_text, "")]},
+    )
+    settings = TokenizeSettings(task="causal_lm", block_size=BLOCK)
+
+    with pytest.raises(CorpusError, match=rf"val.parquet produced no rows.*block_size={BLOCK}"):
+        run_tokenize(splits, tokenizer_dir, tmp_path / "out", settings)
+
+    assert not (tmp_path / "out" / "shards").exists()
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_unknown_task_is_refused(demo_splits, tokenizer_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"task 'regression' is not one of"):
+        run_tokenize(demo_splits, tokenizer_dir, tmp_path, TokenizeSettings(task="regression"))
+
+
+# --- sequence_classification ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_cls_has_one_row_per_example_in_order(cls, demo_splits, split):
+    table = read_shards(cls["dir"] / split)
+    docs = pd.read_parquet(demo_splits[split])
+
+    assert table.column("doc_id").to_pylist() == docs["doc_id"].tolist()
+    assert cls["manifest"]["counts"][split]["documents"] == len(docs)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_cls_input_ids_are_truncated_to_max_length_and_counted(
+    cls, demo_splits, tokenizer_dir, split
+):
+    full = reference_ids(tokenizer_dir, demo_splits[split])
+    rows = read_shards(cls["dir"] / split).column("input_ids").to_pylist()
+    truncated = sum(len(ids) > MAX_LENGTH for ids in full)
+
+    assert rows == [ids[:MAX_LENGTH] for ids in full]
+    assert cls["manifest"]["counts"][split]["truncated"] == truncated
+    # Both kinds occur, so the count above is a real check and not 0 == 0 or all == all.
+    assert 0 < truncated < len(full)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_cls_label_ids_index_the_sorted_label_names(cls, demo_splits, split):
+    names = cls["manifest"]["label_names"]
+    labels = read_shards(cls["dir"] / split).column("label").to_pylist()
+    expected = pd.read_parquet(demo_splits[split])["label"].tolist()
+
+    assert names == sorted(set(pd.read_parquet(demo_splits["train"])["label"]))
+    assert len(names) > 2
+    assert [names[i] for i in labels] == expected
+
+
+def test_cls_shards_are_bounded_typed_and_match_their_digests(cls):
+    shards = cls["manifest"]["shards"]["train"]
+    schema = pq.read_schema(cls["dir"] / "train" / shards[0]["file"])
+
+    assert len(shards) > 1
+    assert all(s["rows"] <= CLS_SHARD_ROWS for s in shards)
+    assert schema.names == ["doc_id", "input_ids", "label"]
+    assert schema.field("label").type == pa.int32()
+    for shard in shards:
+        assert sha256_file(cls["dir"] / "train" / shard["file"]) == shard["sha256"]
+
+
+def test_cls_label_seen_only_in_test_is_an_error(tokenizer_dir, tmp_path):
+    splits = write_splits(
+        tmp_path / "splits",
+        {
+            "train": [("my parcel is late", "shipping"), ("refund my card", "billing")],
+            "val": [("where is the box", "shipping")],
+            "test": [("close my account", "account"), ("charged twice", "billing")],
+        },
+    )
+    settings = TokenizeSettings(task="sequence_classification")
+
+    with pytest.raises(CorpusError) as caught:
+        run_tokenize(splits, tokenizer_dir, tmp_path / "out", settings)
+
+    assert "labels ['account'] in test.parquet never occur in the train split" in str(caught.value)
+    assert not (tmp_path / "out" / "shards").exists()
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_cls_train_split_with_a_single_label_is_an_error(tokenizer_dir, tmp_path):
+    one_label = [("my parcel is late", "shipping"), ("where is the box", "shipping")]
+    splits = write_splits(
+        tmp_path / "splits", {"train": one_label, "val": one_label, "test": one_label}
+    )
+    settings = TokenizeSettings(task="sequence_classification")
+
+    with pytest.raises(CorpusError, match=r"at least two labels in the train split") as caught:
+        run_tokenize(splits, tokenizer_dir, tmp_path / "out", settings)
+
+    assert "found ['shipping']" in str(caught.value)

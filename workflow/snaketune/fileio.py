@@ -20,6 +20,17 @@ from typing import Any
 _CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def _open_permissions(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create owner-only files; results are meant to be shared like any file."""
+    os.chmod(path, mode & ~_umask())
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as fh:
@@ -48,6 +59,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    _open_permissions(tmp, 0o666)
     try:
         yield tmp
         os.replace(tmp, final)
@@ -61,6 +73,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    _open_permissions(tmp, 0o777)
     try:
         yield tmp
         if final.exists():

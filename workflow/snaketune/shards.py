@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -103,24 +104,43 @@ def encode(tokenizer, texts: list[str]) -> list[list[int]]:
     ]
 
 
+def eos_appending(tokenizer):
+    """A copy of the Rust tokenizer whose post-processor ends every document with EOS, so packing
+    needs no per-token Python work (the caller's tokenizer is left as it was)."""
+    from tokenizers import Tokenizer, processors
+
+    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    if eos is None or eos_id is None:
+        raise CorpusError(
+            "causal_lm packing joins documents with an EOS token, and this tokenizer has none; "
+            "use a tokenizer with eos_token set (the trained BPE has <|endoftext|>)"
+        )
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_truncation()
+    backend.no_padding()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", special_tokens=[(eos, eos_id)]
+    )
+    return backend
+
+
 def pack_split(
     split_path: Path, writer: ShardWriter, tokenizer, settings: TokenizeSettings
 ) -> None:
     block = settings.block_size
+    backend = eos_appending(tokenizer)
     carry = np.empty(0, dtype=np.int32)
     for batch in _text_batches(split_path, ["text"], settings.read_batch_rows):
-        ids = encode(tokenizer, batch.column("text").to_pylist())
-        writer.stats.documents += len(ids)
-        joined = np.fromiter(
-            (t for doc in ids for t in (*doc, tokenizer.eos_token_id)), dtype=np.int32
-        )
+        encodings = backend.encode_batch(batch.column("text").to_pylist())
+        writer.stats.documents += len(encodings)
+        joined = np.fromiter(chain.from_iterable(e.ids for e in encodings), dtype=np.int32)
         carry = np.concatenate([carry, joined])
         n_blocks = len(carry) // block
         if n_blocks:
-            blocks = carry[: n_blocks * block].reshape(n_blocks, block)
+            blocks = carry[: n_blocks * block]
             carry = carry[n_blocks * block :]
             offsets = pa.array(np.arange(0, n_blocks * block + 1, block, dtype=np.int32))
-            rows = pa.ListArray.from_arrays(offsets, pa.array(blocks.ravel()))
+            rows = pa.ListArray.from_arrays(offsets, pa.array(blocks))
             writer.write(pa.table({"input_ids": rows}))
     writer.stats.dropped_remainder_tokens = int(len(carry))
 

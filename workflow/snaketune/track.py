@@ -220,6 +220,9 @@ def track_experiment(
     from mlflow import MlflowClient
 
     check_reachable(settings.tracking_uri)
+    # MLflow's default is 7 retries with growing waits: minutes before a dead server is reported.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
     key = run_key(settings, stages)
     train_manifest = read_json(next(s.manifest for s in stages if s.name == "train"))
     tags = {
@@ -246,7 +249,10 @@ def track_experiment(
             else:
                 ids = _upload(client, experiment_id, settings, stages, history, metrics, tags, key)
         except Exception as err:
-            if "mlflow" not in type(err).__module__:
+            # MLflow raises its own exceptions, except that an HTTP artifact store answering an
+            # upload with an error status (a proxy's 413 for a large model, say) raises requests'
+            # HTTPError; both mean the store could not be written, not that results are wrong.
+            if not type(err).__module__.startswith(("mlflow", "requests")):
                 raise
             raise TrackingError(
                 f"writing to MLflow at {settings.tracking_uri} failed: {err}. Results on disk "

@@ -1,0 +1,667 @@
+"""The MLflow stage against a real embedded SQLite store: one parent run per experiment with one
+child run per stage, params, per-step metrics, artifacts and tags, and uploads that happen
+exactly once however often the rule runs."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+from mlflow.utils.validation import _validate_metric_name
+
+import snaketune
+from snaketune.errors import TrackingError
+from snaketune.track import (
+    MAX_PARAM_LENGTH,
+    RUN_KEY_TAG,
+    STAGES,
+    StageFiles,
+    TrackSettings,
+    as_params,
+    config_hash,
+    flatten,
+    numeric_metrics,
+    run_key,
+    track_experiment,
+)
+from tests.conftest import REPO
+
+EXPERIMENT = "demo-lm"
+MLFLOW_EXPERIMENT = "snaketune-tests"
+TRUNCATION_NOTE = "... (full value in config.json artifact)"
+PROMPTS = [
+    f"Customer: question {i} about an order that has not arrived yet, what now?\nAgent:"
+    for i in range(12)
+]
+CONFIG = {
+    "name": EXPERIMENT,
+    "dataset": "support-demo",
+    "task": "causal_lm",
+    "text_template": "Customer: {question}\nAgent: {answer}",
+    "clean": {"dedup": True, "min_chars": 10, "max_chars": 4000, "strip_html": True},
+    "split": {"train": 0.8, "val": 0.1, "test": 0.1, "salt": ""},
+    "tokenizer": {"kind": "bpe", "vocab_size": 400, "min_frequency": 2, "name_or_path": None},
+    "tokenize": {"block_size": 32, "max_length": 32},
+    "model": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.1},
+    "train": {"max_steps": 5, "batch_size": 8, "lr": 0.003, "warmup_steps": 1},
+    "evaluate": {"batch_size": 32, "max_new_tokens": 40, "prompts": PROMPTS},
+}
+HISTORY = [
+    {"step": 1, "loss": 7.44, "lr": 0.0001, "grad_norm": 2.34, "tokens_per_s": 3726.5},
+    {"step": 2, "loss": 7.39, "lr": 0.0002, "grad_norm": 2.22, "tokens_per_s": 5396.6},
+    {
+        "step": 3,
+        "loss": 7.28,
+        "lr": 0.0003,
+        "grad_norm": 2.28,
+        "tokens_per_s": 5604.0,
+        "val_loss": 7.1,
+    },
+    {"step": 4, "loss": 7.15, "lr": 0.0004, "grad_norm": 1.78, "tokens_per_s": 6490.3},
+    {
+        "step": 5,
+        "loss": 7.03,
+        "lr": 0.0005,
+        "grad_norm": 1.38,
+        "tokens_per_s": 6482.7,
+        "val_loss": 6.9,
+    },
+]
+METRICS = {
+    "perplexity": 1.633,
+    "accuracy": 0.889,
+    "macro_f1": 0.875,
+    "test_rows": 110,
+    "per_class": {
+        "billing": {"precision": 0.9, "recall": 0.86, "f1": 0.88},
+        "shipping": {"precision": 0.85, "recall": 0.89, "f1": 0.87},
+    },
+    "confusion_matrix": [[24, 1], [2, 38]],
+    "label_names": ["billing", "shipping"],
+    "protocol": "test split packed into non-overlapping blocks of 32 tokens",
+}
+EVAL_METRIC_NAMES = {
+    "eval.perplexity",
+    "eval.accuracy",
+    "eval.macro_f1",
+    "eval.test_rows",
+    "eval.per_class.billing.precision",
+    "eval.per_class.billing.recall",
+    "eval.per_class.billing.f1",
+    "eval.per_class.shipping.precision",
+    "eval.per_class.shipping.recall",
+    "eval.per_class.shipping.f1",
+}
+VERSIONS = {"python": "3.11.7", "mlflow": "3.17.2", "torch": "2.13.0+cpu", "snaketune": "0.1.0"}
+SHA = "a55dca87a70bc06c08d4297126c5128a9e65081cd075c9fca872381e621d0e0e"
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What the track rule passes: every stage's files, the training history and the metrics."""
+
+    stages: list[StageFiles]
+    history: Path
+    metrics: Path
+
+
+def write_json_file(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def write_manifest(
+    path: Path, stage: str, params: dict, counts: dict, seconds: float, **extra
+) -> Path:
+    """A manifest shaped like the ones snaketune.manifest.stage_manifest writes."""
+    inputs = {"input": {"path": f"results/{EXPERIMENT}/{stage}/input", "sha256": SHA}}
+    return write_json_file(
+        path,
+        {
+            "stage": stage,
+            "inputs": inputs,
+            "params": params,
+            "counts": counts,
+            "outputs": {},
+            "seconds": seconds,
+            "versions": VERSIONS,
+            **extra,
+        },
+    )
+
+
+def write_stage_files(root: Path, metrics: dict = METRICS, history: list = HISTORY) -> StageInputs:
+    """A minimal but complete set of stage files laid out like results/ after a real run."""
+    exp = root / EXPERIMENT
+    download = write_manifest(
+        root / "datasets" / "support-demo" / "download" / "manifest.json",
+        "download",
+        {"url": "workflow/resources/demo/support.jsonl.gz", "sha256": SHA, "retries": 4},
+        {"fetched_bytes": 49408, "files": 1},
+        0.005,
+        fetched_sha256=SHA,
+    )
+    clean = write_manifest(
+        exp / "clean" / "manifest.json",
+        "clean",
+        {"clean": CONFIG["clean"], "member": None, "read": {"format": "jsonl"}},
+        {
+            "input_records": 3264,
+            "output_records": 3118,
+            "pii_redacted": {"email": 104},
+            "labels": {},
+        },
+        0.366,
+    )
+    report = write_json_file(exp / "clean" / "report.json", {"removed": {"exact_duplicate": 146}})
+    split = write_manifest(
+        exp / "split" / "manifest.json",
+        "split",
+        CONFIG["split"],
+        {"train": 2491, "val": 308, "test": 319},
+        0.097,
+    )
+    tokenizer = write_manifest(
+        exp / "tokenizer" / "manifest.json",
+        "tokenizer",
+        CONFIG["tokenizer"],
+        {"vocab_size": 400},
+        1.52,
+    )
+    tokenizer_dir = exp / "tokenizer" / "tokenizer"
+    write_json_file(tokenizer_dir / "tokenizer.json", {"model": {"type": "BPE", "vocab": {}}})
+    write_json_file(tokenizer_dir / "tokenizer_config.json", {"model_max_length": 32})
+    tokenize = write_manifest(
+        exp / "tokenize" / "manifest.json",
+        "tokenize",
+        {**CONFIG["tokenize"], "task": "causal_lm"},
+        {
+            "train": {"documents": 2491, "rows": 855, "tokens": 109440},
+            "test": {"documents": 319, "rows": 110, "tokens": 14080},
+        },
+        2.25,
+        label_names=[],
+    )
+    train = write_manifest(
+        exp / "train" / "manifest.json",
+        "train",
+        {"model": CONFIG["model"], "task": "causal_lm", "train": CONFIG["train"]},
+        {"final_val_loss": 6.9, "parameters": 624384, "steps": 5, "train_rows": 855},
+        88.804,
+        device="cpu",
+        fingerprint="33c43751ed6d804c",
+    )
+    history_path = exp / "train" / "history.jsonl"
+    history_path.write_text("".join(json.dumps(row) + "\n" for row in history))
+    model = exp / "train" / "model"
+    write_json_file(model / "config.json", {"model_type": "gpt2", "n_layer": 1})
+    (model / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    evaluate = write_manifest(
+        exp / "evaluate" / "manifest.json",
+        "evaluate",
+        CONFIG["evaluate"],
+        {"test_rows": 110},
+        3.967,
+    )
+    metrics_path = write_json_file(exp / "evaluate" / "metrics.json", metrics)
+    samples = exp / "evaluate" / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt": PROMPTS[0], "completion": " Sorry!"}) + "\n")
+    stages = [
+        StageFiles("download", download),
+        StageFiles("clean", clean, (report,)),
+        StageFiles("split", split),
+        StageFiles("tokenizer", tokenizer, (tokenizer_dir,)),
+        StageFiles("tokenize", tokenize),
+        StageFiles("train", train, (history_path, model)),
+        StageFiles("evaluate", evaluate, (metrics_path, samples)),
+    ]
+    return StageInputs(stages, history_path, metrics_path)
+
+
+def settings_for(tracking_uri: str, artifact_location: str | None) -> TrackSettings:
+    return TrackSettings(
+        experiment=EXPERIMENT,
+        mlflow_experiment=MLFLOW_EXPERIMENT,
+        tracking_uri=tracking_uri,
+        artifact_location=artifact_location,
+        config=CONFIG,
+    )
+
+
+def track(settings: TrackSettings, inputs: StageInputs, runs_path: Path) -> dict[str, str]:
+    return track_experiment(settings, inputs.stages, inputs.history, inputs.metrics, runs_path)
+
+
+def all_runs(client: MlflowClient, name: str = MLFLOW_EXPERIMENT) -> list:
+    """Every run of the MLflow experiment, deleted ones included."""
+    experiment = client.get_experiment_by_name(name)
+    return client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL)
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    return {info.path for info in client.list_artifacts(run_id, path)}
+
+
+def download(uri: str, run_id: str, path: str, dst: Path) -> Path:
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=path, dst_path=str(dst), tracking_uri=uri
+        )
+    )
+
+
+def expected_git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Store:
+    uri: str
+    artifact_location: str
+    artifact_dir: Path
+    client: MlflowClient
+
+
+@pytest.fixture(scope="session")
+def empty_store_db(tmp_path_factory) -> Path:
+    """An initialised MLflow SQLite database. Creating the schema takes seconds; copying it does
+    not, so each test gets its own real store for the price of a file copy."""
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def new_store(root: Path, empty_db: Path) -> Store:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(empty_db, root / "mlflow.db")
+    uri = f"sqlite:///{root}/mlflow.db"
+    artifact_dir = root / "artifacts"
+    return Store(uri, f"file://{artifact_dir}", artifact_dir, MlflowClient(tracking_uri=uri))
+
+
+@pytest.fixture
+def store(tmp_path, empty_store_db) -> Store:
+    return new_store(tmp_path / "store", empty_store_db)
+
+
+@dataclass(frozen=True)
+class Tracked:
+    store: Store
+    settings: TrackSettings
+    inputs: StageInputs
+    runs_path: Path
+    ids: dict[str, str]
+
+    def run(self, name: str):
+        return self.store.client.get_run(self.ids[name])
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory, empty_store_db) -> Tracked:
+    """One upload of a complete experiment; the tests below only read what it wrote."""
+    root = tmp_path_factory.mktemp("tracked")
+    store = new_store(root / "store", empty_store_db)
+    settings = settings_for(store.uri, store.artifact_location)
+    inputs = write_stage_files(root / "results")
+    runs_path = root / "results" / EXPERIMENT / "track" / "runs.json"
+    ids = track(settings, inputs, runs_path)
+    return Tracked(store, settings, inputs, runs_path, ids)
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+def test_flatten_joins_nested_keys_with_dots():
+    assert flatten({"a": 1, "b": {"c": 2, "d": {"e": "x"}}}) == {"a": 1, "b.c": 2, "b.d.e": "x"}
+
+
+def test_flatten_keeps_lists_and_none_as_leaves():
+    assert flatten({"p": [1, {"q": 2}], "n": None}) == {"p": [1, {"q": 2}], "n": None}
+
+
+def test_flatten_applies_the_prefix():
+    assert flatten({"a": {"b": 1}}, "eval.") == {"eval.a.b": 1}
+
+
+def test_as_params_stringifies_scalars_and_json_encodes_lists():
+    params = as_params({"lr": 0.003, "dedup": True, "path": None, "prompts": ["a", "b"]})
+    assert params == {"lr": "0.003", "dedup": "True", "path": "None", "prompts": '["a", "b"]'}
+
+
+def test_as_params_truncates_long_values_with_a_note():
+    long_text = "x" * (MAX_PARAM_LENGTH + 1)
+    params = as_params({"short": "y" * MAX_PARAM_LENGTH, "long": long_text})
+    assert params["short"] == "y" * MAX_PARAM_LENGTH
+    assert len(params["long"]) == MAX_PARAM_LENGTH
+    assert params["long"].endswith(TRUNCATION_NOTE)
+    assert params["long"].startswith("x" * (MAX_PARAM_LENGTH - len(TRUNCATION_NOTE)))
+
+
+def test_numeric_metrics_keeps_numbers_and_drops_everything_else():
+    values = {
+        "acc": 0.5,
+        "rows": 110,
+        "ok": True,
+        "name": "billing",
+        "matrix": [[1, 2]],
+        "missing": None,
+        "per_class": {"billing": {"f1": 0.8}},
+    }
+    metrics = numeric_metrics(values, "eval.")
+    assert metrics == {"eval.acc": 0.5, "eval.rows": 110.0, "eval.per_class.billing.f1": 0.8}
+    assert all(type(value) is float for value in metrics.values())
+
+
+def test_numeric_metrics_keeps_infinite_values():
+    assert numeric_metrics({"perplexity": float("inf")}) == {"perplexity": float("inf")}
+
+
+def test_numeric_metrics_names_are_ones_mlflow_accepts():
+    """Labels come from the user's data; MLflow rejects names with characters such as '&'."""
+    labels = {"billing & payments": {"f1": 0.8}, "a+b/c": 1, "x//y": 2, "n/../a": 3}
+    metrics = numeric_metrics({"per_class": labels})
+    assert metrics == {
+        "per_class.billing _ payments.f1": 0.8,
+        "per_class.a_b_c": 1.0,
+        "per_class.x__y": 2.0,
+        "per_class.n_.._a": 3.0,
+    }
+    for name in metrics:
+        _validate_metric_name(name)  # MLflow's own check: raises on a name it would refuse
+
+
+def test_config_hash_ignores_key_order_and_follows_values():
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+    assert config_hash({"a": 1, "b": 2}) != config_hash({"a": 1, "b": 3})
+    assert len(config_hash(CONFIG)) == 16
+
+
+def test_run_key_follows_every_manifest(tmp_path):
+    inputs = write_stage_files(tmp_path)
+    settings = settings_for("sqlite:///unused.db", None)
+    before = run_key(settings, inputs.stages)
+    assert run_key(settings, inputs.stages) == before
+    manifest = inputs.stages[2].manifest
+    manifest.write_text(manifest.read_text().replace('"seconds": 0.097', '"seconds": 0.098'))
+    assert run_key(settings, inputs.stages) != before
+    assert run_key(replace(settings, experiment="other"), inputs.stages) != before
+
+
+# --- one upload ---------------------------------------------------------------------------------
+
+
+def test_parent_run_is_named_after_the_experiment_and_finished(tracked):
+    parent = tracked.run("parent")
+    assert parent.info.run_name == EXPERIMENT
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[RUN_KEY_TAG] == run_key(tracked.settings, tracked.inputs.stages)
+
+
+def test_one_finished_child_run_per_stage_under_the_parent(tracked):
+    assert set(tracked.ids) == {"parent", *STAGES}
+    runs = all_runs(tracked.store.client)
+    assert len(runs) == 1 + len(STAGES)
+    parent_id = tracked.ids["parent"]
+    children = [run for run in runs if run.info.run_id != parent_id]
+    assert sorted(run.info.run_name for run in children) == sorted(STAGES)
+    for run in children:
+        assert run.data.tags["mlflow.parentRunId"] == parent_id
+        assert run.data.tags["snaketune.stage"] == run.info.run_name
+        assert run.info.run_id == tracked.ids[run.info.run_name]
+        assert run.info.status == "FINISHED"
+
+
+def test_parent_params_are_the_flattened_config(tracked):
+    params = tracked.run("parent").data.params
+    assert set(params) == set(flatten(CONFIG))
+    assert params["train.lr"] == "0.003"
+    assert params["model.n_layer"] == "1"
+    assert params["clean.dedup"] == "True"
+    assert params["tokenizer.name_or_path"] == "None"
+    assert params["split.salt"] == ""
+    assert params["text_template"] == CONFIG["text_template"]
+
+
+def test_long_config_values_are_truncated_with_a_note(tracked):
+    prompts = tracked.run("parent").data.params["evaluate.prompts"]
+    assert len(json.dumps(PROMPTS)) > MAX_PARAM_LENGTH
+    assert len(prompts) == MAX_PARAM_LENGTH
+    assert prompts.endswith(TRUNCATION_NOTE)
+    assert prompts.startswith(json.dumps(PROMPTS)[: MAX_PARAM_LENGTH - len(TRUNCATION_NOTE)])
+
+
+def test_full_config_is_a_parent_artifact(tracked, tmp_path):
+    path = download(tracked.store.uri, tracked.ids["parent"], "config.json", tmp_path)
+    assert json.loads(path.read_text()) == CONFIG
+
+
+def test_child_params_and_counts_come_from_its_manifest(tracked):
+    tokenize = tracked.run("tokenize").data
+    assert tokenize.params == {"block_size": "32", "max_length": "32", "task": "causal_lm"}
+    assert tokenize.metrics == {
+        "train.documents": 2491.0,
+        "train.rows": 855.0,
+        "train.tokens": 109440.0,
+        "test.documents": 319.0,
+        "test.rows": 110.0,
+        "test.tokens": 14080.0,
+        "seconds": 2.25,
+    }
+    clean = tracked.run("clean").data
+    assert clean.params["clean.dedup"] == "True"
+    assert clean.params["member"] == "None"
+    assert clean.metrics["pii_redacted.email"] == 104.0
+
+
+def test_train_child_has_the_per_step_history(tracked):
+    client, train_id = tracked.store.client, tracked.ids["train"]
+    loss = sorted(client.get_metric_history(train_id, "train.loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in loss] == [(row["step"], row["loss"]) for row in HISTORY]
+    lr = sorted(client.get_metric_history(train_id, "train.lr"), key=lambda m: m.step)
+    assert [m.value for m in lr] == pytest.approx([row["lr"] for row in HISTORY])
+    val = sorted(client.get_metric_history(train_id, "train.val_loss"), key=lambda m: m.step)
+    assert [(m.step, m.value) for m in val] == [(3, 7.1), (5, 6.9)]
+    metrics = tracked.run("train").data.metrics
+    assert metrics["train.loss"] == 7.03  # the latest value is the last step's
+    assert metrics["parameters"] == 624384.0
+    assert metrics["seconds"] == 88.804
+    assert "train.step" not in metrics
+
+
+def test_eval_metrics_are_on_the_parent(tracked):
+    metrics = tracked.run("parent").data.metrics
+    assert set(metrics) == EVAL_METRIC_NAMES
+    assert metrics["eval.perplexity"] == 1.633
+    assert metrics["eval.accuracy"] == 0.889
+    assert metrics["eval.per_class.shipping.recall"] == 0.89
+    assert metrics["eval.test_rows"] == 110.0
+
+
+def test_eval_metrics_are_also_on_the_evaluate_child(tracked):
+    metrics = tracked.run("evaluate").data.metrics
+    assert EVAL_METRIC_NAMES <= set(metrics)
+    assert metrics["eval.per_class.billing.f1"] == 0.88
+    assert metrics["test_rows"] == 110.0  # the manifest's counts
+
+
+def test_every_child_has_its_manifest_as_an_artifact(tracked, tmp_path):
+    for stage in tracked.inputs.stages:
+        run_id = tracked.ids[stage.name]
+        assert "manifest.json" in artifact_paths(tracked.store.client, run_id)
+        copy = download(tracked.store.uri, run_id, "manifest.json", tmp_path / stage.name)
+        assert copy.read_bytes() == stage.manifest.read_bytes()
+
+
+def test_stage_artifacts_are_logged(tracked):
+    client = tracked.store.client
+    assert artifact_paths(client, tracked.ids["clean"]) == {"manifest.json", "report.json"}
+    assert artifact_paths(client, tracked.ids["train"]) == {
+        "manifest.json",
+        "history.jsonl",
+        "model",
+    }
+    assert artifact_paths(client, tracked.ids["evaluate"]) == {
+        "manifest.json",
+        "metrics.json",
+        "samples.jsonl",
+    }
+    assert artifact_paths(client, tracked.ids["download"]) == {"manifest.json"}
+
+
+def test_artifact_directories_are_logged_with_their_files(tracked, tmp_path):
+    client = tracked.store.client
+    assert artifact_paths(client, tracked.ids["train"], "model") == {
+        "model/config.json",
+        "model/model.safetensors",
+    }
+    assert artifact_paths(client, tracked.ids["tokenizer"], "tokenizer") == {
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+    }
+    weights = download(tracked.store.uri, tracked.ids["train"], "model/model.safetensors", tmp_path)
+    assert weights.read_bytes() == bytes(range(256)) * 4
+
+
+def test_artifacts_are_stored_under_the_artifact_location(tracked):
+    experiment = tracked.store.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    assert experiment.artifact_location == tracked.store.artifact_location
+    stored = {
+        p.relative_to(tracked.store.artifact_dir) for p in tracked.store.artifact_dir.rglob("*")
+    }
+    assert Path(tracked.ids["train"], "artifacts", "model", "model.safetensors") in stored
+    assert Path(tracked.ids["parent"], "artifacts", "config.json") in stored
+
+
+def test_every_run_carries_git_config_and_version_tags(tracked):
+    for name in tracked.ids:
+        tags = tracked.run(name).data.tags
+        assert tags["git.commit"] == expected_git_commit()
+        assert tags["git.dirty"] in {"true", "false"}
+        assert tags["snaketune.config_hash"] == config_hash(CONFIG)
+        assert tags["snaketune.experiment"] == EXPERIMENT
+        assert tags["version.mlflow"] == mlflow.__version__
+        assert tags["version.python"] == platform.python_version()
+        assert tags["version.snaketune"] == snaketune.__version__
+        assert tags["device"] == "cpu"  # from the train manifest
+
+
+def test_runs_json_records_the_run_ids(tracked):
+    written = json.loads(tracked.runs_path.read_text())
+    experiment = tracked.store.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    assert written == {
+        "tracking_uri": tracked.store.uri,
+        "experiment_id": experiment.experiment_id,
+        "run_key": run_key(tracked.settings, tracked.inputs.stages),
+        "runs": tracked.ids,
+    }
+
+
+# --- exactly once -------------------------------------------------------------------------------
+
+
+def test_second_call_creates_no_new_runs_and_returns_the_same_ids(store, tmp_path):
+    settings = settings_for(store.uri, store.artifact_location)
+    inputs = write_stage_files(tmp_path / "results")
+    runs_path = tmp_path / "runs.json"
+    first = track(settings, inputs, runs_path)
+    runs_path.unlink()
+    second = track(settings, inputs, runs_path)
+    assert second == first
+    assert len(all_runs(store.client)) == 1 + len(STAGES)
+    assert json.loads(runs_path.read_text())["runs"] == first
+    loss = store.client.get_metric_history(first["train"], "train.loss")
+    assert len(loss) == len(HISTORY)  # nothing logged twice into the reused runs
+
+
+def test_unfinished_parent_is_replaced_by_a_finished_one(store, tmp_path):
+    settings = settings_for(store.uri, store.artifact_location)
+    inputs = write_stage_files(tmp_path / "results")
+    client = store.client
+    experiment_id = client.create_experiment(
+        MLFLOW_EXPERIMENT, artifact_location=store.artifact_location
+    )
+    key = run_key(settings, inputs.stages)
+    # An upload cut short: a parent with the same key and one child, both left RUNNING.
+    stale = client.create_run(experiment_id, run_name=EXPERIMENT, tags={RUN_KEY_TAG: key})
+    stale_child = client.create_run(
+        experiment_id, run_name="download", tags={"mlflow.parentRunId": stale.info.run_id}
+    )
+    ids = track(settings, inputs, tmp_path / "runs.json")
+    assert ids["parent"] != stale.info.run_id
+    assert client.get_run(stale.info.run_id).info.lifecycle_stage == "deleted"
+    assert client.get_run(stale_child.info.run_id).info.lifecycle_stage == "deleted"
+    parent = client.get_run(ids["parent"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[RUN_KEY_TAG] == key
+    active = client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY)
+    assert {run.info.run_id for run in active} == set(ids.values())
+    assert track(settings, inputs, tmp_path / "runs.json") == ids
+
+
+def test_changed_results_are_uploaded_as_a_new_parent(store, tmp_path):
+    settings = settings_for(store.uri, store.artifact_location)
+    inputs = write_stage_files(tmp_path / "results")
+    first = track(settings, inputs, tmp_path / "runs.json")
+    evaluate = inputs.stages[-1].manifest
+    evaluate.write_text(evaluate.read_text().replace('"seconds": 3.967', '"seconds": 4.5'))
+    second = track(settings, inputs, tmp_path / "runs.json")
+    assert set(second.values()).isdisjoint(first.values())
+    assert len(all_runs(store.client)) == 2 * (1 + len(STAGES))
+    assert store.client.get_run(first["parent"]).info.status == "FINISHED"  # kept, not replaced
+    assert store.client.get_run(second["evaluate"]).data.metrics["seconds"] == 4.5
+
+
+# --- awkward inputs and failures ----------------------------------------------------------------
+
+
+def test_labels_with_characters_mlflow_rejects_are_uploaded(store, tmp_path):
+    metrics = {"accuracy": 0.9, "per_class": {"billing & payments": {"f1": 0.8}}}
+    inputs = write_stage_files(tmp_path / "results", metrics=metrics)
+    ids = track(settings_for(store.uri, store.artifact_location), inputs, tmp_path / "runs.json")
+    parent = store.client.get_run(ids["parent"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics == {
+        "eval.accuracy": 0.9,
+        "eval.per_class.billing _ payments.f1": 0.8,
+    }
+
+
+def test_history_longer_than_one_metrics_batch_is_logged_in_full(store, tmp_path):
+    rows = [
+        {"step": step, "loss": 1.0 / step, "lr": 0.001, "grad_norm": 1.0, "tokens_per_s": 1e3}
+        for step in range(1, 301)
+    ]
+    inputs = write_stage_files(tmp_path / "results", history=rows)  # 1200 metrics > 1000
+    ids = track(settings_for(store.uri, store.artifact_location), inputs, tmp_path / "runs.json")
+    loss = store.client.get_metric_history(ids["train"], "train.loss")
+    assert sorted(m.step for m in loss) == list(range(1, 301))
+    assert len(store.client.get_metric_history(ids["train"], "train.tokens_per_s")) == 300
+
+
+def test_store_error_becomes_a_tracking_error_and_writes_no_runs_json(store, tmp_path):
+    # A deleted experiment with the same name cannot take new runs.
+    store.client.delete_experiment(store.client.create_experiment(MLFLOW_EXPERIMENT))
+    inputs = write_stage_files(tmp_path / "results")
+    runs_path = tmp_path / "runs.json"
+    with pytest.raises(TrackingError) as caught:
+        track(settings_for(store.uri, store.artifact_location), inputs, runs_path)
+    assert store.uri in str(caught.value)
+    assert "complete" in str(caught.value)
+    assert not runs_path.exists()

@@ -36,29 +36,37 @@ def tiny_lm(info: dict, context: int):
     return model.eval()
 
 
-def reference_nll(model, blocks: torch.Tensor) -> tuple[float, int]:
-    """Block by block, position by position, in float64: the definition, written plainly."""
-    total, count = 0.0, 0
+def reference_nll(model, stream: torch.Tensor, context: int, stride: int) -> tuple[float, int]:
+    """The definition, written plainly: window by window, position by position, in float64;
+    a token is scored in the first window where it has context and was not scored before."""
+    total, count, scored = 0.0, 0, set()
     with torch.no_grad():
-        for block in blocks:
-            logits = model(input_ids=block[None]).logits[0].double()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            for pos in range(1, block.numel()):
-                total -= float(log_probs[pos - 1, block[pos]])
-                count += 1
+        for begin in range(0, stream.numel(), stride):
+            window = stream[begin : begin + context]
+            log_probs = torch.log_softmax(model(input_ids=window[None]).logits[0].double(), -1)
+            for pos in range(1, window.numel()):
+                index = begin + pos
+                if index not in scored:
+                    scored.add(index)
+                    total -= float(log_probs[pos - 1, window[pos]])
+                    count += 1
     return total, count
 
 
-def test_perplexity_matches_an_independent_float64_loop(lm_data):
+@pytest.mark.parametrize(("context", "stride"), [(32, 32), (32, 8), (24, 10)])
+def test_perplexity_matches_an_independent_float64_loop(lm_data, context, stride):
+    from transformers import AutoTokenizer
+
     info = json.loads(lm_data["tokenize_manifest"].read_text())
     test = load_examples(lm_data["shards"] / "test", "causal_lm", info["pad_token_id"])
     model = tiny_lm(info, test.input_ids.size(1))
-    from transformers import AutoTokenizer
-
+    stream = test.input_ids.reshape(-1)[:700]
     lengths = token_byte_lengths(AutoTokenizer.from_pretrained(lm_data["tokenizer"]))
-    ours = score_lm(model, test, batch_size=7, byte_lengths=lengths)
-    total, count = reference_nll(model, test.input_ids)
-    assert ours["predicted_tokens"] == count == len(test) * (test.input_ids.size(1) - 1)
+    ours = score_lm(model, stream, context, stride, batch_size=7, byte_lengths=lengths)
+    total, count = reference_nll(model, stream, context, stride)
+    assert ours["predicted_tokens"] == count
+    if stride < context:
+        assert count == stream.numel() - 1  # every token after the first is scored once
     assert ours["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-6)
 
 

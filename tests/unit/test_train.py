@@ -18,14 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from snaketune.batches import batch_indices
+from snaketune.checkpoint import CHECKPOINT
 from snaketune.models import ModelSettings
-from snaketune.train import (
-    CHECKPOINT,
-    TrainSettings,
-    batch_indices,
-    learning_rate,
-    train_model,
-)
+from snaketune.train import TrainSettings, learning_rate, train_model
 
 TINY_MODEL = ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.1)
 
@@ -57,13 +53,25 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
 
 
 def test_batch_order_is_a_seeded_permutation_per_epoch():
-    s = TrainSettings(batch_size=4, seed=7)
     n = 12  # three steps per epoch
-    epoch0 = np.concatenate([batch_indices(step, 0, s, n) for step in range(3)])
-    epoch1 = np.concatenate([batch_indices(step, 0, s, n) for step in range(3, 6)])
+
+    def draw(step: int) -> np.ndarray:
+        return batch_indices(step, 0, batch_size=4, grad_accum=1, seed=7, n=n)
+
+    epoch0 = np.concatenate([draw(step) for step in range(3)])
+    epoch1 = np.concatenate([draw(step) for step in range(3, 6)])
     assert sorted(epoch0) == list(range(n)) and sorted(epoch1) == list(range(n))
     assert not np.array_equal(epoch0, epoch1)
-    assert np.array_equal(batch_indices(4, 0, s, n), batch_indices(4, 0, s, n))
+    assert np.array_equal(draw(4), draw(4))
+
+
+def test_processes_split_each_batch_between_them():
+    one = batch_indices(5, 1, batch_size=8, grad_accum=2, seed=3, n=100)
+    halves = [
+        batch_indices(5, 1, batch_size=4, grad_accum=2, seed=3, n=100, world=2, rank=r)
+        for r in (0, 1)
+    ]
+    assert np.array_equal(one, np.concatenate(halves))
 
 
 def test_causal_lm_training_lowers_validation_loss(lm_data, tmp_path):
@@ -164,7 +172,7 @@ def test_sigkill_mid_training_resumes_from_checkpoint_with_identical_weights(lm_
     job.wait()
     assert job.returncode == -signal.SIGKILL, "training finished before it could be killed"
     assert not (killed / "model").exists()
-    killed_at = torch.load(checkpoint, weights_only=False)["step"]
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
     assert 0 < killed_at < settings.max_steps
 
     rerun = subprocess.run(
@@ -192,11 +200,19 @@ def test_sigkill_mid_training_resumes_from_checkpoint_with_identical_weights(lm_
 def test_checkpoint_from_other_settings_is_not_resumed(lm_data, tmp_path):
     first = TrainSettings(max_steps=10, batch_size=4, checkpoint_every=5, warmup_steps=2)
     (tmp_path / "state").mkdir()
+    from snaketune.checkpoint import save_checkpoint
     from snaketune.models import build_model
-    from snaketune.train import make_optimizer, save_checkpoint
+    from snaketune.train import make_optimizer
 
     model = build_model(TINY_MODEL, "causal_lm", 400, 32, 1, 0, [])
-    save_checkpoint(tmp_path / "state", 5, model, make_optimizer(model, first), [], "other-run")
+    state = {
+        "step": 5,
+        "history": [],
+        "fingerprint": "other-run",
+        "model": model.state_dict(),
+        "optimizer": make_optimizer(model, first).state_dict(),
+    }
+    save_checkpoint(tmp_path / "state", state)
     history = run_training(lm_data, tmp_path, "causal_lm", first)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["counts"]["resumed_from_step"] == 0 and len(history) == 10

@@ -86,6 +86,20 @@ def get_train_settings(wildcards):
     return json.dumps({"task": exp["task"], "model": exp["model"], "train": exp["train"]})
 
 
+def get_train_launcher(wildcards):
+    """One process runs the CLI; several are started by torchrun (DDP), one node."""
+    processes = EXPERIMENTS[wildcards.experiment]["train"]["processes"]
+    if processes == 1:
+        return "snaketune"
+    return f"torchrun --standalone --nproc_per_node={processes} -m snaketune.cli"
+
+
+def get_train_threads(wildcards, threads):
+    """Threads per training process: the rule's threads shared among its processes."""
+    processes = EXPERIMENTS[wildcards.experiment]["train"]["processes"]
+    return max(1, threads // processes)
+
+
 def get_evaluate_settings(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     return json.dumps({"task": exp["task"], "evaluate": exp["evaluate"]})

@@ -13,6 +13,8 @@ rule train_model:
     params:
         settings=get_train_settings,
         state_dir=f"{R}/{{experiment}}/train_state",
+        launcher=get_train_launcher,
+        threads_per_process=get_train_threads,
     conda:
         "../../envs/train.yaml"
     log:
@@ -25,7 +27,8 @@ rule train_model:
         runtime=240,
         gpu=0,
     shell:
-        "OMP_NUM_THREADS={threads} snaketune train --shards {input.shards:q}"
+        "OMP_NUM_THREADS={params.threads_per_process} {params.launcher} train"
+        " --shards {input.shards:q}"
         " --tokenize-manifest {input.tokenize_manifest:q} --tokenizer {input.tokenizer:q}"
         " --out {output.model:q} --history {output.history:q} --manifest {output.manifest:q}"
         " --state-dir {params.state_dir:q} --settings {params.settings:q} > {log:q} 2>&1"

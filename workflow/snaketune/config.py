@@ -83,6 +83,8 @@ def cross_checks(config: dict[str, Any]) -> list[str]:
             )
         if model["init"] == "pretrained" and not model["name_or_path"]:
             problems.append(f"{where}.model.name_or_path: required when model.init is 'pretrained'")
+        if model["arch"] == "lstm" and model["lora_rank"]:
+            problems.append(f"{where}.model.lora_rank: LoRA needs model.arch 'gpt2', not 'lstm'")
         if exp["tokenizer"]["kind"] == "pretrained" and not exp["tokenizer"]["name_or_path"]:
             problems.append(
                 f"{where}.tokenizer.name_or_path: required when tokenizer.kind is 'pretrained'"

@@ -18,11 +18,11 @@ import pandas as pd
 import torch
 
 from snaketune import plots
+from snaketune.batches import Examples, load_examples
 from snaketune.fileio import atomic_path, read_json, write_json
 from snaketune.manifest import stage_manifest
 from snaketune.metrics import load_metric
 from snaketune.models import load_trained
-from snaketune.train import Examples, load_examples
 
 EVAL_PLOT = "eval_plot.png"  # written beside metrics.json
 MAX_LOG_PERPLEXITY = 700.0  # exp(709) overflows float64; report inf beyond this
@@ -37,6 +37,11 @@ class EvalSettings:
     temperature: float = 0.8
     top_k: int = 20
     seed: int = 1234
+    context_length: int = 0
+    """causal_lm: tokens per scoring window; 0 means the training block size."""
+    stride: int = 0
+    """causal_lm: tokens between window starts; 0 means context_length (no overlap). A smaller
+    stride gives the sliding-window estimate (more context per token, more compute)."""
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:
@@ -77,35 +82,70 @@ def token_byte_lengths(tokenizer) -> np.ndarray:
     return lengths
 
 
+def windows(length: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_target) of each scoring window over a stream of `length` tokens.
+
+    Window k covers [k*stride, k*stride + context); it scores only the positions no earlier
+    window scored, so every token from position 1 on is counted once when stride <= context
+    (with stride == context, the first token of each window has no context and is skipped).
+    """
+    out, scored_to = [], 1
+    for begin in range(0, max(length - 1, 1), stride):
+        end = min(begin + context, length)
+        first = max(begin + 1, scored_to)
+        if first < end:
+            out.append((begin, end, first))
+            scored_to = end
+        if end == length:
+            break
+    return out
+
+
 @torch.no_grad()
-def score_lm(model, data: Examples, batch_size: int, byte_lengths: np.ndarray) -> dict:
-    """Sum NLL over every predicted position of each test block (positions 1..block-1)."""
+def score_lm(
+    model,
+    stream: torch.Tensor,
+    context: int,
+    stride: int,
+    batch_size: int,
+    byte_lengths: np.ndarray,
+) -> dict:
+    """Sliding-window NLL over a token stream, summed in float64."""
     model.eval()
     nll_sum, tokens, correct, n_bytes = 0.0, 0, 0, 0
-    by_position = torch.zeros(data.input_ids.size(1) - 1, dtype=torch.float64)
+    by_position = torch.zeros(context, dtype=torch.float64)
     count_by_position = torch.zeros_like(by_position)
-    for start in range(0, len(data), batch_size):
-        batch = data.batch(np.arange(start, min(len(data), start + batch_size)))
-        logits = model(input_ids=batch["input_ids"]).logits[:, :-1].double()
-        targets = batch["input_ids"][:, 1:]
-        mask = batch["attention_mask"][:, 1:].bool()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
-        ).view_as(targets)
-        nll_sum += float(nll[mask].sum())
-        by_position += (nll * mask).sum(dim=0)
-        count_by_position += mask.sum(dim=0)
-        tokens += int(mask.sum())
-        correct += int((logits.argmax(-1) == targets)[mask].sum())
-        n_bytes += int(byte_lengths[targets[mask].numpy()].sum())
+    spans = windows(stream.numel(), context, stride)
+    # Windows of equal length are batched; the stream's tail window may be shorter.
+    for size in sorted({end - begin for begin, end, _ in spans}, reverse=True):
+        same = [w for w in spans if w[1] - w[0] == size]
+        for i in range(0, len(same), batch_size):
+            group = same[i : i + batch_size]
+            ids = torch.stack([stream[begin:end] for begin, end, _ in group])
+            logits = model(input_ids=ids).logits[:, :-1].double()
+            targets = ids[:, 1:]
+            # Position j of `targets` is stream index begin + 1 + j; score those >= first.
+            offsets = torch.arange(1, size)
+            mask = torch.stack([begin + offsets >= first for begin, _, first in group])
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
+            ).view_as(targets)
+            nll_sum += float(nll[mask].sum())
+            by_position[1:size] += (nll * mask).sum(dim=0)
+            count_by_position[1:size] += mask.sum(dim=0)
+            tokens += int(mask.sum())
+            correct += int((logits.argmax(-1) == targets)[mask].sum())
+            n_bytes += int(byte_lengths[targets[mask].numpy()].sum())
+    mean_by_position = by_position / count_by_position
     return {
         "perplexity": perplexity(nll_sum, tokens),
+        "nll_sum": nll_sum,
         "nll_per_token": nll_sum / tokens,
         "next_token_accuracy": correct / tokens,
         "bits_per_byte": nll_sum / math.log(2) / max(n_bytes, 1),
         "predicted_tokens": tokens,
         "scored_bytes": n_bytes,
-        "nll_by_position": (by_position / count_by_position.clamp(min=1)).tolist(),
+        "nll_by_position": mean_by_position[1:].tolist(),
     }
 
 
@@ -128,13 +168,34 @@ def generate(model, tokenizer, prompt: str, settings: EvalSettings, context: int
 
 
 def evaluate_lm(model, tokenizer, test: Examples, settings: EvalSettings, samples_path: Path):
-    metrics = score_lm(model, test, settings.batch_size, token_byte_lengths(tokenizer))
-    context = test.input_ids.size(1)
+    block = test.input_ids.size(1)
+    context = settings.context_length or block
+    stride = settings.stride or context
+    if stride > context:
+        raise ValueError(f"evaluate.stride ({stride}) must not exceed context_length ({context})")
+    limit = getattr(getattr(model, "config", None), "n_positions", None)
+    if limit is not None and context > limit:
+        raise ValueError(
+            f"evaluate.context_length ({context}) exceeds the model's {limit} positions"
+        )
+    # The packed test blocks, end to end, are the test split's token stream (documents joined
+    # with EOS; only the split's final partial block is missing).
+    stream = test.input_ids.reshape(-1)
+    metrics = score_lm(
+        model, stream, context, stride, settings.batch_size, token_byte_lengths(tokenizer)
+    )
+    words = len(tokenizer.decode(stream[1:], skip_special_tokens=True).split())
+    metrics["words"] = words
+    metrics["word_perplexity"] = perplexity(metrics["nll_sum"], words)
+    metrics["context_length"], metrics["stride"] = context, stride
     metrics["protocol"] = (
-        f"test split packed into non-overlapping blocks of {context} tokens (context_length = "
-        f"stride = {context}); each block scores positions 1..{context - 1} given the tokens "
-        "before it; perplexity = exp(sum NLL / predicted tokens); bits_per_byte divides the NLL "
-        "in bits by the UTF-8 bytes of the predicted tokens (special tokens count one byte)"
+        f"test split as one token stream ({stream.numel()} tokens: documents joined with EOS), "
+        f"scored in windows of context_length={context} tokens every stride={stride} tokens; "
+        "each token is counted once, in the first window that scores it with context before it "
+        f"({metrics['predicted_tokens']} predicted tokens). perplexity = exp(sum NLL / predicted "
+        "tokens); word_perplexity = exp(sum NLL / whitespace-separated words of the scored text); "
+        "bits_per_byte = sum NLL in bits / UTF-8 bytes of the predicted tokens (special tokens "
+        "count one byte)"
     )
     with atomic_path(samples_path) as tmp:
         lines = [

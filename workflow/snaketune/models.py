@@ -8,7 +8,7 @@ returns an object with `.loss` and `.logits`, so training and evaluation need no
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,6 +30,14 @@ class ModelSettings:
     n_embd: int = 128
     n_head: int = 4
     dropout: float = 0.1
+    attention: str = "auto"
+    """'eager', 'sdpa' (torch's fused attention), or 'auto': sdpa on CUDA, eager on CPU."""
+    lora_rank: int = 0
+    """LoRA adapter rank through peft; 0 trains every weight."""
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Module names to adapt; empty uses peft's default for the architecture."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +99,12 @@ class LstmModel(nn.Module):
         )
 
 
+def attention_implementation(settings: ModelSettings, device_type: str) -> str:
+    if settings.attention == "auto":
+        return "sdpa" if device_type == "cuda" else "eager"
+    return settings.attention
+
+
 def build_model(
     settings: ModelSettings,
     task: str,
@@ -99,7 +113,9 @@ def build_model(
     pad_token_id: int,
     eos_token_id: int | None,
     label_names: list[str],
+    device_type: str = "cpu",
 ) -> nn.Module:
+    attention = attention_implementation(settings, device_type)
     if settings.arch == "lstm":
         return LstmModel(
             LstmConfig(
@@ -122,7 +138,13 @@ def build_model(
         else {}
     )
     if settings.init == "pretrained":
-        model = _load_hf(settings.name_or_path, task, settings.trust_remote_code, **labels)
+        model = _load_hf(
+            settings.name_or_path,
+            task,
+            settings.trust_remote_code,
+            attn_implementation=attention,
+            **labels,
+        )
         if model.get_input_embeddings().num_embeddings < vocab_size:
             model.resize_token_embeddings(vocab_size)
         model.config.pad_token_id = pad_token_id
@@ -132,6 +154,7 @@ def build_model(
     config = GPT2Config(
         vocab_size=vocab_size,
         n_positions=context,
+        attn_implementation=attention,
         n_embd=settings.n_embd,
         n_layer=settings.n_layer,
         n_head=settings.n_head,
@@ -147,12 +170,15 @@ def build_model(
 
 
 def _load_hf(name_or_path: str | None, task: str, trust_remote_code: bool, **kwargs):
+    # trust_remote_code stays False unless the config says otherwise: hub code runs on load.
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if not name_or_path:
         raise ValueError("model.init 'pretrained' needs model.name_or_path")
     cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
-    extra = {"ignore_mismatched_sizes": True, **kwargs} if task != "causal_lm" else {}
+    extra = dict(kwargs)
+    if task != "causal_lm":
+        extra["ignore_mismatched_sizes"] = True  # a new head for this label set
     try:
         return cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
     except OSError as err:
@@ -174,6 +200,31 @@ def load_trained(model_dir: Path, task: str) -> nn.Module:
         model.load_state_dict(load_file(model_dir / "model.safetensors"))
         return model
     return _load_hf(str(model_dir), task, trust_remote_code=False)
+
+
+def apply_lora(model: nn.Module, settings: ModelSettings, task: str) -> nn.Module:
+    """Wrap the model with peft LoRA adapters; only adapters (and a classifier head) train."""
+    if not settings.lora_rank:
+        return model
+    if settings.arch == "lstm":
+        raise ValueError("model.lora_rank needs a transformer (model.arch: gpt2), not the LSTM")
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
+        r=settings.lora_rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.lora_target_modules or None,
+    )
+    return get_peft_model(model, config)
+
+
+def unwrap_for_saving(model: nn.Module) -> nn.Module:
+    """The plain model to save: LoRA adapters merged in, so evaluation loads it like any other."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

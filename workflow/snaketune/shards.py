@@ -97,11 +97,15 @@ def _text_batches(split_path: Path, columns: list[str], rows: int) -> Iterator[p
     yield from pq.ParquetFile(split_path).iter_batches(batch_size=rows, columns=columns)
 
 
-def encode(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Batch-encode with the Rust tokenizer (parallel, no per-document Python work)."""
-    return [
-        e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
-    ]
+def truncating(tokenizer, max_length: int):
+    """A copy of the Rust tokenizer that adds the model's special tokens (e.g. BERT's [CLS] and
+    [SEP]) and truncates to max_length with them in place."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.enable_truncation(max_length)
+    return backend
 
 
 def eos_appending(tokenizer):
@@ -152,23 +156,22 @@ def encode_examples(
     settings: TokenizeSettings,
     label_ids: dict[str, int],
 ) -> None:
+    backend = truncating(tokenizer, settings.max_length)
     for batch in _text_batches(split_path, ["doc_id", "text", "label"], settings.read_batch_rows):
-        ids = encode(tokenizer, batch.column("text").to_pylist())
+        encodings = backend.encode_batch(batch.column("text").to_pylist())
         labels = batch.column("label").to_pylist()
         unknown = sorted(set(labels) - set(label_ids))
         if unknown:
             raise CorpusError(
                 f"labels {unknown} in {split_path.name} never occur in the train split"
             )
-        writer.stats.documents += len(ids)
-        writer.stats.truncated += sum(len(x) > settings.max_length for x in ids)
+        writer.stats.documents += len(encodings)
+        writer.stats.truncated += sum(bool(e.overflowing) for e in encodings)
         writer.write(
             pa.table(
                 {
                     "doc_id": batch.column("doc_id"),
-                    "input_ids": pa.array(
-                        [x[: settings.max_length] for x in ids], pa.list_(pa.int32())
-                    ),
+                    "input_ids": pa.array([e.ids for e in encodings], pa.list_(pa.int32())),
                     "label": pa.array([label_ids[y] for y in labels], pa.int32()),
                 }
             )

@@ -1,10 +1,12 @@
 """Stage 6, train_model: explicit training steps (set up, train, save), resumable at any point.
 
 The data order is a pure function of (seed, step), and a checkpoint holds the model, optimizer,
-RNG states, step and history, so a job killed at any moment and run again continues from its
-last checkpoint as if nothing had happened. Checkpoints live in a state directory that is not a
-Snakemake output (a failed job's outputs are deleted; this must survive) and are written to a
-temporary file and renamed, so a half-written checkpoint is never loaded.
+RNG states, step, history and early-stopping state, so a job killed at any moment and run again
+continues from its last checkpoint as if nothing had happened. Checkpoints live in a state
+directory that is not a Snakemake output (a failed job's outputs are deleted; this must
+survive) and are written to a temporary file and renamed, so a half-written one is never
+loaded. Under `torchrun` the same code trains with DistributedDataParallel: each process takes
+its slice of every batch, and process 0 alone writes checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -23,15 +25,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snaketune import plots
+from snaketune import distributed, plots
+from snaketune.batches import Examples, batch_indices, load_examples
+from snaketune.checkpoint import (
+    load_best,
+    load_checkpoint,
+    save_best,
+    save_checkpoint,
+    set_rng_state,
+)
 from snaketune.errors import TrainingError
 from snaketune.fileio import atomic_dir, atomic_path, read_json, sha256_tree
 from snaketune.manifest import stage_manifest
-from snaketune.models import ModelSettings, build_model, count_parameters
-from snaketune.shards import read_shards
+from snaketune.models import (
+    ModelSettings,
+    apply_lora,
+    build_model,
+    count_parameters,
+    unwrap_for_saving,
+)
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
 LOSS_CURVE = "loss_curve.png"  # written beside history.jsonl
 
 
@@ -39,6 +53,7 @@ LOSS_CURVE = "loss_curve.png"  # written beside history.jsonl
 class TrainSettings:
     max_steps: int = 200
     batch_size: int = 16
+    """Rows per micro-batch, per process."""
     grad_accum: int = 1
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
@@ -48,14 +63,32 @@ class TrainSettings:
     eval_every: int = 50
     eval_batches: int = 8
     checkpoint_every: int = 50
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better val loss (0: off); keeps the best."""
     seed: int = 1234
     device: str = "auto"
     """'auto' uses CUDA when present, else CPU."""
     precision: str = "auto"
     """'auto' is bf16 autocast on CUDA and fp32 on CPU; 'fp32' forces full precision."""
+    compile: bool = False
+    """torch.compile the model (worth it on GPUs; slow to start on CPU)."""
+    processes: int = 1
+    """Processes launched by torchrun (DDP: NCCL on GPUs, gloo on CPU)."""
     threads: int = 0
     """CPU threads for torch; 0 leaves torch's default."""
     deterministic: bool = True
+
+
+@dataclass
+class Progress:
+    """What the loop carries from step to step and across a resume."""
+
+    step: int = 0
+    history: list[dict] | None = None
+    best_val: float = math.inf
+    best_step: int = 0
+    evals_without_improvement: int = 0
+    stopped_early: bool = False
 
 
 # --- set-up ------------------------------------------------------------------------------------
@@ -67,69 +100,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def pick_device(settings: TrainSettings) -> tuple[torch.device, torch.dtype | None]:
+def pick_device(
+    settings: TrainSettings, local_rank: int
+) -> tuple[torch.device, torch.dtype | None]:
     wants_cuda = settings.device in ("auto", "cuda")
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise TrainingError("train.device is 'cuda' but no CUDA device is visible")
-    device = torch.device("cuda" if wants_cuda and torch.cuda.is_available() else "cpu")
+    use_cuda = wants_cuda and torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     autocast = None
     if device.type == "cuda" and settings.precision in ("auto", "bf16"):
         autocast = torch.bfloat16
     return device, autocast
 
 
-@dataclass
-class Examples:
-    """One split in memory: padded ids, attention mask and (for classification) labels."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.input_ids.size(0)
-
-    def batch(self, index: np.ndarray) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(index)
-        mask = self.attention_mask[idx]
-        width = int(mask.sum(dim=1).max())  # trim padding shared by the whole batch
-        return {
-            "input_ids": self.input_ids[idx, :width],
-            "attention_mask": mask[:, :width],
-            "labels": self.labels[idx] if self.labels.dim() == 1 else self.labels[idx, :width],
-        }
-
-
-def load_examples(shard_dir: Path, task: str, pad_token_id: int) -> Examples:
-    table = read_shards(shard_dir)
-    rows = table.column("input_ids").to_pylist()
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    if task == "causal_lm":
-        return Examples(ids, mask, ids.clone())  # packed blocks: every position is a target
-    labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.long)
-    return Examples(ids, mask, labels)
-
-
-def batch_indices(step: int, micro: int, settings: TrainSettings, n: int) -> np.ndarray:
-    """Example indices of one micro-batch: a fresh seeded permutation per epoch."""
-    per_step = settings.batch_size * settings.grad_accum
-    start = step * per_step + micro * settings.batch_size
-    positions = np.arange(start, start + settings.batch_size)
-    epochs, offsets = positions // n, positions % n
-    out = np.empty_like(positions)
-    for epoch in np.unique(epochs):
-        perm = np.random.default_rng([settings.seed, int(epoch)]).permutation(n)
-        out[epochs == epoch] = perm[offsets[epochs == epoch]]
-    return out
-
-
 def learning_rate(step: int, settings: TrainSettings) -> float:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps."""
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps. A pure function of
+    the step, so the schedule needs no state of its own in a checkpoint."""
     if step < settings.warmup_steps:
         return settings.lr * (step + 1) / settings.warmup_steps
     span = max(1, settings.max_steps - settings.warmup_steps)
@@ -149,56 +136,9 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
     return torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95))
 
 
-# --- checkpoints -------------------------------------------------------------------------------
-
-
 def run_fingerprint(settings: TrainSettings, model: ModelSettings, data_digest: str) -> str:
     blob = json.dumps([asdict(settings), asdict(model), data_digest], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def save_checkpoint(
-    state_dir: Path, step: int, model, optimizer, history: list[dict], fingerprint: str
-) -> None:
-    state = {
-        "step": step,
-        "fingerprint": fingerprint,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "history": history,
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-    }
-    with atomic_path(Path(state_dir) / CHECKPOINT) as tmp:
-        torch.save(state, tmp)
-    log.info("checkpoint written at step %d", step)
-
-
-def load_checkpoint(state_dir: Path, fingerprint: str) -> dict | None:
-    path = Path(state_dir) / CHECKPOINT
-    for stale in Path(state_dir).glob(f".{CHECKPOINT}.*.tmp"):
-        stale.unlink()  # left by a job killed mid-save; never loaded
-    if not path.exists():
-        return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        log.warning("checkpoint in %s is from other settings or data; starting fresh", state_dir)
-        return None
-    return state
-
-
-def restore(state: dict, model, optimizer) -> None:
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    random.setstate(state["rng"]["python"])
-    np.random.set_state(state["rng"]["numpy"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
 
 # --- the loop ----------------------------------------------------------------------------------
@@ -232,68 +172,187 @@ def forward(model, batch: dict[str, torch.Tensor], device, autocast):
         return model(**batch)
 
 
-def train_steps(
-    model,
-    optimizer,
-    train: Examples,
-    val: Examples,
-    settings: TrainSettings,
-    state_dir: Path,
-    fingerprint: str,
-    start: int,
-    history: list[dict],
-    device,
-    autocast,
-) -> list[dict]:
+@dataclass
+class Run:
+    """Everything one training run needs inside the loop."""
+
+    model: torch.nn.Module
+    """The module whose weights are saved (unwrapped)."""
+    step_model: torch.nn.Module
+    """What the steps call: the model, possibly compiled and wrapped in DDP."""
+    optimizer: torch.optim.Optimizer
+    train: Examples
+    val: Examples
+    settings: TrainSettings
+    state_dir: Path
+    fingerprint: str
+    device: torch.device
+    autocast: torch.dtype | None
+    world: distributed.World
+
+
+def one_step(run: Run, step: int) -> dict:
+    s, world = run.settings, run.world
+    lr = learning_rate(step, s)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum, tokens = 0.0, 0
+    for micro in range(s.grad_accum):
+        index = batch_indices(
+            step, micro, s.batch_size, s.grad_accum, s.seed, len(run.train), world.size, world.rank
+        )
+        batch = run.train.batch(index)
+        tokens += int(batch["attention_mask"].sum())
+        with distributed.no_sync_unless(run.step_model, micro == s.grad_accum - 1):
+            loss = forward(run.step_model, batch, run.device, run.autocast).loss / s.grad_accum
+            loss.backward()
+        loss_sum += loss.item()
+    loss_sum = distributed.mean(loss_sum, run.device)
+    if not math.isfinite(loss_sum):
+        raise TrainingError(
+            f"loss became {loss_sum} at step {step + 1}; the last good checkpoint is in "
+            f"{run.state_dir}. Lower train.lr or check the data, then rerun."
+        )
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {
+        "step": step + 1,
+        "loss": loss_sum,
+        "lr": lr,
+        "grad_norm": float(grad_norm),
+        "tokens": tokens * world.size,
+    }
+
+
+def evaluate_and_track_best(run: Run, progress: Progress, row: dict) -> None:
+    row["val_loss"] = estimate_loss(run.model, run.val, run.settings, run.device, run.autocast)
+    log.info("step %d loss %.4f val_loss %.4f", row["step"], row["loss"], row["val_loss"])
+    if row["val_loss"] < progress.best_val:
+        progress.best_val, progress.best_step = row["val_loss"], row["step"]
+        progress.evals_without_improvement = 0
+        if run.settings.early_stopping_patience and run.world.is_main:
+            save_best(run.state_dir, run.model)
+    else:
+        progress.evals_without_improvement += 1
+        patience = run.settings.early_stopping_patience
+        progress.stopped_early = bool(patience) and progress.evals_without_improvement >= patience
+
+
+def checkpoint(run: Run, progress: Progress) -> None:
+    if run.world.is_main:
+        state = asdict(progress)
+        state.update(
+            fingerprint=run.fingerprint,
+            model=run.model.state_dict(),
+            optimizer=run.optimizer.state_dict(),
+        )
+        save_checkpoint(run.state_dir, state)
+    distributed.barrier()
+
+
+def train_steps(run: Run, progress: Progress) -> Progress:
     from tqdm import tqdm
 
     stop = StopRequested()
-    tokens_per_step = 0
+    s = run.settings
     started = time.perf_counter()
-    model.train()
+    run.step_model.train()
+    steps = range(progress.step, s.max_steps)
     for step in tqdm(
-        range(start, settings.max_steps),
-        initial=start,
-        total=settings.max_steps,
+        steps,
+        initial=progress.step,
+        total=s.max_steps,
         desc="train",
         mininterval=5,
+        disable=not run.world.is_main,
     ):
-        lr = learning_rate(step, settings)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, tokens_per_step = 0.0, 0
-        for micro in range(settings.grad_accum):
-            batch = train.batch(batch_indices(step, micro, settings, len(train)))
-            tokens_per_step += int(batch["attention_mask"].sum())
-            loss = forward(model, batch, device, autocast).loss / settings.grad_accum
-            loss.backward()
-            loss_sum += loss.item()
-        if not math.isfinite(loss_sum):
-            raise TrainingError(
-                f"loss became {loss_sum} at step {step}; the last good checkpoint is in "
-                f"{state_dir}. Lower train.lr or check the data, then rerun."
-            )
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        row = one_step(run, step)
         elapsed, started = time.perf_counter() - started, time.perf_counter()
-        row = {
-            "step": step + 1,
-            "loss": loss_sum,
-            "lr": lr,
-            "grad_norm": float(grad_norm),
-            "tokens_per_s": tokens_per_step / max(elapsed, 1e-9),
-        }
-        done = step + 1
-        if done % settings.eval_every == 0 or done == settings.max_steps:
-            row["val_loss"] = estimate_loss(model, val, settings, device, autocast)
-            log.info("step %d loss %.4f val_loss %.4f", done, loss_sum, row["val_loss"])
-        history.append(row)
-        if done % settings.checkpoint_every == 0 or stop.requested:
-            save_checkpoint(state_dir, done, model, optimizer, history, fingerprint)
-        if stop.requested:
-            raise SystemExit(f"SIGTERM received: checkpoint saved at step {done}; rerun to resume")
-    return history
+        row["tokens_per_s"] = row.pop("tokens") / max(elapsed, 1e-9)
+        progress.step = row["step"]
+        if progress.step % s.eval_every == 0 or progress.step == s.max_steps:
+            evaluate_and_track_best(run, progress, row)
+        progress.history.append(row)
+        stopping = distributed.any_rank(stop.requested, run.device)
+        if progress.step % s.checkpoint_every == 0 or stopping:
+            checkpoint(run, progress)
+        if stopping:
+            raise SystemExit(
+                f"SIGTERM received: checkpoint saved at step {progress.step}; rerun to resume"
+            )
+        if progress.stopped_early:
+            log.info(
+                "early stopping at step %d: best val_loss %.4f at step %d",
+                progress.step,
+                progress.best_val,
+                progress.best_step,
+            )
+            break
+    return progress
+
+
+# --- set up, train, save -----------------------------------------------------------------------
+
+
+def prepare_run(
+    shard_dir: Path,
+    data_info: dict,
+    state_dir: Path,
+    task: str,
+    model_settings: ModelSettings,
+    settings: TrainSettings,
+    world: distributed.World,
+) -> Run:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.use_deterministic_algorithms(settings.deterministic, warn_only=True)
+    seed_everything(settings.seed)
+    device, autocast = pick_device(settings, world.local_rank)
+    pad = data_info["pad_token_id"]
+    train = load_examples(shard_dir / "train", task, pad)
+    val = load_examples(shard_dir / "val", task, pad)
+    model = build_model(
+        model_settings,
+        task,
+        data_info["vocab_size"],
+        train.input_ids.size(1),
+        pad,
+        data_info["eos_token_id"],
+        data_info["label_names"],
+        device.type,
+    )
+    model = apply_lora(model, model_settings, task).to(device)
+    step_model = distributed.wrap(model, world, device)
+    if settings.compile:
+        step_model = torch.compile(step_model)
+    return Run(
+        model=model,
+        step_model=step_model,
+        optimizer=make_optimizer(model, settings),
+        train=train,
+        val=val,
+        settings=settings,
+        state_dir=state_dir,
+        fingerprint=run_fingerprint(settings, model_settings, sha256_tree(shard_dir)),
+        device=device,
+        autocast=autocast,
+        world=world,
+    )
+
+
+def resume(run: Run) -> Progress:
+    run.state_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
+    state = load_checkpoint(run.state_dir, run.fingerprint)
+    if state is None:
+        return Progress(history=[])
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    log.info("resumed from checkpoint at step %d", state["step"])
+    fields = {k: state[k] for k in asdict(Progress()) if k in state}
+    return Progress(**fields)
 
 
 def train_model(
@@ -309,88 +368,76 @@ def train_model(
     settings: TrainSettings,
 ) -> list[dict]:
     shard_dir, state_dir = Path(shard_dir), Path(state_dir)
-    data_info = read_json(tokenize_manifest)
-    params = {"model": asdict(model_settings), "train": asdict(settings), "task": task}
-    with stage_manifest(
-        "train", manifest, {"shards": shard_dir, "tokenizer": tokenizer_dir}, params
-    ) as record:
-        if settings.threads:
-            torch.set_num_threads(settings.threads)
-        torch.use_deterministic_algorithms(settings.deterministic, warn_only=True)
-        seed_everything(settings.seed)
-        device, autocast = pick_device(settings)
-        pad = data_info["pad_token_id"]
-        train = load_examples(shard_dir / "train", task, pad)
-        val = load_examples(shard_dir / "val", task, pad)
-        context = train.input_ids.size(1)
-        model = build_model(
-            model_settings,
-            task,
-            data_info["vocab_size"],
-            context,
-            pad,
-            data_info["eos_token_id"],
-            data_info["label_names"],
-        ).to(device)
-        optimizer = make_optimizer(model, settings)
-        fingerprint = run_fingerprint(settings, model_settings, sha256_tree(shard_dir))
-        state_dir.mkdir(parents=True, exist_ok=True)
-        state = load_checkpoint(state_dir, fingerprint)
-        start, history = 0, []
-        if state is not None:
-            restore(state, model, optimizer)
-            start, history = state["step"], state["history"]
-            log.info("resumed from checkpoint at step %d", start)
-        log.info(
-            "training %s (%d parameters) on %s%s from step %d",
-            model_settings.arch,
-            count_parameters(model),
-            device,
-            " with bf16 autocast" if autocast else "",
-            start,
-        )
-        history = train_steps(
-            model,
-            optimizer,
-            train,
-            val,
-            settings,
-            state_dir,
-            fingerprint,
-            start,
-            history,
-            device,
-            autocast,
-        )
-        save_final(model, tokenizer_dir, out_dir, history, history_path)
-        record.counts = {
-            "parameters": count_parameters(model),
-            "steps": settings.max_steps,
-            "resumed_from_step": start,
-            "train_rows": len(train),
-            "final_val_loss": history[-1].get("val_loss"),
-        }
-        record.extra.update(
-            {"device": str(device), "autocast": str(autocast), "fingerprint": fingerprint}
-        )
-    shutil.rmtree(state_dir, ignore_errors=True)  # the finished model replaces the checkpoint
-    return history
+    world = distributed.start()
+    try:
+        if not world.is_main:  # other processes train; process 0 alone writes
+            run = prepare_run(
+                shard_dir,
+                read_json(tokenize_manifest),
+                state_dir,
+                task,
+                model_settings,
+                settings,
+                world,
+            )
+            return train_steps(run, resume(run)).history
+        params = {"model": asdict(model_settings), "train": asdict(settings), "task": task}
+        inputs = {"shards": shard_dir, "tokenizer": tokenizer_dir}
+        with stage_manifest("train", manifest, inputs, params) as record:
+            run = prepare_run(
+                shard_dir,
+                read_json(tokenize_manifest),
+                state_dir,
+                task,
+                model_settings,
+                settings,
+                world,
+            )
+            progress = resume(run)
+            resumed_from = progress.step
+            log.info(
+                "training %s (%d parameters) on %s x%d%s from step %d",
+                model_settings.arch,
+                count_parameters(run.model),
+                run.device,
+                world.size,
+                " with bf16 autocast" if run.autocast else "",
+                resumed_from,
+            )
+            progress = train_steps(run, progress)
+            if settings.early_stopping_patience and progress.best_step:
+                load_best(state_dir, run.model)  # the best evaluated weights are the result
+            save_final(run.model, tokenizer_dir, out_dir, progress.history, history_path)
+            record.counts = {
+                "parameters": count_parameters(run.model),
+                "steps": progress.step,
+                "resumed_from_step": resumed_from,
+                "train_rows": len(run.train),
+                "best_val_loss": progress.best_val if math.isfinite(progress.best_val) else None,
+                "best_step": progress.best_step,
+                "stopped_early": progress.stopped_early,
+                "processes": world.size,
+            }
+            record.extra.update(
+                {
+                    "device": str(run.device),
+                    "autocast": str(run.autocast),
+                    "fingerprint": run.fingerprint,
+                }
+            )
+        shutil.rmtree(state_dir, ignore_errors=True)  # the finished model replaces the state
+        return progress.history
+    finally:
+        distributed.stop()
 
 
 def save_final(
     model, tokenizer_dir: Path, out_dir: Path, history: list[dict], history_path: Path
 ) -> None:
     with atomic_dir(out_dir) as tmp:
-        model.to("cpu").save_pretrained(tmp)
+        unwrap_for_saving(model).to("cpu").save_pretrained(tmp)
         for item in Path(tokenizer_dir).iterdir():
             shutil.copy2(item, tmp / item.name)
     with atomic_path(history_path) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
     plots.loss_curve(history, Path(history_path).with_name(LOSS_CURVE), "training loss")
-
-
-def last_checkpoint_step(state_dir: Path) -> int | None:
-    path = Path(state_dir) / CHECKPOINT
-    if not path.exists():
-        return None
-    return int(torch.load(path, map_location="cpu", weights_only=False)["step"])

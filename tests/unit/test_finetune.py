@@ -1,0 +1,283 @@
+"""Fine-tuning from saved checkpoints (GPT-2 and BERT), LoRA, early stopping, attention and
+compile switches, multi-process DDP, and checkpoints that cannot run code when loaded."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from snaketune.batches import load_examples
+from snaketune.checkpoint import CHECKPOINT, load_checkpoint
+from snaketune.errors import TrainingError
+from snaketune.models import ModelSettings, build_model, load_trained
+from snaketune.train import TrainSettings, train_model
+
+TINY = ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.0)
+QUICK = TrainSettings(
+    max_steps=40, batch_size=8, lr=5e-3, warmup_steps=4, eval_every=20, checkpoint_every=20
+)
+
+
+def run(
+    data: dict,
+    out: Path,
+    task: str,
+    model: ModelSettings,
+    settings: TrainSettings,
+    shards: Path | None = None,
+    manifest: Path | None = None,
+) -> list[dict]:
+    return train_model(
+        shards or data["shards"],
+        manifest or data["tokenize_manifest"],
+        data["tokenizer"],
+        out / "model",
+        out / "history.jsonl",
+        out / "manifest.json",
+        out / "state",
+        task,
+        model,
+        settings,
+    )
+
+
+def counts(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())["counts"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_lm(lm_data, tmp_path_factory) -> Path:
+    """A small GPT-2 trained on the demo corpus and saved with save_pretrained (+ tokenizer)."""
+    out = tmp_path_factory.mktemp("pretrained-lm")
+    run(lm_data, out, "causal_lm", TINY, replace(QUICK, max_steps=80))
+    return out / "model"
+
+
+def test_finetuning_starts_from_the_pretrained_weights(lm_data, pretrained_lm, tmp_path):
+    start = ModelSettings(init="pretrained", name_or_path=str(pretrained_lm))
+    history = run(
+        lm_data, tmp_path, "causal_lm", start, replace(QUICK, max_steps=5, lr=1e-4, warmup_steps=1)
+    )
+    scratch = run(lm_data, tmp_path / "scratch", "causal_lm", TINY, replace(QUICK, max_steps=1))
+    # A fresh model starts near ln(vocab); the loaded one starts where pre-training ended.
+    assert scratch[0]["loss"] > math.log(400) - 0.5
+    assert history[0]["loss"] < scratch[0]["loss"] - 1.0
+
+
+def test_lora_trains_adapters_only_and_the_merged_model_loads_back(
+    lm_data, pretrained_lm, tmp_path
+):
+    lora = ModelSettings(
+        init="pretrained",
+        name_or_path=str(pretrained_lm),
+        lora_rank=4,
+        lora_alpha=8,
+        lora_target_modules=["c_attn"],
+    )
+    history = run(lm_data, tmp_path, "causal_lm", lora, replace(QUICK, max_steps=20, lr=1e-2))
+    assert counts(tmp_path)["parameters"] > 0 and len(history) == 20
+    tuned = load_trained(tmp_path / "model", "causal_lm").state_dict()
+    base = load_trained(pretrained_lm, "causal_lm").state_dict()
+    assert not any("lora" in name for name in tuned)  # adapters merged into plain weights
+    changed = [n for n in base if not torch.equal(base[n], tuned[n])]
+    assert changed and all("c_attn" in n for n in changed)
+
+
+def test_early_stopping_stops_after_patience_and_keeps_the_best(lm_data, tmp_path):
+    # lr = 0 leaves the weights as they are, so the val loss never improves after the first
+    # evaluation: training must stop `patience` evaluations later.
+    settings = replace(QUICK, max_steps=100, lr=0.0, eval_every=5, early_stopping_patience=2)
+    history = run(lm_data, tmp_path, "causal_lm", TINY, settings)
+    assert len(history) == 15
+    stats = counts(tmp_path)
+    assert stats["stopped_early"] is True and stats["best_step"] == 5
+    assert stats["best_val_loss"] == pytest.approx(history[4]["val_loss"])
+
+
+def test_sdpa_and_eager_attention_compute_the_same_logits():
+    ids = torch.randint(0, 100, (2, 16))
+    models = {}
+    for attention in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        models[attention] = build_model(
+            replace(TINY, attention=attention), "causal_lm", 100, 16, 0, 0, []
+        ).eval()
+        assert models[attention].config._attn_implementation == attention
+    with torch.no_grad():
+        torch.testing.assert_close(
+            models["eager"](input_ids=ids).logits,
+            models["sdpa"](input_ids=ids).logits,
+            atol=1e-5,
+            rtol=1e-5,
+        )
+    auto = build_model(TINY, "causal_lm", 100, 16, 0, 0, [])
+    assert auto.config._attn_implementation == "eager"  # auto: eager on CPU
+
+
+@pytest.mark.slow
+def test_torch_compile_trains_like_eager(lm_data, tmp_path):
+    settings = replace(QUICK, max_steps=3, warmup_steps=1)
+    compiled = run(
+        lm_data, tmp_path / "compiled", "causal_lm", TINY, replace(settings, compile=True)
+    )
+    plain = run(lm_data, tmp_path / "plain", "causal_lm", TINY, settings)
+    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in plain], rel=1e-3)
+
+
+def bert_checkpoint(train_split: Path, out: Path) -> Path:
+    """A tiny BERT classifier with its own WordPiece tokenizer, saved like a hub checkpoint."""
+    import pandas as pd
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend.train_from_iterator(
+        pd.read_parquet(train_split)["text"].tolist(),
+        trainers.WordPieceTrainer(vocab_size=600, special_tokens=special),
+    )
+    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    torch.manual_seed(0)  # the checkpoint's weights must not depend on which tests ran before
+    BertForSequenceClassification(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_bert_classifier_fine_tunes_from_a_local_checkpoint(classification_data, tmp_path):
+    from snaketune.shards import TokenizeSettings, tokenize_shards
+    from snaketune.tokenizer import TokenizerSettings, prepare_tokenizer
+
+    checkpoint = bert_checkpoint(classification_data["splits"]["train"], tmp_path / "bert")
+    splits = classification_data["splits"]
+    prepare_tokenizer(
+        splits["train"],
+        tmp_path / "tok",
+        tmp_path / "tok.json",
+        TokenizerSettings(kind="pretrained", name_or_path=str(checkpoint)),
+    )
+    tokenize_shards(
+        splits,
+        tmp_path / "tok",
+        tmp_path / "shards",
+        tmp_path / "shards.json",
+        TokenizeSettings(task="sequence_classification", max_length=32),
+    )
+    info = json.loads((tmp_path / "shards.json").read_text())
+    test = load_examples(
+        tmp_path / "shards" / "test", "sequence_classification", info["pad_token_id"]
+    )
+    first, lengths = test.input_ids[:, 0], test.attention_mask.sum(1)
+    last = test.input_ids[torch.arange(len(test)), lengths - 1]
+    assert (first == 2).all() and (last == 3).all()  # [CLS] ... [SEP], truncation included
+
+    data = {**classification_data, "tokenizer": tmp_path / "tok"}
+    model = ModelSettings(init="pretrained", name_or_path=str(checkpoint))
+    run(
+        data,
+        tmp_path / "out",
+        "sequence_classification",
+        model,
+        replace(QUICK, max_steps=200, batch_size=32, lr=2e-3, eval_every=50),
+        shards=tmp_path / "shards",
+        manifest=tmp_path / "shards.json",
+    )
+    from snaketune.evaluation import predict_classes
+
+    tuned = load_trained(tmp_path / "out" / "model", "sequence_classification")
+    assert tuned.config.model_type == "bert" and tuned.config.num_labels == 8
+    accuracy = (predict_classes(tuned, test, 64) == test.labels.numpy()).mean()
+    assert accuracy > 0.5  # chance is 1/8; about 0.85 when it learns
+
+
+def _torchrun_train(data: dict, out: Path, settings: TrainSettings, processes: int):
+    payload = {"task": "causal_lm", "model": asdict(TINY), "train": asdict(settings)}
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    command = [
+        torchrun,
+        "--standalone",
+        f"--nproc_per_node={processes}",
+        "-m",
+        "snaketune.cli",
+        "train",
+        "--shards",
+        str(data["shards"]),
+        "--tokenize-manifest",
+        str(data["tokenize_manifest"]),
+        "--tokenizer",
+        str(data["tokenizer"]),
+        "--out",
+        str(out / "model"),
+        "--history",
+        str(out / "history.jsonl"),
+        "--manifest",
+        str(out / "manifest.json"),
+        "--state-dir",
+        str(out / "state"),
+        "--settings",
+        json.dumps(payload),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_match_one_process_with_twice_the_batch(lm_data, tmp_path):
+    settings = replace(QUICK, max_steps=12, eval_every=6, checkpoint_every=6)
+    _torchrun_train(lm_data, tmp_path / "ddp", replace(settings, batch_size=4, processes=2), 2)
+    single = run(lm_data, tmp_path / "single", "causal_lm", TINY, replace(settings, batch_size=8))
+    ddp = [json.loads(x) for x in (tmp_path / "ddp" / "history.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in ddp] == pytest.approx([r["loss"] for r in single], abs=1e-4)
+    assert counts(tmp_path / "ddp")["processes"] == 2
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == sorted(
+        ["model", "history.jsonl", "loss_curve.png", "manifest.json"]
+    )
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_pickle_in_the_checkpoint_is_refused_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "state").mkdir()
+    with (tmp_path / "state" / CHECKPOINT).open("wb") as fh:
+        pickle.dump({"step": 3, "payload": _Exploit(marker)}, fh)
+    with pytest.raises(TrainingError, match="refusing to load"):
+        load_checkpoint(tmp_path / "state", "any")
+    assert not marker.exists()

@@ -1,0 +1,78 @@
+"""Training data in memory: padded token rows, and the order batches are drawn in.
+
+The order is a pure function of (seed, step, rank), so a resumed or multi-process run sees
+exactly the batches an uninterrupted single-process run would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from snaketune.shards import read_shards
+
+
+@dataclass
+class Examples:
+    """One split in memory: padded ids, attention mask and (for classification) labels."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.size(0)
+
+    def batch(self, index: np.ndarray) -> dict[str, torch.Tensor]:
+        idx = torch.as_tensor(index)
+        mask = self.attention_mask[idx]
+        width = int(mask.sum(dim=1).max())  # trim padding shared by the whole batch
+        return {
+            "input_ids": self.input_ids[idx, :width],
+            "attention_mask": mask[:, :width],
+            "labels": self.labels[idx] if self.labels.dim() == 1 else self.labels[idx, :width],
+        }
+
+
+def load_examples(shard_dir: Path, task: str, pad_token_id: int) -> Examples:
+    table = read_shards(shard_dir)
+    rows = table.column("input_ids").to_pylist()
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    if task == "causal_lm":
+        return Examples(ids, mask, ids.clone())  # packed blocks: every position is a target
+    labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.long)
+    return Examples(ids, mask, labels)
+
+
+def batch_indices(
+    step: int,
+    micro: int,
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    n: int,
+    world: int = 1,
+    rank: int = 0,
+) -> np.ndarray:
+    """Example indices of one process's micro-batch: a fresh seeded permutation per epoch.
+
+    A step consumes batch_size * world * grad_accum examples; process `rank` takes its slice,
+    so K processes with batch B see the same examples per step as one process with batch K*B.
+    """
+    per_micro = batch_size * world
+    start = step * per_micro * grad_accum + micro * per_micro + rank * batch_size
+    positions = np.arange(start, start + batch_size)
+    epochs, offsets = positions // n, positions % n
+    out = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
+        out[epochs == epoch] = perm[offsets[epochs == epoch]]
+    return out

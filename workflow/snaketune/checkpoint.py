@@ -1,0 +1,108 @@
+"""Resumable training state: model, optimizer, RNG states, step, history and early-stopping
+bookkeeping, written atomically and loaded without unpickling arbitrary objects.
+
+`torch.load(weights_only=True)` accepts only tensors and plain containers, so a tampered
+checkpoint cannot run code; RNG states are stored in that form for the same reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from snaketune.errors import TrainingError
+from snaketune.fileio import atomic_path
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "checkpoint.pt"
+BEST_WEIGHTS = "best.safetensors"
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    numpy = state["numpy"]
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    """random.setstate wants the nested tuples that a round trip may have turned into lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def save_checkpoint(state_dir: Path, state: dict[str, Any]) -> None:
+    with atomic_path(Path(state_dir) / CHECKPOINT) as tmp:
+        torch.save({**state, "rng": rng_state()}, tmp)
+    log.info("checkpoint written at step %d", state["step"])
+
+
+def load_checkpoint(state_dir: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The last complete checkpoint of this exact run, or None (then training starts fresh)."""
+    path = Path(state_dir) / CHECKPOINT
+    for stale in Path(state_dir).glob(f".{CHECKPOINT}.*.tmp"):
+        stale.unlink()  # left by a job killed mid-save; never loaded
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling refused or a corrupt file: never run or trust it
+        raise TrainingError(
+            f"refusing to load {path}: it is not a plain-tensor checkpoint written by snaketune "
+            f"({type(err).__name__}). Delete {state_dir} to start the run over."
+        ) from err
+    if state.get("fingerprint") != fingerprint:
+        log.warning("checkpoint in %s is from other settings or data; starting fresh", state_dir)
+        return None
+    return state
+
+
+def save_best(state_dir: Path, model: torch.nn.Module) -> None:
+    # save_model/load_model handle tied weights (GPT-2 shares its embedding and output layer).
+    from safetensors.torch import save_model
+
+    with atomic_path(Path(state_dir) / BEST_WEIGHTS) as tmp:
+        save_model(model, str(tmp))
+
+
+def load_best(state_dir: Path, model: torch.nn.Module) -> None:
+    from safetensors.torch import load_model
+
+    load_model(model, str(Path(state_dir) / BEST_WEIGHTS), device="cpu")
+
+
+def last_checkpoint_step(state_dir: Path) -> int | None:
+    path = Path(state_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])

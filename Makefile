@@ -11,6 +11,7 @@ CORES ?= 2
 
 $(VENV)/.installed: pyproject.toml envs/constraints.txt
 	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c envs/constraints.txt -e ".[dev]"
 	touch $@
 

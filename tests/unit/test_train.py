@@ -232,3 +232,39 @@ def test_half_written_checkpoint_is_ignored_and_removed(lm_data, tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["counts"]["resumed_from_step"] == 0
     assert not partial.exists()
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_before_exit_and_the_rerun_resumes(lm_data, tmp_path):
+    # No periodic checkpoint before the signal: the one found afterwards is SIGTERM's.
+    settings = TrainSettings(
+        max_steps=400, batch_size=8, warmup_steps=5, eval_every=400, checkpoint_every=1000
+    )
+    job = subprocess.Popen(
+        _train_command(lm_data, tmp_path, settings),
+        env=_single_thread_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in job.stderr:
+        if "training gpt2" in line:  # set-up done, steps under way
+            break
+    time.sleep(1.0)
+    job.send_signal(signal.SIGTERM)
+    rest = job.stderr.read()
+    job.wait(timeout=120)
+    assert job.returncode != 0 and "SIGTERM received" in rest
+    saved = torch.load(tmp_path / "state" / CHECKPOINT, weights_only=True)["step"]
+    assert 0 < saved < settings.max_steps
+    assert not (tmp_path / "model").exists()
+
+    rerun = subprocess.run(
+        _train_command(lm_data, tmp_path, settings),
+        env=_single_thread_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resumed from checkpoint at step {saved}" in rerun.stderr

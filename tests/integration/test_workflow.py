@@ -21,9 +21,9 @@ STAGES = ["download", "clean", "split", "tokenizer", "tokenize", "train", "evalu
 TINY_MODEL = {"n_layer": 1, "n_embd": 48, "n_head": 2, "dropout": 0.0}
 
 
-def tiny_config(results: Path) -> dict:
+def tiny_config() -> dict:
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["results_dir"] = str(results)
+    config["results_dir"] = "results"  # relative: two runs' manifests can then be compared
     config["mlflow"]["experiment_name"] = "snaketune-test"
     lm, intent = config["experiments"]
     lm.update(
@@ -70,14 +70,17 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def run_in_new_workdir(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     workdir = tmp_path_factory.mktemp("workflow")
-    results = workdir / "results"
-    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config(results)))
+    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
     run = snakemake(workdir)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return results, run
+    return workdir / "results", run
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    return run_in_new_workdir(tmp_path_factory)
 
 
 def test_every_stage_writes_outputs_and_a_manifest(finished_run):
@@ -154,3 +157,48 @@ def test_second_invocation_has_nothing_to_do(finished_run):
     rerun = snakemake(results.parent, "--dry-run")
     assert rerun.returncode == 0
     assert "Nothing to be done" in rerun.stdout + rerun.stderr
+
+
+def test_html_report_holds_the_plots_and_tables(finished_run):
+    results, _ = finished_run
+    report = results.parent / "report.html"
+    built = snakemake(results.parent, "--report", str(report))
+    assert built.returncode == 0, built.stderr[-2000:]
+    html = report.read_text(errors="replace")
+    for name in ("loss_curve.png", "eval_plot.png", "metrics.json", "report.json"):
+        assert name in html
+    assert "Training loss per step" in html  # a caption
+
+
+def _without(data: dict, *keys: str) -> dict:
+    return {k: v for k, v in data.items() if k not in keys}
+
+
+def test_same_config_and_seed_give_identical_results(finished_run, tmp_path_factory):
+    first, _ = finished_run
+    second, _ = run_in_new_workdir(tmp_path_factory)
+    # Everything the stages wrote (MLflow's copies live under run ids, which differ by design).
+    written = [p for p in first.rglob("*") if p.is_file() and "mlartifacts" not in p.parts]
+    binary = [p for p in written if p.suffix in (".parquet", ".safetensors")]
+    assert len(binary) > 10
+    for path in binary:
+        twin = second / path.relative_to(first)
+        assert path.read_bytes() == twin.read_bytes(), path.relative_to(first)
+    for path in (p for p in written if p.name == "manifest.json"):
+        twin = second / path.relative_to(first)
+        ours, theirs = json.loads(path.read_text()), json.loads(twin.read_text())
+        assert _without(ours, "seconds") == _without(theirs, "seconds"), path  # timings vary
+    for experiment in ("demo-lm", "demo-intent"):
+        history = [
+            [
+                _without(json.loads(line), "tokens_per_s")
+                for line in (root / experiment / "train" / "history.jsonl").read_text().splitlines()
+            ]
+            for root in (first, second)
+        ]
+        assert history[0] == history[1]
+        metrics = [
+            (root / experiment / "evaluate" / "metrics.json").read_bytes()
+            for root in (first, second)
+        ]
+        assert metrics[0] == metrics[1]

@@ -3,7 +3,12 @@ rule clean_corpus:
         raw=get_raw_dir,
     output:
         corpus=f"{R}/{{experiment}}/clean/corpus.parquet",
-        report=f"{R}/{{experiment}}/clean/report.json",
+        report=report(
+            f"{R}/{{experiment}}/clean/report.json",
+            caption="../report/clean_report.rst",
+            category="Data",
+            labels={"experiment": "{experiment}", "file": "cleaning report"},
+        ),
         manifest=f"{R}/{{experiment}}/clean/manifest.json",
     params:
         settings=get_clean_settings,

@@ -6,9 +6,19 @@ rule evaluate_model:
         train=rules.split_corpus.output.train,
         test=rules.split_corpus.output.test,
     output:
-        metrics=f"{R}/{{experiment}}/evaluate/metrics.json",
+        metrics=report(
+            f"{R}/{{experiment}}/evaluate/metrics.json",
+            caption="../report/metrics.rst",
+            category="Evaluation",
+            labels={"experiment": "{experiment}", "file": "metrics"},
+        ),
         samples=f"{R}/{{experiment}}/evaluate/samples.jsonl",
-        plot=f"{R}/{{experiment}}/evaluate/eval_plot.png",
+        plot=report(
+            f"{R}/{{experiment}}/evaluate/eval_plot.png",
+            caption="../report/eval_plot.rst",
+            category="Evaluation",
+            labels={"experiment": "{experiment}", "file": "plot"},
+        ),
         manifest=f"{R}/{{experiment}}/evaluate/manifest.json",
     params:
         settings=get_evaluate_settings,

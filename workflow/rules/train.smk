@@ -8,7 +8,12 @@ rule train_model:
     output:
         model=directory(f"{R}/{{experiment}}/train/model"),
         history=f"{R}/{{experiment}}/train/history.jsonl",
-        loss_curve=f"{R}/{{experiment}}/train/loss_curve.png",
+        loss_curve=report(
+            f"{R}/{{experiment}}/train/loss_curve.png",
+            caption="../report/loss_curve.rst",
+            category="Training",
+            labels={"experiment": "{experiment}", "figure": "loss curve"},
+        ),
         manifest=f"{R}/{{experiment}}/train/manifest.json",
     params:
         settings=get_train_settings,

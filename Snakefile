@@ -24,5 +24,9 @@ rule all:
     default_target: True
 
 
+onstart:
+    record_invocation()
+
+
 onsuccess:
     print_summary()

@@ -137,6 +137,7 @@ def test_mlflow_store_has_a_parent_and_a_child_per_stage(finished_run):
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
         assert sorted(r.info.run_name for r in children) == sorted(STAGES)
         assert parent.data.tags["git.commit"] and parent.data.tags["snaketune.config_hash"]
+        assert "--configfile" in parent.data.tags["snakemake.command"]
         assert parent.data.params["task"] in ("causal_lm", "sequence_classification")
         train = next(r for r in children if r.info.run_name == "train")
         assert len(client.get_metric_history(train.info.run_id, "train.loss")) > 1
@@ -145,6 +146,13 @@ def test_mlflow_store_has_a_parent_and_a_child_per_stage(finished_run):
         runs_json = json.loads((results / name / "track" / "runs.json").read_text())
         assert runs_json["runs"]["parent"] == parent.info.run_id
     assert "accuracy" in " ".join(parents["demo-intent"].data.metrics)
+
+
+def test_provenance_records_the_command_code_and_machine(finished_run):
+    results, _ = finished_run
+    record = json.loads((results / "provenance.json").read_text())
+    assert record["command"].split()[0].endswith("snakemake") and "--cores" in record["command"]
+    assert record["git.commit"] and record["host"] and record["versions"]["torch"]
 
 
 def test_summary_names_results_and_the_mlflow_ui_command(finished_run):

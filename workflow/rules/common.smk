@@ -2,11 +2,13 @@
 import json
 import os
 import re
+import sys
 from urllib.parse import urlparse
 
 from snakemake.utils import validate
 
 from snaketune.config import SCHEMA, cross_checks, raise_if_invalid, schema_problems
+from snaketune.provenance import write_invocation
 from snaketune.track import resolve_tracking_uri
 
 # Readable problems first (every key at once), then snakemake's validate fills the defaults.
@@ -115,8 +117,13 @@ def get_track_settings(wildcards):
             "tracking_uri": TRACKING_URI,
             "artifact_location": artifacts,
             "config": EXPERIMENTS[wildcards.experiment],
+            "provenance": f"{R}/provenance.json",
         }
     )
+
+
+def record_invocation():
+    write_invocation(R, sys.argv, config)
 
 
 def print_summary():

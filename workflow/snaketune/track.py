@@ -16,7 +16,6 @@ import logging
 import os
 import platform
 import re
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 from snaketune.errors import TrackingError
 from snaketune.fileio import read_json, write_json
 from snaketune.manifest import package_versions
+from snaketune.provenance import config_hash, git_state, invocation_tags
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,8 @@ class TrackSettings:
     """Where a newly created MLflow experiment stores artifacts (local stores only)."""
     config: dict[str, Any]
     """The experiment's resolved config, logged as flattened params."""
+    provenance: str | None = None
+    """provenance.json of the snakemake invocation (its command line becomes a tag)."""
 
 
 @dataclass(frozen=True)
@@ -87,31 +89,6 @@ def numeric_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float
         for key, v in flatten(values, prefix).items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def git_state() -> dict[str, str]:
-    """Commit and dirty flag of the checkout this package runs from ('unknown' elsewhere)."""
-    source = Path(__file__).resolve().parents[2]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(source), "rev-parse", "HEAD"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(source), "status", "--porcelain"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return {"git.commit": "unknown", "git.dirty": "unknown"}
-    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
 
 
 def check_reachable(uri: str) -> None:
@@ -227,6 +204,7 @@ def track_experiment(
     train_manifest = read_json(next(s.manifest for s in stages if s.name == "train"))
     tags = {
         **git_state(),
+        **invocation_tags(settings.provenance),
         "snaketune.experiment": settings.experiment,
         "snaketune.config_hash": config_hash(settings.config),
         "host": platform.node(),

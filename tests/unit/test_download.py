@@ -533,3 +533,11 @@ def test_missing_local_file_is_named(tmp_path):
     with pytest.raises(DownloadError, match=r"does not exist") as caught:
         download_dataset(settings_for(str(missing), b""), *paths(tmp_path))
     assert str(missing) in str(caught.value)
+
+
+@pytest.mark.parametrize("url", ["ftp://example.org/data.txt", "gopher://x/y", "s3://bucket/key"])
+def test_unsupported_url_schemes_are_refused(tmp_path, url):
+    settings = DownloadSettings(url=url, sha256="0" * 64)
+    with pytest.raises(DownloadError, match="supported are http, https, file"):
+        download_dataset(settings, tmp_path / "files", tmp_path / "manifest.json")
+    assert not (tmp_path / "files").exists()

@@ -27,6 +27,7 @@ from snaketune.manifest import stage_manifest
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+SCHEMES = ("", "http", "https", "file")  # "" is a local path
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,11 @@ def file_name_of(url: str) -> str:
 def fetch(settings: DownloadSettings, partial_dir: Path) -> Path:
     """Return a local file holding the verified bytes of `settings.url`."""
     parsed = urlparse(settings.url)
+    if parsed.scheme not in SCHEMES:
+        raise DownloadError(
+            f"url {settings.url!r} has scheme {parsed.scheme!r}; supported are http, https, file "
+            "and local paths"
+        )
     if parsed.scheme in ("http", "https"):
         part = Path(partial_dir) / (file_name_of(settings.url) + ".part")
         _fetch_http(settings, part)

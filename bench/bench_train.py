@@ -51,6 +51,7 @@ def run_ours(data: dict, out: Path, args) -> tuple[float, list[float], int]:
         checkpoint_every=args.steps * 10,
         weight_decay=0.01,
         seed=1,
+        compile=args.compile,
     )
     started = time.perf_counter()
     history = train_model(
@@ -142,6 +143,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:

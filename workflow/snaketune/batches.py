@@ -30,11 +30,16 @@ class Examples:
         idx = torch.as_tensor(index)
         mask = self.attention_mask[idx]
         width = int(mask.sum(dim=1).max())  # trim padding shared by the whole batch
-        return {
+        batch = {
             "input_ids": self.input_ids[idx, :width],
-            "attention_mask": mask[:, :width],
             "labels": self.labels[idx] if self.labels.dim() == 1 else self.labels[idx, :width],
         }
+        mask = mask[:, :width]
+        # A mask of all ones says nothing, and without one attention takes its causal fast
+        # path (packed LM blocks never need one).
+        if not bool(mask.all()):
+            batch["attention_mask"] = mask
+        return batch
 
 
 def load_examples(shard_dir: Path, task: str, pad_token_id: int) -> Examples:

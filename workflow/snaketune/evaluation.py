@@ -214,7 +214,9 @@ def predict_classes(model, data: Examples, batch_size: int) -> np.ndarray:
     predictions = []
     for start in range(0, len(data), batch_size):
         batch = data.batch(np.arange(start, min(len(data), start + batch_size)))
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")
+        ).logits
         predictions.append(logits.argmax(-1).numpy())
     return np.concatenate(predictions)
 

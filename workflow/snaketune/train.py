@@ -202,7 +202,8 @@ def one_step(run: Run, step: int) -> dict:
             step, micro, s.batch_size, s.grad_accum, s.seed, len(run.train), world.size, world.rank
         )
         batch = run.train.batch(index)
-        tokens += int(batch["attention_mask"].sum())
+        mask = batch.get("attention_mask")
+        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         with distributed.no_sync_unless(run.step_model, micro == s.grad_accum - 1):
             loss = forward(run.step_model, batch, run.device, run.autocast).loss / s.grad_accum
             loss.backward()

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from snaketune.fileio import PARQUET_ROW_GROUP_ROWS
+
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 DEMO = REPO / "workflow" / "resources" / "demo" / "support.jsonl.gz"
@@ -46,7 +48,7 @@ def write_split(path: Path, docs: list[str]) -> None:
     ids = [f"{i:016x}" for i in range(len(docs))]
     pd.DataFrame({"doc_id": ids, "text": docs, "label": [None] * len(docs)}).astype(
         "string"
-    ).to_parquet(path, index=False)
+    ).to_parquet(path, index=False, row_group_size=PARQUET_ROW_GROUP_ROWS)  # as split writes
 
 
 def run_ours(work: Path, tokenizer_dir: Path, block: int) -> tuple[float, int]:

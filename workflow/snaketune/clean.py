@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from snaketune.errors import CorpusError
-from snaketune.fileio import atomic_path, write_json
+from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path, write_json
 from snaketune.manifest import stage_manifest
 
 FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
@@ -226,7 +226,7 @@ def clean_corpus(
         if docs.empty:
             raise CorpusError(empty_corpus_message(report))
         with atomic_path(out_path) as tmp:
-            docs.to_parquet(tmp, index=False)
+            docs.to_parquet(tmp, index=False, row_group_size=PARQUET_ROW_GROUP_ROWS)
         write_json(report_path, asdict(report))
         record.counts = asdict(report)
     return report

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 _CHUNK = 1 << 20
+# Parquet row groups are the unit a reader decodes at once: small groups keep streaming readers'
+# memory flat however large the file is.
+PARQUET_ROW_GROUP_ROWS = 8192
 
 
 def _umask() -> int:

@@ -14,7 +14,7 @@ import pandas as pd
 
 from snaketune.clean import normalize_for_match
 from snaketune.errors import CorpusError
-from snaketune.fileio import atomic_path
+from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path
 from snaketune.manifest import stage_manifest
 
 SPLITS = ("train", "val", "test")
@@ -63,7 +63,7 @@ def split_corpus(
                     "corpus or raise that split's ratio"
                 )
             with atomic_path(outputs[name]) as tmp:
-                part.to_parquet(tmp, index=False)
+                part.to_parquet(tmp, index=False, row_group_size=PARQUET_ROW_GROUP_ROWS)
             counts[name] = len(part)
         record.counts = counts
         if docs["label"].notna().any():

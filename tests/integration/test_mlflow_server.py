@@ -226,3 +226,21 @@ def test_refused_artifact_upload_is_a_tracking_error(mlflow_server, tmp_path):
     assert mlflow_server.uri in str(caught.value)
     assert "rerun" in str(caught.value)
     assert not runs_path.exists()
+
+
+@pytest.mark.slow
+def test_credentials_in_the_tracking_uri_never_reach_results_or_runs(
+    mlflow_server, tmp_path, monkeypatch
+):
+    secret = "tok-5d1e4f0b9c"
+    host = mlflow_server.uri.removeprefix("http://")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ci:{secret}@{host}")
+    settings = server_settings("sqlite:////nonexistent/configured.db", "server-secret")
+    results = tmp_path / "results"
+    ids = track(settings, write_stage_files(results), tmp_path / "runs.json")
+    written = [p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and not any(secret in text for text in written)
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    for run_id in ids.values():
+        data = client.get_run(run_id).data
+        assert secret not in json.dumps([data.params, data.tags])

@@ -29,6 +29,7 @@ from snaketune.track import (
     config_hash,
     flatten,
     numeric_metrics,
+    redact,
     run_key,
     track_experiment,
 )
@@ -665,3 +666,23 @@ def test_store_error_becomes_a_tracking_error_and_writes_no_runs_json(store, tmp
     assert store.uri in str(caught.value)
     assert "complete" in str(caught.value)
     assert not runs_path.exists()
+
+
+def test_redact_hides_credentials_and_keeps_everything_else():
+    assert redact("https://alice:s3cret@mlflow.example.org:8443/path") == (
+        "https://***@mlflow.example.org:8443/path"
+    )
+    assert redact("http://token@127.0.0.1:5000") == "http://***@127.0.0.1:5000"
+    assert redact("sqlite:////tmp/x/mlflow.db") == "sqlite:////tmp/x/mlflow.db"
+
+
+def test_environment_uri_is_read_at_run_time_and_wins_over_the_config(
+    tmp_path, empty_store_db, monkeypatch
+):
+    configured = new_store(tmp_path / "configured", empty_store_db)
+    from_env = new_store(tmp_path / "env", empty_store_db)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", from_env.uri)
+    settings = settings_for(configured.uri, configured.artifact_location)
+    ids = track(settings, write_stage_files(tmp_path / "results"), tmp_path / "runs.json")
+    assert {r.info.run_id for r in all_runs(from_env.client)} == set(ids.values())
+    assert configured.client.get_experiment_by_name(MLFLOW_EXPERIMENT) is None

@@ -9,7 +9,7 @@ from snakemake.utils import validate
 
 from snaketune.config import SCHEMA, cross_checks, raise_if_invalid, schema_problems
 from snaketune.provenance import write_invocation
-from snaketune.track import resolve_tracking_uri
+from snaketune.track import configured_tracking_uri, effective_tracking_uri, redact
 
 # Readable problems first (every key at once), then snakemake's validate fills the defaults.
 raise_if_invalid(schema_problems(config), "schema")
@@ -18,7 +18,9 @@ raise_if_invalid(cross_checks(config), "cross-checks")
 
 R = config["results_dir"]
 EXPERIMENTS = {exp["name"]: exp for exp in config["experiments"]}
-TRACKING_URI = resolve_tracking_uri(config["mlflow"]["tracking_uri"], R)
+# The environment's MLFLOW_TRACKING_URI is read by the track job itself, never put on a command
+# line, where a credential in it would end up in Snakemake's logs.
+TRACKING_URI = configured_tracking_uri(config["mlflow"]["tracking_uri"], R)
 
 
 wildcard_constraints:
@@ -108,8 +110,7 @@ def get_evaluate_settings(wildcards):
 
 
 def get_track_settings(wildcards):
-    local = not TRACKING_URI.startswith(("http://", "https://"))
-    artifacts = f"file://{os.path.abspath(R)}/mlartifacts" if local else None
+    artifacts = f"file://{os.path.abspath(R)}/mlartifacts"
     return json.dumps(
         {
             "experiment": wildcards.experiment,
@@ -127,7 +128,7 @@ def record_invocation():
 
 
 def print_summary():
-    ui = TRACKING_URI
+    ui = redact(effective_tracking_uri(TRACKING_URI))
     if ui.startswith("sqlite:///"):
         ui = f"mlflow ui --backend-store-uri {ui} --host 127.0.0.1 --port 5000"
     else:

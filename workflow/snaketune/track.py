@@ -8,6 +8,7 @@ key is reused and an unfinished one is replaced, so uploads happen exactly once.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from snaketune.errors import TrackingError
 from snaketune.fileio import read_json, write_json
@@ -45,6 +47,8 @@ class TrackSettings:
     """The experiment entry's name (the parent run's name)."""
     mlflow_experiment: str
     tracking_uri: str
+    """The configured store; MLFLOW_TRACKING_URI, read here at run time, takes precedence (so a
+    credential in it never lands in a job's command line or in Snakemake's logs)."""
     artifact_location: str | None
     """Where a newly created MLflow experiment stores artifacts (local stores only)."""
     config: dict[str, Any]
@@ -94,14 +98,21 @@ def numeric_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float
 def check_reachable(uri: str) -> None:
     if not uri.startswith(("http://", "https://")):
         return
+    parts = urlsplit(uri)
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    health = urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health"
+    request = urllib.request.Request(health)
+    if parts.username is not None:  # urllib takes credentials as a header, not in the URL
+        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10) as response:
             response.read()
     except OSError as err:
         raise TrackingError(
-            f"MLflow tracking server {uri} is unreachable ({err}). Every result is complete "
-            "under results/; start the server (or fix MLFLOW_TRACKING_URI / mlflow.tracking_uri) "
-            "and rerun snakemake to upload them."
+            f"MLflow tracking server {redact(uri)} is unreachable ({err}). Every result is "
+            "complete under results/; start the server (or fix MLFLOW_TRACKING_URI / "
+            "mlflow.tracking_uri) and rerun snakemake to upload them."
         ) from err
 
 
@@ -138,13 +149,14 @@ def find_parent(client, experiment_id: str, key: str):
     return None
 
 
-def experiment_id_for(client, settings: TrackSettings) -> str:
+def experiment_id_for(client, settings: TrackSettings, uri: str) -> str:
     existing = client.get_experiment_by_name(settings.mlflow_experiment)
     if existing is not None:
         return existing.experiment_id
-    return client.create_experiment(
-        settings.mlflow_experiment, artifact_location=settings.artifact_location
-    )
+    # A tracking server decides where artifacts go; a local store keeps them under results/.
+    remote = uri.startswith(("http://", "https://"))
+    location = None if remote else settings.artifact_location
+    return client.create_experiment(settings.mlflow_experiment, artifact_location=location)
 
 
 def log_stage(client, experiment_id: str, parent_id: str, stage: StageFiles, tags: dict) -> str:
@@ -196,7 +208,8 @@ def track_experiment(
 ) -> dict[str, str]:
     from mlflow import MlflowClient
 
-    check_reachable(settings.tracking_uri)
+    uri = effective_tracking_uri(settings.tracking_uri)
+    check_reachable(uri)
     # MLflow's default is 7 retries with growing waits: minutes before a dead server is reported.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
@@ -211,10 +224,10 @@ def track_experiment(
         "device": train_manifest.get("device", "unknown"),
         **{f"version.{k}": v for k, v in package_versions().items()},
     }
-    with store_lock(settings.tracking_uri):
-        client = MlflowClient(tracking_uri=settings.tracking_uri)
+    with store_lock(uri):
+        client = MlflowClient(tracking_uri=uri)
         try:
-            experiment_id = experiment_id_for(client, settings)
+            experiment_id = experiment_id_for(client, settings, uri)
             parent = find_parent(client, experiment_id, key)
             if parent is not None:
                 log.info(
@@ -233,13 +246,13 @@ def track_experiment(
             if not type(err).__module__.startswith(("mlflow", "requests")):
                 raise
             raise TrackingError(
-                f"writing to MLflow at {settings.tracking_uri} failed: {err}. Results on disk "
+                f"writing to MLflow at {redact(uri)} failed: {err}. Results on disk "
                 "are complete; rerun snakemake to retry the upload."
             ) from err
     write_json(
         runs_path,
         {
-            "tracking_uri": settings.tracking_uri,
+            "tracking_uri": redact(uri),
             "experiment_id": experiment_id,
             "run_key": key,
             "runs": ids,
@@ -286,6 +299,21 @@ def default_tracking_uri(results_dir: Path) -> str:
     return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
 
 
-def resolve_tracking_uri(configured: str | None, results_dir: Path) -> str:
-    """MLFLOW_TRACKING_URI wins, then the config's mlflow.tracking_uri, then SQLite in results/."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured or default_tracking_uri(results_dir)
+def configured_tracking_uri(configured: str | None, results_dir: Path) -> str:
+    """The config's mlflow.tracking_uri, or SQLite in results/."""
+    return configured or default_tracking_uri(results_dir)
+
+
+def effective_tracking_uri(configured: str) -> str:
+    """MLFLOW_TRACKING_URI wins over the config."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or configured
+
+
+def redact(uri: str) -> str:
+    """The URI without credentials (user:password@ or a token in the userinfo part)."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    host = parts.hostname or ""
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))

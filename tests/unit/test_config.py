@@ -100,3 +100,37 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path: Path):
     output = result.stdout + result.stderr
     assert "experiments[0].task" in output and "sequence_classification" in output
     assert not (tmp_path / "results").exists()
+
+
+def test_train_rule_launches_torchrun_for_several_processes(tmp_path: Path):
+    config = config_with(experiments__0__train__processes=2)
+    config["results_dir"] = str(tmp_path / "results")
+    config_path = tmp_path / "ddp.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("snakemake")),
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(config_path),
+            "--cores",
+            "2",
+            "--dry-run",
+            "--printshellcmds",
+            "--forceall",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    commands = [line for line in result.stdout.splitlines() if " train --shards " in line]
+    assert len(commands) == 2
+    ddp = [c for c in commands if "demo-lm" in c][0]
+    single = [c for c in commands if "demo-intent" in c][0]
+    assert "torchrun --standalone --nproc_per_node=2 -m snaketune.cli train" in ddp
+    assert "OMP_NUM_THREADS=1 " in ddp  # the rule's 2 threads shared by 2 processes
+    assert "torchrun" not in single and "OMP_NUM_THREADS=2 snaketune train" in single

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -86,3 +87,26 @@ def lm_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def classification_data(tmp_path_factory) -> dict[str, Path]:
     return prepare_stage_data(tmp_path_factory.mktemp("cls-data"), "sequence_classification")
+
+
+def train_cli_args(data: dict, out: Path, payload: dict) -> list[str]:
+    """`train` and its arguments as the train rule passes them (after the launcher)."""
+    return [
+        "train",
+        "--shards",
+        str(data["shards"]),
+        "--tokenize-manifest",
+        str(data["tokenize_manifest"]),
+        "--tokenizer",
+        str(data["tokenizer"]),
+        "--out",
+        str(out / "model"),
+        "--history",
+        str(out / "history.jsonl"),
+        "--manifest",
+        str(out / "manifest.json"),
+        "--state-dir",
+        str(out / "state"),
+        "--settings",
+        json.dumps(payload),
+    ]

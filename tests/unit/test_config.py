@@ -75,26 +75,27 @@ def _with_defaults(config: dict) -> dict:
     return config
 
 
+def snakemake_with(tmp_path: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+    """Run the real workflow's snakemake on `config` in tmp_path."""
+    config = {**config, "results_dir": str(tmp_path / "results")}
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    command = [
+        str(Path(sys.executable).with_name("snakemake")),
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(tmp_path),
+        "--configfile",
+        str(config_path),
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
 def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path: Path):
-    bad = config_with(experiments__0__task="regression")
-    bad["results_dir"] = str(tmp_path / "results")
-    config_path = tmp_path / "bad.yaml"
-    config_path.write_text(yaml.safe_dump(bad))
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("snakemake")),
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(config_path),
-            "--cores",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = snakemake_with(
+        tmp_path, config_with(experiments__0__task="regression"), "--cores", "1"
     )
     assert result.returncode != 0
     output = result.stdout + result.stderr
@@ -104,27 +105,8 @@ def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path: Path):
 
 def test_train_rule_launches_torchrun_for_several_processes(tmp_path: Path):
     config = config_with(experiments__0__train__processes=2)
-    config["results_dir"] = str(tmp_path / "results")
-    config_path = tmp_path / "ddp.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [
-            str(Path(sys.executable).with_name("snakemake")),
-            "--snakefile",
-            str(REPO / "Snakefile"),
-            "--directory",
-            str(tmp_path),
-            "--configfile",
-            str(config_path),
-            "--cores",
-            "2",
-            "--dry-run",
-            "--printshellcmds",
-            "--forceall",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = snakemake_with(
+        tmp_path, config, "--cores", "2", "--dry-run", "--printshellcmds", "--forceall"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     commands = [line for line in result.stdout.splitlines() if " train --shards " in line]

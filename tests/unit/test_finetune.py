@@ -20,6 +20,7 @@ from snaketune.checkpoint import CHECKPOINT, load_checkpoint
 from snaketune.errors import TrainingError
 from snaketune.models import ModelSettings, build_model, load_trained
 from snaketune.train import TrainSettings, train_model
+from tests.conftest import train_cli_args
 
 TINY = ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.0)
 QUICK = TrainSettings(
@@ -223,30 +224,8 @@ def test_bert_classifier_fine_tunes_from_a_local_checkpoint(classification_data,
 def _torchrun_train(data: dict, out: Path, settings: TrainSettings, processes: int):
     payload = {"task": "causal_lm", "model": asdict(TINY), "train": asdict(settings)}
     torchrun = str(Path(sys.executable).with_name("torchrun"))
-    command = [
-        torchrun,
-        "--standalone",
-        f"--nproc_per_node={processes}",
-        "-m",
-        "snaketune.cli",
-        "train",
-        "--shards",
-        str(data["shards"]),
-        "--tokenize-manifest",
-        str(data["tokenize_manifest"]),
-        "--tokenizer",
-        str(data["tokenizer"]),
-        "--out",
-        str(out / "model"),
-        "--history",
-        str(out / "history.jsonl"),
-        "--manifest",
-        str(out / "manifest.json"),
-        "--state-dir",
-        str(out / "state"),
-        "--settings",
-        json.dumps(payload),
-    ]
+    launcher = [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m", "snaketune.cli"]
+    command = [*launcher, *train_cli_args(data, out, payload)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

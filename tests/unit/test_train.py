@@ -22,6 +22,7 @@ from snaketune.batches import batch_indices
 from snaketune.checkpoint import CHECKPOINT
 from snaketune.models import ModelSettings
 from snaketune.train import TrainSettings, learning_rate, train_model
+from tests.conftest import train_cli_args
 
 TINY_MODEL = ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.1)
 
@@ -117,26 +118,7 @@ def test_classifier_training_beats_chance(classification_data, tmp_path, arch):
 
 def _train_command(data: dict, out: Path, settings: TrainSettings) -> list[str]:
     payload = {"task": "causal_lm", "model": asdict(TINY_MODEL), "train": asdict(settings)}
-    return [
-        str(Path(sys.executable).with_name("snaketune")),
-        "train",
-        "--shards",
-        str(data["shards"]),
-        "--tokenize-manifest",
-        str(data["tokenize_manifest"]),
-        "--tokenizer",
-        str(data["tokenizer"]),
-        "--out",
-        str(out / "model"),
-        "--history",
-        str(out / "history.jsonl"),
-        "--manifest",
-        str(out / "manifest.json"),
-        "--state-dir",
-        str(out / "state"),
-        "--settings",
-        json.dumps(payload),
-    ]
+    return [str(Path(sys.executable).with_name("snaketune")), *train_cli_args(data, out, payload)]
 
 
 def _single_thread_env() -> dict[str, str]:

@@ -371,29 +371,20 @@ def train_model(
     shard_dir, state_dir = Path(shard_dir), Path(state_dir)
     world = distributed.start()
     try:
+        run = prepare_run(
+            shard_dir,
+            read_json(tokenize_manifest),
+            state_dir,
+            task,
+            model_settings,
+            settings,
+            world,
+        )
         if not world.is_main:  # other processes train; process 0 alone writes
-            run = prepare_run(
-                shard_dir,
-                read_json(tokenize_manifest),
-                state_dir,
-                task,
-                model_settings,
-                settings,
-                world,
-            )
             return train_steps(run, resume(run)).history
         params = {"model": asdict(model_settings), "train": asdict(settings), "task": task}
         inputs = {"shards": shard_dir, "tokenizer": tokenizer_dir}
         with stage_manifest("train", manifest, inputs, params) as record:
-            run = prepare_run(
-                shard_dir,
-                read_json(tokenize_manifest),
-                state_dir,
-                task,
-                model_settings,
-                settings,
-                world,
-            )
             progress = resume(run)
             resumed_from = progress.step
             log.info(

@@ -33,7 +33,7 @@ write_config() {
     # A bit under the machine's memory, so that slurmd's own measurement is never below it.
     mem_mb=$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 }' /proc/meminfo)
     mkdir -p /etc/slurm "$STATE"/{munge,spool/ctld,spool/d,log,run,dev}
-    chmod 700 "$STATE/munge"
+    chmod 755 "$STATE/munge"
     for i in 0 1; do
         [[ -c $STATE/dev/gpu$i ]] || mknod "$STATE/dev/gpu$i" c 1 3 # fake GPUs: like /dev/null
     done

@@ -28,7 +28,13 @@ install_packages() {
 }
 
 write_config() {
-    local cpus mem_mb
+    local cpus mem_mb file
+    for file in "$CONF" "$GRES_CONF"; do # never overwrite a real cluster's configuration
+        if [[ -f $file ]] && ! grep -q "^# Written by tests/cluster/slurm.sh" "$file"; then
+            log "$file exists and was not written by this script; leaving it alone"
+            return 1
+        fi
+    done
     cpus=$(nproc)
     # A bit under the machine's memory, so that slurmd's own measurement is never below it.
     mem_mb=$(awk '/^MemTotal:/ { printf "%d", $2 / 1024 * 0.9 }' /proc/meminfo)
@@ -50,8 +56,6 @@ StateSaveLocation=$STATE/spool/ctld
 SlurmdSpoolDir=$STATE/spool/d
 SlurmctldPidFile=$STATE/run/slurmctld.pid
 SlurmdPidFile=$STATE/run/slurmd.pid
-SlurmctldLogFile=$STATE/log/slurmctld.log
-SlurmdLogFile=$STATE/log/slurmd.log
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
@@ -94,7 +98,7 @@ status() {
 start_daemon() { # name, command...: runs in the background, detached, logging under $STATE/log
     local name=$1
     shift
-    setsid "$@" </dev/null >>"$STATE/log/$name.out" 2>&1 &
+    setsid "$@" </dev/null >>"$STATE/log/$name.log" 2>&1 &
     echo $! >"$STATE/run/$name.pid"
 }
 
@@ -116,17 +120,13 @@ start() {
     start_daemon slurmctld slurmctld -D -i
     start_daemon slurmd slurmd -D
     for _ in $(seq 60); do
-        if [[ $(node_state) == idle* ]]; then
-            status
-            return
-        fi
-        for daemon in "${DAEMONS[@]}"; do
-            alive "$daemon" || { log "$daemon exited; see $STATE/log/"; tail -n 20 "$STATE"/log/*.log >&2; return 1; }
-        done
+        [[ $(node_state) == idle* ]] && status && return
+        for daemon in "${DAEMONS[@]}"; do alive "$daemon" || break 2; done
         sleep 1
     done
-    log "node $HOST did not become idle within 60 s; see $STATE/log/"
+    log "the node did not come up; the daemons' logs ($STATE/log):"
     tail -n 20 "$STATE"/log/*.log >&2
+    stop
     return 1
 }
 

@@ -1,0 +1,216 @@
+"""The real workflow through the SLURM profile (profiles/slurm) on a one-node cluster on this
+machine: every job runs as its own SLURM job with the resources it asks for, training is granted
+a (fake) GPU, and every output and MLflow run is written. `bash tests/cluster/slurm.sh start`
+brings the cluster up (Debian, root); without it these tests are skipped."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from tests.integration.test_workflow import STAGES, tiny_config
+
+pytestmark = pytest.mark.slow
+
+CLUSTER_SCRIPT = REPO / "tests" / "cluster" / "slurm.sh"
+EXPERIMENTS = ("demo-lm", "demo-intent")
+# The rule behind each stage, as the plugin names it in the SLURM job's comment.
+RULES = {
+    "download": "download_dataset",
+    "clean": "clean_corpus",
+    "split": "split_corpus",
+    "tokenizer": "prepare_tokenizer",
+    "tokenize": "tokenize_shards",
+    "train": "train_model",
+    "evaluate": "evaluate_model",
+    "track": "track_experiment",
+}
+# Sourced by every bash that Snakemake starts for a rule's shell command (through BASH_ENV,
+# which sbatch --export=ALL and srun pass on): where the command ran and which GPUs it got.
+RECORD_HOOK = """\
+printf '%s\\t%s\\t%s\\t%s\\n' "${SLURM_JOB_ID:-}" "${SLURM_STEP_ID:-}" \\
+    "${CUDA_VISIBLE_DEVICES:-}" "${BASH_EXECUTION_STRING//[$'\\t\\n']/ }" \\
+    >> "$SNAKETUNE_JOB_RECORDS/${SLURM_JOB_ID:-none}-$$.tsv"
+"""
+
+
+def cluster_problem() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "SLURM is not installed (no sinfo on PATH); see tests/cluster/slurm.sh"
+    status = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "status"], capture_output=True, text=True, timeout=60
+    )
+    if status.returncode != 0:
+        return (
+            f"the local SLURM cluster is not up ({status.stderr.strip()}); "
+            "start it with `bash tests/cluster/slurm.sh start`"
+        )
+    return None
+
+
+def small_config() -> dict:
+    """test_workflow's tiny config with fewer training steps: this checks the cluster plumbing."""
+    config = tiny_config()
+    for experiment in config["experiments"]:
+        experiment["train"].update(max_steps=10, eval_every=5, checkpoint_every=5, warmup_steps=2)
+    return config
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    shown = subprocess.run(
+        ["scontrol", "--details", "--oneliner", "show", "job", job_id],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    return dict(field.split("=", 1) for field in shown.split() if "=" in field)
+
+
+def job_resources(slurm_log: Path) -> dict[str, str]:
+    """The resources Snakemake lists for the job in the SLURM job's own log."""
+    line = re.search(r"^\s+resources: (.*)$", slurm_log.read_text(), re.MULTILINE)
+    assert line, slurm_log
+    return dict(item.split("=", 1) for item in line.group(1).split(", "))
+
+
+@pytest.fixture(scope="module")
+def slurm_run(tmp_path_factory):
+    problem = cluster_problem()
+    if problem:
+        pytest.skip(problem)
+    workdir = tmp_path_factory.mktemp("slurm-workflow")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(small_config()))
+    records = workdir / "job-records"
+    records.mkdir()
+    hook = workdir / "record-job.sh"
+    hook.write_text(RECORD_HOOK)
+    command = [
+        *("timeout", "-k", "20", "480"),  # a hung Snakemake ignores SIGTERM
+        str(Path(sys.executable).with_name("snakemake")),
+        *("--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir)),
+        *("--configfile", str(workdir / "config.yaml")),
+        *("--profile", str(REPO / "profiles" / "slurm")),
+        *("--set-resources", "train_model:gpu=1"),
+        "--slurm-keep-successful-logs",
+        # Poll sooner than the profile does: these jobs take seconds, not minutes.
+        *("--slurm-init-seconds-before-status-checks", "2"),
+    ]
+    env = {**os.environ, "BASH_ENV": str(hook), "SNAKETUNE_JOB_RECORDS": str(records)}
+    run = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=540)
+    output = run.stdout + run.stderr
+    if run.returncode != 0:
+        run_id = re.search(r"SLURM run ID: (\S+)", output)
+        if run_id:  # after a timeout, leave no job of this run behind in the queue
+            subprocess.run(["scancel", "--name", run_id.group(1)], timeout=60)
+    assert run.returncode == 0, output[-5000:]
+    return workdir, output
+
+
+@pytest.fixture(scope="module")
+def job_records(slurm_run) -> dict[str, list[dict[str, str]]]:
+    """Each rule's shell command, by its log file: the SLURM job and step it ran in, its GPUs."""
+    workdir, _ = slurm_run
+    by_log: dict[str, list[dict[str, str]]] = {}
+    for path in sorted((workdir / "job-records").glob("*.tsv")):
+        for line in path.read_text().splitlines():
+            job, step, gpus, command = line.split("\t")
+            log = re.search(r"> (\S+\.log) 2>&1", command)
+            if log:  # a rule's command; other bash processes are no concern here
+                record = {"job": job, "step": step, "gpus": gpus}
+                by_log.setdefault(log.group(1), []).append(record)
+    return by_log
+
+
+def expected_jobs() -> dict[str, tuple[str, str]]:
+    """Rule log -> (rule, wildcards) for every job the workflow runs."""
+    jobs = {"results/datasets/support-demo/download/download.log": ("download", "support-demo")}
+    for experiment in EXPERIMENTS:
+        for stage in [*STAGES[1:], "track"]:
+            jobs[f"results/{experiment}/{stage}/{stage}.log"] = (stage, experiment)
+    return jobs
+
+
+def test_every_job_ran_once_in_its_own_slurm_job(slurm_run, job_records):
+    workdir, output = slurm_run
+    expected = expected_jobs()
+    assert sorted(job_records) == sorted(expected)
+    job_ids = set()
+    for log, (stage, wildcards) in expected.items():
+        assert len(job_records[log]) == 1, (log, job_records[log])
+        record = job_records[log][0]
+        # Inside a job step (srun) of a batch job, not on the submitting host.
+        assert record["job"].isdigit() and record["step"].isdigit(), (log, record)
+        job_ids.add(record["job"])
+        rule = RULES[stage]
+        job = scontrol_job(record["job"])
+        assert job["JobState"] == "COMPLETED", (log, job["JobState"])
+        assert job["Comment"] == f"rule_{rule}_wildcards_{wildcards}"
+        assert Path(job["WorkDir"]) == workdir
+        slurm_log = Path(job["StdOut"])
+        assert slurm_log.exists() and slurm_log.name == f"{record['job']}.log"
+        assert slurm_log.is_relative_to(workdir / ".snakemake" / "slurm_logs" / f"rule_{rule}")
+        # What Snakemake asked for this job (rule resources, else the profile's defaults) is
+        # what SLURM allocated.
+        resources = job_resources(slurm_log)
+        assert job["CPUs/Task"] == resources["cpus_per_task"], log
+        assert job["MinMemoryNode"] == f"{resources['mem_mb']}M", log
+        runtime = int(resources["runtime"])
+        assert job["TimeLimit"] == f"{runtime // 60:02d}:{runtime % 60:02d}:00", log
+    assert len(job_ids) == len(expected)
+    assert len(re.findall(r"has been submitted with SLURM jobid \d+", output)) == len(expected)
+    assert re.findall(r"^localrule (\w+):", output, re.MULTILINE) == ["all"]
+
+
+def test_training_was_granted_a_gpu_and_nothing_else_was(slurm_run, job_records):
+    workdir, _ = slurm_run
+    for log, (stage, _) in expected_jobs().items():
+        record = job_records[log][0]
+        job = scontrol_job(record["job"])
+        if stage == "train":
+            assert job["TresPerJob"] == "gres:gpu:1" and job["JOB_GRES"] == "gpu:1", log
+            assert record["gpus"] in ("0", "1"), (log, record)  # one of the node's two
+        else:
+            assert "TresPerJob" not in job and job["JOB_GRES"] == "(null)", (log, job)
+            assert record["gpus"] == "", (log, record)
+    for experiment in EXPERIMENTS:  # the fake GPU has no CUDA device behind it
+        manifest = json.loads(
+            (workdir / "results" / experiment / "train" / "manifest.json").read_text()
+        )
+        assert manifest["device"] == "cpu" and manifest["counts"]["steps"] == 10
+
+
+def test_every_output_and_mlflow_run_is_written(slurm_run):
+    from mlflow import MlflowClient
+
+    workdir, output = slurm_run
+    results = workdir / "results"
+    assert (results / "datasets" / "support-demo" / "download" / "manifest.json").exists()
+    for experiment in EXPERIMENTS:
+        for stage in STAGES[1:]:
+            manifest = json.loads((results / experiment / stage / "manifest.json").read_text())
+            assert manifest["stage"] == stage
+        assert (results / experiment / "train" / "model" / "model.safetensors").exists()
+        assert json.loads((results / experiment / "evaluate" / "metrics.json").read_text())
+    assert "--profile" in json.loads((results / "provenance.json").read_text())["command"]
+    assert "mlflow ui --backend-store-uri sqlite:///" in output
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    mlflow_experiment = client.get_experiment_by_name("snaketune-test")
+    runs = client.search_runs([mlflow_experiment.experiment_id])
+    parents = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+    assert sorted(parents) == sorted(EXPERIMENTS)
+    for name, parent in parents.items():
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(r.info.run_name for r in children) == sorted(STAGES)
+        runs_json = json.loads((results / name / "track" / "runs.json").read_text())
+        assert runs_json["runs"]["parent"] == parent.info.run_id

@@ -214,3 +214,35 @@ def test_every_output_and_mlflow_run_is_written(slurm_run):
         assert sorted(r.info.run_name for r in children) == sorted(STAGES)
         runs_json = json.loads((results / name / "track" / "runs.json").read_text())
         assert runs_json["runs"]["parent"] == parent.info.run_id
+
+
+def test_cluster_outputs_match_a_local_run(slurm_run, tmp_path):
+    """The same config run locally gives the same splits, shards, weights and metrics."""
+    workdir, _ = slurm_run
+    (tmp_path / "config.yaml").write_text((workdir / "config.yaml").read_text())
+    local = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("snakemake")),
+            "--snakefile",
+            str(REPO / "Snakefile"),
+            "--directory",
+            str(tmp_path),
+            "--configfile",
+            str(tmp_path / "config.yaml"),
+            "--cores",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert local.returncode == 0, local.stderr[-3000:]
+    cluster_results, local_results = workdir / "results", tmp_path / "results"
+    compared = 0
+    for experiment in EXPERIMENTS:
+        for path in sorted((cluster_results / experiment).rglob("*")):
+            if path.suffix in (".parquet", ".safetensors") or path.name == "metrics.json":
+                twin = local_results / path.relative_to(cluster_results)
+                assert path.read_bytes() == twin.read_bytes(), path.relative_to(cluster_results)
+                compared += 1
+    assert compared > 10

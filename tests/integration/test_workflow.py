@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +212,125 @@ def test_same_config_and_seed_give_identical_results(finished_run, tmp_path_fact
             for root in (first, second)
         ]
         assert metrics[0] == metrics[1]
+
+
+# The MLflow UI as a reviewer sees it: a real headless Chromium against `mlflow ui` on the demo
+# run's store. Debian's chromium and chromium-driver (installed by .ci/run).
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
+SCREENSHOTS = REPO / "test-artifacts" / "mlflow-ui"
+UI_WAIT_S = 90
+EXPANDER = "button[data-component-id*='runnamecellrenderer']"  # the run table's +/- button
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(finished_run):
+    """The `mlflow ui` command the run's summary printed, on a free loopback port."""
+    from tests.integration.test_mlflow_server import free_port, stop, wait_until_healthy
+
+    results, run = finished_run
+    printed = next(line for line in (run.stdout + run.stderr).splitlines() if "mlflow ui " in line)
+    command = shlex.split(printed[printed.index("mlflow ui ") :])
+    port = free_port()
+    command[0] = str(Path(sys.executable).with_name("mlflow"))
+    command[command.index("--port") + 1] = str(port)
+    command += ["--workers", "1"]  # one server process starts faster on a busy machine
+    log_path = results.parent / "mlflow-ui.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(uri, process, log_path)
+        yield uri
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium and chromium-driver (see .ci/run)")
+        pytest.skip("needs Debian's chromium and chromium-driver: apt-get install them")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def text_once_it_shows(driver, *needles: str) -> str:
+    """Wait until the rendered page's text holds every needle; return that text."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    body = lambda: driver.find_element("tag name", "body").text  # noqa: E731
+    try:
+        WebDriverWait(driver, UI_WAIT_S).until(lambda _: all(n in body() for n in needles))
+    except TimeoutException:
+        missing = [n for n in needles if n not in body()]
+        pytest.fail(f"{driver.current_url} never showed {missing}; it said:\n{body()[:3000]}")
+    return body()
+
+
+def open_page(driver, url: str, *needles: str) -> str:
+    driver.get(url)
+    return text_once_it_shows(driver, *needles)
+
+
+def test_mlflow_ui_shows_the_run_tree_a_metric_chart_and_the_artifacts(mlflow_ui, browser):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_ui)
+    experiment = client.get_experiment_by_name("snaketune-test")
+    runs = client.search_runs([experiment.experiment_id])
+    lm = next(r for r in runs if r.info.run_name == "demo-lm")
+    train = next(
+        r
+        for r in runs
+        if r.info.run_name == "train" and r.data.tags.get("mlflow.parentRunId") == lm.info.run_id
+    )
+    base = f"{mlflow_ui}/#/experiments/{experiment.experiment_id}"
+
+    open_page(browser, f"{base}/runs", "demo-lm", "demo-intent", f"{len(runs)} matching runs")
+    # Each parent row's expander shows its child runs, one per stage.
+    for expander in browser.find_elements("css selector", EXPANDER):
+        expander.click()
+    open_rows = text_once_it_shows(browser, *(f"\n{stage}\n" for stage in STAGES))
+    assert open_rows.count("\ntrain\n") == 2  # one train run per experiment
+    browser.save_screenshot(str(SCREENSHOTS / "runs.png"))
+
+    run_page = f"{base}/runs/{train.info.run_id}"
+    overview = open_page(browser, run_page, "Parent run", "train.max_steps")
+    assert "Parent run\ndemo-lm" in overview
+    assert "train.loss" in overview and "git.commit" in overview
+
+    open_page(browser, f"{run_page}/model-metrics", "best_step")
+    search = browser.find_element("css selector", "input[placeholder='Search metric charts']")
+    search.send_keys("train.loss")
+    charts = text_once_it_shows(browser, "train (train.loss)")
+    assert "Step" in charts  # the chart's x axis: the per-step history, not a single value
+    browser.save_screenshot(str(SCREENSHOTS / "train-loss-chart.png"))
+
+    open_page(browser, f"{run_page}/artifacts", "history.jsonl", "loss_curve.png", "manifest.json")
+    browser.save_screenshot(str(SCREENSHOTS / "train-artifacts.png"))

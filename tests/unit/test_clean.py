@@ -295,6 +295,33 @@ def test_parquet_input_is_read(tmp_path):
     assert docs["text"].tolist() == ["one doc", "two docs"]
 
 
+def test_txt_paragraphs_are_documents_when_asked(tmp_path):
+    data = b"First:\nline one\n\n  \nSecond:\r\nline two\n\n\nthird alone\n"
+    read = ReadSettings(format="txt", txt_document="paragraph")
+
+    _, docs = run_clean(tmp_path, "a.txt", data, read)
+
+    assert docs["text"].tolist() == ["First:\nline one", "Second:\nline two", "third alone"]
+
+
+def test_txt_headings_start_documents_and_text_before_the_first_is_its_own(tmp_path):
+    data = b"preface\n \n = One = \n \n body one \n = = Sub = = \n more \n \n = Two = \n body two\n"
+    read = ReadSettings(format="txt", txt_document="heading")
+
+    _, docs = run_clean(tmp_path, "a.txt", data, read)
+
+    assert docs["text"].tolist() == [
+        "preface",
+        "= One =\n\nbody one\n= = Sub = =\nmore",
+        "= Two =\nbody two",
+    ]
+
+
+def test_unknown_txt_document_unit_is_refused(tmp_path):
+    with pytest.raises(CorpusError, match=r"txt_document 'page' is not one of"):
+        run_clean(tmp_path, "a.txt", b"x\n", ReadSettings(format="txt", txt_document="page"))
+
+
 def test_hidden_files_are_ignored_when_picking_the_raw_file(tmp_path):
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw" / ".snakemake_timestamp").write_text("x")

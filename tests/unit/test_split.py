@@ -1,17 +1,23 @@
 """split_corpus: the split of a document is fixed by its normalized text, so reruns are
-byte-identical, near-identical texts never straddle a split, and the ratios hold."""
+byte-identical, identical texts never straddle a split, near-copies of a training document are
+removed from val and test, and the ratios hold."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from snaketune.clean import stable_doc_id
+from snaketune.dedup import NearDuplicateSettings
 from snaketune.errors import CorpusError
-from snaketune.split import SPLITS, SplitSettings, split_corpus
+from snaketune.split import SPLITS, SplitSettings, assign_splits, split_corpus
+from tests.unit.test_dedup import near_copy, unrelated_texts
+
+NO_NEAR_DUPLICATES = {"enabled": False}
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -79,7 +85,9 @@ def test_differently_cased_and_spaced_copies_share_a_split(tmp_path):
     variants = ["  " + t.upper().replace(" ", " \t ") + "\n" for t in texts]
     corpus = write_corpus(tmp_path / "corpus.parquet", texts + variants)
 
-    _, outputs = run_split(corpus, tmp_path / "out")
+    # Cleaning would have dropped these copies; kept here to see where the hash puts them.
+    settings = SplitSettings(near_duplicates=NO_NEAR_DUPLICATES)
+    _, outputs = run_split(corpus, tmp_path / "out", settings)
 
     where = split_of_each_text(outputs)
     assert len(set(where[t] for t in texts)) == 3  # the pairs are spread, not all in train
@@ -119,10 +127,64 @@ def test_manifest_records_counts_and_labels_per_split(tmp_path):
     counts, outputs = run_split(corpus, tmp_path / "out")
 
     record = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert record["counts"] == counts
+    assert {name: record["counts"][name] for name in SPLITS} == counts
     for name in SPLITS:
         expected = pd.read_parquet(outputs[name])["label"].value_counts().to_dict()
         assert record["labels"][name] == expected
+
+
+# --- near-duplicates -----------------------------------------------------------------------------
+
+
+def planted_train_test_pair(texts: list[str]) -> tuple[str, str]:
+    """A text the hash split puts in train and a two-words-off copy it puts in test."""
+    for text in texts:
+        copy = near_copy(text)
+        where = assign_splits(pd.Series([text, copy]), SplitSettings()).tolist()
+        if where == ["train", "test"]:
+            return text, copy
+    raise AssertionError("no text/copy pair straddles train and test")
+
+
+def test_test_copy_of_a_training_document_is_removed_and_counted(tmp_path):
+    unrelated = unrelated_texts(400)
+    original, copy = planted_train_test_pair(unrelated_texts(100, seed=1))
+    corpus = write_corpus(tmp_path / "corpus.parquet", [copy, *unrelated, original])
+
+    counts, outputs = run_split(corpus, tmp_path / "out")
+
+    where = split_of_each_text(outputs)
+    assert where[original] == "train" and copy not in where
+    assert sorted(where) == sorted([*unrelated, original])  # every unrelated document is kept
+    record = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert record["counts"]["near_duplicates_removed"] == {
+        "train": {"train": 0},
+        "val": {"train": 0, "val": 0},
+        "test": {"train": 1, "val": 0, "test": 0},
+    }
+    assert record["near_duplicate_examples"][0]["removed"]["split"] == "test"
+    assert record["params"]["near_duplicates"] == asdict(NearDuplicateSettings())
+    assert sum(counts.values()) == 401
+
+
+def test_near_duplicate_removal_can_be_turned_off(tmp_path):
+    original, copy = planted_train_test_pair(unrelated_texts(100, seed=1))
+    corpus = write_corpus(tmp_path / "corpus.parquet", [*unrelated_texts(100), original, copy])
+
+    _, outputs = run_split(
+        corpus, tmp_path / "out", SplitSettings(near_duplicates=NO_NEAR_DUPLICATES)
+    )
+
+    assert split_of_each_text(outputs)[copy] == "test"
+    record = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "near_duplicates_removed" not in record["counts"]
+
+
+def test_near_duplicate_settings_arrive_as_a_dict_and_are_checked():
+    settings = SplitSettings(near_duplicates={"threshold": 0.9, "num_perm": 64})
+    assert settings.near_duplicates == NearDuplicateSettings(threshold=0.9, num_perm=64)
+    with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\], got 0"):
+        SplitSettings(near_duplicates={"threshold": 0})
 
 
 # --- errors --------------------------------------------------------------------------------------

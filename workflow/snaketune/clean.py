@@ -23,8 +23,10 @@ import pandas as pd
 from snaketune.errors import CorpusError
 from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path, write_json
 from snaketune.manifest import stage_manifest
+from snaketune.quality import quality_problem
 
 FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
+TXT_DOCUMENTS = ("line", "paragraph", "heading")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,20 @@ class ReadSettings:
     """csv/tsv without a header: the names of the columns, in order."""
     quoting: bool = True
     """csv/tsv: treat '"' as a quote character (off for files such as SMS Spam)."""
+    txt_document: str = "line"
+    """txt: one document per non-blank line, per blank-line-separated paragraph, or per
+    top-level heading ' = Title = ' up to the next one (WikiText's articles)."""
+
+
+def read_settings_for(dataset: dict, task: str, text_template: str | None) -> ReadSettings:
+    """How an experiment reads its dataset (an entry of the config's datasets catalog): the
+    label column only matters to classification."""
+    keys = ("format", "text_column", "header", "column_names", "quoting", "txt_document")
+    return ReadSettings(
+        **{key: dataset[key] for key in keys if key in dataset},
+        text_template=text_template,
+        label_column=dataset.get("label_column") if task == "sequence_classification" else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,14 @@ class CleanSettings:
     min_chars: int = 1
     max_chars: int = 100_000
     dedup: bool = True
+    min_alpha_ratio: float = 0.0
+    """Drop documents whose non-space characters are less than this share letters (0 = off)."""
+    max_repeated_line_fraction: float = 1.0
+    """Drop documents with more than this share of repeated non-blank lines (1 = off)."""
+    min_mean_word_length: float = 0.0
+    """Drop documents whose words are shorter than this on average (0 = off)."""
+    max_mean_word_length: float | None = None
+    """Drop documents whose words are longer than this on average (None = off)."""
 
 
 @dataclass
@@ -97,8 +121,8 @@ def read_records(path: Path, settings: ReadSettings) -> tuple[pd.DataFrame, int]
         return pd.read_parquet(path).astype("string"), 0
     text, bad = decode_counting(Path(path).read_bytes())
     if settings.format == "txt":
-        lines = [line for line in split_lines(text) if line.strip()]
-        return pd.DataFrame({settings.text_column: lines}, dtype="string"), bad
+        documents = txt_documents(text, settings.txt_document)
+        return pd.DataFrame({settings.text_column: documents}, dtype="string"), bad
     if settings.format == "jsonl":
         rows = [json.loads(line) for line in split_lines(text) if line.strip()]
         return pd.DataFrame(rows).astype("string"), bad
@@ -112,6 +136,33 @@ def read_records(path: Path, settings: ReadSettings) -> tuple[pd.DataFrame, int]
         keep_default_na=False,
     )
     return frame, bad
+
+
+# A MediaWiki top-level heading as WikiText writes it: ' = Title = ' (subsections are '= = ').
+_TOP_HEADING = re.compile(r"^\s*= (?!=).*[^=] =\s*$")
+
+
+def txt_documents(text: str, unit: str) -> list[str]:
+    """Split a plain-text file into documents: see ReadSettings.txt_document."""
+    if unit not in TXT_DOCUMENTS:
+        raise CorpusError(f"txt_document {unit!r} is not one of {TXT_DOCUMENTS}")
+    lines = split_lines(text)
+    if unit == "line":
+        return [line for line in lines if line.strip()]
+    documents: list[list[str]] = [[]]
+    for i, line in enumerate(lines):
+        if starts_document(lines, i, unit):
+            documents.append([])
+        documents[-1].append(line)
+    texts = ("\n".join(doc).strip("\n") for doc in documents)
+    return [doc for doc in texts if doc.strip()]
+
+
+def starts_document(lines: list[str], i: int, unit: str) -> bool:
+    if unit == "paragraph":
+        return not lines[i].strip()
+    # WikiText puts a blank line before every heading; formula lines such as ' = 1 k = ' have none.
+    return bool(_TOP_HEADING.match(lines[i])) and (i == 0 or not lines[i - 1].strip())
 
 
 def compose_texts(frame: pd.DataFrame, settings: ReadSettings) -> pd.Series:
@@ -192,6 +243,10 @@ def clean_documents(
             continue
         if len(text) > settings.max_chars:
             removed["too_long"] += 1
+            continue
+        problem = quality_problem(text, settings)
+        if problem:
+            removed[problem] += 1
             continue
         doc_id = stable_doc_id(text)
         if settings.dedup and doc_id in seen:

@@ -2,7 +2,8 @@
 
 Remote files stream into a `.part` file kept outside Snakemake's outputs, so a download that
 dies is resumed with an HTTP Range request on the next run instead of starting over. Nothing
-appears under the output name until the digest matches.
+appears under the output name until the digest matches. hf:// URLs go through huggingface_hub
+and its cache (snaketune.hub); their digest is checked the same way.
 """
 
 from __future__ import annotations
@@ -22,18 +23,19 @@ from urllib.parse import unquote, urlparse
 
 from snaketune.errors import DownloadError
 from snaketune.fileio import atomic_dir, sha256_file
+from snaketune.hub import fetch_from_hub
 from snaketune.manifest import stage_manifest
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
-SCHEMES = ("", "http", "https", "file")  # "" is a local path
+SCHEMES = ("", "http", "https", "file", "hf")  # "" is a local path
 
 
 @dataclass(frozen=True)
 class DownloadSettings:
     url: str
-    """http(s)://, file:// or a local path (already resolved to absolute by the caller)."""
+    """http(s)://, file://, hf:// or a local path (already resolved to absolute by the caller)."""
     sha256: str
     """Expected digest of the fetched bytes (before any decompression)."""
     retries: int = 4
@@ -55,13 +57,15 @@ def fetch(settings: DownloadSettings, partial_dir: Path) -> Path:
     parsed = urlparse(settings.url)
     if parsed.scheme not in SCHEMES:
         raise DownloadError(
-            f"url {settings.url!r} has scheme {parsed.scheme!r}; supported are http, https, file "
-            "and local paths"
+            f"url {settings.url!r} has scheme {parsed.scheme!r}; supported are http, https, file, "
+            "hf and local paths"
         )
     if parsed.scheme in ("http", "https"):
         part = Path(partial_dir) / (file_name_of(settings.url) + ".part")
         _fetch_http(settings, part)
         source = part
+    elif parsed.scheme == "hf":
+        source = fetch_from_hub(settings.url)  # a file in the hub's cache: read, never removed
     else:
         source = Path(unquote(parsed.path) if parsed.scheme == "file" else settings.url)
         if not source.is_file():

@@ -1,0 +1,99 @@
+"""The real-dataset presets: every catalog entry is pinned (a commit in its URL, a sha256), each
+presets/*.yaml makes a valid config when layered on config.yaml, and Snakemake downloads only the
+datasets that the chosen experiments use."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.utils import update_config, validate
+
+from snaketune.config import SCHEMA, cross_checks, schema_problems
+from tests.conftest import REPO, snakemake_command
+
+CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+PRESETS = {name: entry for name, entry in CONFIG["datasets"].items() if name != "support-demo"}
+PRESET_FILES = sorted((REPO / "presets").glob("*.yaml"))
+COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@functools.cache
+def layered(preset_file: Path) -> dict:
+    """config.yaml with a --configfile on top, merged as Snakemake merges them (mappings key by
+    key, lists replaced), with the schema's defaults filled in."""
+    config = copy.deepcopy(CONFIG)
+    update_config(config, yaml.safe_load(preset_file.read_text()))
+    validate(config, str(SCHEMA))
+    return config
+
+
+def test_default_config_runs_only_the_offline_demo():
+    assert {exp["dataset"] for exp in CONFIG["experiments"]} == {"support-demo"}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_preset_is_pinned(name):
+    url = PRESETS[name]["url"]
+    if url.startswith("https://raw.githubusercontent.com/"):
+        assert COMMIT.fullmatch(url.split("/")[5]), "a raw GitHub URL must name a commit"
+    elif url.startswith("hf://"):
+        assert COMMIT.fullmatch(url.split("@")[1].split("/")[0]), "an hf:// URL must pin a commit"
+    else:
+        assert re.search(r"-v1\.zip$", url), "other hosts serve versioned archives only"
+    assert re.fullmatch(r"[0-9a-f]{64}", PRESETS[name]["sha256"])
+
+
+@pytest.mark.parametrize("preset_file", PRESET_FILES, ids=lambda p: p.stem)
+def test_each_preset_file_layered_on_config_yaml_is_valid(preset_file):
+    config = layered(preset_file)
+
+    assert schema_problems(config) == [] and cross_checks(config) == []
+    assert config["datasets"].keys() == CONFIG["datasets"].keys()  # the catalog is kept
+    used = {exp["dataset"] for exp in config["experiments"]}
+    assert used and used <= PRESETS.keys()
+
+
+def test_every_real_dataset_family_has_a_preset_experiment():
+    used = {exp["dataset"] for f in PRESET_FILES for exp in layered(f)["experiments"]}
+    assert {"sst2", "ag-news", "sms-spam", "tiny-shakespeare", "wikitext-2"} <= used
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("hf://datasets/acme/tickets@main/train.csv", True),
+        ("https://example.org/a.csv", True),
+        ("file:///data/a.csv", True),
+        ("data/a.csv", True),
+        ("/data/a.csv", True),
+        ("s3://bucket/a.csv", False),
+        ("ftp://example.org/a.csv", False),
+        ("gs://bucket/a.csv", False),
+    ],
+)
+def test_schema_accepts_http_file_hf_and_paths_only(url, allowed):
+    config = copy.deepcopy(CONFIG)
+    config["datasets"]["support-demo"]["url"] = url
+    problems = schema_problems(config)
+    assert (problems == []) is allowed, problems
+
+
+@pytest.mark.slow
+def test_snakemake_plans_downloads_only_for_datasets_the_experiments_use(tmp_path):
+    # As `snakemake --configfile presets/sms-spam.yaml` run in the repository would see it.
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    preset = REPO / "presets" / "sms-spam.yaml"
+    # A second --configfile replaces the helper's: config.yaml, then the preset over it.
+    layers = ["--configfile", str(tmp_path / "config.yaml"), str(preset)]
+    command = snakemake_command(tmp_path, "--dry-run", "--cores", "1", *layers)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    assert run.returncode == 0, run.stderr[-2000:]
+    planned = set(re.findall(r"datasets/([\w.-]+)/download/manifest\.json", run.stdout))
+    assert planned == {"sms-spam"}

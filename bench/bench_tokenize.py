@@ -1,13 +1,16 @@
 """How fast is our tokenize stage? One process, one corpus, one tokenizer, three methods:
 
-1. ours: `snaketune.shards.tokenize_shards` (the code the rule runs: Parquet in, EOS-joined
-   packed blocks, Parquet shards out, manifest with digests);
+1. ours: `snaketune.shards.tokenize_shards`, the workflow's tokenize jobs one after another
+   (plan, each partition, gather: Parquet in, EOS-joined packed blocks, Parquet shards out,
+   manifests with digests);
 2. reference: `datasets.Dataset.map(tokenize, batched=True)` then block grouping as in
    Hugging Face's run_clm.py, written to Parquet;
 3. limit: the Rust tokenizer's `encode_batch` over the same texts, nothing else.
 
-Prints seconds, tokens/s and each method's time relative to ours. Corpus: Tiny Shakespeare from
-../shared/data when present (repeated --repeat times), else the embedded demo corpus.
+Prints wall seconds, CPU seconds (every thread of the process), tokens/s and each method's time
+relative to ours; on a shared machine the CPU seconds are the steadier figure. Corpus: Tiny
+Shakespeare from ../shared/data when present (repeated --repeat times), else the embedded demo
+corpus.
 
 Run: .venv/bin/python bench/bench_tokenize.py [--repeat 8] [--block-size 256]
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -51,11 +55,22 @@ def write_split(path: Path, docs: list[str]) -> None:
     ).to_parquet(path, index=False, row_group_size=PARQUET_ROW_GROUP_ROWS)  # as split writes
 
 
-def run_ours(work: Path, tokenizer_dir: Path, block: int) -> tuple[float, int]:
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(run, *args) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds, train tokens) of one method."""
+    cpu, started = cpu_seconds(), time.perf_counter()
+    tokens = run(*args)
+    return time.perf_counter() - started, cpu_seconds() - cpu, tokens
+
+
+def run_ours(work: Path, tokenizer_dir: Path, block: int) -> int:
     from snaketune.shards import TokenizeSettings, tokenize_shards
 
     splits = {name: work / f"{name}.parquet" for name in ("train", "val", "test")}
-    started = time.perf_counter()
     stats = tokenize_shards(
         splits,
         tokenizer_dir,
@@ -63,10 +78,10 @@ def run_ours(work: Path, tokenizer_dir: Path, block: int) -> tuple[float, int]:
         work / "ours.json",
         TokenizeSettings(task="causal_lm", block_size=block, shard_rows=8192),
     )
-    return time.perf_counter() - started, stats["train"].tokens
+    return stats["train"].tokens
 
 
-def run_reference(work: Path, tokenizer, block: int) -> tuple[float, int]:
+def run_reference(work: Path, tokenizer, block: int) -> int:
     import datasets
 
     datasets.disable_progress_bars()
@@ -82,7 +97,6 @@ def run_reference(work: Path, tokenizer, block: int) -> tuple[float, int]:
             k: [t[i : i + block] for i in range(0, total, block)] for k, t in concatenated.items()
         }
 
-    started = time.perf_counter()
     tokens = 0
     cache = str(work / "hf-cache")  # run_clm.py's default: map results cached as Arrow files
     for name in ("train", "val", "test"):
@@ -91,24 +105,24 @@ def run_reference(work: Path, tokenizer, block: int) -> tuple[float, int]:
         ds = ds.map(group_texts, batched=True, batch_size=1000)
         ds.select_columns(["input_ids"]).to_parquet(str(work / f"reference-{name}.parquet"))
         tokens += len(ds) * block if name == "train" else 0
-    return time.perf_counter() - started, tokens
+    return tokens
 
 
-def run_limit(docs: list[str], tokenizer) -> tuple[float, int]:
-    started = time.perf_counter()
-    encodings = tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
-    return time.perf_counter() - started, sum(len(e.ids) for e in encodings)
+def run_limit(docs: list[str], tokenizer) -> list:
+    return tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
 
 
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the forking parent (this benchmark,
+# holding the corpus), which would report the parent's size instead of the stage's.
 PEAK_RSS_SCRIPT = """
-import resource, sys
+import re, sys
 from pathlib import Path
 from snaketune.shards import TokenizeSettings, tokenize_shards
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 splits = {name: work / f"{name}.parquet" for name in ("train", "val", "test")}
 tokenize_shards(splits, work / "tok", out, out.with_suffix(".json"),
                 TokenizeSettings(task="causal_lm", block_size=int(sys.argv[3])))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1])
 """
 
 
@@ -147,11 +161,14 @@ def main() -> None:
             TokenizerSettings(vocab_size=args.vocab_size),
         )
         # A fresh tokenizer for each method: the BPE word cache would favour whoever runs later.
-        ours = run_ours(work, work / "tok", args.block_size)
-        reference = run_reference(
-            work, AutoTokenizer.from_pretrained(work / "tok"), args.block_size
+        ours = timed(run_ours, work, work / "tok", args.block_size)
+        reference = timed(
+            run_reference, work, AutoTokenizer.from_pretrained(work / "tok"), args.block_size
         )
-        limit = run_limit(docs, AutoTokenizer.from_pretrained(work / "tok"))
+        seconds, cpu, encodings = timed(
+            run_limit, docs, AutoTokenizer.from_pretrained(work / "tok")
+        )
+        limit = (seconds, cpu, sum(len(e.ids) for e in encodings))  # counted outside the timing
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -172,19 +189,20 @@ def main() -> None:
         f"corpus: {name}, {len(docs):,} documents, {sum(map(len, docs)) / 1e6:.1f} M chars; "
         f"block_size {args.block_size}, vocab {args.vocab_size}"
     )
-    print(f"{'method':<44}{'seconds':>9}{'M tokens/s':>12}{'time vs ours':>14}")
+    print(f"{'method':<44}{'seconds':>9}{'cpu s':>8}{'M tokens/s':>12}{'time vs ours':>14}")
     rows = [
-        ("ours: tokenize_shards (rule's code)", ours),
+        ("ours: tokenize_shards (the rules' code)", ours),
         ("reference: datasets.map + run_clm grouping", reference),
         ("limit: encode_batch only", limit),
     ]
-    for label, (seconds, tokens) in rows:
+    for label, (seconds, cpu, tokens) in rows:
         print(
-            f"{label:<44}{seconds:>9.2f}{tokens / seconds / 1e6:>12.2f}{seconds / ours[0]:>13.2f}x"
+            f"{label:<44}{seconds:>9.2f}{cpu:>8.2f}{tokens / seconds / 1e6:>12.2f}"
+            f"{seconds / ours[0]:>13.2f}x"
         )
     print(
-        f"ours/reference speed: {reference[0] / ours[0]:.2f}x; ours/limit speed: "
-        f"{limit[0] / ours[0]:.2f}x"
+        f"ours/reference speed: {reference[0] / ours[0]:.2f}x (CPU {reference[1] / ours[1]:.2f}x); "
+        f"ours/limit speed: {limit[0] / ours[0]:.2f}x (CPU {limit[1] / ours[1]:.2f}x)"
     )
     print(
         f"peak RSS of our stage (own process): {rss_1x:.0f} MB at 1x, {rss_10x:.0f} MB at 10x "

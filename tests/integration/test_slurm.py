@@ -29,6 +29,8 @@ RULES = {
     "clean": "clean_corpus",
     "split": "split_corpus",
     "tokenizer": "prepare_tokenizer",
+    "tokenize_plan": "plan_partitions",
+    "tokenize_partition": "tokenize_partition",
     "tokenize": "tokenize_shards",
     "train": "train_model",
     "evaluate": "evaluate_model",
@@ -137,6 +139,13 @@ def expected_jobs() -> dict[str, tuple[str, str]]:
     for experiment in EXPERIMENTS:
         for stage in [*STAGES[1:], "track"]:
             jobs[f"results/{experiment}/{stage}/{stage}.log"] = (stage, experiment)
+        # Tokenization is planned, then run one job per partition: one each on this tiny data.
+        jobs[f"results/{experiment}/tokenize/plan.log"] = ("tokenize_plan", experiment)
+        for split in ("train", "val", "test"):
+            jobs[f"results/{experiment}/tokenize/parts/{split}/00000.log"] = (
+                "tokenize_partition",
+                f"{experiment}_{split}_00000",
+            )
     return jobs
 
 

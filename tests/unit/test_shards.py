@@ -1,11 +1,14 @@
 """tokenize_shards with a real BPE trained on the demo corpus: packed LM blocks are exactly the
 documents joined with EOS, classification rows are the examples truncated and labelled as the
-manifest says, and every shard is bounded, readable and has the digest the manifest records."""
+manifest says, and every shard is bounded, readable and has the digest the manifest records.
+Partitioned, the rows are those of one pass (classification) or of one pass per partition less
+one short remainder each (causal LM), and a rerun writes the same bytes."""
 
 from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,7 @@ from tokenizers import Tokenizer
 from snaketune.clean import CleanSettings, ReadSettings, clean_corpus
 from snaketune.errors import CorpusError
 from snaketune.fileio import sha256_file
+from snaketune.partitions import row_ranges
 from snaketune.shards import TokenizeSettings, read_shards, tokenize_shards
 from snaketune.split import SPLITS, SplitSettings, split_corpus
 from snaketune.tokenizer import EOS, TokenizerSettings, prepare_tokenizer
@@ -27,6 +31,17 @@ BLOCK = 32
 MAX_LENGTH = 90  # about the median document length, so some rows are cut and some not
 LM_SHARD_ROWS = 500
 CLS_SHARD_ROWS = 300
+PARTITIONS = 5
+# read_batch_rows=100 makes blocks straddle read batches, not only documents.
+LM_SETTINGS = TokenizeSettings(
+    task="causal_lm", block_size=BLOCK, shard_rows=LM_SHARD_ROWS, read_batch_rows=100
+)
+CLS_SETTINGS = TokenizeSettings(
+    task="sequence_classification",
+    max_length=MAX_LENGTH,
+    shard_rows=CLS_SHARD_ROWS,
+    read_batch_rows=128,
+)
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -102,22 +117,12 @@ def tokenizer_dir(demo_splits, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def lm(demo_splits, tokenizer_dir, tmp_path_factory) -> dict:
-    # read_batch_rows=100 makes blocks straddle read batches, not only documents.
-    settings = TokenizeSettings(
-        task="causal_lm", block_size=BLOCK, shard_rows=LM_SHARD_ROWS, read_batch_rows=100
-    )
-    return run_tokenize(demo_splits, tokenizer_dir, tmp_path_factory.mktemp("lm"), settings)
+    return run_tokenize(demo_splits, tokenizer_dir, tmp_path_factory.mktemp("lm"), LM_SETTINGS)
 
 
 @pytest.fixture(scope="module")
 def cls(demo_splits, tokenizer_dir, tmp_path_factory) -> dict:
-    settings = TokenizeSettings(
-        task="sequence_classification",
-        max_length=MAX_LENGTH,
-        shard_rows=CLS_SHARD_ROWS,
-        read_batch_rows=128,
-    )
-    return run_tokenize(demo_splits, tokenizer_dir, tmp_path_factory.mktemp("cls"), settings)
+    return run_tokenize(demo_splits, tokenizer_dir, tmp_path_factory.mktemp("cls"), CLS_SETTINGS)
 
 
 # --- causal_lm -----------------------------------------------------------------------------------
@@ -289,3 +294,98 @@ def test_cls_train_split_with_a_single_label_is_an_error(tokenizer_dir, tmp_path
         run_tokenize(splits, tokenizer_dir, tmp_path / "out", settings)
 
     assert "found ['shipping']" in str(caught.value)
+
+
+# --- partitions ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lm_parts(demo_splits, tokenizer_dir, tmp_path_factory) -> dict:
+    """As `lm`, with the train split cut into PARTITIONS."""
+    settings = replace(LM_SETTINGS, partitions=PARTITIONS)
+    return run_tokenize(demo_splits, tokenizer_dir, tmp_path_factory.mktemp("lm-parts"), settings)
+
+
+def test_lm_partitions_pack_their_own_rows_and_each_drops_one_short_remainder(
+    lm, lm_parts, demo_splits, tokenizer_dir
+):
+    eos = eos_id(tokenizer_dir)
+    docs = reference_ids(tokenizer_dir, demo_splits["train"])
+    parts = lm_parts["manifest"]["partitions"]["train"]
+    expected = []
+    for part in parts:
+        start, end = part["rows_read"]
+        stream = [t for doc in docs[start:end] for t in (*doc, eos)]
+        kept = len(stream) // BLOCK * BLOCK
+        assert part["dropped_remainder_tokens"] == len(stream) - kept < BLOCK
+        expected += stream[:kept]
+    packed = np.concatenate(read_shards(lm_parts["dir"] / "train").column("input_ids").to_numpy())
+
+    assert [tuple(p["rows_read"]) for p in parts] == row_ranges(len(docs), PARTITIONS)
+    assert packed.tolist() == expected
+    one, many = lm["manifest"]["counts"]["train"], lm_parts["manifest"]["counts"]["train"]
+    assert many["partitions"] == PARTITIONS and one["partitions"] == 1
+    assert (
+        many["tokens"] + many["dropped_remainder_tokens"]
+        == one["tokens"] + one["dropped_remainder_tokens"]
+    )
+    assert one["dropped_remainder_tokens"] <= many["dropped_remainder_tokens"] < PARTITIONS * BLOCK
+
+
+def test_lm_val_and_test_are_one_partition_whatever_train_is_cut_into(lm, lm_parts):
+    for split in ("val", "test"):
+        assert lm_parts["manifest"]["counts"][split]["partitions"] == 1
+        for shard in lm["manifest"]["shards"][split]:
+            ours = (lm_parts["dir"] / split / shard["file"]).read_bytes()
+            assert ours == (lm["dir"] / split / shard["file"]).read_bytes()
+
+
+def test_cls_rows_are_the_same_in_one_partition_and_in_several(
+    cls, demo_splits, tokenizer_dir, tmp_path
+):
+    settings = replace(CLS_SETTINGS, read_batch_rows=50, partitions=PARTITIONS)
+    parts = run_tokenize(demo_splits, tokenizer_dir, tmp_path, settings)
+
+    for split in SPLITS:
+        assert read_shards(parts["dir"] / split).equals(read_shards(cls["dir"] / split))
+        counts = {k: v for k, v in parts["manifest"]["counts"][split].items() if k != "partitions"}
+        assert counts == {
+            k: v for k, v in cls["manifest"]["counts"][split].items() if k != "partitions"
+        }
+    assert parts["manifest"]["counts"]["train"]["partitions"] == PARTITIONS
+
+
+def _without(manifest: dict, *keys: str) -> dict:
+    return {k: v for k, v in manifest.items() if k not in keys}
+
+
+def test_a_rerun_writes_byte_identical_shards_however_reads_are_batched(
+    lm_parts, demo_splits, tokenizer_dir, tmp_path
+):
+    settings = replace(LM_SETTINGS, read_batch_rows=1000, partitions=PARTITIONS)  # not 100
+    again = run_tokenize(demo_splits, tokenizer_dir, tmp_path, settings)
+
+    first = sorted(p.relative_to(lm_parts["dir"]) for p in lm_parts["dir"].rglob("*.parquet"))
+    assert first == sorted(p.relative_to(again["dir"]) for p in again["dir"].rglob("*.parquet"))
+    for path in first:
+        assert (again["dir"] / path).read_bytes() == (lm_parts["dir"] / path).read_bytes(), path
+    # Timings differ, and so does the one setting changed on purpose.
+    assert _without(again["manifest"], "seconds", "params") == _without(
+        lm_parts["manifest"], "seconds", "params"
+    )
+    assert not list(tmp_path.glob(".*")), "the partitions' working files are left behind"
+
+
+def test_more_partitions_than_rows_leaves_the_extra_ones_empty(tokenizer_dir, tmp_path):
+    pairs = [("my parcel is late", "shipping"), ("refund my card", "billing")] * 2
+    splits = write_splits(tmp_path / "splits", {"train": pairs, "val": pairs, "test": pairs})
+    settings = replace(CLS_SETTINGS, partitions=7)
+
+    out = run_tokenize(splits, tokenizer_dir, tmp_path / "out", settings)
+
+    parts = out["manifest"]["partitions"]["train"]
+    assert len(parts) == 7 and sum(p["rows"] > 0 for p in parts) == len(pairs)
+    assert [p["shards"] for p in parts if p["rows"] == 0] == [[], [], []]
+    assert read_shards(out["dir"] / "train").column("doc_id").to_pylist() == [
+        f"train-{i}" for i in range(len(pairs))
+    ]

@@ -3,14 +3,13 @@ tokenizer; either way save it in Hugging Face format so every later stage loads 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from snaketune.errors import TokenizerError
+from snaketune.errors import TokenizerError, not_loadable
 from snaketune.fileio import atomic_dir, sha256_tree
 from snaketune.manifest import stage_manifest
 
@@ -60,16 +59,8 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
-        hint = (
-            "HF_HUB_OFFLINE is set, so hub ids only resolve from the local cache; "
-            if offline
-            else ""
-        )
-        raise TokenizerError(
-            f"could not load tokenizer {name_or_path!r}: {hint}give a local directory that holds "
-            f"a saved tokenizer (save_pretrained), or a hub id reachable from here. ({err})"
-        ) from err
+        key = "tokenizer.name_or_path"
+        raise TokenizerError(not_loadable("tokenizer", key, name_or_path, err)) from err
     if tokenizer.pad_token is None:
         # Padding is needed for classification batches; EOS is the conventional stand-in.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

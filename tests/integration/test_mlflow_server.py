@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from snaketune.errors import TrackingError
 from snaketune.track import MAX_PARAM_LENGTH, RUN_KEY_TAG, STAGES, TrackSettings, run_key
+from tests.integration.test_workflow import snakemake, tiny_config
 from tests.unit.test_track import (
     EVAL_METRIC_NAMES,
     EXPERIMENT,
@@ -49,8 +53,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_until_healthy(uri: str, process: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def wait_until_healthy(
+    uri: str, process: subprocess.Popen, log_path: Path, timeout_s: float = STARTUP_TIMEOUT_S
+) -> None:
+    """Until GET /health answers 200 (`mlflow server`, `mlflow ui`, `mlflow models serve`)."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"mlflow server exited with {process.returncode}:\n{log_path.read_text()}")
@@ -61,7 +68,7 @@ def wait_until_healthy(uri: str, process: subprocess.Popen, log_path: Path) -> N
         except OSError:
             pass  # not listening yet
         time.sleep(0.25)
-    pytest.fail(f"mlflow server not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()}")
+    pytest.fail(f"mlflow server not healthy after {timeout_s} s:\n{log_path.read_text()}")
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -79,10 +86,10 @@ def stop(process: subprocess.Popen) -> None:
             continue
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+def start_server(root: Path, port: int) -> tuple[Server, subprocess.Popen]:
+    """`mlflow server` on 127.0.0.1:port with its store and artifacts under root; starting it
+    again on the same root and port brings back the same server after an outage."""
+    root.mkdir(parents=True, exist_ok=True)
     uri = f"http://127.0.0.1:{port}"
     artifacts = root / "artifacts"
     log_path = root / "server.log"
@@ -108,13 +115,23 @@ def mlflow_server(tmp_path_factory):
     # Lets a test create an experiment whose artifact location is an http URL (on this loopback
     # server); the server refuses such locations by default.
     env["MLFLOW_ALLOWED_HOST_ADDRESSED_ARTIFACT_SCHEMES"] = "http"
-    with log_path.open("wb") as log:
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True
         )
     try:
         wait_until_healthy(uri, process, log_path)
-        yield Server(uri, artifacts)
+    except BaseException:
+        stop(process)
+        raise
+    return Server(uri, artifacts), process
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    server, process = start_server(tmp_path_factory.mktemp("mlflow-server"), free_port())
+    try:
+        yield server
     finally:
         stop(process)
 
@@ -151,7 +168,12 @@ def test_artifacts_are_uploaded_through_the_server(mlflow_server, tmp_path):
     experiment = client.get_experiment_by_name("server-artifacts")
     assert experiment.artifact_location.startswith("mlflow-artifacts:")
     assert artifact_paths(client, ids["parent"]) == {"config.json"}
-    assert artifact_paths(client, ids["train"]) == {"manifest.json", "history.jsonl", "model"}
+    assert artifact_paths(client, ids["train"]) == {
+        "manifest.json",
+        "history.jsonl",
+        "system_metrics.jsonl",
+        "model",
+    }
     assert artifact_paths(client, ids["train"], "model") == {
         "model/config.json",
         "model/model.safetensors",
@@ -244,3 +266,216 @@ def test_credentials_in_the_tracking_uri_never_reach_results_or_runs(
     for run_id in ids.values():
         data = client.get_run(run_id).data
         assert secret not in json.dumps([data.params, data.tags])
+
+
+# --- the workflow through an outage -------------------------------------------------------------
+# One tiny pipeline run against a real server that goes down before the track jobs: the run fails
+# in those jobs alone, and the next `snakemake`, with the server back on the same store, uploads
+# everything exactly once. The checks of what the server then holds (run tree, params, per-step
+# metrics, artifacts, dataset inputs, model versions) read that final state.
+
+OUTAGE_EXPERIMENTS = ("demo-lm", "demo-intent")
+OUTAGE_STEPS = 10
+SERVER_DOWN_TIMEOUT_S = 600
+
+
+def outage_config() -> dict:
+    config = tiny_config()
+    config["mlflow"]["experiment_name"] = "snaketune-outage"
+    for entry in config["experiments"]:
+        entry["train"].update(max_steps=OUTAGE_STEPS, eval_every=5, checkpoint_every=OUTAGE_STEPS)
+    return config
+
+
+def stop_when_training_is_done(results: Path, pipeline: Future, process: subprocess.Popen) -> None:
+    """Take the server down once the first model is trained, before any track job can start
+    (each waits for its evaluate job)."""
+    deadline = time.monotonic() + SERVER_DOWN_TIMEOUT_S
+    while not list(results.glob("*/train/manifest.json")) and not pipeline.done():
+        assert time.monotonic() < deadline, "no model trained in time"
+        time.sleep(0.5)
+    stop(process)
+
+
+def jobs_left(dry_run: subprocess.CompletedProcess) -> dict[str, int]:
+    """The 'Job stats' table of a dry run, as {rule: count}."""
+    jobs = {}
+    for line in dry_run.stdout.splitlines():
+        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if match and match[1] != "total":
+            jobs[match[1]] = int(match[2])
+    return jobs
+
+
+@dataclass(frozen=True)
+class Outage:
+    results: Path
+    uri: str
+    failed: subprocess.CompletedProcess
+    failed_logs: dict[str, str]
+    """Each experiment's track.log after the failed invocation (the rerun rewrites it)."""
+    left: dict[str, int]
+    rerun: subprocess.CompletedProcess
+    client: MlflowClient
+    seconds: float
+
+    def runs(self) -> list:
+        return all_runs(self.client, "snaketune-outage")
+
+    def tree(self, experiment: str) -> tuple:
+        """(parent, {stage: child}) of one experiment."""
+        runs = self.runs()
+        parent = next(r for r in runs if r.info.run_name == experiment)
+        children = {
+            r.info.run_name: r
+            for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        }
+        return parent, children
+
+
+@pytest.fixture(scope="module")
+def outage(tmp_path_factory):
+    started = time.monotonic()
+    root = tmp_path_factory.mktemp("outage")
+    workdir = root / "workdir"
+    workdir.mkdir()
+    (workdir / "config.yaml").write_text(yaml.safe_dump(outage_config()))
+    results = workdir / "results"
+    port = free_port()
+    server, process = start_server(root / "server", port)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("MLFLOW_TRACKING_URI", server.uri)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                pipeline = pool.submit(snakemake, workdir)
+                stop_when_training_is_done(results, pipeline, process)
+                failed = pipeline.result()
+            logs = {
+                name: (results / name / "track" / "track.log").read_text()
+                for name in OUTAGE_EXPERIMENTS
+            }
+            left = jobs_left(snakemake(workdir, "--dry-run"))
+            server, process = start_server(root / "server", port)  # same store, same address
+            rerun = snakemake(workdir)
+            assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+            client = MlflowClient(tracking_uri=server.uri)
+            seconds = time.monotonic() - started
+            yield Outage(results, server.uri, failed, logs, left, rerun, client, seconds)
+        finally:
+            stop(process)
+
+
+@pytest.mark.slow
+def test_an_outage_fails_only_the_track_jobs_and_says_what_to_do(outage):
+    output = outage.failed.stdout + outage.failed.stderr
+    assert outage.failed.returncode != 0
+    assert re.findall(r"Error in rule (\w+):", output) == ["track_experiment"] * 2
+    for message in outage.failed_logs.values():
+        assert f"MLflow tracking server {outage.uri} is unreachable" in message
+        assert "Every result is complete under results/" in message
+        assert "rerun snakemake" in message
+        assert "Traceback" not in message
+
+
+@pytest.mark.slow
+def test_after_the_outage_every_other_result_is_complete(outage):
+    # A dry run after the failed invocation: only the uploads (and the target rule) are left.
+    assert outage.left == {"all": 1, "track_experiment": 2}
+
+
+@pytest.mark.slow
+def test_the_rerun_uploads_every_run_and_model_version_exactly_once(outage):
+    runs = outage.runs()  # deleted runs included: a second upload would show here
+    assert len(runs) == len(OUTAGE_EXPERIMENTS) * (1 + len(STAGES))
+    assert all(r.info.status == "FINISHED" and r.info.lifecycle_stage == "active" for r in runs)
+    for experiment in OUTAGE_EXPERIMENTS:
+        runs_json = json.loads((outage.results / experiment / "track" / "runs.json").read_text())
+        parent, children = outage.tree(experiment)
+        assert runs_json["runs"] == {
+            "parent": parent.info.run_id,
+            **{name: run.info.run_id for name, run in children.items()},
+        }
+        name = f"snaketune-outage.{experiment}"
+        versions = outage.client.search_model_versions(f"name = '{name}'")
+        assert [str(v.version) for v in versions] == ["1"]
+        assert runs_json["model"]["uri"] == f"models:/{name}/1"
+        models = outage.client.search_logged_models([parent.info.experiment_id])
+        assert sum(m.source_run_id == children["train"].info.run_id for m in models) == 1
+    print(f"outage test: pipeline, outage and rerun took {outage.seconds:.0f} s")
+
+
+@pytest.mark.slow
+def test_server_holds_the_run_tree_and_params(outage):
+    for experiment in OUTAGE_EXPERIMENTS:
+        parent, children = outage.tree(experiment)
+        assert sorted(children) == sorted(STAGES)
+        assert parent.data.params["name"] == experiment
+        assert parent.data.params["train.max_steps"] == str(OUTAGE_STEPS)
+        assert children["train"].data.params["train.max_steps"] == str(OUTAGE_STEPS)
+        assert children["split"].data.params["train"] == "0.8"
+        assert "--configfile" in parent.data.tags["snakemake.command"]
+        assert parent.data.tags["git.commit"] and parent.data.tags["device"] == "cpu"
+
+
+@pytest.mark.slow
+def test_server_holds_per_step_history_data_counts_and_system_metrics(outage):
+    for experiment in OUTAGE_EXPERIMENTS:
+        parent, children = outage.tree(experiment)
+        train_id = children["train"].info.run_id
+        for name in ("train.loss", "train.lr", "train.grad_norm", "train.tokens_per_s"):
+            history = outage.client.get_metric_history(train_id, name)
+            assert sorted(m.step for m in history) == list(range(1, OUTAGE_STEPS + 1)), name
+        val = outage.client.get_metric_history(train_id, "train.val_loss")
+        assert sorted(m.step for m in val) == [5, 10]
+        cpu = outage.client.get_metric_history(train_id, "system/cpu_utilization_percentage")
+        assert cpu and all(m.timestamp > 1e12 for m in cpu)  # wall-clock milliseconds
+        assert "system/process_rss_megabytes" in children["train"].data.metrics
+        clean = children["clean"].data.metrics
+        assert clean["input_records"] > clean["output_records"] > 0
+        tokenize = children["tokenize"].data.metrics
+        assert tokenize["train.documents"] > 0 and tokenize["test.rows"] > 0
+        eval_names = set(parent.data.metrics)
+        assert {"eval.perplexity"} <= eval_names or {"eval.accuracy", "eval.macro_f1"} <= eval_names
+
+
+@pytest.mark.slow
+def test_server_holds_the_artifacts_and_dataset_inputs(outage):
+    for experiment in OUTAGE_EXPERIMENTS:
+        _, children = outage.tree(experiment)
+        train_id = children["train"].info.run_id
+        assert artifact_paths(outage.client, train_id) == {
+            "manifest.json",
+            "history.jsonl",
+            "loss_curve.png",
+            "system_metrics.jsonl",
+            "model",
+        }
+        assert "model/model.safetensors" in artifact_paths(outage.client, train_id, "model")
+        contexts = {
+            stage: {
+                (i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"])
+                for i in children[stage].inputs.dataset_inputs
+            }
+            for stage in ("train", "evaluate")
+        }
+        assert contexts == {
+            "train": {("support-demo/train", "training"), ("support-demo/val", "validation")},
+            "evaluate": {("support-demo/test", "test")},
+        }
+        test_input = children["evaluate"].inputs.dataset_inputs[0]
+        assert json.loads(test_input.dataset.source)["uri"].endswith("support.jsonl.gz")
+
+
+@pytest.mark.slow
+def test_server_holds_a_model_version_per_experiment_with_its_metrics(outage):
+    for experiment in OUTAGE_EXPERIMENTS:
+        parent, children = outage.tree(experiment)
+        version = outage.client.get_model_version(f"snaketune-outage.{experiment}", "1")
+        assert version.run_id == children["train"].info.run_id
+        assert version.tags["snaketune.evaluate_run_id"] == children["evaluate"].info.run_id
+        headline = "eval.perplexity" if experiment == "demo-lm" else "eval.accuracy"
+        assert float(version.tags[headline]) == parent.data.metrics[headline]
+        logged = outage.client.get_logged_model(version.source.removeprefix("models:/"))
+        linked = {m.key: m for m in logged.metrics}
+        assert linked[headline].dataset_name == "support-demo/test"

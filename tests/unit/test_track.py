@@ -27,6 +27,7 @@ from snaketune.track import (
     TrackSettings,
     as_params,
     config_hash,
+    experiment_id_for,
     flatten,
     numeric_metrics,
     redact,
@@ -103,6 +104,24 @@ EVAL_METRIC_NAMES = {
 }
 VERSIONS = {"python": "3.11.7", "mlflow": "3.17.2", "torch": "2.13.0+cpu", "snaketune": "0.1.0"}
 SHA = "a55dca87a70bc06c08d4297126c5128a9e65081cd075c9fca872381e621d0e0e"
+SPLIT_SHA = {
+    "train": "e00d50372581def61ce2815e55ecff6f0aabbcb8a798ff16cafaf645b04c7085",
+    "val": "813304c252b9e5ecbdd8eb546487838dad3b4dcc3565ad78635d9c87ad8b6d6c",
+    "test": "eb546d110caa8baf601b1abf1032fe90669af155e9106960dc85d25a5c524992",
+}
+SPLIT_ROWS = {"train": 2491, "val": 308, "test": 319}
+DOWNLOAD_URL = "workflow/resources/demo/support.jsonl.gz"
+SYSTEM_SAMPLES = [
+    {
+        "timestamp": 1790000000.0 + 5 * i,
+        "elapsed_s": 5.0 * i,
+        "cpu_utilization_percentage": 90.0 + i,
+        "process_rss_megabytes": 400.0 + i,
+        "system_memory_usage_megabytes": 3000.0,
+        "system_memory_usage_percentage": 40.0,
+    }
+    for i in range(1, 4)
+]
 
 
 @dataclass(frozen=True)
@@ -112,6 +131,8 @@ class StageInputs:
     stages: list[StageFiles]
     history: Path
     metrics: Path
+    model_dir: Path
+    system_metrics: Path
 
 
 def write_json_file(path: Path, data) -> Path:
@@ -140,13 +161,19 @@ def write_manifest(
     )
 
 
-def write_stage_files(root: Path, metrics: dict = METRICS, history: list = HISTORY) -> StageInputs:
-    """A minimal but complete set of stage files laid out like results/ after a real run."""
+def write_stage_files(
+    root: Path,
+    metrics: dict = METRICS,
+    history: list = HISTORY,
+    url: str = DOWNLOAD_URL,
+) -> StageInputs:
+    """A minimal but complete set of stage files laid out like results/ after a real run (the
+    model is a stand-in: write_tiny_model puts a real one in its place)."""
     exp = root / EXPERIMENT
     download = write_manifest(
         root / "datasets" / "support-demo" / "download" / "manifest.json",
         "download",
-        {"url": "workflow/resources/demo/support.jsonl.gz", "sha256": SHA, "retries": 4},
+        {"url": url, "sha256": SHA, "retries": 4},
         {"fetched_bytes": 49408, "files": 1},
         0.005,
         fetched_sha256=SHA,
@@ -168,7 +195,7 @@ def write_stage_files(root: Path, metrics: dict = METRICS, history: list = HISTO
         exp / "split" / "manifest.json",
         "split",
         CONFIG["split"],
-        {"train": 2491, "val": 308, "test": 319},
+        SPLIT_ROWS,
         0.097,
     )
     tokenizer = write_manifest(
@@ -192,6 +219,13 @@ def write_stage_files(root: Path, metrics: dict = METRICS, history: list = HISTO
         2.25,
         label_names=[],
     )
+    # As the tokenize stage records the splits it read: their paths and sha256s.
+    manifest = json.loads(tokenize.read_text())
+    manifest["inputs"] = {
+        name: {"path": f"results/{EXPERIMENT}/split/{name}.parquet", "sha256": sha}
+        for name, sha in SPLIT_SHA.items()
+    }
+    write_json_file(tokenize, manifest)
     train = write_manifest(
         exp / "train" / "manifest.json",
         "train",
@@ -203,6 +237,8 @@ def write_stage_files(root: Path, metrics: dict = METRICS, history: list = HISTO
     )
     history_path = exp / "train" / "history.jsonl"
     history_path.write_text("".join(json.dumps(row) + "\n" for row in history))
+    samples_path = exp / "train" / "system_metrics.jsonl"
+    samples_path.write_text("".join(json.dumps(row) + "\n" for row in SYSTEM_SAMPLES))
     model = exp / "train" / "model"
     write_json_file(model / "config.json", {"model_type": "gpt2", "n_layer": 1})
     (model / "model.safetensors").write_bytes(bytes(range(256)) * 4)
@@ -222,24 +258,57 @@ def write_stage_files(root: Path, metrics: dict = METRICS, history: list = HISTO
         StageFiles("split", split),
         StageFiles("tokenizer", tokenizer, (tokenizer_dir,)),
         StageFiles("tokenize", tokenize),
-        StageFiles("train", train, (history_path, model)),
+        StageFiles("train", train, (history_path, samples_path, model)),
         StageFiles("evaluate", evaluate, (metrics_path, samples)),
     ]
-    return StageInputs(stages, history_path, metrics_path)
+    return StageInputs(stages, history_path, metrics_path, model, samples_path)
 
 
-def settings_for(tracking_uri: str, artifact_location: str | None) -> TrackSettings:
+def settings_for(
+    tracking_uri: str, artifact_location: str | None, registered_model_name: str | None = None
+) -> TrackSettings:
     return TrackSettings(
         experiment=EXPERIMENT,
         mlflow_experiment=MLFLOW_EXPERIMENT,
         tracking_uri=tracking_uri,
         artifact_location=artifact_location,
         config=CONFIG,
+        registered_model_name=registered_model_name,
     )
 
 
 def track(settings: TrackSettings, inputs: StageInputs, runs_path: Path) -> dict[str, str]:
-    return track_experiment(settings, inputs.stages, inputs.history, inputs.metrics, runs_path)
+    return track_experiment(
+        settings,
+        inputs.stages,
+        inputs.history,
+        inputs.metrics,
+        runs_path,
+        model_dir=inputs.model_dir,
+        system_metrics=inputs.system_metrics,
+    )
+
+
+def write_tiny_model(data: dict[str, Path], model_dir: Path, task: str) -> Path:
+    """A real (untrained) 1-layer GPT-2 saved as the train stage saves it, with the tokenizer
+    from `data` (the lm_data or classification_data fixture)."""
+    from snaketune.models import ModelSettings, build_model
+
+    info = json.loads(data["tokenize_manifest"].read_text())
+    model = build_model(
+        ModelSettings(n_layer=1, n_embd=16, n_head=2, dropout=0.0),
+        task,
+        info["vocab_size"],
+        64,
+        info["pad_token_id"],
+        info["eos_token_id"],
+        info["label_names"],
+    )
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model.save_pretrained(model_dir)
+    for item in data["tokenizer"].iterdir():
+        shutil.copy2(item, model_dir / item.name)
+    return model_dir
 
 
 def all_runs(client: MlflowClient, name: str = MLFLOW_EXPERIMENT) -> list:
@@ -280,26 +349,12 @@ class Store:
     client: MlflowClient
 
 
-@pytest.fixture(scope="session")
-def empty_store_db(tmp_path_factory) -> Path:
-    """An initialised MLflow SQLite database. Creating the schema takes seconds; copying it does
-    not, so each test gets its own real store for the price of a file copy."""
-    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
-    return db
-
-
 def new_store(root: Path, empty_db: Path) -> Store:
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(empty_db, root / "mlflow.db")
     uri = f"sqlite:///{root}/mlflow.db"
     artifact_dir = root / "artifacts"
     return Store(uri, f"file://{artifact_dir}", artifact_dir, MlflowClient(tracking_uri=uri))
-
-
-@pytest.fixture
-def store(tmp_path, empty_store_db) -> Store:
-    return new_store(tmp_path / "store", empty_store_db)
 
 
 @dataclass(frozen=True)
@@ -516,6 +571,7 @@ def test_stage_artifacts_are_logged(tracked):
     assert artifact_paths(client, tracked.ids["train"]) == {
         "manifest.json",
         "history.jsonl",
+        "system_metrics.jsonl",
         "model",
     }
     assert artifact_paths(client, tracked.ids["evaluate"]) == {
@@ -571,7 +627,51 @@ def test_runs_json_records_the_run_ids(tracked):
         "experiment_id": experiment.experiment_id,
         "run_key": run_key(tracked.settings, tracked.inputs.stages),
         "runs": tracked.ids,
+        "model": None,  # no registered_model_name: no model logged
     }
+
+
+def test_train_child_has_the_system_metrics_at_their_sample_times(tracked):
+    client, train_id = tracked.store.client, tracked.ids["train"]
+    cpu = client.get_metric_history(train_id, "system/cpu_utilization_percentage")
+    assert sorted((m.step, m.timestamp, m.value) for m in cpu) == [
+        (i, int(row["timestamp"] * 1000), row["cpu_utilization_percentage"])
+        for i, row in enumerate(SYSTEM_SAMPLES)
+    ]
+    metrics = tracked.run("train").data.metrics
+    assert metrics["system/process_rss_megabytes"] == SYSTEM_SAMPLES[-1]["process_rss_megabytes"]
+    assert {"system/system_memory_usage_megabytes", "system/system_memory_usage_percentage"} <= set(
+        metrics
+    )
+    assert not any(name.startswith(("system/timestamp", "system/elapsed")) for name in metrics)
+
+
+def test_train_and_evaluate_runs_name_the_splits_they_read(tracked):
+    seen = {}
+    for stage in ("train", "evaluate"):
+        for item in tracked.run(stage).inputs.dataset_inputs:
+            tags = {tag.key: tag.value for tag in item.tags}
+            seen[item.dataset.name] = (stage, tags["mlflow.data.context"], item.dataset)
+            split = item.dataset.name.split("/")[-1]
+            assert item.dataset.digest == SPLIT_SHA[split][:16]
+            assert tags["snaketune.sha256"] == SPLIT_SHA[split]
+            assert json.loads(item.dataset.profile) == {"num_rows": SPLIT_ROWS[split]}
+            assert json.loads(item.dataset.source) == {"uri": DOWNLOAD_URL}
+    assert {name: value[:2] for name, value in seen.items()} == {
+        "support-demo/train": ("train", "training"),
+        "support-demo/val": ("train", "validation"),
+        "support-demo/test": ("evaluate", "test"),
+    }
+    assert tracked.run("parent").inputs.dataset_inputs == []
+
+
+def test_dataset_source_is_the_download_url_without_credentials_or_query(store, tmp_path):
+    url = "https://reader:s3cret@data.example.org/support.jsonl.gz?X-Amz-Signature=abc#part"
+    inputs = write_stage_files(tmp_path / "results", url=url)
+    ids = track(settings_for(store.uri, store.artifact_location), inputs, tmp_path / "runs.json")
+    dataset = store.client.get_run(ids["train"]).inputs.dataset_inputs[0].dataset
+    assert dataset.source_type == "http"
+    assert json.loads(dataset.source) == {"url": "https://***@data.example.org/support.jsonl.gz"}
 
 
 # --- exactly once -------------------------------------------------------------------------------
@@ -686,3 +786,26 @@ def test_environment_uri_is_read_at_run_time_and_wins_over_the_config(
     ids = track(settings, write_stage_files(tmp_path / "results"), tmp_path / "runs.json")
     assert {r.info.run_id for r in all_runs(from_env.client)} == set(ids.values())
     assert configured.client.get_experiment_by_name(MLFLOW_EXPERIMENT) is None
+
+
+def test_experiment_created_by_a_parallel_track_job_is_used(store):
+    """Two experiments' track jobs against one server: the other job creates the MLflow
+    experiment between this job's lookup and its create."""
+
+    class CreatedMeanwhile:
+        def __init__(self, client):
+            self.client, self.looked_up = client, False
+
+        def get_experiment_by_name(self, name):
+            if not self.looked_up:
+                self.looked_up = True
+                self.client.create_experiment(name)  # the other job, just now
+                return None
+            return self.client.get_experiment_by_name(name)
+
+        def create_experiment(self, *args, **kwargs):
+            return self.client.create_experiment(*args, **kwargs)
+
+    settings = settings_for(store.uri, store.artifact_location)
+    experiment_id = experiment_id_for(CreatedMeanwhile(store.client), settings, store.uri)
+    assert experiment_id == store.client.get_experiment_by_name(MLFLOW_EXPERIMENT).experiment_id

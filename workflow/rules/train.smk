@@ -15,6 +15,8 @@ rule train_model:
             labels={"experiment": "{experiment}", "figure": "loss curve"},
         ),
         manifest=f"{R}/{{experiment}}/train/manifest.json",
+        # Written by the trainer beside history.jsonl (snaketune.system_metrics).
+        system_metrics=f"{R}/{{experiment}}/train/system_metrics.jsonl",
     params:
         settings=get_train_settings,
         state_dir=f"{R}/{{experiment}}/train_state",

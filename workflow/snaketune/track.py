@@ -3,7 +3,14 @@
 Results on disk are the source of truth; this stage only reads them, so an MLflow outage never
 loses anything: the rule fails with a message, and the next `snakemake` run uploads what is
 missing. A parent run is keyed by a digest of every stage manifest; a finished run with the same
-key is reused and an unfinished one is replaced, so uploads happen exactly once.
+key is reused and an unfinished one is replaced (with any model version it registered), so
+uploads and model versions happen exactly once.
+
+What lands where: the parent holds the config as params and the eval metrics; each stage's child
+run its manifest's params and counts and its artifacts; the train run the per-step history, the
+system metrics sampled during training, its dataset inputs (train and val splits) and the logged
+model; the evaluate run the test split and the eval metrics, linked to that model. The model is
+registered as a version of the configured name (snaketune.registry).
 """
 
 from __future__ import annotations
@@ -24,10 +31,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from snaketune import lineage, registry
 from snaketune.errors import TrackingError
 from snaketune.fileio import read_json, write_json
 from snaketune.manifest import package_versions
 from snaketune.provenance import config_hash, git_state, invocation_tags
+from snaketune.system_metrics import read_samples
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,8 @@ class TrackSettings:
     """The experiment's resolved config, logged as flattened params."""
     provenance: str | None = None
     """provenance.json of the snakemake invocation (its command line becomes a tag)."""
+    registered_model_name: str | None = None
+    """Log the final model and register a version under this name; None logs no model."""
 
 
 @dataclass(frozen=True)
@@ -136,7 +147,7 @@ def run_key(settings: TrackSettings, stages: list[StageFiles]) -> str:
     return digest.hexdigest()[:24]
 
 
-def find_parent(client, experiment_id: str, key: str):
+def find_parent(client, experiment_id: str, key: str, registry_used: bool = False):
     runs = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'")
     for run in runs:
         if run.info.status == "FINISHED":
@@ -146,17 +157,28 @@ def find_parent(client, experiment_id: str, key: str):
             [experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
         ):
             client.delete_run(child.info.run_id)
+            if registry_used:  # a version it registered goes too: the new upload registers one
+                registry.delete_models_of(client, experiment_id, child.info.run_id)
     return None
 
 
 def experiment_id_for(client, settings: TrackSettings, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
     existing = client.get_experiment_by_name(settings.mlflow_experiment)
     if existing is not None:
         return existing.experiment_id
     # A tracking server decides where artifacts go; a local store keeps them under results/.
     remote = uri.startswith(("http://", "https://"))
     location = None if remote else settings.artifact_location
-    return client.create_experiment(settings.mlflow_experiment, artifact_location=location)
+    try:
+        return client.create_experiment(settings.mlflow_experiment, artifact_location=location)
+    except MlflowException as err:
+        # Another experiment's track job, running at the same time, created it first.
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return client.get_experiment_by_name(settings.mlflow_experiment).experiment_id
 
 
 def log_stage(client, experiment_id: str, parent_id: str, stage: StageFiles, tags: dict) -> str:
@@ -203,8 +225,52 @@ def history_metrics(history_path: Path) -> list:
     return out
 
 
+def sampled_metrics(samples_path: Path | None) -> list:
+    """The samples taken during training under MLflow's system/ names, at their wall times."""
+    from mlflow.entities import Metric
+
+    if samples_path is None or not Path(samples_path).exists():
+        return []
+    out = []
+    for step, row in enumerate(read_samples(samples_path)):
+        timestamp = int(row["timestamp"] * 1000)
+        for key, value in row.items():
+            if key not in ("timestamp", "elapsed_s"):
+                out.append(Metric(f"system/{key}", float(value), timestamp, step))
+    return out
+
+
+@dataclass(frozen=True)
+class UploadFiles:
+    """What the upload reads: the stage files and the outputs that get special treatment."""
+
+    stages: list[StageFiles]
+    history: Path
+    metrics: Path
+    model_dir: Path | None = None
+    """The trained model (results/<exp>/train/model), logged and registered as an MLflow model."""
+    system_metrics: Path | None = None
+
+    def manifest(self, stage: str) -> dict[str, Any]:
+        return next((read_json(s.manifest) for s in self.stages if s.name == stage), {})
+
+
+@dataclass(frozen=True)
+class Store:
+    client: Any
+    uri: str
+    experiment_id: str
+
+
 def track_experiment(
-    settings: TrackSettings, stages: list[StageFiles], history: Path, metrics: Path, runs_path: Path
+    settings: TrackSettings,
+    stages: list[StageFiles],
+    history: Path,
+    metrics: Path,
+    runs_path: Path,
+    *,
+    model_dir: Path | None = None,
+    system_metrics: Path | None = None,
 ) -> dict[str, str]:
     from mlflow import MlflowClient
 
@@ -213,22 +279,21 @@ def track_experiment(
     # MLflow's default is 7 retries with growing waits: minutes before a dead server is reported.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    # MLflow's usage telemetry calls out to the internet from a thread that, when that fails (as
+    # offline), edits os.environ while this job's HTTP requests read it: an upload then fails at
+    # random with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'. Off unless the user turned it on.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow prints "View run ... at: <tracking URI>" to stdout, which the track rule logs: a
+    # credential in the URI would land in the log.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    files = UploadFiles(stages, Path(history), Path(metrics), model_dir, system_metrics)
     key = run_key(settings, stages)
-    train_manifest = read_json(next(s.manifest for s in stages if s.name == "train"))
-    tags = {
-        **git_state(),
-        **invocation_tags(settings.provenance),
-        "snaketune.experiment": settings.experiment,
-        "snaketune.config_hash": config_hash(settings.config),
-        "host": platform.node(),
-        "device": train_manifest.get("device", "unknown"),
-        **{f"version.{k}": v for k, v in package_versions().items()},
-    }
     with store_lock(uri):
         client = MlflowClient(tracking_uri=uri)
         try:
             experiment_id = experiment_id_for(client, settings, uri)
-            parent = find_parent(client, experiment_id, key)
+            registering = settings.registered_model_name is not None
+            parent = find_parent(client, experiment_id, key, registering)
             if parent is not None:
                 log.info(
                     "runs for %s are already in MLflow (%s)",
@@ -237,8 +302,10 @@ def track_experiment(
                 )
                 ids = json.loads(parent.data.tags.get("snaketune.child_runs", "{}"))
                 ids["parent"] = parent.info.run_id
+                model = registry.recorded(parent.data.tags)
             else:
-                ids = _upload(client, experiment_id, settings, stages, history, metrics, tags, key)
+                store = Store(client, uri, experiment_id)
+                ids, model = _upload(store, settings, files, run_tags(settings, files), key)
         except Exception as err:
             # MLflow raises its own exceptions, except that an HTTP artifact store answering an
             # upload with an error status (a proxy's 413 for a large model, say) raises requests'
@@ -256,43 +323,93 @@ def track_experiment(
             "experiment_id": experiment_id,
             "run_key": key,
             "runs": ids,
+            "model": model,
         },
     )
     return ids
 
 
+def run_tags(settings: TrackSettings, files: UploadFiles) -> dict[str, str]:
+    return {
+        **git_state(),
+        **invocation_tags(settings.provenance),
+        "snaketune.experiment": settings.experiment,
+        "snaketune.config_hash": config_hash(settings.config),
+        "host": platform.node(),
+        "device": files.manifest("train").get("device", "unknown"),
+        **{f"version.{k}": v for k, v in package_versions().items()},
+    }
+
+
 def _upload(
-    client,
-    experiment_id: str,
-    settings: TrackSettings,
-    stages: list[StageFiles],
-    history: Path,
-    metrics_path: Path,
-    tags: dict,
-    key: str,
-) -> dict[str, str]:
+    store: Store, settings: TrackSettings, files: UploadFiles, tags: dict, key: str
+) -> tuple[dict[str, str], dict[str, str] | None]:
     from mlflow.entities import Metric, Param
 
+    client = store.client
     parent = client.create_run(
-        experiment_id, run_name=settings.experiment, tags={**tags, RUN_KEY_TAG: key}
+        store.experiment_id, run_name=settings.experiment, tags={**tags, RUN_KEY_TAG: key}
     )
     parent_id = parent.info.run_id
     params = [Param(k, v) for k, v in as_params(settings.config).items()]
-    eval_metrics = [
-        Metric(f"eval.{k}", v, 0, 0) for k, v in numeric_metrics(read_json(metrics_path)).items()
-    ]
+    eval_values = read_json(files.metrics)
+    eval_metrics = [Metric(f"eval.{k}", v, 0, 0) for k, v in numeric_metrics(eval_values).items()]
     _log_batched(client, parent_id, params=params, metrics=eval_metrics)
     client.log_text(parent_id, json.dumps(settings.config, indent=2), "config.json")
     ids = {}
-    for stage in stages:
-        ids[stage.name] = log_stage(client, experiment_id, parent_id, stage, tags)
-    _log_batched(client, ids["train"], metrics=history_metrics(history))
-    _log_batched(client, ids["evaluate"], metrics=eval_metrics)
+    for stage in files.stages:
+        ids[stage.name] = log_stage(client, store.experiment_id, parent_id, stage, tags)
+    # Before the history: mlflow copies the run's step-0 metrics (the train counts) onto the
+    # logged model, and the system metrics' first sample is step 0 too.
+    info = _log_model(store, settings, files, ids["train"])
+    train_metrics = history_metrics(files.history) + sampled_metrics(files.system_metrics)
+    _log_batched(client, ids["train"], metrics=train_metrics)
+    test_split = _log_datasets(client, settings, files, ids)
+    model_id = info.model_id if info is not None else None
+    linked = registry.linked_metrics(eval_metrics, model_id, test_split)
+    _log_batched(client, ids["evaluate"], metrics=linked)
+    model = None
+    if info is not None:
+        model = _register(client, settings, info, eval_values, {"parent": parent_id, **ids})
+        client.set_tag(parent_id, registry.MODEL_TAG, json.dumps(model))
     client.set_tag(parent_id, "snaketune.child_runs", json.dumps(ids))
     for run_id in ids.values():
         client.set_terminated(run_id)
     client.set_terminated(parent_id)  # last: a FINISHED parent means the upload is complete
-    return {"parent": parent_id, **ids}
+    return {"parent": parent_id, **ids}, model
+
+
+def _log_model(store: Store, settings: TrackSettings, files: UploadFiles, train_id: str):
+    if settings.registered_model_name is None or files.model_dir is None:
+        return None
+    if not registry.servable(files.model_dir):
+        log.info("%s is not a transformers model; not registered", files.model_dir)
+        return None
+    task = settings.config["task"]
+    config = registry.inference_config(task, settings.config.get("evaluate", {}))
+    return registry.log_model(store.uri, train_id, files.model_dir, task, config)
+
+
+def _register(client, settings: TrackSettings, info, eval_values: dict, ids: dict) -> dict:
+    record = registry.VersionRecord(
+        settings.experiment, settings.config, config_hash(settings.config), eval_values, ids
+    )
+    return registry.register(client, settings.registered_model_name, info, record).as_dict()
+
+
+def _log_datasets(client, settings: TrackSettings, files: UploadFiles, ids: dict[str, str]):
+    """Dataset inputs on the train and evaluate runs; returns the test split (or None)."""
+    datasets = lineage.split_datasets(
+        settings.config.get("dataset", settings.experiment),
+        redact(str(files.manifest("download").get("params", {}).get("url", ""))),
+        files.manifest("split"),
+        files.manifest("tokenize"),
+    )
+    for stage in lineage.RUN_SPLITS:
+        inputs = lineage.dataset_inputs(datasets, stage)
+        if inputs and stage in ids:
+            client.log_inputs(ids[stage], datasets=inputs)
+    return datasets.get("test")
 
 
 def default_tracking_uri(results_dir: Path) -> str:

@@ -1,0 +1,129 @@
+"""A registered version answers requests: `mlflow models serve -m models:/<name>/<version>`
+against the store the track stage wrote, one server per task (a causal LM generating text, a
+classifier labelling it), both started at once to keep the wait short."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+
+from tests.integration.test_mlflow_server import MLFLOW, free_port, stop, wait_until_healthy
+from tests.unit.test_track import (
+    CONFIG,
+    Store,
+    new_store,
+    settings_for,
+    track,
+    write_stage_files,
+    write_tiny_model,
+)
+
+pytestmark = pytest.mark.slow
+
+SERVE_TIMEOUT_S = 180.0
+PROMPTS = ["Customer: Where is my parcel?\nAgent:", "Customer: I was charged twice.\nAgent:"]
+NEW_TOKENS = 6
+
+
+def register(store: Store, root: Path, data: dict, experiment: str, task: str) -> dict:
+    """Track a tiny experiment of the task with registration on; the runs.json model entry."""
+    inputs = write_stage_files(root / experiment)
+    write_tiny_model(data, inputs.model_dir, task)
+    config = {**CONFIG, "name": experiment, "task": task}
+    config["evaluate"] = {**CONFIG["evaluate"], "max_new_tokens": NEW_TOKENS}
+    settings = replace(
+        settings_for(store.uri, store.artifact_location, f"serving.{experiment}"),
+        experiment=experiment,
+        config=config,
+    )
+    runs_path = root / experiment / "runs.json"
+    track(settings, inputs, runs_path)
+    return json.loads(runs_path.read_text())["model"]
+
+
+@dataclass(frozen=True)
+class Served:
+    url: str
+    model: dict
+    label_names: list[str]
+
+
+def serve(uri: str, model_uri: str, log_path: Path) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    command = [str(MLFLOW), "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    return f"http://127.0.0.1:{port}", process
+
+
+def invoke(url: str, payload: dict) -> dict:
+    request = urllib.request.Request(
+        f"{url}/invocations",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, lm_data, classification_data):
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("serving")
+    db = root / "store" / "template.db"
+    db.parent.mkdir()
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    store = new_store(root / "store", db)
+    models = {
+        "lm": register(store, root / "results", lm_data, "demo-lm", "causal_lm"),
+        "intent": register(
+            store, root / "results", classification_data, "demo-intent", "sequence_classification"
+        ),
+    }
+    labels = json.loads(classification_data["tokenize_manifest"].read_text())["label_names"]
+    servers = {}
+    try:
+        for name, model in models.items():
+            servers[name] = serve(store.uri, model["uri"], root / f"{name}.log")
+        for name, (url, process) in servers.items():
+            # Loading the pipeline takes the server a while on a busy machine.
+            wait_until_healthy(url, process, root / f"{name}.log", SERVE_TIMEOUT_S)
+        yield {
+            name: Served(url, models[name], labels if name == "intent" else [])
+            for name, (url, _) in servers.items()
+        }
+    finally:
+        for _, process in servers.values():
+            stop(process)
+
+
+def test_causal_lm_version_generates_a_continuation_per_prompt(served):
+    lm = served["lm"]
+    assert lm.model["uri"] == "models:/serving.demo-lm/1"
+    answer = invoke(lm.url, {"inputs": PROMPTS})
+    predictions = answer["predictions"]
+    assert len(predictions) == len(PROMPTS)
+    for prompt, text in zip(PROMPTS, predictions, strict=True):
+        assert isinstance(text, str) and text.startswith(prompt) and len(text) > len(prompt)
+
+
+def test_classifier_version_labels_each_text_with_a_known_label(served):
+    intent = served["intent"]
+    assert intent.model["uri"] == "models:/serving.demo-intent/1"
+    texts = ["Where is my parcel?", "I want my money back", "How do I reset my password?"]
+    predictions = invoke(intent.url, {"inputs": texts})["predictions"]
+    assert len(predictions) == len(texts)
+    for row in predictions:
+        assert row["label"] in intent.label_names
+        assert 0.0 <= row["score"] <= 1.0

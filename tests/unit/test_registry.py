@@ -1,0 +1,179 @@
+"""The final model in the Model Registry: logged with the transformers flavour on the train run,
+registered once per upload with the eval metrics as tags, its metrics linked to the test split,
+and no new version when the track rule runs again."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.entities import ViewType
+
+from snaketune.registry import (
+    MODEL_TAG,
+    SERVING_PACKAGES,
+    pip_requirements,
+    registered_model_name,
+    servable,
+)
+from snaketune.track import TrackSettings
+from tests.unit.test_track import (
+    METRICS,
+    MLFLOW_EXPERIMENT,
+    SPLIT_SHA,
+    StageInputs,
+    Store,
+    all_runs,
+    new_store,
+    settings_for,
+    track,
+    write_stage_files,
+    write_tiny_model,
+)
+
+NAME = "snaketune-tests.demo-lm"
+
+
+def test_registered_name_defaults_to_experiment_and_entry_names():
+    mlflow_config = {"experiment_name": "snaketune-demo", "register_models": True}
+    entry = {"name": "demo-lm", "registered_model_name": ""}
+    assert registered_model_name(mlflow_config, entry) == "snaketune-demo.demo-lm"
+    named = {**entry, "registered_model_name": "support-agent"}
+    assert registered_model_name(mlflow_config, named) == "support-agent"
+    assert registered_model_name({**mlflow_config, "register_models": False}, named) is None
+
+
+def test_pip_requirements_pin_the_installed_versions_without_local_tags():
+    requirements = pip_requirements()
+    assert [r.split("==")[0] for r in requirements] == list(SERVING_PACKAGES)
+    assert f"mlflow=={mlflow.__version__}" in requirements
+    assert all("+" not in r for r in requirements)  # torch's '+cpu' is not on PyPI
+
+
+def test_an_lstm_model_is_kept_as_an_artifact_and_not_registered(store, tmp_path):
+    inputs = write_stage_files(tmp_path / "results")
+    (inputs.model_dir / "config.json").unlink()
+    (inputs.model_dir / "snaketune_lstm.json").write_text("{}")
+    assert not servable(inputs.model_dir)
+    settings = settings_for(store.uri, store.artifact_location, NAME)
+    runs_path = tmp_path / "runs.json"
+    track(settings, inputs, runs_path)
+    assert json.loads(runs_path.read_text())["model"] is None
+    assert store.client.search_registered_models() == []
+
+
+# --- a real tiny model, registered (slow: importing transformers' pipelines takes ~20 s) --------
+
+
+@dataclass(frozen=True)
+class Registered:
+    store: Store
+    settings: TrackSettings
+    inputs: StageInputs
+    runs_path: Path
+    ids: dict[str, str]
+
+    @property
+    def model(self) -> dict[str, str]:
+        return json.loads(self.runs_path.read_text())["model"]
+
+
+def register_tiny_lm(root: Path, empty_db: Path, lm_data: dict) -> Registered:
+    store = new_store(root / "store", empty_db)
+    inputs = write_stage_files(root / "results")
+    write_tiny_model(lm_data, inputs.model_dir, "causal_lm")
+    settings = settings_for(store.uri, store.artifact_location, NAME)
+    runs_path = root / "results" / "runs.json"
+    ids = track(settings, inputs, runs_path)
+    return Registered(store, settings, inputs, runs_path, ids)
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory, empty_store_db, lm_data) -> Registered:
+    return register_tiny_lm(tmp_path_factory.mktemp("registered"), empty_store_db, lm_data)
+
+
+@pytest.mark.slow
+def test_model_is_logged_on_the_train_run_and_registered(registered):
+    client = registered.store.client
+    model = registered.model
+    assert model["name"] == NAME and model["version"] == "1"
+    assert model["uri"] == f"models:/{NAME}/1"
+    version = client.get_model_version(NAME, "1")
+    assert version.run_id == registered.ids["train"]
+    assert version.source == f"models:/{model['model_id']}"
+    logged = client.get_logged_model(model["model_id"])
+    assert logged.source_run_id == registered.ids["train"]
+    parent = client.get_run(registered.ids["parent"])
+    assert json.loads(parent.data.tags[MODEL_TAG]) == model
+    assert parent.info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_model_version_carries_the_eval_metrics_and_its_runs(registered):
+    version = registered.store.client.get_model_version(NAME, "1")
+    assert version.tags["eval.perplexity"] == str(METRICS["perplexity"])
+    assert version.tags["eval.accuracy"] == str(METRICS["accuracy"])
+    assert "eval.per_class.billing.f1" not in version.tags  # headline numbers only
+    for name in ("parent", "train", "evaluate"):
+        assert version.tags[f"snaketune.{name}_run_id"] == registered.ids[name]
+    assert version.tags["snaketune.task"] == "causal_lm"
+    assert registered.ids["evaluate"] in version.description
+    assert METRICS["protocol"] in version.description
+
+
+@pytest.mark.slow
+def test_eval_metrics_are_linked_to_the_logged_model_and_the_test_split(registered):
+    logged = registered.store.client.get_logged_model(registered.model["model_id"])
+    linked = {m.key: m for m in logged.metrics if m.key.startswith("eval.")}
+    assert linked["eval.perplexity"].value == METRICS["perplexity"]
+    assert linked["eval.perplexity"].run_id == registered.ids["evaluate"]
+    assert linked["eval.perplexity"].dataset_name == "support-demo/test"
+    assert linked["eval.perplexity"].dataset_digest == SPLIT_SHA["test"][:16]
+    assert linked["eval.per_class.billing.f1"].value == 0.88
+
+
+@pytest.mark.slow
+def test_logged_model_pins_its_requirements_and_answers(registered, monkeypatch):
+    model_id = registered.model["model_id"]
+    artifacts = registered.store.artifact_dir / "models" / model_id / "artifacts"
+    assert (artifacts / "requirements.txt").read_text().split() == pip_requirements()
+    assert "transformers" in (artifacts / "MLmodel").read_text()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.store.uri)
+    answers = mlflow.pyfunc.load_model(registered.model["uri"]).predict(["Customer: hi"])
+    assert len(answers) == 1 and answers[0].startswith("Customer: hi")
+
+
+@pytest.mark.slow
+def test_rerun_with_unchanged_results_registers_no_new_version(registered):
+    first = registered.model
+    again = track(registered.settings, registered.inputs, registered.runs_path)
+    assert again == registered.ids
+    assert registered.model == first
+    versions = registered.store.client.search_model_versions(f"name = '{NAME}'")
+    assert [str(v.version) for v in versions] == ["1"]
+
+
+@pytest.mark.slow
+def test_an_upload_cut_short_after_registering_is_replaced_with_its_version(
+    tmp_path, empty_store_db, lm_data
+):
+    """A parent left unfinished (the job died after registering): the rerun deletes its runs,
+    its model version and logged model, and registers the new upload's version instead."""
+    cut = register_tiny_lm(tmp_path, empty_store_db, lm_data)
+    client = cut.store.client
+    client.update_run(cut.ids["parent"], status="RUNNING")
+    ids = track(cut.settings, cut.inputs, cut.runs_path)
+    assert ids["parent"] != cut.ids["parent"]
+    live = client.search_model_versions(f"name = '{NAME}'")
+    assert [str(v.version) for v in live] == ["2"] and live[0].run_id == ids["train"]
+    assert cut.model["version"] == "2"
+    experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    models = client.search_logged_models([experiment.experiment_id])
+    assert [m.source_run_id for m in models] == [ids["train"]]
+    active = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ACTIVE_ONLY)
+    assert {r.info.run_id for r in active} == set(ids.values())
+    assert len(all_runs(client)) == 2 * len(ids)

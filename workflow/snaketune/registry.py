@@ -1,0 +1,198 @@
+"""The final model in MLflow's Model Registry: logged with the transformers flavour from the
+train stage's output, and registered as a version that carries the evaluation metrics and
+names the train and evaluate runs it came from.
+
+The model is logged as a transformers pipeline object, so its weights are loaded into memory
+here once: handing mlflow the checkpoint directory instead (which would skip that) fails with
+mlflow 3.17 and transformers 5 (an AttributeError in build_flavor_config_from_local_checkpoint).
+The logged model holds its own copy of the weights, beside the train run's raw `model` artifact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PIPELINE_TASKS = {"causal_lm": "text-generation", "sequence_classification": "text-classification"}
+# What `mlflow models serve` needs to load the pipeline. Given explicitly: mlflow's inference of
+# requirements imports optional packages (torchvision) that are not installed.
+SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors")
+TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
+MODEL_TAG = "snaketune.model"
+"""Parent run tag holding the registered version, so a rerun reuses it instead of registering."""
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    version: str
+    model_id: str
+    """The MLflow logged model (models:/<model_id>) the version points to."""
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def as_dict(self) -> dict[str, str]:
+        return {**asdict(self), "uri": self.uri}
+
+
+def registered_model_name(mlflow_config: dict[str, Any], experiment: dict[str, Any]) -> str | None:
+    """The experiment's registry name, or None when the config turns registration off."""
+    if not mlflow_config.get("register_models", True):
+        return None
+    return experiment.get("registered_model_name") or (
+        f"{mlflow_config['experiment_name']}.{experiment['name']}"
+    )
+
+
+def pip_requirements() -> list[str]:
+    """The installed versions, without local tags such as '+cpu' (not on PyPI)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+
+
+def servable(model_dir: Path) -> bool:
+    """Only transformers models make a pipeline; the LSTM baseline stays a plain artifact."""
+    from snaketune.models import LSTM_CONFIG
+
+    return (Path(model_dir) / "config.json").exists() and not (
+        Path(model_dir) / LSTM_CONFIG
+    ).exists()
+
+
+@contextlib.contextmanager
+def _tracking_uri(uri: str) -> Iterator[None]:
+    """mlflow's log_model, and the registry's check of a version's models:/ source, use the
+    process-wide tracking URI, not the client's."""
+    import mlflow
+
+    previous_env = os.environ.get(TRACKING_URI_VARIABLE)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        # Unset again (the track job sets none), and put back the environment variable, which
+        # set_tracking_uri overwrote and which would otherwise outrank the configured store.
+        mlflow.set_tracking_uri(None)
+        if previous_env is None:
+            os.environ.pop(TRACKING_URI_VARIABLE, None)
+        else:
+            os.environ[TRACKING_URI_VARIABLE] = previous_env
+
+
+def inference_config(task: str, evaluate: dict[str, Any]) -> dict[str, Any]:
+    """What the served pipeline applies to every request (generation length for the LM)."""
+    if task == "causal_lm":
+        return {"max_new_tokens": int(evaluate.get("max_new_tokens", 40))}
+    return {}
+
+
+def log_model(uri: str, run_id: str, model_dir: Path, task: str, config: dict[str, Any]):
+    """Log the pipeline as the run's logged model 'model'; returns mlflow's ModelInfo
+    (model_id, model_uri)."""
+    import mlflow
+    from transformers import pipeline
+
+    pipe = pipeline(PIPELINE_TASKS[task], model=str(model_dir), device="cpu")
+    # The active run puts the logged model in the run's experiment (else: the default one).
+    with _tracking_uri(uri), mlflow.start_run(run_id=run_id):
+        return mlflow.transformers.log_model(
+            pipe,
+            name="model",
+            pip_requirements=pip_requirements(),
+            model_config=config or None,
+        )
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """What a model version says about where it came from."""
+
+    experiment: str
+    config: dict[str, Any]
+    config_hash: str
+    eval_metrics: dict[str, Any]
+    run_ids: dict[str, str]
+    """'parent', 'train' and 'evaluate' at least."""
+
+    def tags(self) -> dict[str, str]:
+        """The headline (top-level, numeric) eval metrics, then the runs it came from."""
+        scores = {
+            f"eval.{key}": str(value)
+            for key, value in self.eval_metrics.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        }
+        links = {
+            f"snaketune.{name}_run_id": self.run_ids[name]
+            for name in ("parent", "train", "evaluate")
+        }
+        return {
+            **scores,
+            "snaketune.experiment": self.experiment,
+            "snaketune.task": self.config["task"],
+            "snaketune.config_hash": self.config_hash,
+            **links,
+        }
+
+    def description(self) -> str:
+        return (
+            f"{self.experiment}: {self.config['task']} on {self.config.get('dataset', '?')}, "
+            f"trained in run {self.run_ids['train']}, evaluated in run "
+            f"{self.run_ids['evaluate']}. Evaluation protocol: "
+            f"{self.eval_metrics.get('protocol', 'n/a')}"
+        )
+
+
+def register(client, name: str, info, record: VersionRecord) -> RegisteredModel:
+    """A new version of `name` for the logged model, linked to the train run that made it."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:  # registered by an earlier run: add a version to it
+        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+    with _tracking_uri(client.tracking_uri):
+        version = client.create_model_version(
+            name,
+            info.model_uri,
+            run_id=record.run_ids["train"],
+            tags=record.tags(),
+            description=record.description(),
+            model_id=info.model_id,
+        )
+    return RegisteredModel(name, str(version.version), info.model_id)
+
+
+def linked_metrics(metrics: list, model_id: str | None, split) -> list:
+    """The eval metrics tied to the logged model and to the test split they were measured on
+    (a lineage.SplitDataset or None), so the model's page in MLflow shows them."""
+    from mlflow.entities import Metric
+
+    if model_id is None:
+        return metrics
+    dataset = {"dataset_name": split.name, "dataset_digest": split.digest} if split else {}
+    return [
+        Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, **dataset) for m in metrics
+    ]
+
+
+def delete_models_of(client, experiment_id: str, run_id: str) -> None:
+    """Remove what an upload cut short left in the registry for one of its runs."""
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        client.delete_model_version(version.name, version.version)
+    for model in client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}'"
+    ):
+        client.delete_logged_model(model.model_id)
+
+
+def recorded(tags: dict[str, str]) -> dict[str, str] | None:
+    return json.loads(tags.get(MODEL_TAG, "null"))

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
+import socketserver
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CORPUS = REPO / "workflow" / "resources" / "demo" / "support.jsonl.gz"
 SHARED_DATA = REPO.parent / "shared" / "data"
+DEFAULT_CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -89,6 +99,32 @@ def classification_data(tmp_path_factory) -> dict[str, Path]:
     return prepare_stage_data(tmp_path_factory.mktemp("cls-data"), "sequence_classification")
 
 
+def run_training(
+    data: dict,
+    out: Path,
+    task: str,
+    model,
+    settings,
+    shards: Path | None = None,
+    manifest: Path | None = None,
+) -> list[dict]:
+    """train_model on prepared stage data, writing model, history, manifest and state under out."""
+    from snaketune.train import train_model
+
+    return train_model(
+        shards or data["shards"],
+        manifest or data["tokenize_manifest"],
+        data["tokenizer"],
+        out / "model",
+        out / "history.jsonl",
+        out / "manifest.json",
+        out / "state",
+        task,
+        model,
+        settings,
+    )
+
+
 def train_cli_args(data: dict, out: Path, payload: dict) -> list[str]:
     """`train` and its arguments as the train rule passes them (after the launcher)."""
     return [
@@ -110,3 +146,73 @@ def train_cli_args(data: dict, out: Path, payload: dict) -> list[str]:
         "--settings",
         json.dumps(payload),
     ]
+
+
+@pytest.fixture
+def no_proxy(monkeypatch) -> None:
+    """urllib honours *_proxy variables; a proxy from the environment must not see loopback."""
+    for name in (
+        "http_proxy",
+        "https_proxy",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def origin(no_proxy) -> Iterator:
+    """A misbehaving HTTP origin server on 127.0.0.1 (tests/downloads.py)."""
+    from tests.downloads import Origin
+
+    with serving(Origin()) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def serving(server: socketserver.BaseServer) -> Iterator:
+    """Serve on a thread while the block runs (test servers bind 127.0.0.1 only)."""
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def config_with(**changes) -> dict:
+    """The default config with `a__0__b=value` meaning config["a"][0]["b"] = value."""
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    for dotted, value in changes.items():
+        target = config
+        *parents, last = dotted.split("__")
+        for key in parents:
+            target = target[int(key)] if key.isdigit() else target[key]
+        target[last] = value
+    return config
+
+
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    """The real workflow's snakemake, run in `workdir` on workdir/config.yaml."""
+    return [
+        SNAKEMAKE,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        *args,
+    ]
+
+
+def snakemake_with(tmp_path: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+    """Run the real workflow's snakemake on `config` in tmp_path."""
+    config = {**config, "results_dir": str(tmp_path / "results")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    command = snakemake_command(tmp_path, *args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)

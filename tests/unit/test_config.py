@@ -1,55 +1,16 @@
-"""Config validation: every problem names its key and what is allowed, before any job runs."""
+"""Config validation: the default config is valid, cross-checks between keys, and the train
+rule's launcher. Problems that must stop a run before any job are in tests/reliability."""
 
 from __future__ import annotations
 
-import copy
-import subprocess
-import sys
 from pathlib import Path
 
-import yaml
-
 from snaketune.config import cross_checks, schema_problems
-from tests.conftest import REPO
-
-DEFAULT_CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
-
-
-def config_with(**changes) -> dict:
-    config = copy.deepcopy(DEFAULT_CONFIG)
-    for dotted, value in changes.items():
-        target = config
-        *parents, last = dotted.split("__")
-        for key in parents:
-            target = target[int(key)] if key.isdigit() else target[key]
-        target[last] = value
-    return config
+from tests.conftest import DEFAULT_CONFIG, config_with, snakemake_with
 
 
 def test_default_config_is_valid():
     assert schema_problems(DEFAULT_CONFIG) == []
-
-
-def test_unknown_key_is_named_with_the_allowed_keys():
-    problems = schema_problems(config_with(experiments__0__train__learning_rate=0.1))
-    assert len(problems) == 1
-    assert "experiments[0].train" in problems[0]
-    assert "'learning_rate'" in problems[0] and "'lr'" in problems[0]
-
-
-def test_bad_enum_names_key_and_allowed_values():
-    (problem,) = schema_problems(config_with(experiments__1__task="regression"))
-    assert problem.startswith("experiments[1].task:")
-    assert "'regression'" in problem and "causal_lm" in problem
-    assert "sequence_classification" in problem
-
-
-def test_wrong_type_and_out_of_range_are_both_reported():
-    problems = schema_problems(
-        config_with(experiments__0__train__max_steps="many", experiments__0__model__dropout=2.0)
-    )
-    keys = sorted(p.split(":")[0] for p in problems)
-    assert keys == ["experiments[0].model.dropout", "experiments[0].train.max_steps"]
 
 
 def test_cross_checks_find_missing_dataset_and_bad_ratios():
@@ -73,34 +34,6 @@ def _with_defaults(config: dict) -> dict:
 
     validate(config, str(SCHEMA))
     return config
-
-
-def snakemake_with(tmp_path: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
-    """Run the real workflow's snakemake on `config` in tmp_path."""
-    config = {**config, "results_dir": str(tmp_path / "results")}
-    config_path = tmp_path / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    command = [
-        str(Path(sys.executable).with_name("snakemake")),
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(tmp_path),
-        "--configfile",
-        str(config_path),
-        *args,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
-
-
-def test_snakemake_refuses_a_bad_config_before_any_job(tmp_path: Path):
-    result = snakemake_with(
-        tmp_path, config_with(experiments__0__task="regression"), "--cores", "1"
-    )
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert "experiments[0].task" in output and "sequence_classification" in output
-    assert not (tmp_path / "results").exists()
 
 
 def test_train_rule_launches_torchrun_for_several_processes(tmp_path: Path):

@@ -3,12 +3,20 @@ import json
 import os
 import re
 import sys
+from dataclasses import asdict
 from urllib.parse import urlparse
 
 from snakemake.utils import validate
 
+from snaketune.clean import read_settings_for
 from snaketune.config import SCHEMA, cross_checks, raise_if_invalid, schema_problems
+from snaketune.partitions import (
+    fixed_partition_counts,
+    partition_names,
+    planned_partition_counts,
+)
 from snaketune.provenance import write_invocation
+from snaketune.registry import registered_model_name
 from snaketune.track import configured_tracking_uri, effective_tracking_uri, redact
 
 # Readable problems first (every key at once), then snakemake's validate fills the defaults.
@@ -26,6 +34,8 @@ TRACKING_URI = configured_tracking_uri(config["mlflow"]["tracking_uri"], R)
 wildcard_constraints:
     experiment="|".join(re.escape(name) for name in EXPERIMENTS),
     dataset="|".join(re.escape(name) for name in config["datasets"]),
+    split="train|val|test",
+    part=r"\d{5}",
 
 
 def get_final_outputs():
@@ -38,7 +48,7 @@ def dataset_of(wildcards):
 
 def resolve_url(url):
     """Relative paths are relative to the repository, wherever snakemake runs."""
-    if urlparse(url).scheme in ("http", "https", "file"):
+    if urlparse(url).scheme in ("http", "https", "file", "hf"):
         return url
     return url if os.path.isabs(url) else os.path.join(workflow.basedir, url)
 
@@ -60,12 +70,7 @@ def get_download_settings(wildcards):
 
 def get_clean_settings(wildcards):
     exp, ds = EXPERIMENTS[wildcards.experiment], dataset_of(wildcards)
-    read_keys = ("format", "text_column", "header", "column_names", "quoting")
-    read = {key: ds[key] for key in read_keys}
-    read["text_template"] = exp["text_template"]
-    read["label_column"] = (
-        ds["label_column"] if exp["task"] == "sequence_classification" else None
-    )
+    read = asdict(read_settings_for(ds, exp["task"], exp["text_template"]))
     return json.dumps({"read": read, "clean": exp["clean"], "member": ds["member"]})
 
 
@@ -83,6 +88,33 @@ get_tokenizer_settings = _section("tokenizer")
 def get_tokenize_settings(wildcards):
     exp = EXPERIMENTS[wildcards.experiment]
     return json.dumps({"task": exp["task"], **exp["tokenize"]})
+
+
+def get_partition_settings(wildcards):
+    exp = EXPERIMENTS[wildcards.experiment]
+    part = {"split": wildcards.split, "part": int(wildcards.part)}
+    return json.dumps({"task": exp["task"], **exp["tokenize"], **part})
+
+
+def get_tokenize_parts_dir(wildcards):
+    return f"{R}/{wildcards.experiment}/tokenize/parts"
+
+
+def get_tokenize_partitions(wildcards):
+    """Every tokenize_partition job's outputs. With tokenize.partitions: auto their number
+    depends on the splits' sizes, known once the plan_partitions checkpoint has run."""
+    partitions = EXPERIMENTS[wildcards.experiment]["tokenize"]["partitions"]
+    counts = fixed_partition_counts(partitions)
+    if counts is None:
+        plan = checkpoints.plan_partitions.get(experiment=wildcards.experiment).output.plan
+        counts = planned_partition_counts(plan)
+    splits, parts = zip(*partition_names(counts))
+    jobs = {"split": splits, "part": parts, "experiment": [wildcards.experiment] * len(parts)}
+    outputs = rules.tokenize_partition.output
+    return {
+        "part_shards": expand(outputs.shards, zip, **jobs),
+        "part_manifests": expand(outputs.manifest, zip, **jobs),
+    }
 
 
 def get_train_settings(wildcards):
@@ -119,6 +151,9 @@ def get_track_settings(wildcards):
             "artifact_location": artifacts,
             "config": EXPERIMENTS[wildcards.experiment],
             "provenance": f"{R}/provenance.json",
+            "registered_model_name": registered_model_name(
+                config["mlflow"], EXPERIMENTS[wildcards.experiment]
+            ),
         }
     )
 

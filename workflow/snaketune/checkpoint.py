@@ -62,8 +62,15 @@ def _as_tuples(value):
 
 
 def save_checkpoint(state_dir: Path, state: dict[str, Any]) -> None:
-    with atomic_path(Path(state_dir) / CHECKPOINT) as tmp:
-        torch.save({**state, "rng": rng_state()}, tmp)
+    path = Path(state_dir) / CHECKPOINT
+    try:
+        with atomic_path(path) as tmp:
+            torch.save({**state, "rng": rng_state()}, tmp)
+    except RuntimeError as err:  # torch reports a refused write as e.g. "unexpected pos 704"
+        raise TrainingError(
+            f"could not write checkpoint {path} at step {state['step']} ({err}); the previous "
+            f"checkpoint, if any, is kept. Check the free space in {state_dir} and rerun."
+        ) from err
     log.info("checkpoint written at step %d", state["step"])
 
 
@@ -106,3 +113,11 @@ def last_checkpoint_step(state_dir: Path) -> int | None:
     if not path.exists():
         return None
     return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
+
+
+def last_good(state_dir: Path) -> str:
+    """Where a rerun with the same settings would resume from, said for an error message."""
+    step = last_checkpoint_step(state_dir)
+    if step is None:
+        return f"no checkpoint has been written to {state_dir} yet (train.checkpoint_every)"
+    return f"the last good checkpoint is step {step} in {state_dir}"

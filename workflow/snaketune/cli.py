@@ -56,6 +56,45 @@ def _tokenize(args, s):
     tokenize_shards(splits, args.tokenizer, args.out, args.manifest, TokenizeSettings(**s))
 
 
+def _tokenize_plan(args, s):
+    from snaketune.partitions import plan_partitions
+    from snaketune.shards import TokenizeSettings
+
+    splits = {"train": args.train, "val": args.val, "test": args.test}
+    plan_partitions(splits, args.tokenizer, args.plan, args.encoder, TokenizeSettings(**s))
+
+
+def _tokenize_partition(args, s):
+    from snaketune.shards import TokenizeSettings, tokenize_partition
+
+    split, part = s.pop("split"), s.pop("part")  # the job's wildcards
+    tokenize_partition(
+        args.split_file,
+        args.plan,
+        args.encoder,
+        split,
+        part,
+        args.out,
+        args.manifest,
+        TokenizeSettings(**s),
+    )
+
+
+def _tokenize_gather(args, s):
+    from snaketune.shards import TokenizeSettings, gather_shards
+
+    splits = {"train": args.train, "val": args.val, "test": args.test}
+    gather_shards(
+        splits,
+        args.tokenizer,
+        args.plan,
+        args.parts,
+        args.out,
+        args.manifest,
+        TokenizeSettings(**s),
+    )
+
+
 def _train(args, s):
     from snaketune.models import ModelSettings
     from snaketune.train import TrainSettings, train_model
@@ -102,7 +141,15 @@ def _track(args, s):
         StageFiles(name, Path(manifest), tuple(Path(a) for a in artifacts))
         for name, manifest, *artifacts in args.stage
     ]
-    track_experiment(TrackSettings(**s), stages, args.history, args.metrics, args.runs)
+    track_experiment(
+        TrackSettings(**s),
+        stages,
+        args.history,
+        args.metrics,
+        args.runs,
+        model_dir=args.model,
+        system_metrics=args.system_metrics,
+    )
 
 
 STAGES = {
@@ -111,6 +158,15 @@ STAGES = {
     "split": (_split, ["corpus", "train", "val", "test", "manifest"]),
     "tokenizer": (_tokenizer, ["train", "out", "manifest"]),
     "tokenize": (_tokenize, ["train", "val", "test", "tokenizer", "out", "manifest"]),
+    "tokenize-plan": (_tokenize_plan, ["train", "val", "test", "tokenizer", "plan", "encoder"]),
+    "tokenize-partition": (
+        _tokenize_partition,
+        ["split-file", "plan", "encoder", "out", "manifest"],
+    ),
+    "tokenize-gather": (
+        _tokenize_gather,
+        ["train", "val", "test", "tokenizer", "plan", "parts", "out", "manifest"],
+    ),
     "train": (
         _train,
         ["shards", "tokenize-manifest", "tokenizer", "out", "history", "manifest", "state-dir"],
@@ -119,7 +175,7 @@ STAGES = {
         _evaluate,
         ["model", "shards", "tokenize-manifest", "train", "test", "metrics", "samples", "manifest"],
     ),
-    "track": (_track, ["history", "metrics", "runs"]),
+    "track": (_track, ["history", "metrics", "runs", "model", "system-metrics"]),
 }
 
 

@@ -2,12 +2,14 @@
 
 A stage never leaves a half-written file under its final name: it writes to a temporary sibling
 and renames it into place (rename is atomic on one filesystem), so a killed job leaves either
-the old output or nothing.
+the old output or nothing. A write the filesystem refuses (full disk, quota, file size limit,
+read-only mount) becomes an OutputError that names the output; the temporary is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -17,10 +19,19 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from snaketune.errors import OutputError
+
 _CHUNK = 1 << 20
 # Parquet row groups are the unit a reader decodes at once: small groups keep streaming readers'
 # memory flat however large the file is.
 PARQUET_ROW_GROUP_ROWS = 8192
+# Failures that say the filesystem will not take the bytes, not that the writer is wrong.
+_REFUSED = {
+    errno.ENOSPC: ("no space left on the device", "free space on the filesystem of {folder}"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota on {folder}"),
+    errno.EFBIG: ("file size limit reached", "raise the file size limit (ulimit -f)"),
+    errno.EROFS: ("read-only filesystem", "point results_dir at a writable folder"),
+}
 
 
 def _umask() -> int:
@@ -54,18 +65,45 @@ def sha256_tree(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _make_temp_file(prefix: str, suffix: str, dir: Path) -> str:
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=dir)
+    os.close(fd)
+    return name
+
+
+def _temporary_beside(final: Path, make) -> Path:
+    """A new temporary sibling of `final` made by `make` (mkstemp or mkdtemp style)."""
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return Path(make(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    except OSError as err:
+        raise OutputError(
+            f"cannot write {final}: its folder {final.parent} cannot be created or written "
+            f"({err.strerror or err}). Point results_dir at a writable folder and rerun."
+        ) from err
+
+
+def _raise_if_refused(final: Path, err: OSError) -> None:
+    if err.errno in _REFUSED:
+        what, advice = _REFUSED[err.errno]
+        raise OutputError(
+            f"could not write {final}: {what} ({err}). Nothing was kept under that name; "
+            f"{advice.format(folder=final.parent)} and rerun."
+        ) from err
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _temporary_beside(final, _make_temp_file)
     _open_permissions(tmp, 0o666)
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as err:
+        _raise_if_refused(final, err)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -74,14 +112,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; swap it in for `final` on success."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = _temporary_beside(final, tempfile.mkdtemp)
     _open_permissions(tmp, 0o777)
     try:
         yield tmp
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as err:
+        _raise_if_refused(final, err)
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

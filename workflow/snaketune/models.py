@@ -15,6 +15,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from snaketune.errors import ModelError, not_loadable
+
 ARCHS = ("gpt2", "lstm")
 LSTM_CONFIG = "snaketune_lstm.json"
 
@@ -181,12 +183,8 @@ def _load_hf(name_or_path: str | None, task: str, trust_remote_code: bool, **kwa
         extra["ignore_mismatched_sizes"] = True  # a new head for this label set
     try:
         return cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
-    except OSError as err:
-        raise OSError(
-            f"could not load model {name_or_path!r}: give a local directory saved with "
-            f"save_pretrained, or a hub id reachable from here (offline runs need a local path "
-            f"or a filled cache). ({err})"
-        ) from err
+    except (OSError, ValueError) as err:
+        raise ModelError(not_loadable("model", "model.name_or_path", name_or_path, err)) from err
 
 
 def load_trained(model_dir: Path, task: str) -> nn.Module:

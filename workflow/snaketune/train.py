@@ -11,6 +11,7 @@ its slice of every batch, and process 0 alone writes checkpoints and outputs.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,6 +20,7 @@ import random
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import torch
 from snaketune import distributed, plots
 from snaketune.batches import Examples, batch_indices, load_examples
 from snaketune.checkpoint import (
+    last_good,
     load_best,
     load_checkpoint,
     save_best,
@@ -44,6 +47,7 @@ from snaketune.models import (
     count_parameters,
     unwrap_for_saving,
 )
+from snaketune.system_metrics import sample_system_metrics, system_metrics_path
 
 log = logging.getLogger(__name__)
 LOSS_CURVE = "loss_curve.png"  # written beside history.jsonl
@@ -209,12 +213,14 @@ def one_step(run: Run, step: int) -> dict:
             loss.backward()
         loss_sum += loss.item()
     loss_sum = distributed.mean(loss_sum, run.device)
-    if not math.isfinite(loss_sum):
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip))
+    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+        # Stop before the update: the weights, checkpoints and outputs never hold a NaN.
         raise TrainingError(
-            f"loss became {loss_sum} at step {step + 1}; the last good checkpoint is in "
-            f"{run.state_dir}. Lower train.lr or check the data, then rerun."
+            f"loss {loss_sum} (gradient norm {grad_norm}) at step {step + 1}; training "
+            f"stopped before updating the weights and saved no model; {last_good(run.state_dir)}. "
+            "Lower train.lr or check the data (changed settings start again from step 0)."
         )
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     return {
@@ -224,6 +230,27 @@ def one_step(run: Run, step: int) -> dict:
         "grad_norm": float(grad_norm),
         "tokens": tokens * world.size,
     }
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(run: Run, step: int) -> Iterator[None]:
+    """A step that cannot allocate its activations becomes advice on the batch settings."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as err:  # CUDA, CPU (torch) and numpy say it differently
+        text = str(err) or type(err).__name__
+        if not isinstance(err, torch.OutOfMemoryError | MemoryError) and not any(
+            sign in text for sign in ("out of memory", "can't allocate memory")
+        ):
+            raise
+        s = run.settings
+        raise TrainingError(
+            f"out of memory at step {step + 1} on {run.device} with train.batch_size="
+            f"{s.batch_size} and train.grad_accum={s.grad_accum}: divide batch_size and multiply "
+            f"grad_accum by the same factor (the batch per step, {s.batch_size * s.grad_accum}, "
+            "stays the same), or lower tokenize.block_size / max_length; "
+            f"{last_good(run.state_dir)}. ({text.splitlines()[0]})"
+        ) from err
 
 
 def evaluate_and_track_best(run: Run, progress: Progress, row: dict) -> None:
@@ -268,7 +295,8 @@ def train_steps(run: Run, progress: Progress) -> Progress:
         mininterval=5,
         disable=not run.world.is_main,
     ):
-        row = one_step(run, step)
+        with out_of_memory_advice(run, step):
+            row = one_step(run, step)
         elapsed, started = time.perf_counter() - started, time.perf_counter()
         row["tokens_per_s"] = row.pop("tokens") / max(elapsed, 1e-9)
         progress.step = row["step"]
@@ -396,7 +424,8 @@ def train_model(
                 " with bf16 autocast" if run.autocast else "",
                 resumed_from,
             )
-            progress = train_steps(run, progress)
+            with sample_system_metrics(system_metrics_path(history_path), run.device):
+                progress = train_steps(run, progress)
             if settings.early_stopping_patience and progress.best_step:
                 load_best(state_dir, run.model)  # the best evaluated weights are the result
             save_final(run.model, tokenizer_dir, out_dir, progress.history, history_path)

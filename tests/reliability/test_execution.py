@@ -1,0 +1,364 @@
+"""Reliability scenarios 10-17: killed, interrupted and failing runs keep what they finished,
+leave nothing half-written under a final name, say what happened, and resume. See README.md."""
+
+from __future__ import annotations
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from snaketune.checkpoint import CHECKPOINT
+from snaketune.errors import OutputError, TrainingError
+from snaketune.fileio import atomic_dir, atomic_path, write_json
+from snaketune.partitions import plan_partitions
+from snaketune.shards import TokenizeSettings
+from snaketune.train import TrainSettings
+from tests.conftest import run_training, snakemake_command
+from tests.reliability.conftest import (
+    EXPERIMENT,
+    TINY_MODEL,
+    rerun_resumes,
+    run_snakemake,
+    single_thread_env,
+    train_command,
+    wait_for,
+    workdir_with,
+)
+
+SNAKETUNE = str(Path(sys.executable).with_name("snaketune"))
+
+
+def manifest_counts(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())["counts"]
+
+
+# --- 10. SIGKILL mid-step ------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_mid_training_resumes_from_checkpoint_with_identical_weights(lm_data, tmp_path):
+    settings = TrainSettings(
+        max_steps=150, batch_size=8, warmup_steps=5, eval_every=50, checkpoint_every=10
+    )
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(
+        train_command(lm_data, straight, settings),
+        check=True,
+        env=single_thread_env(),
+        capture_output=True,
+        timeout=300,
+    )
+
+    job = subprocess.Popen(
+        train_command(lm_data, killed, settings),
+        env=single_thread_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = killed / "state" / CHECKPOINT
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert job.returncode == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (killed / "model").exists()
+    killed_at = torch.load(checkpoint, weights_only=True)["step"]
+    assert 0 < killed_at < settings.max_steps
+
+    rerun_resumes(lm_data, killed, settings, killed_at)
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert manifest["counts"]["resumed_from_step"] == killed_at
+
+    a = load_file(straight / "model" / "model.safetensors")
+    b = load_file(killed / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    history_a = (straight / "history.jsonl").read_text().splitlines()
+    history_b = (killed / "history.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in history_a] == [json.loads(x)["loss"] for x in history_b]
+
+
+# --- 11. SIGTERM ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_before_exit_and_the_rerun_resumes(lm_data, tmp_path):
+    # No periodic checkpoint before the signal: the one found afterwards is SIGTERM's.
+    settings = TrainSettings(
+        max_steps=400, batch_size=8, warmup_steps=5, eval_every=400, checkpoint_every=1000
+    )
+    job = subprocess.Popen(
+        train_command(lm_data, tmp_path, settings),
+        env=single_thread_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in job.stderr:
+        if "training gpt2" in line:  # set-up done, steps under way
+            break
+    time.sleep(1.0)
+    job.send_signal(signal.SIGTERM)
+    rest = job.stderr.read()
+    job.wait(timeout=120)
+    assert job.returncode != 0 and "SIGTERM received" in rest
+    saved = torch.load(tmp_path / "state" / CHECKPOINT, weights_only=True)["step"]
+    assert 0 < saved < settings.max_steps
+    assert not (tmp_path / "model").exists()
+
+    rerun_resumes(lm_data, tmp_path, settings, saved)
+
+
+# --- 12. crash while writing a checkpoint --------------------------------------------------------
+
+
+def test_half_written_checkpoint_is_ignored_and_removed(lm_data, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    partial = state / f".{CHECKPOINT}.abc123.tmp"
+    partial.write_bytes(b"\x80\x02 truncated")
+    run_training(
+        lm_data,
+        tmp_path,
+        "causal_lm",
+        TINY_MODEL,
+        TrainSettings(max_steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2),
+    )
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["counts"]["resumed_from_step"] == 0
+    assert not partial.exists()
+
+
+@pytest.mark.slow
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(lm_data, tmp_path):
+    settings = TrainSettings(
+        max_steps=100, batch_size=8, warmup_steps=5, eval_every=100, checkpoint_every=10
+    )
+    # Python ignores SIGXFSZ; with the default action back, a write past the file size limit
+    # kills the trainer in the middle of that write, as a crash would.
+    prelude = [
+        "import resource, signal",
+        "signal.signal(signal.SIGXFSZ, signal.SIG_DFL)",
+        "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))",
+    ]
+    job = subprocess.Popen(
+        train_command(lm_data, tmp_path, settings, *prelude),
+        env=single_thread_env(),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoint = tmp_path / "state" / CHECKPOINT
+    wait_for(lambda: checkpoint.exists() or job.poll() is not None, 300)
+    size = checkpoint.stat().st_size
+    resource.prlimit(job.pid, resource.RLIMIT_FSIZE, (size // 2, resource.RLIM_INFINITY))
+    job.wait(timeout=300)
+
+    assert job.returncode == -signal.SIGXFSZ
+    (partial,) = (tmp_path / "state").glob(f".{CHECKPOINT}.*.tmp")
+    assert 0 < partial.stat().st_size <= size // 2
+    kept = torch.load(checkpoint, weights_only=True)["step"]
+    assert kept % 10 == 0 and 0 < kept < settings.max_steps
+
+    history = run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, settings)
+
+    assert manifest_counts(tmp_path)["resumed_from_step"] == kept
+    assert len(history) == settings.max_steps
+    assert not partial.exists()
+
+
+# --- 13. a stage killed mid-write under snakemake ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_stage_is_marked_incomplete_and_rerun_incomplete_resumes_it(interrupted_pipeline):
+    run = interrupted_pipeline
+    exp = run.results / EXPERIMENT
+    # Killed while train_model was saving: its model folder was there, nothing downstream was.
+    assert run.killed["train/model"] and not run.killed["evaluate"]
+    output = run.dry_run.stdout + run.dry_run.stderr
+    assert run.dry_run.returncode != 0
+    assert "seem to be incomplete" in output and "--rerun-incomplete" in output
+    assert f"results/{EXPERIMENT}/train/model" in output
+
+    train_log = (exp / "train" / "train.log").read_text()
+    resumed = manifest_counts(exp / "train")["resumed_from_step"]
+    assert resumed > 0 and f"resumed from checkpoint at step {resumed}" in train_log
+    assert (exp / "evaluate" / "metrics.json").exists()
+    assert (exp / "track" / "runs.json").exists()
+
+
+# --- 14. disk full or unwritable results dir while writing shards ---------------------------------
+
+
+def test_file_size_limit_while_writing_shards_is_named_and_nothing_is_kept(lm_data, tmp_path):
+    settings = TokenizeSettings(task="causal_lm", block_size=32)
+    work = tmp_path / "tokenize"
+    plan, encoder = work / "plan.json", work / "encoder.json"
+    plan_partitions(lm_data["splits"], lm_data["tokenizer"], plan, encoder, settings)
+    out, manifest = work / "parts" / "train" / "00000", work / "parts" / "train" / "00000.json"
+    job_settings = {**asdict(settings), "split": "train", "part": 0}
+    command = [
+        SNAKETUNE,
+        "tokenize-partition",
+        "--split-file",
+        str(lm_data["splits"]["train"]),
+        "--plan",
+        str(plan),
+        "--encoder",
+        str(encoder),
+        "--out",
+        str(out),
+        "--manifest",
+        str(manifest),
+        "--settings",
+        json.dumps(job_settings),
+    ]
+    # A file size limit is the full disk a process meets without privileges (root included).
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: resource.setrlimit(
+            resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY)
+        ),
+    )
+
+    assert result.returncode == 1
+    assert f"snaketune tokenize-partition: error: could not write {out}: file size limit" in (
+        result.stderr
+    )
+    assert "Nothing was kept under that name" in result.stderr
+    assert sorted(p.name for p in (work / "parts" / "train").iterdir()) == []  # no temporaries
+
+
+def test_results_dir_that_cannot_be_created_is_named(tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the results folder should be")
+    target = blocker / "demo-lm" / "split" / "manifest.json"
+    with pytest.raises(OutputError, match=rf"cannot write {target}: its folder .* cannot be"):
+        write_json(target, {"stage": "split"})
+    with pytest.raises(OutputError, match="Point results_dir at a writable folder"):
+        with atomic_dir(blocker / "demo-lm" / "tokenize" / "shards"):
+            pass
+
+
+def test_full_disk_inside_an_atomic_write_keeps_the_old_file(tmp_path):
+    final = tmp_path / "shards" / "shard-00000.parquet"
+    final.parent.mkdir()
+    final.write_bytes(b"the complete shard of an earlier run")
+    with pytest.raises(OutputError) as caught:
+        with atomic_path(final), open("/dev/full", "wb") as full:  # every write: ENOSPC
+            full.write(b"x" * 65536)
+            full.flush()
+    assert f"could not write {final}: no space left on the device" in str(caught.value)
+    assert final.read_bytes() == b"the complete shard of an earlier run"
+    assert [p.name for p in final.parent.iterdir()] == [final.name]
+
+
+# --- 15. NaN / inf loss --------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_before_the_update_naming_the_step_and_the_last_checkpoint(
+    lm_data, tmp_path
+):
+    # A learning rate no schema allows: one AdamW step moves every weight by about 1e20, so the
+    # next forward pass overflows.
+    settings = TrainSettings(
+        max_steps=20, batch_size=8, lr=1e20, warmup_steps=0, checkpoint_every=1, eval_every=20
+    )
+    with pytest.raises(TrainingError) as caught:
+        run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, settings)
+
+    message = str(caught.value)
+    assert "at step 2; training stopped before updating the weights and saved no model" in message
+    assert f"the last good checkpoint is step 1 in {tmp_path / 'state'}" in message
+    assert "Lower train.lr" in message
+    for output in ("model", "history.jsonl", "manifest.json"):
+        assert not (tmp_path / output).exists()
+    state = torch.load(tmp_path / "state" / CHECKPOINT, weights_only=True)
+    assert state["step"] == 1
+    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values())
+
+
+# --- 16. out of memory ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_out_of_memory_suggests_a_smaller_batch_and_gradient_accumulation(lm_data, tmp_path):
+    settings = TrainSettings(max_steps=5, batch_size=400_000, warmup_steps=1, eval_every=5)
+    # A cap 2 GiB above what the process has mapped once imported: the model and data fit, one
+    # batch of 400,000 rows of 32 tokens does not.
+    prelude = [
+        "import resource",
+        "import snaketune.cli, snaketune.train, transformers.models.gpt2.modeling_gpt2",
+        "mapped = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()",
+        "resource.setrlimit(resource.RLIMIT_AS, (mapped + (2 << 30), resource.RLIM_INFINITY))",
+    ]
+    result = subprocess.run(
+        train_command(lm_data, tmp_path, settings, *prelude),
+        env=single_thread_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    message = result.stderr.splitlines()[-1]
+    assert message.startswith("snaketune train: error: out of memory at step 1 on cpu")
+    assert "train.batch_size=400000 and train.grad_accum=1" in message
+    assert "divide batch_size and multiply grad_accum by the same factor" in message
+    assert "no checkpoint has been written" in message
+    assert not (tmp_path / "model").exists()
+
+
+# --- 17. two snakemake invocations on one results dir --------------------------------------------
+
+
+@pytest.mark.slow
+def test_second_snakemake_on_the_same_results_refuses_and_loses_nothing(
+    interrupted_pipeline, tmp_path
+):
+    workdir = workdir_with(interrupted_pipeline.results, tmp_path, [EXPERIMENT])
+    results = workdir / "results"
+    outputs = [*(results / EXPERIMENT).rglob("*"), *(results / "datasets").rglob("*")]
+    untouched = {p: p.stat().st_mtime_ns for p in outputs if p.is_file() and "track" not in p.parts}
+    with (workdir / "first.log").open("w") as log:
+        first = subprocess.Popen(
+            snakemake_command(workdir, "--cores", "1", "--forcerun", "track_experiment"),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    locks = workdir / ".snakemake" / "locks"
+    wait_for(lambda: any(locks.glob("*")) or first.poll() is not None, 300)
+    # Hold the first run still while it holds the lock: the second meets it for certain.
+    held = psutil.Process(first.pid)
+    held = [held, *held.children(recursive=True)]
+    for process in held:
+        process.suspend()
+    try:
+        second = run_snakemake(workdir, "--cores", "1")
+    finally:
+        for process in held:
+            process.resume()
+
+    assert first.wait(timeout=600) == 0, (workdir / "first.log").read_text()[-3000:]
+    assert second.returncode != 0
+    assert "Directory cannot be locked" in second.stdout + second.stderr
+    assert all(p.stat().st_mtime_ns == mtime for p, mtime in untouched.items())
+    assert (results / EXPERIMENT / "track" / "runs.json").exists()
+    again = run_snakemake(workdir, "--dry-run")
+    assert "Nothing to be done" in again.stdout + again.stderr

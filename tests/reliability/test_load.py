@@ -16,6 +16,7 @@ import resource
 import shutil
 import subprocess
 
+import pytest
 import yaml
 from mlflow import MlflowClient
 
@@ -41,6 +42,7 @@ def job_counts(output: str) -> dict[str, int]:
     return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
+@pytest.mark.slow
 def test_fifty_experiments_plan_every_stage_once(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(EXPERIMENTS)))
     result = subprocess.run(
@@ -61,6 +63,7 @@ def _low_open_file_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
 
 
+@pytest.mark.slow
 def test_fifty_track_jobs_share_one_sqlite_store_and_every_run_lands_once(
     interrupted_pipeline, tmp_path
 ):

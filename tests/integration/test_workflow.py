@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, snakemake_command
 
 pytestmark = pytest.mark.slow
 
@@ -57,18 +57,7 @@ def tiny_config() -> dict:
 
 
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [
-        str(Path(sys.executable).with_name("snakemake")),
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(workdir / "config.yaml"),
-        "--cores",
-        "2",
-        *args,
-    ]
+    command = snakemake_command(workdir, "--cores", "2", *args)
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 

@@ -66,14 +66,19 @@ def split_corpus(
         report = None
         if settings.near_duplicates.enabled:
             docs, report = drop_near_duplicates(docs, settings.near_duplicates)
-        counts = {}
-        for name in SPLITS:
-            part = docs[docs["split"] == name].drop(columns="split").reset_index(drop=True)
+        parts = {
+            name: docs[docs["split"] == name].drop(columns="split").reset_index(drop=True)
+            for name in SPLITS
+        }
+        # Every split is checked before any is written: a failure leaves no split behind.
+        for name, part in parts.items():
             if part.empty:
                 raise CorpusError(
                     f"split '{name}' has zero documents (corpus has {len(docs)}); use a larger "
                     "corpus or raise that split's ratio"
                 )
+        counts = {}
+        for name, part in parts.items():
             with atomic_path(outputs[name]) as tmp:
                 part.to_parquet(tmp, index=False, row_group_size=PARQUET_ROW_GROUP_ROWS)
             counts[name] = len(part)

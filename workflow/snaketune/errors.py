@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 
@@ -40,9 +39,11 @@ class OutputError(SnaketuneError, OSError):
 
 
 def hub_offline() -> bool:
-    """Whether hub ids resolve only from the local cache (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE)."""
-    flags = (os.environ.get(name, "") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-    return any(flag.lower() in ("1", "on", "yes", "true") for flag in flags)
+    """Whether hub files resolve only from the local cache: huggingface_hub's own reading of
+    HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), the one that decided whether the Hub was asked."""
+    from huggingface_hub import constants  # imported already by whatever loaded from the hub
+
+    return constants.is_offline_mode()
 
 
 def not_loadable(what: str, key: str, name_or_path: str, err: Exception) -> str:

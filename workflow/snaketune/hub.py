@@ -16,7 +16,7 @@ from pathlib import Path
 from huggingface_hub import HfUri, constants, hf_hub_download, parse_hf_uri
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HfUriError
 
-from snaketune.errors import DownloadError
+from snaketune.errors import DownloadError, hub_offline
 
 SCHEME = "hf"
 _DOWNLOADABLE_TYPES = ("dataset", "model", "space")
@@ -49,7 +49,7 @@ def fetch_from_hub(url: str) -> Path:
             revision=target.revision,
         )
     except EntryNotFoundError as err:  # also what a cache miss raises when the Hub is unreachable
-        if constants.is_offline_mode():
+        if hub_offline():
             raise DownloadError(offline_message(url, constants.HF_HUB_CACHE)) from err
         raise DownloadError(
             f"{url}: not found on the Hugging Face Hub, nor in the cache at "

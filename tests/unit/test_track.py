@@ -606,6 +606,11 @@ def test_artifacts_are_stored_under_the_artifact_location(tracked):
     assert Path(tracked.ids["parent"], "artifacts", "config.json") in stored
 
 
+def test_the_experiment_is_marked_for_model_training_so_the_ui_opens_on_its_runs(tracked):
+    experiment = tracked.store.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_every_run_carries_git_config_and_version_tags(tracked):
     for name in tracked.ids:
         tags = tracked.run(name).data.tags

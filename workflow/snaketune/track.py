@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 
 STAGES = ("download", "clean", "split", "tokenizer", "tokenize", "train", "evaluate")
 RUN_KEY_TAG = "snaketune.run_key"
+# Without it MLflow 3's UI guesses the experiment's kind and may open it on GenAI traces instead
+# of the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 MAX_PARAM_LENGTH = 500  # MLflow's limit is larger, but long values are unreadable in the UI
 # MLflow refuses metric names with characters outside [/\w.\- :] and names that change under path
 # normalisation ('a//b', 'a/../b'). Class labels come from the user's data and end up in metric
@@ -173,7 +176,9 @@ def experiment_id_for(client, settings: TrackSettings, uri: str) -> str:
     remote = uri.startswith(("http://", "https://"))
     location = None if remote else settings.artifact_location
     try:
-        return client.create_experiment(settings.mlflow_experiment, artifact_location=location)
+        return client.create_experiment(
+            settings.mlflow_experiment, artifact_location=location, tags=EXPERIMENT_TAGS
+        )
     except MlflowException as err:
         # Another experiment's track job, running at the same time, created it first.
         if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):

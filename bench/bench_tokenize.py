@@ -8,9 +8,11 @@
 3. limit: the Rust tokenizer's `encode_batch` over the same texts, nothing else.
 
 Prints wall seconds, CPU seconds (every thread of the process), tokens/s and each method's time
-relative to ours; on a shared machine the CPU seconds are the steadier figure. Corpus: Tiny
-Shakespeare from ../shared/data when present (repeated --repeat times), else the embedded demo
-corpus.
+relative to ours; on a shared machine the CPU seconds are the steadier figure. The Rust encoder
+spreads each batch over every core while datasets.map's Python work runs on one, so the ratio to
+the reference grows with the core count: set RAYON_NUM_THREADS=1 (or 2, 4...) to measure it at a
+given width. Corpus: Tiny Shakespeare from ../shared/data when present (repeated --repeat
+times), else the embedded demo corpus.
 
 Run: .venv/bin/python bench/bench_tokenize.py [--repeat 8] [--block-size 256]
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -93,9 +96,11 @@ def run_reference(work: Path, tokenizer, block: int) -> int:
     def group_texts(examples):  # run_clm.py's grouping
         concatenated = {k: list(chain(*examples[k])) for k in examples}
         total = (len(concatenated["input_ids"]) // block) * block
-        return {
+        result = {
             k: [t[i : i + block] for i in range(0, total, block)] for k, t in concatenated.items()
         }
+        result["labels"] = result["input_ids"].copy()
+        return result
 
     tokens = 0
     cache = str(work / "hf-cache")  # run_clm.py's default: map results cached as Arrow files
@@ -187,7 +192,8 @@ def main() -> None:
 
     print(
         f"corpus: {name}, {len(docs):,} documents, {sum(map(len, docs)) / 1e6:.1f} M chars; "
-        f"block_size {args.block_size}, vocab {args.vocab_size}"
+        f"block_size {args.block_size}, vocab {args.vocab_size}; encoder threads "
+        f"{os.environ.get('RAYON_NUM_THREADS', os.cpu_count())}"
     )
     print(f"{'method':<44}{'seconds':>9}{'cpu s':>8}{'M tokens/s':>12}{'time vs ours':>14}")
     rows = [

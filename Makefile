@@ -27,7 +27,7 @@ lint: install
 
 # Everything, slow tests included: what CI runs.
 test: lint
-	pytest -m "slow or not slow"
+	pytest -m "slow or not slow" --durations=25
 
 test-fast: install
 	pytest

@@ -95,6 +95,19 @@ def lm_data(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def lm_per_document_data(lm_data, tmp_path_factory) -> dict[str, Path]:
+    """lm_data's splits and tokenizer, tokenized with packing: per_document."""
+    from snaketune.shards import TokenizeSettings, tokenize_shards
+
+    root = tmp_path_factory.mktemp("lm-per-document")
+    settings = TokenizeSettings(task="causal_lm", block_size=32, packing="per_document")
+    tokenize_shards(
+        lm_data["splits"], lm_data["tokenizer"], root / "shards", root / "manifest.json", settings
+    )
+    return {**lm_data, "shards": root / "shards", "tokenize_manifest": root / "manifest.json"}
+
+
+@pytest.fixture(scope="session")
 def classification_data(tmp_path_factory) -> dict[str, Path]:
     return prepare_stage_data(tmp_path_factory.mktemp("cls-data"), "sequence_classification")
 

@@ -27,6 +27,13 @@ def test_heads_must_divide_embedding_size():
     assert any("model.n_embd" in p and "n_head=3" in p for p in cross_checks(filled))
 
 
+def test_tokenize_packing_names_the_key_and_its_allowed_values():
+    (problem,) = schema_problems(config_with(experiments__0__tokenize={"packing": "tight"}))
+    assert problem.startswith("experiments[0].tokenize.packing")
+    assert "across_documents" in problem and "per_document" in problem
+    assert schema_problems(config_with(experiments__0__tokenize={"packing": "per_document"})) == []
+
+
 def _with_defaults(config: dict) -> dict:
     from snakemake.utils import validate
 

@@ -125,3 +125,40 @@ def test_lm_evaluation_writes_metrics_protocol_and_samples(lm_data, tmp_path):
     assert "stride" in metrics["protocol"]
     (sample,) = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert sample["prompt"] == "Customer: hello\nAgent:" and isinstance(sample["completion"], str)
+
+
+def test_per_document_test_rows_are_scored_as_one_stream_without_their_padding(
+    lm_per_document_data, tmp_path
+):
+    from itertools import chain
+
+    from transformers import AutoTokenizer
+
+    from snaketune.shards import read_shards
+
+    data = lm_per_document_data
+    info = json.loads(data["tokenize_manifest"].read_text())
+    tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"])
+    tiny_lm(info, 32).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    settings = EvalSettings(prompts=[], batch_size=5)
+    metrics = evaluate_model(
+        tmp_path / "model",
+        data["shards"],
+        data["tokenize_manifest"],
+        data["splits"],
+        tmp_path / "metrics.json",
+        tmp_path / "samples.jsonl",
+        tmp_path / "manifest.json",
+        "causal_lm",
+        settings,
+    )
+
+    rows = read_shards(data["shards"] / "test").column("input_ids").to_pylist()
+    stream = torch.tensor(list(chain.from_iterable(rows)))
+    assert stream.numel() == info["counts"]["test"]["tokens"]
+    assert any(len(r) < 32 for r in rows)  # padded when loaded, so padding had to be dropped
+    expected = score_lm(tiny_lm(info, 32), stream, 32, 32, 5, token_byte_lengths(tokenizer))
+    assert metrics["predicted_tokens"] == expected["predicted_tokens"]
+    assert metrics["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-9)
+    assert metrics["context_length"] == 32

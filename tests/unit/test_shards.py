@@ -1,8 +1,9 @@
 """tokenize_shards with a real BPE trained on the demo corpus: packed LM blocks are exactly the
 documents joined with EOS, classification rows are the examples truncated and labelled as the
 manifest says, and every shard is bounded, readable and has the digest the manifest records.
-Partitioned, the rows are those of one pass (classification) or of one pass per partition less
-one short remainder each (causal LM), and a rerun writes the same bytes."""
+Partitioned, the rows are those of one pass (classification, per-document LM packing) or of one
+pass per partition less one short remainder each (LM packing across documents), and a rerun
+writes the same bytes."""
 
 from __future__ import annotations
 
@@ -353,6 +354,55 @@ def test_cls_rows_are_the_same_in_one_partition_and_in_several(
             k: v for k, v in cls["manifest"]["counts"][split].items() if k != "partitions"
         }
     assert parts["manifest"]["counts"]["train"]["partitions"] == PARTITIONS
+
+
+PER_DOCUMENT = replace(LM_SETTINGS, packing="per_document")
+
+
+@pytest.fixture(scope="module")
+def per_doc(demo_splits, tokenizer_dir, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("per-doc")
+    return run_tokenize(demo_splits, tokenizer_dir, root, PER_DOCUMENT)
+
+
+def test_per_document_rows_are_each_document_with_eos_cut_every_block_size_tokens(
+    per_doc, demo_splits, tokenizer_dir
+):
+    eos = eos_id(tokenizer_dir)
+    for split in SPLITS:
+        docs = [(*ids, eos) for ids in reference_ids(tokenizer_dir, demo_splits[split])]
+        expected = [list(d[i : i + BLOCK]) for d in docs for i in range(0, len(d), BLOCK)]
+        rows = read_shards(per_doc["dir"] / split).column("input_ids").to_pylist()
+
+        assert rows == expected
+        assert any(len(d) > BLOCK for d in docs) and any(len(r) < BLOCK for r in rows)
+        counts = per_doc["manifest"]["counts"][split]
+        assert counts["documents"] == len(docs) and counts["dropped_remainder_tokens"] == 0
+        assert counts["tokens"] == sum(map(len, docs))  # nothing dropped
+        assert counts["short_rows"] == sum(len(r) < BLOCK for r in rows)
+    assert per_doc["manifest"]["packing"].startswith("each document")
+
+
+def test_per_document_rows_are_the_same_for_one_partition_and_for_several(
+    per_doc, demo_splits, tokenizer_dir, tmp_path
+):
+    settings = replace(PER_DOCUMENT, partitions=PARTITIONS, read_batch_rows=7)
+    parts = run_tokenize(demo_splits, tokenizer_dir, tmp_path, settings)
+
+    assert parts["manifest"]["counts"]["train"]["partitions"] == PARTITIONS
+    for split in SPLITS:
+        one = read_shards(per_doc["dir"] / split).column("input_ids").to_pylist()
+        many = read_shards(parts["dir"] / split).column("input_ids").to_pylist()
+        assert many == one  # the same rows in the same order, so the same multiset too
+        counts = {k: v for k, v in parts["manifest"]["counts"][split].items() if k != "partitions"}
+        assert counts == {
+            k: v for k, v in per_doc["manifest"]["counts"][split].items() if k != "partitions"
+        }
+
+
+def test_unknown_packing_is_refused_with_the_allowed_values():
+    with pytest.raises(ValueError, match="packing 'tight' is not one of"):
+        replace(LM_SETTINGS, packing="tight")
 
 
 def _without(manifest: dict, *keys: str) -> dict:

@@ -8,9 +8,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
-from snaketune.batches import batch_indices
-from snaketune.models import ModelSettings
+from snaketune.batches import IGNORED_LABEL, batch_indices, load_examples
+from snaketune.models import ModelSettings, build_model, load_trained
 from snaketune.train import TrainSettings, learning_rate
 from tests.conftest import run_training
 
@@ -64,6 +65,54 @@ def test_causal_lm_training_lowers_validation_loss(lm_data, tmp_path):
     assert not (tmp_path / "state").exists()  # the finished model replaces the checkpoint
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["device"] == "cpu" and manifest["counts"]["steps"] == 60
+
+
+def test_per_document_rows_are_padded_and_the_padding_is_never_a_target(lm_per_document_data):
+    info = json.loads(lm_per_document_data["tokenize_manifest"].read_text())
+    train = load_examples(lm_per_document_data["shards"] / "train", "causal_lm", 0)
+
+    padding = train.attention_mask == 0
+    assert padding.any() and train.input_ids.size(1) == 32
+    assert bool((train.labels[padding] == IGNORED_LABEL).all())
+    assert torch.equal(train.labels[~padding], train.input_ids[~padding])
+    assert int((~padding).sum()) == info["counts"]["train"]["tokens"]
+    kept = train.with_targets()  # rows of one token have nothing to predict
+    assert len(kept) == int((train.attention_mask.sum(dim=1) >= 2).sum()) < len(train)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "lstm"])
+def test_a_padded_batch_has_the_loss_of_its_rows_scored_one_by_one(lm_per_document_data, arch):
+    info = json.loads(lm_per_document_data["tokenize_manifest"].read_text())
+    train = load_examples(lm_per_document_data["shards"] / "train", "causal_lm", 0)
+    lengths = train.attention_mask.sum(dim=1)
+    short = int(torch.nonzero((lengths > 1) & (lengths < 32))[0])
+    index = np.array([short, int(torch.argmax(lengths))])
+    torch.manual_seed(0)
+    settings = ModelSettings(arch=arch, n_layer=1, n_embd=32, n_head=2, dropout=0.0)
+    model = build_model(settings, "causal_lm", info["vocab_size"], 32, 0, 1, []).eval()
+
+    with torch.no_grad():
+        batched = float(model(**train.batch(index)).loss)
+        nll_sum, targets = 0.0, 0
+        for i in index:
+            row = train.input_ids[i, : lengths[i]][None]
+            nll_sum += float(model(input_ids=row, labels=row).loss) * (row.size(1) - 1)
+            targets += row.size(1) - 1
+
+    assert lengths[index[0]] < lengths[index[1]] == 32
+    assert batched == pytest.approx(nll_sum / targets, rel=1e-5)
+
+
+def test_causal_lm_training_on_per_document_rows_lowers_validation_loss(
+    lm_per_document_data, tmp_path
+):
+    settings = TrainSettings(max_steps=40, batch_size=8, lr=3e-3, warmup_steps=5, eval_every=20)
+    history = run_training(lm_per_document_data, tmp_path, "causal_lm", TINY_MODEL, settings)
+
+    val = [row["val_loss"] for row in history if "val_loss" in row]
+    assert val[-1] < val[0] and val[-1] < math.log(400) - 1.0
+    # The model's context is the block size, not the longest row it happened to see.
+    assert load_trained(tmp_path / "model", "causal_lm").config.n_positions == 32
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "lstm"])

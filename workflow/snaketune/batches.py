@@ -14,6 +14,8 @@ import torch
 
 from snaketune.shards import read_shards
 
+IGNORED_LABEL = -100  # the label transformers' losses skip
+
 
 @dataclass
 class Examples:
@@ -25,6 +27,15 @@ class Examples:
 
     def __len__(self) -> int:
         return self.input_ids.size(0)
+
+    def with_targets(self) -> Examples:
+        """Causal LM rows with a token to predict: a per-document row of one token (a
+        document's EOS cut off by the block size) has none, and a batch of only such rows would
+        have no loss."""
+        keep = self.attention_mask.sum(dim=1) >= 2
+        if bool(keep.all()):
+            return self
+        return Examples(self.input_ids[keep], self.attention_mask[keep], self.labels[keep])
 
     def batch(self, index: np.ndarray) -> dict[str, torch.Tensor]:
         idx = torch.as_tensor(index)
@@ -52,7 +63,8 @@ def load_examples(shard_dir: Path, task: str, pad_token_id: int) -> Examples:
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     if task == "causal_lm":
-        return Examples(ids, mask, ids.clone())  # packed blocks: every position is a target
+        # Every token is a target; padding (rows of per-document packing) is not.
+        return Examples(ids, mask, ids.masked_fill(mask == 0, IGNORED_LABEL))
     labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.long)
     return Examples(ids, mask, labels)
 

@@ -167,8 +167,9 @@ def generate(model, tokenizer, prompt: str, settings: EvalSettings, context: int
     return tokenizer.decode(ids[0, prompt_len:], skip_special_tokens=True)
 
 
-def evaluate_lm(model, tokenizer, test: Examples, settings: EvalSettings, samples_path: Path):
-    block = test.input_ids.size(1)
+def evaluate_lm(
+    model, tokenizer, test: Examples, block: int, settings: EvalSettings, samples_path: Path
+):
     context = settings.context_length or block
     stride = settings.stride or context
     if stride > context:
@@ -178,9 +179,10 @@ def evaluate_lm(model, tokenizer, test: Examples, settings: EvalSettings, sample
         raise ValueError(
             f"evaluate.context_length ({context}) exceeds the model's {limit} positions"
         )
-    # The packed test blocks, end to end, are the test split's token stream (documents joined
-    # with EOS; only the split's final partial block is missing).
-    stream = test.input_ids.reshape(-1)
+    # The test rows' tokens, padding left out, end to end are the test split's token stream
+    # (documents joined with EOS) whichever packing made them; across_documents packing misses
+    # only its final partial block.
+    stream = test.input_ids[test.attention_mask.bool()]
     metrics = score_lm(
         model, stream, context, stride, settings.batch_size, token_byte_lengths(tokenizer)
     )
@@ -318,7 +320,8 @@ def evaluate_model(
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         test = load_examples(Path(shard_dir) / "test", task, data_info["pad_token_id"])
         if task == "causal_lm":
-            metrics = evaluate_lm(model, tokenizer, test, settings, samples_path)
+            block = data_info["params"]["block_size"]
+            metrics = evaluate_lm(model, tokenizer, test, block, settings, samples_path)
         else:
             labels = data_info["label_names"]
             predictions = predict_classes(model, test, settings.batch_size)

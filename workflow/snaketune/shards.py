@@ -8,10 +8,14 @@ workflow runs as separate jobs (`tokenize_shards` runs them one after another in
 3. gather: link every partition's shards, in row order, into one folder per split and write the
    stage's manifest with the partitions' counts.
 
-Causal LM: every document ends with EOS, and a partition packs its documents into blocks of
-`block_size` tokens across document boundaries. A partition's final remainder (shorter than a
-block) is dropped and counted as dropped_remainder_tokens, so N partitions drop fewer than
-N * block_size tokens of a split; the blocks are otherwise those of one pass over the split.
+Causal LM: every document ends with EOS. With packing "across_documents" (the default) a
+partition packs its documents into blocks of `block_size` tokens across document boundaries. A
+partition's final remainder (shorter than a block) is dropped and counted as
+dropped_remainder_tokens, so N partitions drop fewer than N * block_size tokens of a split; the
+blocks are otherwise those of one pass over the split. With packing "per_document" a row never
+holds two documents: each document is cut into rows of at most `block_size` tokens (its last
+row may be shorter, counted as short_rows, and is padded only in the training batch), nothing is
+dropped, and the rows are the same for any number of partitions.
 Classification: one row per example, truncated to `max_length`, with an integer label; the
 partitioning changes nothing. A job holds two read batches and one row group of output at a
 time, so memory stays flat however large the split is.
@@ -54,10 +58,14 @@ LM_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
 CLASSIFICATION_SCHEMA = pa.schema(
     [("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("label", pa.int32())]
 )
+LM_PACKINGS = ("across_documents", "per_document")
 PACKING = {
-    "causal_lm": "documents joined with EOS and packed into block_size rows across document "
-    "boundaries within each partition; each partition's final partial block is dropped "
+    "across_documents": "documents joined with EOS and packed into block_size rows across "
+    "document boundaries within each partition; each partition's final partial block is dropped "
     "(dropped_remainder_tokens)",
+    "per_document": "each document, ending with EOS, cut into rows of at most block_size tokens; "
+    "no row holds two documents, a document's last row may be shorter (short_rows, padded and "
+    "masked in training batches) and nothing is dropped",
     "sequence_classification": "one row per example, truncated to max_length",
 }
 
@@ -76,6 +84,8 @@ class TokenizeSettings:
     partitions: int | str = AUTO
     """Jobs for the train split's rows, or "auto": every split sized by its text (see
     snaketune.partitions)."""
+    packing: str = "across_documents"
+    """causal_lm: whether a row may span documents (see PACKING)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -87,8 +97,15 @@ class TokenizeSettings:
             problems.append(
                 f"partitions must be {AUTO!r} or an integer >= 1, not {self.partitions!r}"
             )
+        if self.packing not in LM_PACKINGS:
+            problems.append(f"packing {self.packing!r} is not one of {LM_PACKINGS}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    @property
+    def layout(self) -> str:
+        """The key of PACKING that describes this task's rows."""
+        return self.packing if self.task == "causal_lm" else self.task
 
 
 @dataclass
@@ -106,6 +123,7 @@ class PartitionCounts:
     tokens: int = 0
     truncated: int = 0
     dropped_remainder_tokens: int = 0
+    short_rows: int = 0
 
 
 @dataclass
@@ -205,6 +223,29 @@ def pack_blocks(encoded: Iterator[tuple], writer: ShardWriter, block: int) -> Pa
     return counts
 
 
+def pack_documents(encoded: Iterator[tuple], writer: ShardWriter, block: int) -> PartitionCounts:
+    """Each document in rows of at most `block` tokens, in document order."""
+    counts = PartitionCounts()
+    for _, encodings in encoded:
+        counts.documents += len(encodings)
+        docs = list(map(attrgetter("ids"), encodings))
+        lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+        ids = np.fromiter(chain.from_iterable(docs), np.int32, int(lengths.sum()))
+        # Row k of a document starts k * block tokens after the document does.
+        rows_per_doc = -(-lengths // block)
+        doc_starts = np.cumsum(lengths) - lengths
+        first_row = np.cumsum(rows_per_doc) - rows_per_doc
+        row_in_doc = np.arange(int(rows_per_doc.sum())) - np.repeat(first_row, rows_per_doc)
+        starts = np.repeat(doc_starts, rows_per_doc) + row_in_doc * block
+        offsets = np.append(starts, len(ids)).astype(np.int32)
+        counts.short_rows += int(np.count_nonzero(np.diff(offsets) < block))
+        if len(starts):
+            writer.write(
+                pa.table({"input_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids))})
+            )
+    return counts
+
+
 def encode_examples(
     encoded: Iterator[tuple], writer: ShardWriter, label_names: list[str], split_name: str
 ) -> PartitionCounts:
@@ -244,7 +285,8 @@ def tokenize_rows(
         counts = encode_examples(encoded, writer, label_names, Path(split_file).name)
     else:
         writer = ShardWriter(out_dir, LM_SCHEMA, settings.shard_rows)
-        counts = pack_blocks(encoded, writer, settings.block_size)
+        pack = pack_documents if settings.packing == "per_document" else pack_blocks
+        counts = pack(encoded, writer, settings.block_size)
     shards = writer.close()
     counts.rows = sum(s.rows for s in shards)
     counts.tokens = sum(s.tokens for s in shards)
@@ -353,14 +395,14 @@ def gather_shards(
                 **{k: plan[k] for k in ("vocab_size", "task", "label_names")},
                 "shards": {name: [asdict(s) for s in st.shards] for name, st in stats.items()},
                 "partitions": partitions,
-                "packing": PACKING[settings.task],
+                "packing": PACKING[settings.layout],
             }
         )
     return stats
 
 
 def no_rows_message(split_file: str, settings: TokenizeSettings) -> str:
-    if settings.task == "causal_lm":
+    if settings.layout == "across_documents":
         return (
             f"split {split_file} produced no rows (fewer than block_size={settings.block_size} "
             "tokens in every partition; lower block_size, use fewer partitions or more data)"

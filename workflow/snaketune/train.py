@@ -341,11 +341,15 @@ def prepare_run(
     pad = data_info["pad_token_id"]
     train = load_examples(shard_dir / "train", task, pad)
     val = load_examples(shard_dir / "val", task, pad)
+    if task == "causal_lm":
+        train, val = train.with_targets(), val.with_targets()
+    # causal_lm: the rows' block_size, which per-document rows may all fall short of.
+    context = data_info["params"]["block_size"] if task == "causal_lm" else train.input_ids.size(1)
     model = build_model(
         model_settings,
         task,
         data_info["vocab_size"],
-        train.input_ids.size(1),
+        context,
         pad,
         data_info["eos_token_id"],
         data_info["label_names"],

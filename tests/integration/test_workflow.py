@@ -69,11 +69,6 @@ def run_in_new_workdir(tmp_path_factory) -> tuple[Path, subprocess.CompletedProc
     return workdir / "results", run
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    return run_in_new_workdir(tmp_path_factory)
-
-
 def test_every_stage_writes_outputs_and_a_manifest(finished_run):
     results, _ = finished_run
     assert (results / "datasets" / "support-demo" / "download" / "manifest.json").exists()

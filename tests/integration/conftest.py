@@ -1,0 +1,17 @@
+"""The demo workflow run once for the whole session: test_workflow checks it, and test_slurm
+compares a cluster run of the same config with it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(results folder, completed snakemake) of test_workflow's tiny config run with --cores 2."""
+    from tests.integration.test_workflow import run_in_new_workdir
+
+    return run_in_new_workdir(tmp_path_factory)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from snakemake.utils import update_config, validate
 
-from snaketune.config import SCHEMA, cross_checks, schema_problems
+from snaketune.config import SCHEMA, ConfigError, apply_preset, cross_checks, schema_problems
 from tests.conftest import REPO, snakemake_command
 
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -84,16 +84,54 @@ def test_schema_accepts_http_file_hf_and_paths_only(url, allowed):
     assert (problems == []) is allowed, problems
 
 
+def test_preset_key_layers_the_file_as_a_configfile_would_and_config_values_still_win():
+    config = copy.deepcopy(CONFIG)
+    overrides = {"preset": "sms-spam", "mlflow": {"experiment_name": "mine"}}
+    config.update(copy.deepcopy(overrides))  # what --config did before the Snakefile ran
+
+    apply_preset(config, overrides)
+    validate(config, str(SCHEMA))
+
+    expected = copy.deepcopy(layered(REPO / "presets" / "sms-spam.yaml"))
+    expected["mlflow"]["experiment_name"] = "mine"
+    assert config == {**expected, "preset": "sms-spam"}
+
+
+def test_unknown_preset_names_the_key_and_every_preset():
+    config = {**copy.deepcopy(CONFIG), "preset": "imdb"}
+    with pytest.raises(ConfigError) as caught:
+        apply_preset(config, {"preset": "imdb"})
+    message = str(caught.value)
+    assert "preset: 'imdb' is not one of" in message
+    assert all(f"'{path.stem}'" in message for path in PRESET_FILES)
+
+
 @pytest.mark.slow
-def test_snakemake_plans_downloads_only_for_datasets_the_experiments_use(tmp_path):
-    # As `snakemake --configfile presets/sms-spam.yaml` run in the repository would see it.
+@pytest.mark.parametrize("switch", ["configfile", "config"])
+def test_snakemake_plans_downloads_only_for_datasets_the_experiments_use(tmp_path, switch):
+    # As `snakemake --configfile presets/sms-spam.yaml` (or `--config preset=sms-spam`) run in
+    # the repository would see it.
     (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
     preset = REPO / "presets" / "sms-spam.yaml"
     # A second --configfile replaces the helper's: config.yaml, then the preset over it.
-    layers = ["--configfile", str(tmp_path / "config.yaml"), str(preset)]
+    layers = {
+        "configfile": ["--configfile", str(tmp_path / "config.yaml"), str(preset)],
+        "config": ["--config", "preset=sms-spam"],
+    }[switch]
     command = snakemake_command(tmp_path, "--dry-run", "--cores", "1", *layers)
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
 
     assert run.returncode == 0, run.stderr[-2000:]
     planned = set(re.findall(r"datasets/([\w.-]+)/download/manifest\.json", run.stdout))
     assert planned == {"sms-spam"}
+
+
+@pytest.mark.slow
+def test_snakemake_refuses_an_unknown_preset_before_any_job(tmp_path):
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    command = snakemake_command(tmp_path, "--cores", "1", "--config", "preset=imdb")
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    assert run.returncode != 0
+    assert "preset: 'imdb' is not one of ['ag-news', 'sms-spam'" in run.stderr
+    assert not (tmp_path / "results").exists()

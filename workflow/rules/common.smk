@@ -9,7 +9,13 @@ from urllib.parse import urlparse
 from snakemake.utils import validate
 
 from snaketune.clean import read_settings_for
-from snaketune.config import SCHEMA, cross_checks, raise_if_invalid, schema_problems
+from snaketune.config import (
+    SCHEMA,
+    apply_preset,
+    cross_checks,
+    raise_if_invalid,
+    schema_problems,
+)
 from snaketune.partitions import (
     fixed_partition_counts,
     partition_names,
@@ -19,6 +25,7 @@ from snaketune.provenance import write_invocation
 from snaketune.registry import registered_model_name
 from snaketune.track import configured_tracking_uri, effective_tracking_uri, redact
 
+apply_preset(config, workflow.config_settings.config)  # the --config values
 # Readable problems first (every key at once), then snakemake's validate fills the defaults.
 raise_if_invalid(schema_problems(config), "schema")
 validate(config, SCHEMA)

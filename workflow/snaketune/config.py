@@ -6,16 +6,50 @@ cannot say (an experiment naming a missing dataset, ratios that do not sum to 1,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+PRESETS = Path(__file__).resolve().parents[2] / "presets"
 
 
 class ConfigError(ValueError):
     """The config is invalid; the message lists every problem by key."""
+
+
+def preset_names(presets_dir: Path = PRESETS) -> list[str]:
+    return sorted(path.stem for path in Path(presets_dir).glob("*.yaml"))
+
+
+def apply_preset(
+    config: dict[str, Any], overrides: Mapping[str, Any], presets_dir: Path = PRESETS
+) -> None:
+    """With `preset: NAME` (e.g. `snakemake --config preset=sms-spam`), layer presets/NAME.yaml
+    over the config as `--configfile presets/NAME.yaml` would, then the command line's --config
+    values again, so that they keep the last word."""
+    name = config.get("preset")
+    if name is None:
+        return
+    names = preset_names(presets_dir)
+    if name not in names:
+        raise_if_invalid(
+            [f"preset: {name!r} is not one of {names} (files in {presets_dir})"], "schema"
+        )
+    merge_into(config, yaml.safe_load((Path(presets_dir) / f"{name}.yaml").read_text()))
+    merge_into(config, overrides)
+
+
+def merge_into(target: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """Snakemake's config layering: mappings merge key by key, anything else is replaced."""
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
+            merge_into(target[key], value)
+        else:
+            target[key] = deepcopy(value)
 
 
 def key_path(parts) -> str:

@@ -67,6 +67,19 @@ def test_causal_lm_training_lowers_validation_loss(lm_data, tmp_path):
     assert manifest["device"] == "cpu" and manifest["counts"]["steps"] == 60
 
 
+def test_loaded_rows_are_the_shard_rows_followed_by_padding(lm_per_document_data):
+    from snaketune.shards import read_shards
+
+    shards = read_shards(lm_per_document_data["shards"] / "val").column("input_ids").to_pylist()
+    val = load_examples(lm_per_document_data["shards"] / "val", "causal_lm", pad_token_id=7)
+
+    assert len(val) == len(shards)
+    for i, row in enumerate(shards):
+        assert val.input_ids[i, : len(row)].tolist() == row
+        assert set(val.input_ids[i, len(row) :].tolist()) <= {7}
+        assert val.attention_mask[i].tolist() == [1] * len(row) + [0] * (32 - len(row))
+
+
 def test_per_document_rows_are_padded_and_the_padding_is_never_a_target(lm_per_document_data):
     info = json.loads(lm_per_document_data["tokenize_manifest"].read_text())
     train = load_examples(lm_per_document_data["shards"] / "train", "causal_lm", 0)

@@ -7,7 +7,6 @@ cannot say (an experiment naming a missing dataset, ratios that do not sum to 1,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +38,10 @@ def apply_preset(
         raise_if_invalid(
             [f"preset: {name!r} is not one of {names} (files in {presets_dir})"], "schema"
         )
-    merge_into(config, yaml.safe_load((Path(presets_dir) / f"{name}.yaml").read_text()))
-    merge_into(config, overrides)
+    from snakemake.utils import update_config  # the merge --configfile and --config get
 
-
-def merge_into(target: dict[str, Any], layer: Mapping[str, Any]) -> None:
-    """Snakemake's config layering: mappings merge key by key, anything else is replaced."""
-    for key, value in layer.items():
-        if isinstance(value, Mapping) and isinstance(target.get(key), dict):
-            merge_into(target[key], value)
-        else:
-            target[key] = deepcopy(value)
+    update_config(config, yaml.safe_load((Path(presets_dir) / f"{name}.yaml").read_text()))
+    update_config(config, overrides)
 
 
 def key_path(parts) -> str:

@@ -184,6 +184,18 @@ def origin(no_proxy) -> Iterator:
         yield server
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` on 127.0.0.1 for the whole session (tests/servers.py)."""
+    from tests.servers import free_port, start_server, stop
+
+    server, process = start_server(tmp_path_factory.mktemp("mlflow-server"), free_port())
+    try:
+        yield server
+    finally:
+        stop(process)
+
+
 @contextlib.contextmanager
 def serving(server: socketserver.BaseServer) -> Iterator:
     """Serve on a thread while the block runs (test servers bind 127.0.0.1 only)."""

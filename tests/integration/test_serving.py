@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.test_mlflow_server import MLFLOW, free_port, stop, wait_until_healthy
+from tests.servers import MLFLOW, free_port, stop, wait_until_healthy
 from tests.unit.test_track import (
     CONFIG,
     Store,

@@ -220,7 +220,7 @@ EXPANDER = "button[data-component-id*='runnamecellrenderer']"  # the run table's
 @pytest.fixture(scope="module")
 def mlflow_ui(finished_run):
     """The `mlflow ui` command the run's summary printed, on a free loopback port."""
-    from tests.integration.test_mlflow_server import free_port, stop, wait_until_healthy
+    from tests.servers import free_port, stop, wait_until_healthy
 
     results, run = finished_run
     printed = next(line for line in (run.stdout + run.stderr).splitlines() if "mlflow ui " in line)

@@ -25,7 +25,6 @@ import yaml
 from snaketune.models import ModelSettings
 from snaketune.train import TrainSettings
 from tests.conftest import DEFAULT_CONFIG, serving, snakemake_command, train_cli_args
-from tests.integration import test_mlflow_server
 
 TINY_MODEL = ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.1)
 EXPERIMENT = "demo-lm"
@@ -37,8 +36,6 @@ PIPELINE_TRAIN = {  # the workflow-level scenarios' train settings, as config.ya
     "eval_batches": 2,
     "checkpoint_every": 10,
 }
-# One real `mlflow server` per session (the fixture of the integration tests).
-mlflow_server = test_mlflow_server.mlflow_server
 
 
 # --- the train command ---------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from tests.downloads import (
     sha256_bytes,
     write_input,
 )
-from tests.integration.test_mlflow_server import free_port
+from tests.servers import free_port
 
 # --- 1. config: unknown key, wrong type, out of range --------------------------------------------
 

@@ -26,13 +26,10 @@ import pandas as pd
 from datasketch import MinHash, MinHashLSH
 
 from snaketune.clean import normalize_for_match
-from snaketune.dedup import (
-    LSH_WEIGHTS,
-    NearDuplicateSettings,
-    find_near_duplicates,
-    visiting_order,
-)
-from snaketune.split import SPLITS, SplitSettings, assign_splits
+from snaketune.dedup import LSH_WEIGHTS, find_near_duplicates, visiting_order
+from snaketune.names import SPLITS
+from snaketune.settings import NearDuplicateSettings, SplitSettings
+from snaketune.split import assign_splits
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"

@@ -1,6 +1,7 @@
 """How fast is our tokenize stage? One process, one corpus, one tokenizer, three methods:
 
-1. ours: `snaketune.shards.tokenize_shards`, the workflow's tokenize jobs one after another
+1. ours: `snaketune.tokenize.one_process.tokenize_in_one_process`, the workflow's tokenize jobs
+   (plan, partitions, gather) one after another
    (plan, each partition, gather: Parquet in, EOS-joined packed blocks, Parquet shards out,
    manifests with digests);
 2. reference: `datasets.Dataset.map(tokenize, batched=True)` then block grouping as in
@@ -34,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 
 from snaketune.fileio import PARQUET_ROW_GROUP_ROWS
+from snaketune.names import SPLITS
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -71,15 +73,16 @@ def timed(run, *args) -> tuple[float, float, int]:
 
 
 def run_ours(work: Path, tokenizer_dir: Path, block: int) -> int:
-    from snaketune.shards import TokenizeSettings, tokenize_shards
+    from snaketune.settings import TokenizeJob, TokenizeSettings
+    from snaketune.tokenize.one_process import tokenize_in_one_process
 
-    splits = {name: work / f"{name}.parquet" for name in ("train", "val", "test")}
-    stats = tokenize_shards(
+    splits = {name: work / f"{name}.parquet" for name in SPLITS}
+    stats = tokenize_in_one_process(
         splits,
         tokenizer_dir,
         work / "ours",
         work / "ours.json",
-        TokenizeSettings(task="causal_lm", block_size=block, shard_rows=8192),
+        TokenizeJob("causal_lm", TokenizeSettings(block_size=block, shard_rows=8192)),
     )
     return stats["train"].tokens
 
@@ -104,7 +107,7 @@ def run_reference(work: Path, tokenizer, block: int) -> int:
 
     tokens = 0
     cache = str(work / "hf-cache")  # run_clm.py's default: map results cached as Arrow files
-    for name in ("train", "val", "test"):
+    for name in SPLITS:
         ds = datasets.Dataset.from_parquet(str(work / f"{name}.parquet"), cache_dir=cache)
         ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names)
         ds = ds.map(group_texts, batched=True, batch_size=1000)
@@ -122,11 +125,13 @@ def run_limit(docs: list[str], tokenizer) -> list:
 PEAK_RSS_SCRIPT = """
 import re, sys
 from pathlib import Path
-from snaketune.shards import TokenizeSettings, tokenize_shards
+from snaketune.names import SPLITS
+from snaketune.settings import TokenizeJob, TokenizeSettings
+from snaketune.tokenize.one_process import tokenize_in_one_process
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
-splits = {name: work / f"{name}.parquet" for name in ("train", "val", "test")}
-tokenize_shards(splits, work / "tok", out, out.with_suffix(".json"),
-                TokenizeSettings(task="causal_lm", block_size=int(sys.argv[3])))
+splits = {name: work / f"{name}.parquet" for name in SPLITS}
+job = TokenizeJob("causal_lm", TokenizeSettings(block_size=int(sys.argv[3])))
+tokenize_in_one_process(splits, work / "tok", out, out.with_suffix(".json"), job)
 print(re.search(r"VmHWM:\\s+(\\d+) kB", Path("/proc/self/status").read_text())[1])
 """
 
@@ -151,7 +156,9 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from snaketune.tokenizer import TokenizerSettings, prepare_tokenizer
+    from snaketune.settings import TokenizerSettings
+    from snaketune.stages import TokenizerPaths
+    from snaketune.tokenizer import prepare_tokenizer
 
     docs, name = load_documents(args.repeat)
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,12 +166,8 @@ def main() -> None:
         write_split(work / "train.parquet", docs)
         write_split(work / "val.parquet", docs[:200])
         write_split(work / "test.parquet", docs[:200])
-        prepare_tokenizer(
-            work / "train.parquet",
-            work / "tok",
-            work / "tok.json",
-            TokenizerSettings(vocab_size=args.vocab_size),
-        )
+        tokenizer = TokenizerPaths(work / "train.parquet", work / "tok", work / "tok.json")
+        prepare_tokenizer(tokenizer, TokenizerSettings(vocab_size=args.vocab_size))
         # A fresh tokenizer for each method: the BPE word cache would favour whoever runs later.
         ours = timed(run_ours, work, work / "tok", args.block_size)
         reference = timed(
@@ -180,12 +183,8 @@ def main() -> None:
         for name_, part in (("val", docs[:200]), ("test", docs[:200])):
             write_split(work / f"{name_}.parquet", part)
         write_split(work / "train.parquet", docs)
-        prepare_tokenizer(
-            work / "train.parquet",
-            work / "tok",
-            work / "tok.json",
-            TokenizerSettings(vocab_size=args.vocab_size),
-        )
+        tokenizer = TokenizerPaths(work / "train.parquet", work / "tok", work / "tok.json")
+        prepare_tokenizer(tokenizer, TokenizerSettings(vocab_size=args.vocab_size))
         rss_1x = peak_rss_mb(work, args.block_size, "x1")
         write_split(work / "train.parquet", docs * 10)
         rss_10x = peak_rss_mb(work, args.block_size, "x10")
@@ -197,7 +196,7 @@ def main() -> None:
     )
     print(f"{'method':<44}{'seconds':>9}{'cpu s':>8}{'M tokens/s':>12}{'time vs ours':>14}")
     rows = [
-        ("ours: tokenize_shards (the rules' code)", ours),
+        ("ours: the tokenize rules' code, in one process", ours),
         ("reference: datasets.map + run_clm grouping", reference),
         ("limit: encode_batch only", limit),
     ]

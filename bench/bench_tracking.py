@@ -8,7 +8,7 @@ system-metrics sampler thread. In one process:
 2. the track stage as the rule runs it (`snaketune track` in a new process, into a fresh SQLite
    store, the model logged and registered), timed against the training time.
 
-Data: the demo corpus through our data stages (tests.conftest.prepare_stage_data, BPE vocab 400).
+Data: the demo corpus through our data stages (snaketune.local.demo_config, BPE vocab 400).
 Run: .venv/bin/python bench/bench_tracking.py [--steps 300] [--repeats 2] [--interval 5]
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import subprocess
 import sys
@@ -25,10 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO_PROMPTS = ["Customer: I was charged twice for order #123456.\nAgent:"]
-sys.path.insert(0, str(REPO))
-from tests.conftest import prepare_stage_data, run_training  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -39,21 +35,22 @@ class Timing:
     barely moved by other processes competing for the cores."""
 
 
-def train_once(data: dict, out: Path, steps: int, interval: float, sampler: bool) -> Timing:
+def train_once(data, out: Path, steps: int, interval: float, sampler: bool) -> Timing:
     import snaketune.train as train
-    from snaketune.models import ModelSettings
+    from snaketune.settings import ModelSettings, TrainJob, TrainSettings
     from snaketune.system_metrics import sample_system_metrics
 
     def sampled(path, device=None):
         return sample_system_metrics(path, device, interval_s=interval)
 
     train.sample_system_metrics = sampled if sampler else (lambda *a, **k: contextlib.nullcontext())
-    settings = train.TrainSettings(
+    settings = TrainSettings(
         max_steps=steps, batch_size=16, lr=0.003, warmup_steps=30, eval_every=50, seed=1
     )
     model = ModelSettings(n_layer=2, n_embd=128, n_head=4, dropout=0.1)
+    job = TrainJob(task="causal_lm", model=model, train=settings)
     wall, cpu = time.perf_counter(), time.process_time()
-    run_training(data, out, "causal_lm", model, settings)
+    train.train_model(data.train_paths(out), job)
     return Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
@@ -69,56 +66,41 @@ def sampler_seconds_per_sample(samples: int = 200) -> float:
     return (time.perf_counter() - started) / samples
 
 
-def evaluate(root: Path, data: dict, train_dir: Path) -> Path:
-    from snaketune.evaluation import EvalSettings, evaluate_model
+def evaluate(root: Path, data, train_dir: Path) -> Path:
+    from snaketune.evaluation import evaluate_model
+    from snaketune.settings import EvalJob, EvalSettings
 
     out = root / "evaluate"
-    evaluate_model(
-        train_dir / "model",
-        data["shards"],
-        data["tokenize_manifest"],
-        {"train": data["splits"]["train"], "test": data["splits"]["test"]},
-        out / "metrics.json",
-        out / "samples.jsonl",
-        out / "manifest.json",
-        "causal_lm",
-        EvalSettings(prompts=DEMO_PROMPTS),
-    )
+    job = EvalJob("causal_lm", EvalSettings(prompts=DEMO_PROMPTS))
+    evaluate_model(data.evaluate_paths(train_dir / "model", out), job)
     return out
 
 
-def track_once(root: Path, train_dir: Path, eval_dir: Path) -> float:
-    """`snaketune track` with the arguments the track rule passes, timed as a new process."""
+def track_once(root: Path, data, train_dir: Path, eval_dir: Path) -> float:
+    """`snaketune track` as the track rule runs it, timed as a new process."""
+    from snaketune.settings import TrackSettings
+    from snaketune.stages import TrackPaths, command_line
+
     store = root / "store"
     store.mkdir()
     config = {"name": "demo-lm", "dataset": "support-demo", "task": "causal_lm"}
     config["evaluate"] = {"max_new_tokens": 40}
-    settings = {
-        "experiment": "demo-lm",
-        "mlflow_experiment": "bench-tracking",
-        "tracking_uri": f"sqlite:///{store}/mlflow.db",
-        "artifact_location": f"file://{store}/artifacts",
-        "config": config,
-        "registered_model_name": "bench-tracking.demo-lm",
-    }
-    stages = {
-        "download": [root / "download" / "manifest.json"],
-        "clean": [root / "clean" / "manifest.json", root / "clean" / "report.json"],
-        "split": [root / "split" / "manifest.json"],
-        "tokenizer": [root / "tokenizer" / "manifest.json", root / "tokenizer" / "tokenizer"],
-        "tokenize": [root / "tokenize" / "manifest.json"],
-        "train": [train_dir / name for name in ("manifest.json", "history.jsonl", "model")]
-        + [train_dir / "system_metrics.jsonl", train_dir / "loss_curve.png"],
-        "evaluate": [eval_dir / name for name in ("manifest.json", "metrics.json")]
-        + [eval_dir / "samples.jsonl", eval_dir / "eval_plot.png"],
-    }
-    command = [str(Path(sys.executable).with_name("snaketune")), "track"]
-    command += ["--settings", json.dumps(settings), "--runs", str(root / "runs.json")]
-    command += ["--history", str(train_dir / "history.jsonl")]
-    command += ["--metrics", str(eval_dir / "metrics.json"), "--model", str(train_dir / "model")]
-    command += ["--system-metrics", str(train_dir / "system_metrics.jsonl")]
-    for name, paths in stages.items():
-        command += ["--stage", name, *map(str, paths)]
+    settings = TrackSettings(
+        experiment="demo-lm",
+        mlflow_experiment="bench-tracking",
+        config=config,
+        registered_model_name="bench-tracking.demo-lm",
+    )
+    paths = TrackPaths(
+        **data.manifests,
+        train=train_dir / "manifest.json",
+        evaluate=eval_dir / "manifest.json",
+        runs=root / "runs.json",
+        store=store / "mlflow.db",
+        artifacts=store / "artifacts",
+        provenance=root / "provenance.json",
+    )
+    command = [str(Path(sys.executable).with_name("snaketune")), *command_line(paths, settings)]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, text=True)
     return time.perf_counter() - started
@@ -136,7 +118,7 @@ def artifact_megabytes(store: Path) -> dict[str, float]:
     }
 
 
-def time_training(data: dict, root: Path, args) -> dict[bool, Timing]:
+def time_training(data, root: Path, args) -> dict[bool, Timing]:
     """Median wall and CPU seconds with and without the sampler: after an untimed warm-up (the
     first training in a process pays for imports and allocator growth), in alternating order."""
     train_once(data, root / "warm-up", 5, args.interval, sampler=False)
@@ -159,6 +141,8 @@ def time_training(data: dict, root: Path, args) -> dict[bool, Timing]:
 
 
 def main() -> None:
+    from snaketune import local
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=2)
@@ -166,7 +150,8 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
         root = Path(tmp)
-        data = prepare_stage_data(root, "causal_lm", block_size=128)
+        config = local.demo_config("causal_lm", block_size=128)
+        data = local.prepare_data(config, local.DEMO_EXPERIMENT, root / "data")
         timings = time_training(data, root, args)
         on, off = timings[True].wall, timings[False].wall
         cpu_on, cpu_off = timings[True].cpu, timings[False].cpu
@@ -181,7 +166,7 @@ def main() -> None:
             f"= {per_sample * samples:.3f} s = {100 * per_sample * samples / on:.3f}% of training"
         )
         train_dir = root / "train-0-on"
-        track_s = track_once(root, train_dir, evaluate(root, data, train_dir))
+        track_s = track_once(root, data, train_dir, evaluate(root, data, train_dir))
         print(
             f"track stage (new process, model logged and registered): {track_s:.1f} s "
             f"= {track_s / on:.2f} x training time (runs after training, not inside it)"

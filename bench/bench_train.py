@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,21 +24,21 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def prepare_data(root: Path, block: int) -> dict:
-    sys.path.insert(0, str(REPO))
-    from tests.conftest import prepare_stage_data
+def prepare_data(root: Path, block: int):
+    from snaketune import local
 
-    return prepare_stage_data(root, "causal_lm", block_size=block)
+    return local.prepare_data(local.demo_config("causal_lm", block), local.DEMO_EXPERIMENT, root)
 
 
 def model_settings():
-    from snaketune.models import ModelSettings
+    from snaketune.settings import ModelSettings
 
     return ModelSettings(n_layer=2, n_embd=128, n_head=4, dropout=0.1, attention="sdpa")
 
 
-def run_ours(data: dict, out: Path, args) -> tuple[float, list[float], int]:
-    from snaketune.train import TrainSettings, train_model
+def run_ours(data, out: Path, args) -> tuple[float, list[float], int]:
+    from snaketune.settings import TrainJob, TrainSettings
+    from snaketune.train import train_model
 
     settings = TrainSettings(
         max_steps=args.steps,
@@ -54,18 +53,8 @@ def run_ours(data: dict, out: Path, args) -> tuple[float, list[float], int]:
         compile=args.compile,
     )
     started = time.perf_counter()
-    history = train_model(
-        data["shards"],
-        data["tokenize_manifest"],
-        data["tokenizer"],
-        out / "model",
-        out / "history.jsonl",
-        out / "manifest.json",
-        out / "state",
-        "causal_lm",
-        model_settings(),
-        settings,
-    )
+    job = TrainJob(task="causal_lm", model=model_settings(), train=settings)
+    history = train_model(data.train_paths(out), job)
     seconds = time.perf_counter() - started
     return seconds, [r["loss"] for r in history], args.steps * args.batch_size * args.block_size
 
@@ -81,13 +70,13 @@ class Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def run_reference(data: dict, out: Path, args) -> tuple[float, list[float], int]:
+def run_reference(data, out: Path, args) -> tuple[float, list[float], int]:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from snaketune.batches import load_examples
     from snaketune.models import build_model
 
-    info = json.loads(data["tokenize_manifest"].read_text())
+    info = json.loads(data.tokenize_manifest.read_text())
     losses: list[float] = []
 
     class RecordLoss(TrainerCallback):
@@ -96,7 +85,7 @@ def run_reference(data: dict, out: Path, args) -> tuple[float, list[float], int]
                 losses.append(float(logs["loss"]))
 
     started = time.perf_counter()
-    train = load_examples(data["shards"] / "train", "causal_lm", info["pad_token_id"])
+    train = load_examples(data.shards / "train", "causal_lm", info["pad_token_id"])
     torch.manual_seed(1)
     model = build_model(
         model_settings(),

@@ -12,11 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snaketune.clean import CleanSettings, clean_corpus, read_records, read_settings_for
-from snaketune.download import DownloadSettings, download_dataset
-from snaketune.split import SPLITS, SplitSettings, split_corpus
-from tests.conftest import REPO, SHARED_DATA
-from tests.unit.test_presets import layered
+from snaketune.clean import clean_corpus, read_records
+from snaketune.download import download_dataset
+from snaketune.names import SPLITS
+from snaketune.settings import CleanSettings, DownloadSettings, SplitSettings, read_settings_for
+from snaketune.split import split_corpus
+from snaketune.stages import DownloadPaths
+from tests.support.repo import REPO, SHARED_DATA
+from tests.support.workflow import layered
 
 pytestmark = [
     pytest.mark.slow,  # ~6 s for all of them
@@ -79,7 +82,8 @@ def test_preset_downloads_verifies_and_prepares_the_real_file(case, origin, tmp_
 
     # The preset's own sha256: a mismatch would fail here.
     raw = tmp_path / "download" / "files"
-    files = download_dataset(DownloadSettings(url, preset["sha256"]), raw, tmp_path / "d.json")
+    target = DownloadPaths(raw, tmp_path / "d.json")
+    files = download_dataset(target, DownloadSettings(url, preset["sha256"]))
     assert files == [Path(case.file).name]
 
     read = read_settings_for(preset, experiment["task"], experiment["text_template"])

@@ -12,6 +12,6 @@ import pytest
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """(results folder, completed snakemake) of test_workflow's tiny config run with --cores 2."""
-    from tests.integration.test_workflow import run_in_new_workdir
+    from tests.support.workflow import run_in_new_workdir
 
     return run_in_new_workdir(tmp_path_factory)

@@ -9,7 +9,7 @@ import re
 import subprocess
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,24 +17,19 @@ import yaml
 from mlflow import MlflowClient
 
 from snaketune.errors import TrackingError
-from snaketune.track import MAX_PARAM_LENGTH, RUN_KEY_TAG, STAGES, TrackSettings, run_key
-from tests.integration.test_workflow import snakemake, tiny_config
-from tests.servers import free_port, start_server, stop
-from tests.unit.test_track import (
+from snaketune.track import MAX_PARAM_LENGTH, RUN_KEY_TAG, STAGES, run_key
+from tests.support.mlflow_stores import (
     EVAL_METRIC_NAMES,
     EXPERIMENT,
     HISTORY,
     all_runs,
     artifact_paths,
-    settings_for,
+    server_settings,
     track,
     write_stage_files,
 )
-
-
-def server_settings(uri: str, mlflow_experiment: str) -> TrackSettings:
-    # As the workflow does for an http(s) URI: the server decides where artifacts go.
-    return replace(settings_for(uri, None), mlflow_experiment=mlflow_experiment)
+from tests.support.servers import free_port, start_server, stop
+from tests.support.workflow import snakemake, tiny_config
 
 
 @pytest.mark.slow

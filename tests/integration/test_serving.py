@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import MLFLOW, free_port, stop, wait_until_healthy
-from tests.unit.test_track import (
+from tests.support.mlflow_stores import (
     CONFIG,
     Store,
     new_store,
@@ -23,6 +22,7 @@ from tests.unit.test_track import (
     write_stage_files,
     write_tiny_model,
 )
+from tests.support.servers import MLFLOW, free_port, stop, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def register(store: Store, root: Path, data: dict, experiment: str, task: str) -
     config = {**CONFIG, "name": experiment, "task": task}
     config["evaluate"] = {**CONFIG["evaluate"], "max_new_tokens": NEW_TOKENS}
     settings = replace(
-        settings_for(store.uri, store.artifact_location, f"serving.{experiment}"),
+        settings_for(store.uri, f"serving.{experiment}"),
         experiment=experiment,
         config=config,
     )

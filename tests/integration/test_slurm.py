@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
-from tests.integration.test_workflow import STAGES, tiny_config
+from tests.support.repo import REPO
+from tests.support.workflow import STAGES, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ RULES = {
     "tokenizer": "prepare_tokenizer",
     "tokenize_plan": "plan_partitions",
     "tokenize_partition": "tokenize_partition",
-    "tokenize": "tokenize_shards",
+    "tokenize": "gather_shards",
     "train": "train_model",
     "evaluate": "evaluate_model",
     "track": "track_experiment",

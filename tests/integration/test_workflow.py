@@ -13,60 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
-from tests.conftest import REPO, snakemake_command
+from tests.support.repo import REPO
+from tests.support.workflow import STAGES, run_in_new_workdir, snakemake
 
 pytestmark = pytest.mark.slow
-
-STAGES = ["download", "clean", "split", "tokenizer", "tokenize", "train", "evaluate"]
-TINY_MODEL = {"n_layer": 1, "n_embd": 48, "n_head": 2, "dropout": 0.0}
-
-
-def tiny_config() -> dict:
-    config = yaml.safe_load((REPO / "config.yaml").read_text())
-    config["results_dir"] = "results"  # relative: two runs' manifests can then be compared
-    config["mlflow"]["experiment_name"] = "snaketune-test"
-    lm, intent = config["experiments"]
-    lm.update(
-        tokenizer={"vocab_size": 500},
-        model=TINY_MODEL,
-        train={
-            "max_steps": 40,
-            "batch_size": 8,
-            "eval_every": 20,
-            "checkpoint_every": 20,
-            "warmup_steps": 5,
-            "lr": 0.005,
-        },
-        evaluate={"prompts": lm["evaluate"]["prompts"][:1], "max_new_tokens": 8},
-    )
-    intent.update(
-        tokenizer={"vocab_size": 500},
-        model=TINY_MODEL,
-        train={
-            "max_steps": 80,
-            "batch_size": 32,
-            "eval_every": 40,
-            "checkpoint_every": 40,
-            "warmup_steps": 5,
-            "lr": 0.003,
-        },
-    )
-    return config
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    command = snakemake_command(workdir, "--cores", "2", *args)
-    return subprocess.run(command, capture_output=True, text=True, timeout=900)
-
-
-def run_in_new_workdir(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    workdir = tmp_path_factory.mktemp("workflow")
-    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
-    run = snakemake(workdir)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return workdir / "results", run
 
 
 def test_every_stage_writes_outputs_and_a_manifest(finished_run):
@@ -220,7 +171,7 @@ EXPANDER = "button[data-component-id*='runnamecellrenderer']"  # the run table's
 @pytest.fixture(scope="module")
 def mlflow_ui(finished_run):
     """The `mlflow ui` command the run's summary printed, on a free loopback port."""
-    from tests.servers import free_port, stop, wait_until_healthy
+    from tests.support.servers import free_port, stop, wait_until_healthy
 
     results, run = finished_run
     printed = next(line for line in (run.stdout + run.stderr).splitlines() if "mlflow ui " in line)

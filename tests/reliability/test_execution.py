@@ -7,9 +7,7 @@ import json
 import resource
 import signal
 import subprocess
-import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import psutil
@@ -20,22 +18,22 @@ from safetensors.torch import load_file
 from snaketune.checkpoint import CHECKPOINT
 from snaketune.errors import OutputError, TrainingError
 from snaketune.fileio import atomic_dir, atomic_path, write_json
-from snaketune.partitions import plan_partitions
-from snaketune.shards import TokenizeSettings
-from snaketune.train import TrainSettings
-from tests.conftest import run_training, snakemake_command
-from tests.reliability.conftest import (
+from snaketune.settings import PartitionJob, TokenizeJob, TokenizeSettings, TrainSettings
+from snaketune.stages import PartitionPaths, PlanPaths, command_line
+from snaketune.tokenize.plan import plan_partitions
+from tests.support.processes import wait_for
+from tests.support.reliability import (
     EXPERIMENT,
     TINY_MODEL,
     rerun_resumes,
     run_snakemake,
     single_thread_env,
     train_command,
-    wait_for,
     workdir_with,
 )
-
-SNAKETUNE = str(Path(sys.executable).with_name("snaketune"))
+from tests.support.repo import SNAKETUNE
+from tests.support.stage_data import run_training
+from tests.support.workflow import snakemake_command
 
 
 def manifest_counts(out: Path) -> dict:
@@ -204,27 +202,21 @@ def test_killed_stage_is_marked_incomplete_and_rerun_incomplete_resumes_it(inter
 
 
 def test_file_size_limit_while_writing_shards_is_named_and_nothing_is_kept(lm_data, tmp_path):
-    settings = TokenizeSettings(task="causal_lm", block_size=32)
+    job = TokenizeJob("causal_lm", TokenizeSettings(block_size=32))
     work = tmp_path / "tokenize"
-    plan, encoder = work / "plan.json", work / "encoder.json"
-    plan_partitions(lm_data["splits"], lm_data["tokenizer"], plan, encoder, settings)
+    splits = lm_data["splits"]
+    plan = PlanPaths(
+        **splits,
+        tokenizer=lm_data["tokenizer"],
+        plan=work / "plan.json",
+        encoder=work / "encoder.json",
+    )
+    plan_partitions(plan, job)
     out, manifest = work / "parts" / "train" / "00000", work / "parts" / "train" / "00000.json"
-    job_settings = {**asdict(settings), "split": "train", "part": 0}
+    partition = PartitionPaths(splits["train"], plan.plan, plan.encoder, out, manifest)
     command = [
         SNAKETUNE,
-        "tokenize-partition",
-        "--split-file",
-        str(lm_data["splits"]["train"]),
-        "--plan",
-        str(plan),
-        "--encoder",
-        str(encoder),
-        "--out",
-        str(out),
-        "--manifest",
-        str(manifest),
-        "--settings",
-        json.dumps(job_settings),
+        *command_line(partition, PartitionJob(job.task, job.tokenize, split="train", part=0)),
     ]
     # A file size limit is the full disk a process meets without privileges (root included).
     result = subprocess.run(

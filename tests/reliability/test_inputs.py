@@ -14,15 +14,23 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from snaketune.clean import CleanSettings, ReadSettings, clean_corpus
+from snaketune.clean import clean_corpus
 from snaketune.config import schema_problems
-from snaketune.download import DownloadSettings, download_dataset
+from snaketune.download import download_dataset
 from snaketune.errors import DownloadError, ModelError, TokenizerError
 from snaketune.fileio import sha256_file
-from snaketune.models import ModelSettings, build_model
-from snaketune.tokenizer import TokenizerSettings, prepare_tokenizer
-from tests.conftest import config_with, snakemake_with
-from tests.downloads import (
+from snaketune.models import build_model
+from snaketune.settings import (
+    CleanJob,
+    CleanSettings,
+    DownloadSettings,
+    ModelSettings,
+    ReadSettings,
+    TokenizerSettings,
+)
+from snaketune.stages import CleanPaths, DownloadPaths, TokenizerPaths
+from snaketune.tokenizer import prepare_tokenizer
+from tests.support.downloads import (
     add_tar_file,
     archive_of,
     gzipped,
@@ -33,7 +41,8 @@ from tests.downloads import (
     sha256_bytes,
     write_input,
 )
-from tests.servers import free_port
+from tests.support.servers import free_port
+from tests.support.workflow import config_with, snakemake_with
 
 # --- 1. config: unknown key, wrong type, out of range --------------------------------------------
 
@@ -80,7 +89,7 @@ def test_unreachable_host_is_retried_with_growing_waits_then_named(no_proxy, tmp
 
     started = time.monotonic()
     with pytest.raises(DownloadError) as caught:
-        download_dataset(settings, out, manifest)
+        download_dataset(DownloadPaths(out, manifest), settings)
 
     assert time.monotonic() - started >= 0.05 + 0.1  # two waits, the second twice the first
     message = str(caught.value)
@@ -95,7 +104,7 @@ def test_http_404_fails_at_once_without_retrying(origin, tmp_path):
     out, manifest = paths(tmp_path)
 
     with pytest.raises(DownloadError, match=r"HTTP 404") as caught:
-        download_dataset(settings, out, manifest)
+        download_dataset(DownloadPaths(out, manifest), settings)
 
     assert url in str(caught.value)
     assert len(origin.requests) == 1
@@ -107,7 +116,7 @@ def test_http_500_twice_then_success_after_three_requests(origin, tmp_path):
     url = origin.serve("/flaky.txt", body, fail_times=2)
     out, manifest = paths(tmp_path)
 
-    download_dataset(settings_for(url, body, retries=4), out, manifest)
+    download_dataset(DownloadPaths(out, manifest), settings_for(url, body, retries=4))
 
     assert [r.status for r in origin.requests] == [500, 500, 200]
     assert (out / "flaky.txt").read_bytes() == body
@@ -118,7 +127,7 @@ def test_http_500_beyond_retries_gives_up_and_says_how_often(origin, tmp_path):
     url = origin.serve("/down.txt", body, fail_times=10)
 
     with pytest.raises(DownloadError) as caught:
-        download_dataset(settings_for(url, body, retries=2), *paths(tmp_path))
+        download_dataset(DownloadPaths(*paths(tmp_path)), settings_for(url, body, retries=2))
 
     assert "after 3 attempts" in str(caught.value) and "HTTP 500" in str(caught.value)
     assert [r.status for r in origin.requests] == [500, 500, 500]
@@ -127,7 +136,7 @@ def test_http_500_beyond_retries_gives_up_and_says_how_often(origin, tmp_path):
 def test_missing_local_file_is_named(tmp_path):
     missing = tmp_path / "nope.txt"
     with pytest.raises(DownloadError, match=r"does not exist") as caught:
-        download_dataset(settings_for(str(missing), b""), *paths(tmp_path))
+        download_dataset(DownloadPaths(*paths(tmp_path)), settings_for(str(missing), b""))
     assert str(missing) in str(caught.value)
 
 
@@ -142,7 +151,7 @@ def test_sha256_mismatch_names_both_digests_and_leaves_nothing(origin, tmp_path)
     settings = DownloadSettings(url=url, sha256=expected, backoff_seconds=0.01)
 
     with pytest.raises(DownloadError) as caught:
-        download_dataset(settings, out, manifest)
+        download_dataset(DownloadPaths(out, manifest), settings)
 
     message = str(caught.value)
     assert url in message
@@ -163,9 +172,9 @@ def test_whole_but_corrupt_part_file_is_caught_by_the_digest_and_removed(origin,
     stale.write_bytes(payload(5000, seed=6))
 
     with pytest.raises(DownloadError, match=r"sha256 mismatch"):
-        download_dataset(settings_for(url, body), out, manifest)
+        download_dataset(DownloadPaths(out, manifest), settings_for(url, body))
     assert not stale.exists()
-    download_dataset(settings_for(url, body), out, manifest)
+    download_dataset(DownloadPaths(out, manifest), settings_for(url, body))
 
     assert [(r.range, r.status) for r in origin.requests] == [("bytes=5000-", 416), (None, 200)]
     assert (out / "data.bin").read_bytes() == body
@@ -180,7 +189,7 @@ def test_cut_connection_is_retried_with_a_range_request(origin, tmp_path):
     url = origin.serve("/big.bin", body, cut_first_at=cut)
     out, manifest = paths(tmp_path)
 
-    download_dataset(settings_for(url, body, retries=2), out, manifest)
+    download_dataset(DownloadPaths(out, manifest), settings_for(url, body, retries=2))
 
     # The second request asks only for the bytes the first one did not deliver.
     assert [(r.range, r.status) for r in origin.requests] == [(None, 200), (f"bytes={cut}-", 206)]
@@ -195,12 +204,12 @@ def test_rerun_after_a_failed_download_resumes_the_part_file(origin, tmp_path):
     out, manifest = paths(tmp_path)
 
     with pytest.raises(DownloadError, match=rf"resume from {cut} bytes"):
-        download_dataset(settings_for(url, body, retries=0), out, manifest)
+        download_dataset(DownloadPaths(out, manifest), settings_for(url, body, retries=0))
     (part,) = part_files(tmp_path)
     assert part.stat().st_size == cut
     assert not out.exists()
 
-    download_dataset(settings_for(url, body, retries=0), out, manifest)
+    download_dataset(DownloadPaths(out, manifest), settings_for(url, body, retries=0))
 
     assert [r.range for r in origin.requests] == [None, f"bytes={cut}-"]
     assert (out / "big.bin").read_bytes() == body
@@ -211,7 +220,7 @@ def test_server_that_ignores_range_makes_the_download_start_over(origin, tmp_pat
     url = origin.serve("/big.bin", body, cut_first_at=30_000, honor_range=False)
     out, manifest = paths(tmp_path)
 
-    download_dataset(settings_for(url, body, retries=1), out, manifest)
+    download_dataset(DownloadPaths(out, manifest), settings_for(url, body, retries=1))
 
     # Range was asked for, the server answered 200 with everything: appending would corrupt it.
     assert [(r.range, r.status) for r in origin.requests] == [(None, 200), ("bytes=30000-", 200)]
@@ -224,7 +233,7 @@ def test_cut_chunked_response_is_retried_not_raised_raw(origin, tmp_path):
     url = origin.serve("/stream.bin", body, cut_first_at=40_000, chunked=True)
     out, manifest = paths(tmp_path)
 
-    download_dataset(settings_for(url, body, retries=1), out, manifest)
+    download_dataset(DownloadPaths(out, manifest), settings_for(url, body, retries=1))
 
     assert [r.status for r in origin.requests] == [200, 200]
     assert (out / "stream.bin").read_bytes() == body
@@ -235,7 +244,7 @@ def test_cut_chunked_response_without_retries_is_a_download_error(origin, tmp_pa
     url = origin.serve("/stream.bin", body, cut_first_at=20_000, chunked=True)
 
     with pytest.raises(DownloadError, match=r"after 1 attempts \(IncompleteRead"):
-        download_dataset(settings_for(url, body, retries=0), *paths(tmp_path))
+        download_dataset(DownloadPaths(*paths(tmp_path)), settings_for(url, body, retries=0))
 
 
 # --- 5. archive members escaping their folder ----------------------------------------------------
@@ -248,7 +257,7 @@ def test_zip_member_escaping_the_folder_is_refused(tmp_path, evil):
     out, manifest = paths(tmp_path)
 
     with pytest.raises(DownloadError, match=r"outside") as caught:
-        download_dataset(settings_for(str(source), packed), out, manifest)
+        download_dataset(DownloadPaths(out, manifest), settings_for(str(source), packed))
 
     assert repr(evil) in str(caught.value)
     assert list(tmp_path.rglob("evil.txt")) == []
@@ -268,7 +277,7 @@ def test_tar_gz_with_a_link_member_is_refused(tmp_path, kind):
     out, manifest = paths(tmp_path)
 
     with pytest.raises(DownloadError, match=r"'passwd' is a link; refused"):
-        download_dataset(settings_for(str(source), buffer.getvalue()), out, manifest)
+        download_dataset(DownloadPaths(out, manifest), settings_for(str(source), buffer.getvalue()))
 
     assert not out.exists() and not manifest.exists()
     assert list(tmp_path.rglob("passwd")) == []
@@ -281,7 +290,9 @@ def test_tar_member_with_absolute_path_is_refused(tmp_path):
     source = write_input(tmp_path, "set.tar", buffer.getvalue())
 
     with pytest.raises(DownloadError, match=r"outside"):
-        download_dataset(settings_for(str(source), buffer.getvalue()), *paths(tmp_path))
+        download_dataset(
+            DownloadPaths(*paths(tmp_path)), settings_for(str(source), buffer.getvalue())
+        )
 
     assert not (tmp_path / "abs.txt").exists()
 
@@ -296,7 +307,7 @@ def test_gz_expanding_past_the_limit_is_refused(tmp_path):
     settings = settings_for(str(source), bomb, max_unpacked_bytes=1_000_000)
 
     with pytest.raises(DownloadError) as caught:
-        download_dataset(settings, out, manifest)
+        download_dataset(DownloadPaths(out, manifest), settings)
 
     message = str(caught.value)
     assert "bomb.txt.gz" in message and "max_unpacked_bytes=1000000" in message
@@ -313,7 +324,7 @@ def test_zip_limit_counts_all_members_together(tmp_path):
     settings = settings_for(str(source), zipped.getvalue(), max_unpacked_bytes=1_000_000)
 
     with pytest.raises(DownloadError, match=r"b\.txt expands past max_unpacked_bytes"):
-        download_dataset(settings, *paths(tmp_path))
+        download_dataset(DownloadPaths(*paths(tmp_path)), settings)
 
 
 def test_limit_raised_after_a_refused_http_download_succeeds_on_rerun(origin, tmp_path):
@@ -325,8 +336,12 @@ def test_limit_raised_after_a_refused_http_download_succeeds_on_rerun(origin, tm
     out, manifest = paths(tmp_path)
 
     with pytest.raises(DownloadError, match=r"max_unpacked_bytes"):
-        download_dataset(settings_for(url, packed, max_unpacked_bytes=1 << 20), out, manifest)
-    files = download_dataset(settings_for(url, packed, max_unpacked_bytes=4 << 20), out, manifest)
+        download_dataset(
+            DownloadPaths(out, manifest), settings_for(url, packed, max_unpacked_bytes=1 << 20)
+        )
+    files = download_dataset(
+        DownloadPaths(out, manifest), settings_for(url, packed, max_unpacked_bytes=4 << 20)
+    )
 
     assert files == ["bomb.txt"]
     assert [(r.range, r.status) for r in origin.requests] == [
@@ -352,14 +367,8 @@ def test_messy_bytes_and_a_50_mb_line_are_cleaned_and_counted(tmp_path):
     )
     out = tmp_path / "clean"
 
-    report = clean_corpus(
-        raw,
-        out / "corpus.parquet",
-        out / "report.json",
-        out / "manifest.json",
-        ReadSettings(format="txt"),
-        CleanSettings(),
-    )
+    paths = CleanPaths(raw, out / "corpus.parquet", out / "report.json", out / "manifest.json")
+    report = clean_corpus(paths, CleanJob(ReadSettings(format="txt"), CleanSettings()))
 
     docs = pd.read_parquet(out / "corpus.parquet")["text"].tolist()
     assert docs == ["first line", "bad \ufffd\ufffd bytes", "nul inside", "last line"]
@@ -379,7 +388,7 @@ def test_missing_tokenizer_directory_is_named(tmp_path):
     out, manifest = tmp_path / "tokenizer", tmp_path / "manifest.json"
 
     with pytest.raises(TokenizerError) as caught:
-        prepare_tokenizer(tmp_path / "train.parquet", out, manifest, settings)
+        prepare_tokenizer(TokenizerPaths(tmp_path / "train.parquet", out, manifest), settings)
 
     message = str(caught.value)
     assert f"tokenizer.name_or_path: tokenizer directory {missing} does not exist" in message
@@ -402,7 +411,8 @@ def test_hub_ids_while_offline_say_so_and_how_to_give_a_local_path(tmp_path, mon
 
     with pytest.raises(TokenizerError) as tokenizer_error:
         prepare_tokenizer(
-            tmp_path / "train.parquet", tmp_path / "tok", tmp_path / "m.json", tokenizer
+            TokenizerPaths(tmp_path / "train.parquet", tmp_path / "tok", tmp_path / "m.json"),
+            tokenizer,
         )
     with pytest.raises(ModelError) as model_error:
         build_model(model, "causal_lm", 400, 32, 0, 0, [])

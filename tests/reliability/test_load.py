@@ -20,15 +20,15 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import snakemake_command
-from tests.reliability.conftest import EXPERIMENT, tiny_config, workdir_with
+from tests.support.reliability import EXPERIMENT, pipeline_config, workdir_with
+from tests.support.workflow import snakemake_command
 
 EXPERIMENTS = [f"exp-{i:02d}" for i in range(50)]
 STAGE_RULES = [
     "clean_corpus",
     "split_corpus",
     "prepare_tokenizer",
-    "tokenize_shards",
+    "gather_shards",
     "train_model",
     "evaluate_model",
     "track_experiment",
@@ -44,7 +44,7 @@ def job_counts(output: str) -> dict[str, int]:
 
 @pytest.mark.slow
 def test_fifty_experiments_plan_every_stage_once(tmp_path):
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config(EXPERIMENTS)))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(pipeline_config(EXPERIMENTS)))
     result = subprocess.run(
         snakemake_command(tmp_path, "--dry-run", "--cores", "2"),
         capture_output=True,

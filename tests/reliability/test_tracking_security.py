@@ -16,16 +16,16 @@ from mlflow.entities import ViewType
 
 from snaketune.checkpoint import CHECKPOINT, load_checkpoint
 from snaketune.config import SCHEMA
-from snaketune.download import DownloadSettings, download_dataset
+from snaketune.download import download_dataset
 from snaketune.errors import DownloadError, ModelError, TrackingError, TrainingError
 from snaketune.fileio import sha256_tree
-from snaketune.models import ModelSettings, build_model, load_trained
+from snaketune.models import build_model, load_trained
+from snaketune.settings import DownloadSettings, ModelSettings, TrainSettings
+from snaketune.stages import DownloadPaths
 from snaketune.track import STAGES
-from snaketune.train import TrainSettings
-from tests.conftest import run_training
-from tests.integration.test_mlflow_server import server_settings
-from tests.reliability.conftest import TINY_MODEL
-from tests.unit.test_track import track, write_stage_files
+from tests.support.mlflow_stores import server_settings, track, write_stage_files
+from tests.support.reliability import TINY_MODEL
+from tests.support.stage_data import run_training
 
 
 def runs_of(server, experiment: str, view=ViewType.ACTIVE_ONLY) -> list:
@@ -178,7 +178,7 @@ def test_trust_remote_code_defaults_to_off():
 def test_unsupported_url_schemes_are_refused(tmp_path, url):
     settings = DownloadSettings(url=url, sha256="0" * 64)
     with pytest.raises(DownloadError, match="supported are http, https, file"):
-        download_dataset(settings, tmp_path / "files", tmp_path / "manifest.json")
+        download_dataset(DownloadPaths(tmp_path / "files", tmp_path / "manifest.json"), settings)
     assert not (tmp_path / "files").exists()
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.mlflow_stores import new_store
+
 
 @pytest.fixture(scope="session")
 def empty_store_db(tmp_path_factory) -> Path:
@@ -20,6 +22,4 @@ def empty_store_db(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def store(tmp_path, empty_store_db):
-    from tests.unit.test_track import new_store
-
     return new_store(tmp_path / "store", empty_store_db)

@@ -12,36 +12,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from snaketune.clean import CleanReport, CleanSettings, ReadSettings, clean_corpus, stable_doc_id
+from snaketune.clean import stable_doc_id
 from snaketune.errors import CorpusError
-from tests.conftest import DEMO_CORPUS
-
-TXT = ReadSettings(format="txt")
-
+from snaketune.settings import CleanSettings, ReadSettings
+from tests.support.repo import DEMO_CORPUS
+from tests.support.stage_data import run_clean
 
 # --- helpers -------------------------------------------------------------------------------------
-
-
-def run_clean(
-    tmp_path: Path,
-    name: str,
-    data: bytes,
-    read: ReadSettings = TXT,
-    settings: CleanSettings | None = None,
-) -> tuple[CleanReport, pd.DataFrame]:
-    """Write `data` as the only raw file, clean it, return the report and the output corpus."""
-    raw = tmp_path / "raw"
-    raw.mkdir(exist_ok=True)
-    (raw / name).write_bytes(data)
-    report = clean_corpus(
-        raw,
-        tmp_path / "corpus.parquet",
-        tmp_path / "report.json",
-        tmp_path / "manifest.json",
-        read,
-        settings or CleanSettings(),
-    )
-    return report, pd.read_parquet(tmp_path / "corpus.parquet")
 
 
 def texts_of(tmp_path: Path, lines: list[str], settings: CleanSettings | None = None) -> list[str]:

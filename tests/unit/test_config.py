@@ -1,12 +1,26 @@
-"""Config validation: the default config is valid, cross-checks between keys, and the train
-rule's launcher. Problems that must stop a run before any job are in tests/reliability."""
+"""Config validation: the default config is valid, cross-checks between keys, and the settings
+dataclasses agree with the schema key for key. Problems that must stop a run before any job are
+in tests/reliability."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import MISSING, fields, is_dataclass
 
-from snaketune.config import cross_checks, schema_problems
-from tests.conftest import DEFAULT_CONFIG, config_with, snakemake_with
+import pytest
+import yaml
+
+from snaketune.config import SCHEMA, cross_checks, schema_problems
+from snaketune.names import SPLITS, TASKS
+from snaketune.settings import (
+    FORMATS,
+    LM_PACKINGS,
+    SECTIONS,
+    TXT_DOCUMENTS,
+    DatasetSettings,
+    MlflowSettings,
+)
+from tests.support.repo import DEFAULT_CONFIG
+from tests.support.workflow import config_with
 
 
 def test_default_config_is_valid():
@@ -43,16 +57,55 @@ def _with_defaults(config: dict) -> dict:
     return config
 
 
-def test_train_rule_launches_torchrun_for_several_processes(tmp_path: Path):
-    config = config_with(experiments__0__train__processes=2)
-    result = snakemake_with(
-        tmp_path, config, "--cores", "2", "--dry-run", "--printshellcmds", "--forceall"
+# --- the schema and the settings dataclasses say the same ----------------------------------------
+
+SCHEMA_DOC = yaml.safe_load(SCHEMA.read_text())
+EXPERIMENT_KEYS = SCHEMA_DOC["properties"]["experiments"]["items"]["properties"]
+
+
+def field_default(f):
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def assert_same_keys_and_defaults(cls, properties: dict, where: str) -> None:
+    """Every schema key is a field of cls with the schema's default (nested sections too)."""
+    by_name = {f.name: f for f in fields(cls)}
+    assert set(properties) == set(by_name), where
+    for name, prop in properties.items():
+        default = field_default(by_name[name])
+        if is_dataclass(default):
+            assert prop.get("default") == {}, f"{where}.{name}"
+            assert_same_keys_and_defaults(type(default), prop["properties"], f"{where}.{name}")
+        else:
+            assert prop.get("default", MISSING) == default, f"{where}.{name}"
+
+
+@pytest.mark.parametrize("section", SECTIONS)
+def test_each_experiment_section_is_its_settings_dataclass(section):
+    assert_same_keys_and_defaults(
+        SECTIONS[section], EXPERIMENT_KEYS[section]["properties"], section
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    commands = [line for line in result.stdout.splitlines() if " train --shards " in line]
-    assert len(commands) == 2
-    ddp = [c for c in commands if "demo-lm" in c][0]
-    single = [c for c in commands if "demo-intent" in c][0]
-    assert "torchrun --standalone --nproc_per_node=2 -m snaketune.cli train" in ddp
-    assert "OMP_NUM_THREADS=1 " in ddp  # the rule's 2 threads shared by 2 processes
-    assert "torchrun" not in single and "OMP_NUM_THREADS=2 snaketune train" in single
+
+
+def test_a_dataset_entry_and_the_mlflow_section_are_their_settings_dataclasses():
+    entry = SCHEMA_DOC["properties"]["datasets"]["additionalProperties"]
+    assert_same_keys_and_defaults(DatasetSettings, entry["properties"], "datasets.<name>")
+    assert set(entry["required"]) == {
+        f.name for f in fields(DatasetSettings) if field_default(f) is MISSING
+    }
+    mlflow = SCHEMA_DOC["properties"]["mlflow"]["properties"]
+    assert_same_keys_and_defaults(MlflowSettings, mlflow, "mlflow")
+
+
+def test_the_schema_allows_the_names_the_code_knows():
+    assert EXPERIMENT_KEYS["task"]["enum"] == list(TASKS)
+    ratios = EXPERIMENT_KEYS["split"]["properties"]
+    assert [key for key in ratios if key in SPLITS] == list(SPLITS)
+    assert EXPERIMENT_KEYS["tokenize"]["properties"]["packing"]["enum"] == list(LM_PACKINGS)
+    entry = SCHEMA_DOC["properties"]["datasets"]["additionalProperties"]["properties"]
+    assert entry["format"]["enum"] == list(FORMATS)
+    assert entry["txt_document"]["enum"] == list(TXT_DOCUMENTS)

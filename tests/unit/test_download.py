@@ -8,8 +8,10 @@ import json
 
 import pytest
 
-from snaketune.download import DownloadSettings, download_dataset
-from tests.downloads import (
+from snaketune.download import download_dataset
+from snaketune.settings import DownloadSettings
+from snaketune.stages import DownloadPaths
+from tests.support.downloads import (
     archive_of,
     gzipped,
     part_files,
@@ -28,7 +30,7 @@ def test_http_download_checks_sha256_and_writes_manifest(origin, tmp_path):
     url = origin.serve("/data/corpus.txt", body)
     out, manifest = paths(tmp_path)
 
-    files = download_dataset(settings_for(url, body), out, manifest)
+    files = download_dataset(DownloadPaths(out, manifest), settings_for(url, body))
 
     assert files == ["corpus.txt"]
     assert (out / "corpus.txt").read_bytes() == body
@@ -45,7 +47,7 @@ def test_uppercase_sha256_in_config_is_accepted(origin, tmp_path):
     body = payload(1000)
     url = origin.serve("/a.txt", body)
     settings = DownloadSettings(url=url, sha256=sha256_bytes(body).upper(), backoff_seconds=0.01)
-    assert download_dataset(settings, *paths(tmp_path)) == ["a.txt"]
+    assert download_dataset(DownloadPaths(*paths(tmp_path)), settings) == ["a.txt"]
 
 
 # --- unpacking -----------------------------------------------------------------------------------
@@ -57,7 +59,7 @@ def test_gz_is_decompressed_and_digest_is_of_the_fetched_bytes(origin, tmp_path)
     url = origin.serve("/corpus.jsonl.gz", packed)
     out, manifest = paths(tmp_path)
 
-    files = download_dataset(settings_for(url, packed), out, manifest)
+    files = download_dataset(DownloadPaths(out, manifest), settings_for(url, packed))
 
     assert files == ["corpus.jsonl"]
     assert (out / "corpus.jsonl").read_bytes() == text
@@ -74,7 +76,7 @@ def test_archive_members_are_unpacked_with_their_folders(tmp_path, kind):
     source = write_input(tmp_path, f"set.{kind}", packed)
     out, manifest = paths(tmp_path)
 
-    files = download_dataset(settings_for(str(source), packed), out, manifest)
+    files = download_dataset(DownloadPaths(out, manifest), settings_for(str(source), packed))
 
     assert sorted(files) == sorted(members)
     assert {f: (out / f).read_bytes() for f in files} == members
@@ -93,7 +95,7 @@ def test_local_path_and_file_url_are_copied(tmp_path, as_uri):
     url = source.as_uri() if as_uri else str(source)
     out, manifest = paths(tmp_path)
 
-    files = download_dataset(settings_for(url, body), out, manifest)
+    files = download_dataset(DownloadPaths(out, manifest), settings_for(url, body))
 
     assert files == ["my corpus.txt"]
     assert (out / "my corpus.txt").read_bytes() == body

@@ -7,7 +7,7 @@ import re
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.support.repo import REPO
 
 ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,14 +12,16 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score
 
 from snaketune.evaluation import (
-    EvalSettings,
     classification_metrics,
     evaluate_model,
     perplexity,
     score_lm,
     token_byte_lengths,
 )
-from snaketune.models import ModelSettings, build_model
+from snaketune.local import PreparedData
+from snaketune.models import build_model
+from snaketune.settings import EvalJob, EvalSettings, ModelSettings
+from snaketune.stages import EvaluatePaths
 from snaketune.train import load_examples
 
 
@@ -98,6 +101,11 @@ def test_classification_metrics_agree_with_sklearn():
     assert ours["confusion_matrix"] == confusion_matrix(references, predictions).tolist()
 
 
+def evaluate_paths(data: dict, out: Path) -> EvaluatePaths:
+    """The evaluate job's paths on prepared stage data and a model in out/model."""
+    return PreparedData(**data).evaluate_paths(out / "model", out)
+
+
 def test_lm_evaluation_writes_metrics_protocol_and_samples(lm_data, tmp_path):
     from transformers import AutoTokenizer
 
@@ -106,17 +114,7 @@ def test_lm_evaluation_writes_metrics_protocol_and_samples(lm_data, tmp_path):
     model.save_pretrained(tmp_path / "model")
     AutoTokenizer.from_pretrained(lm_data["tokenizer"]).save_pretrained(tmp_path / "model")
     settings = EvalSettings(prompts=["Customer: hello\nAgent:"], max_new_tokens=5)
-    metrics = evaluate_model(
-        tmp_path / "model",
-        lm_data["shards"],
-        lm_data["tokenize_manifest"],
-        lm_data["splits"],
-        tmp_path / "metrics.json",
-        tmp_path / "samples.jsonl",
-        tmp_path / "manifest.json",
-        "causal_lm",
-        settings,
-    )
+    metrics = evaluate_model(evaluate_paths(lm_data, tmp_path), EvalJob("causal_lm", settings))
     assert json.loads((tmp_path / "metrics.json").read_text())["perplexity"] == pytest.approx(
         metrics["perplexity"]
     )
@@ -134,7 +132,7 @@ def test_per_document_test_rows_are_scored_as_one_stream_without_their_padding(
 
     from transformers import AutoTokenizer
 
-    from snaketune.shards import read_shards
+    from snaketune.tokenize.shards import read_shards
 
     data = lm_per_document_data
     info = json.loads(data["tokenize_manifest"].read_text())
@@ -142,17 +140,7 @@ def test_per_document_test_rows_are_scored_as_one_stream_without_their_padding(
     tiny_lm(info, 32).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     settings = EvalSettings(prompts=[], batch_size=5)
-    metrics = evaluate_model(
-        tmp_path / "model",
-        data["shards"],
-        data["tokenize_manifest"],
-        data["splits"],
-        tmp_path / "metrics.json",
-        tmp_path / "samples.jsonl",
-        tmp_path / "manifest.json",
-        "causal_lm",
-        settings,
-    )
+    metrics = evaluate_model(evaluate_paths(data, tmp_path), EvalJob("causal_lm", settings))
 
     rows = read_shards(data["shards"] / "test").column("input_ids").to_pylist()
     stream = torch.tensor(list(chain.from_iterable(rows)))

@@ -8,16 +8,16 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from snaketune.batches import load_examples
-from snaketune.models import ModelSettings, build_model, load_trained
-from snaketune.train import TrainSettings
-from tests.conftest import run_training, train_cli_args
+from snaketune.models import build_model, load_trained
+from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+from tests.support.stage_data import run_training, train_cli_args
 
 TINY = ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.0)
 QUICK = TrainSettings(
@@ -154,23 +154,23 @@ def bert_checkpoint(train_split: Path, out: Path) -> Path:
 
 
 def test_bert_classifier_fine_tunes_from_a_local_checkpoint(classification_data, tmp_path):
-    from snaketune.shards import TokenizeSettings, tokenize_shards
-    from snaketune.tokenizer import TokenizerSettings, prepare_tokenizer
+    from snaketune.settings import TokenizeJob, TokenizerSettings, TokenizeSettings
+    from snaketune.stages import TokenizerPaths
+    from snaketune.tokenize.one_process import tokenize_in_one_process
+    from snaketune.tokenizer import prepare_tokenizer
 
     checkpoint = bert_checkpoint(classification_data["splits"]["train"], tmp_path / "bert")
     splits = classification_data["splits"]
     prepare_tokenizer(
-        splits["train"],
-        tmp_path / "tok",
-        tmp_path / "tok.json",
+        TokenizerPaths(splits["train"], tmp_path / "tok", tmp_path / "tok.json"),
         TokenizerSettings(kind="pretrained", name_or_path=str(checkpoint)),
     )
-    tokenize_shards(
+    tokenize_in_one_process(
         splits,
         tmp_path / "tok",
         tmp_path / "shards",
         tmp_path / "shards.json",
-        TokenizeSettings(task="sequence_classification", max_length=32),
+        TokenizeJob("sequence_classification", TokenizeSettings(max_length=32)),
     )
     info = json.loads((tmp_path / "shards.json").read_text())
     test = load_examples(
@@ -200,10 +200,10 @@ def test_bert_classifier_fine_tunes_from_a_local_checkpoint(classification_data,
 
 
 def _torchrun_train(data: dict, out: Path, settings: TrainSettings, processes: int):
-    payload = {"task": "causal_lm", "model": asdict(TINY), "train": asdict(settings)}
+    job = TrainJob(task="causal_lm", model=TINY, train=settings)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     launcher = [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m", "snaketune.cli"]
-    command = [*launcher, *train_cli_args(data, out, payload)]
+    command = [*launcher, *train_cli_args(data, out, job)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

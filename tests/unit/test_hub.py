@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from snaketune.download import DownloadSettings, download_dataset
+from snaketune.download import download_dataset
 from snaketune.errors import DownloadError
 from snaketune.hub import parse_hub_url
+from snaketune.settings import DownloadSettings
+from snaketune.stages import DownloadPaths
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 BODY = b"text,label\nthe parcel is late,delivery\nrefund please,billing\n"
@@ -50,7 +52,7 @@ def offline_cache(tmp_path, monkeypatch) -> Path:
 
 def fetch(tmp_path: Path, url: str, body: bytes = BODY) -> list[str]:
     settings = DownloadSettings(url=url, sha256=hashlib.sha256(body).hexdigest())
-    return download_dataset(settings, tmp_path / "files", tmp_path / "manifest.json")
+    return download_dataset(DownloadPaths(tmp_path / "files", tmp_path / "manifest.json"), settings)
 
 
 # --- addresses -----------------------------------------------------------------------------------
@@ -120,7 +122,7 @@ def test_cli_honours_hf_hub_offline_and_hf_hub_cache_from_the_environment(tmp_pa
     settings = {"url": URL, "sha256": hashlib.sha256(BODY).hexdigest()}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
     command = [sys.executable, "-m", "snaketune.cli", "download"]
-    paths = ["--out", str(tmp_path / "files"), "--manifest", str(tmp_path / "manifest.json")]
+    paths = ["--files", str(tmp_path / "files"), "--manifest", str(tmp_path / "manifest.json")]
 
     run = subprocess.run(
         [*command, *paths, "--settings", json.dumps(settings)], env=env, capture_output=True

@@ -1,25 +1,21 @@
 """How the tokenize stage cuts splits into partitions: row ranges that cover every row once, the
-"auto" size rule, reading exactly a range's rows across row groups, and a 1,000-partition DAG
-that Snakemake plans quickly."""
+"auto" size rule, and reading exactly a range's rows across row groups."""
 
 from __future__ import annotations
 
-import re
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from snaketune.partitions import (
+from snaketune.tokenize.partition import read_row_range
+from snaketune.tokenize.plan import (
     auto_partition_count,
     fixed_partition_counts,
     partition_names,
     plan_splits,
-    read_row_range,
     row_ranges,
 )
-from tests.conftest import config_with, snakemake_with
 
 
 @pytest.mark.parametrize(("rows", "count"), [(10, 3), (7, 7), (3, 5), (0, 2), (100_003, 1000)])
@@ -90,18 +86,3 @@ def test_partition_names_sort_in_row_order():
     assert names[:3] == [("train", "00000"), ("train", "00001"), ("train", "00002")]
     assert names[-1] == ("val", "00000")
     assert [p for s, p in names if s == "train"] == sorted(p for s, p in names if s == "train")
-
-
-def test_snakemake_plans_a_thousand_partitions_quickly(tmp_path):
-    config = config_with(experiments__0__tokenize__partitions=1000)
-
-    started = time.perf_counter()
-    result = snakemake_with(tmp_path, config, "--dry-run", "--cores", "8", "--quiet", "rules")
-    seconds = time.perf_counter() - started
-
-    assert result.returncode == 0, result.stderr[-2000:]
-    jobs = re.search(r"^tokenize_partition\s+(\d+)$", result.stdout, re.MULTILINE)
-    assert jobs and int(jobs[1]) == 1000 + 2  # train's partitions, then val and test whole
-    print(f"snakemake --dry-run with 1,000 tokenize partitions: {seconds:.1f} s")
-    # The whole command, start-up included; a safety net, not the figure (it is printed above).
-    assert seconds < 60

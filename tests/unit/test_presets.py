@@ -1,36 +1,24 @@
 """The real-dataset presets: every catalog entry is pinned (a commit in its URL, a sha256), each
-presets/*.yaml makes a valid config when layered on config.yaml, and Snakemake downloads only the
-datasets that the chosen experiments use."""
+presets/*.yaml makes a valid config when layered on config.yaml, and the preset key layers it as
+--configfile would. What Snakemake plans for a preset is in tests/integration/test_dry_runs.py."""
 
 from __future__ import annotations
 
 import copy
-import functools
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
-from snakemake.utils import update_config, validate
+from snakemake.utils import validate
 
 from snaketune.config import SCHEMA, ConfigError, apply_preset, cross_checks, schema_problems
-from tests.conftest import REPO, snakemake_command
+from tests.support.repo import REPO
+from tests.support.workflow import layered
 
 CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 PRESETS = {name: entry for name, entry in CONFIG["datasets"].items() if name != "support-demo"}
 PRESET_FILES = sorted((REPO / "presets").glob("*.yaml"))
 COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
-@functools.cache
-def layered(preset_file: Path) -> dict:
-    """config.yaml with a --configfile on top, merged as Snakemake merges them (mappings key by
-    key, lists replaced), with the schema's defaults filled in."""
-    config = copy.deepcopy(CONFIG)
-    update_config(config, yaml.safe_load(preset_file.read_text()))
-    validate(config, str(SCHEMA))
-    return config
 
 
 def test_default_config_runs_only_the_offline_demo():
@@ -104,34 +92,3 @@ def test_unknown_preset_names_the_key_and_every_preset():
     message = str(caught.value)
     assert "preset: 'imdb' is not one of" in message
     assert all(f"'{path.stem}'" in message for path in PRESET_FILES)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("switch", ["configfile", "config"])
-def test_snakemake_plans_downloads_only_for_datasets_the_experiments_use(tmp_path, switch):
-    # As `snakemake --configfile presets/sms-spam.yaml` (or `--config preset=sms-spam`) run in
-    # the repository would see it.
-    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
-    preset = REPO / "presets" / "sms-spam.yaml"
-    # A second --configfile replaces the helper's: config.yaml, then the preset over it.
-    layers = {
-        "configfile": ["--configfile", str(tmp_path / "config.yaml"), str(preset)],
-        "config": ["--config", "preset=sms-spam"],
-    }[switch]
-    command = snakemake_command(tmp_path, "--dry-run", "--cores", "1", *layers)
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-    assert run.returncode == 0, run.stderr[-2000:]
-    planned = set(re.findall(r"datasets/([\w.-]+)/download/manifest\.json", run.stdout))
-    assert planned == {"sms-spam"}
-
-
-@pytest.mark.slow
-def test_snakemake_refuses_an_unknown_preset_before_any_job(tmp_path):
-    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
-    command = snakemake_command(tmp_path, "--cores", "1", "--config", "preset=imdb")
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-
-    assert run.returncode != 0
-    assert "preset: 'imdb' is not one of ['ag-news', 'sms-spam'" in run.stderr
-    assert not (tmp_path / "results").exists()

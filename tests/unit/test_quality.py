@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from snaketune.clean import CleanSettings, ReadSettings
 from snaketune.quality import alpha_ratio, mean_word_length, quality_problem, repeated_line_fraction
-from tests.unit.test_clean import run_clean
+from snaketune.settings import CleanSettings, ReadSettings
+from tests.support.stage_data import run_clean
 
 PROSE = "The parcel arrived on Monday, two days late, but nothing inside was broken."
 TABLE = "| 2019 | 1,204 | 3.5% |\n| 2020 | 1,377 | 4.1% |\n| 2021 | 1,590 | 4.9% |"

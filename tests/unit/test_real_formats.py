@@ -10,21 +10,17 @@ import pandas as pd
 import pytest
 import yaml
 
-from snaketune.clean import (
-    CleanSettings,
-    clean_corpus,
-    compose_texts,
-    read_records,
-    read_settings_for,
-)
-from tests.conftest import REPO
+from snaketune.clean import clean_corpus, compose_texts, read_records
+from snaketune.settings import CleanJob, DatasetSettings, read_settings_for
+from snaketune.stages import CleanPaths
+from tests.support.repo import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "real_formats"
 CATALOG = yaml.safe_load((REPO / "config.yaml").read_text())["datasets"]
 
 
 def read_as_preset(fixture: str, preset: str, task: str = "sequence_classification"):
-    settings = read_settings_for(CATALOG[preset], task, None)
+    settings = read_settings_for(DatasetSettings(**CATALOG[preset]), task, None)
     frame, replaced = read_records(FIXTURES / fixture, settings)
     assert replaced == 0
     return frame, settings
@@ -34,9 +30,11 @@ def clean_as_preset(tmp_path: Path, fixture: str, preset: str, task: str) -> pd.
     raw = tmp_path / "raw"
     raw.mkdir()
     (raw / fixture).write_bytes((FIXTURES / fixture).read_bytes())
-    read = read_settings_for(CATALOG[preset], task, None)
+    read = read_settings_for(DatasetSettings(**CATALOG[preset]), task, None)
     out = tmp_path / "corpus.parquet"
-    clean_corpus(raw, out, tmp_path / "report.json", tmp_path / "m.json", read, CleanSettings())
+    clean_corpus(
+        CleanPaths(raw, out, tmp_path / "report.json", tmp_path / "m.json"), CleanJob(read)
+    )
     return pd.read_parquet(out)
 
 
@@ -64,7 +62,7 @@ def test_ag_news_quoted_fields_without_header():
 
 def test_ag_news_title_and_description_join_through_a_template():
     settings = read_settings_for(
-        CATALOG["ag-news"], "sequence_classification", "{title}\n{description}"
+        DatasetSettings(**CATALOG["ag-news"]), "sequence_classification", "{title}\n{description}"
     )
     frame, _ = read_records(FIXTURES / "ag_news_test.csv", settings)
 
@@ -106,5 +104,10 @@ def test_tiny_shakespeare_speeches_are_documents(tmp_path):
 
 @pytest.mark.parametrize("preset", ["sst2", "ag-news", "sms-spam"])
 def test_classification_presets_name_a_label_column(preset):
-    assert read_settings_for(CATALOG[preset], "sequence_classification", None).label_column
-    assert read_settings_for(CATALOG[preset], "causal_lm", None).label_column is None
+    assert read_settings_for(
+        DatasetSettings(**CATALOG[preset]), "sequence_classification", None
+    ).label_column
+    assert (
+        read_settings_for(DatasetSettings(**CATALOG[preset]), "causal_lm", None).label_column
+        is None
+    )

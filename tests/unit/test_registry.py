@@ -5,22 +5,16 @@ and no new version when the track rule runs again."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.entities import ViewType
 
-from snaketune.registry import (
-    MODEL_TAG,
-    SERVING_PACKAGES,
-    pip_requirements,
-    registered_model_name,
-    servable,
-)
-from snaketune.track import TrackSettings
-from tests.unit.test_track import (
+from snaketune.registry import MODEL_TAG, SERVING_PACKAGES, pip_requirements, servable
+from snaketune.settings import MlflowSettings, TrackSettings, registered_model_name
+from tests.support.mlflow_stores import (
     METRICS,
     MLFLOW_EXPERIMENT,
     SPLIT_SHA,
@@ -38,12 +32,12 @@ NAME = "snaketune-tests.demo-lm"
 
 
 def test_registered_name_defaults_to_experiment_and_entry_names():
-    mlflow_config = {"experiment_name": "snaketune-demo", "register_models": True}
+    mlflow_config = MlflowSettings(experiment_name="snaketune-demo", register_models=True)
     entry = {"name": "demo-lm", "registered_model_name": ""}
     assert registered_model_name(mlflow_config, entry) == "snaketune-demo.demo-lm"
     named = {**entry, "registered_model_name": "support-agent"}
     assert registered_model_name(mlflow_config, named) == "support-agent"
-    assert registered_model_name({**mlflow_config, "register_models": False}, named) is None
+    assert registered_model_name(replace(mlflow_config, register_models=False), named) is None
 
 
 def test_pip_requirements_pin_the_installed_versions_without_local_tags():
@@ -58,7 +52,7 @@ def test_an_lstm_model_is_kept_as_an_artifact_and_not_registered(store, tmp_path
     (inputs.model_dir / "config.json").unlink()
     (inputs.model_dir / "snaketune_lstm.json").write_text("{}")
     assert not servable(inputs.model_dir)
-    settings = settings_for(store.uri, store.artifact_location, NAME)
+    settings = settings_for(store.uri, NAME)
     runs_path = tmp_path / "runs.json"
     track(settings, inputs, runs_path)
     assert json.loads(runs_path.read_text())["model"] is None
@@ -85,7 +79,7 @@ def register_tiny_lm(root: Path, empty_db: Path, lm_data: dict) -> Registered:
     store = new_store(root / "store", empty_db)
     inputs = write_stage_files(root / "results")
     write_tiny_model(lm_data, inputs.model_dir, "causal_lm")
-    settings = settings_for(store.uri, store.artifact_location, NAME)
+    settings = settings_for(store.uri, NAME)
     runs_path = root / "results" / "runs.json"
     ids = track(settings, inputs, runs_path)
     return Registered(store, settings, inputs, runs_path, ids)

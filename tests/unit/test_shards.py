@@ -1,9 +1,9 @@
-"""tokenize_shards with a real BPE trained on the demo corpus: packed LM blocks are exactly the
-documents joined with EOS, classification rows are the examples truncated and labelled as the
-manifest says, and every shard is bounded, readable and has the digest the manifest records.
-Partitioned, the rows are those of one pass (classification, per-document LM packing) or of one
-pass per partition less one short remainder each (LM packing across documents), and a rerun
-writes the same bytes."""
+"""The tokenize stage's three jobs with a real BPE trained on the demo corpus: packed LM blocks
+are exactly the documents joined with EOS, classification rows are the examples truncated and
+labelled as the manifest says, and every shard is bounded, readable and has the digest the
+manifest records. Partitioned, the rows are those of one pass (classification, per-document LM
+packing) or of one pass per partition less one short remainder each (LM packing across
+documents), and a rerun writes the same bytes."""
 
 from __future__ import annotations
 
@@ -19,14 +19,25 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from snaketune.clean import CleanSettings, ReadSettings, clean_corpus
+from snaketune.clean import clean_corpus
 from snaketune.errors import CorpusError
 from snaketune.fileio import sha256_file
-from snaketune.partitions import row_ranges
-from snaketune.shards import TokenizeSettings, read_shards, tokenize_shards
-from snaketune.split import SPLITS, SplitSettings, split_corpus
-from snaketune.tokenizer import EOS, TokenizerSettings, prepare_tokenizer
-from tests.conftest import DEMO_CORPUS
+from snaketune.names import SPLITS
+from snaketune.settings import (
+    CleanJob,
+    ReadSettings,
+    SplitSettings,
+    TokenizeJob,
+    TokenizerSettings,
+    TokenizeSettings,
+)
+from snaketune.split import split_corpus
+from snaketune.stages import CleanPaths, SplitPaths, TokenizerPaths
+from snaketune.tokenize.one_process import tokenize_in_one_process
+from snaketune.tokenize.plan import row_ranges
+from snaketune.tokenize.shards import read_shards
+from snaketune.tokenizer import EOS, prepare_tokenizer
+from tests.support.repo import DEMO_CORPUS
 
 BLOCK = 32
 MAX_LENGTH = 90  # about the median document length, so some rows are cut and some not
@@ -34,25 +45,26 @@ LM_SHARD_ROWS = 500
 CLS_SHARD_ROWS = 300
 PARTITIONS = 5
 # read_batch_rows=100 makes blocks straddle read batches, not only documents.
-LM_SETTINGS = TokenizeSettings(
-    task="causal_lm", block_size=BLOCK, shard_rows=LM_SHARD_ROWS, read_batch_rows=100
+LM_SETTINGS = TokenizeJob(
+    "causal_lm", TokenizeSettings(block_size=BLOCK, shard_rows=LM_SHARD_ROWS, read_batch_rows=100)
 )
-CLS_SETTINGS = TokenizeSettings(
-    task="sequence_classification",
-    max_length=MAX_LENGTH,
-    shard_rows=CLS_SHARD_ROWS,
-    read_batch_rows=128,
+CLS_SETTINGS = TokenizeJob(
+    "sequence_classification",
+    TokenizeSettings(max_length=MAX_LENGTH, shard_rows=CLS_SHARD_ROWS, read_batch_rows=128),
 )
 
 # --- helpers -------------------------------------------------------------------------------------
 
 
-def run_tokenize(
-    splits: dict[str, Path], tokenizer: Path, root: Path, settings: TokenizeSettings
-) -> dict:
+def run_tokenize(splits: dict[str, Path], tokenizer: Path, root: Path, job: TokenizeJob) -> dict:
     """Run the stage; return its shard folder and parsed manifest."""
-    tokenize_shards(splits, tokenizer, root / "shards", root / "manifest.json", settings)
+    tokenize_in_one_process(splits, tokenizer, root / "shards", root / "manifest.json", job)
     return {"dir": root / "shards", "manifest": json.loads((root / "manifest.json").read_text())}
+
+
+def changed(job: TokenizeJob, **tokenize) -> TokenizeJob:
+    """The job with these tokenize settings changed."""
+    return replace(job, tokenize=replace(job.tokenize, **tokenize))
 
 
 def write_splits(root: Path, rows: dict[str, list[tuple[str, str]]]) -> dict[str, Path]:
@@ -102,9 +114,9 @@ def demo_splits(tmp_path_factory) -> dict[str, Path]:
         label_column="intent",
     )
     corpus = root / "corpus.parquet"
-    clean_corpus(raw, corpus, root / "report.json", root / "clean.json", read, CleanSettings())
+    clean_corpus(CleanPaths(raw, corpus, root / "report.json", root / "clean.json"), CleanJob(read))
     splits = {name: root / f"{name}.parquet" for name in SPLITS}
-    split_corpus(corpus, splits, root / "split.json", SplitSettings())
+    split_corpus(SplitPaths(corpus, **splits, manifest=root / "split.json"), SplitSettings())
     return splits
 
 
@@ -112,7 +124,9 @@ def demo_splits(tmp_path_factory) -> dict[str, Path]:
 def tokenizer_dir(demo_splits, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tokenizer") / "tokenizer"
     settings = TokenizerSettings(vocab_size=400)
-    prepare_tokenizer(demo_splits["train"], out, out.parent / "manifest.json", settings)
+    prepare_tokenizer(
+        TokenizerPaths(demo_splits["train"], out, out.parent / "manifest.json"), settings
+    )
     return out
 
 
@@ -202,7 +216,7 @@ def test_lm_split_shorter_than_one_block_is_an_error(tokenizer_dir, tmp_path):
         tmp_path / "splits",
         {"train": [(long_text, "")], "val": [("hi", "")], "test": [(long_text, "")]},
     )
-    settings = TokenizeSettings(task="causal_lm", block_size=BLOCK)
+    settings = TokenizeJob("causal_lm", TokenizeSettings(block_size=BLOCK))
 
     with pytest.raises(CorpusError, match=rf"val.parquet produced no rows.*block_size={BLOCK}"):
         run_tokenize(splits, tokenizer_dir, tmp_path / "out", settings)
@@ -213,7 +227,7 @@ def test_lm_split_shorter_than_one_block_is_an_error(tokenizer_dir, tmp_path):
 
 def test_unknown_task_is_refused(demo_splits, tokenizer_dir, tmp_path):
     with pytest.raises(ValueError, match=r"task 'regression' is not one of"):
-        run_tokenize(demo_splits, tokenizer_dir, tmp_path, TokenizeSettings(task="regression"))
+        run_tokenize(demo_splits, tokenizer_dir, tmp_path, TokenizeJob(task="regression"))
 
 
 # --- sequence_classification ---------------------------------------------------------------------
@@ -274,7 +288,7 @@ def test_cls_label_seen_only_in_test_is_an_error(tokenizer_dir, tmp_path):
             "test": [("close my account", "account"), ("charged twice", "billing")],
         },
     )
-    settings = TokenizeSettings(task="sequence_classification")
+    settings = TokenizeJob("sequence_classification")
 
     with pytest.raises(CorpusError) as caught:
         run_tokenize(splits, tokenizer_dir, tmp_path / "out", settings)
@@ -289,7 +303,7 @@ def test_cls_train_split_with_a_single_label_is_an_error(tokenizer_dir, tmp_path
     splits = write_splits(
         tmp_path / "splits", {"train": one_label, "val": one_label, "test": one_label}
     )
-    settings = TokenizeSettings(task="sequence_classification")
+    settings = TokenizeJob("sequence_classification")
 
     with pytest.raises(CorpusError, match=r"at least two labels in the train split") as caught:
         run_tokenize(splits, tokenizer_dir, tmp_path / "out", settings)
@@ -303,7 +317,7 @@ def test_cls_train_split_with_a_single_label_is_an_error(tokenizer_dir, tmp_path
 @pytest.fixture(scope="module")
 def lm_parts(demo_splits, tokenizer_dir, tmp_path_factory) -> dict:
     """As `lm`, with the train split cut into PARTITIONS."""
-    settings = replace(LM_SETTINGS, partitions=PARTITIONS)
+    settings = changed(LM_SETTINGS, partitions=PARTITIONS)
     return run_tokenize(demo_splits, tokenizer_dir, tmp_path_factory.mktemp("lm-parts"), settings)
 
 
@@ -344,7 +358,7 @@ def test_lm_val_and_test_are_one_partition_whatever_train_is_cut_into(lm, lm_par
 def test_cls_rows_are_the_same_in_one_partition_and_in_several(
     cls, demo_splits, tokenizer_dir, tmp_path
 ):
-    settings = replace(CLS_SETTINGS, read_batch_rows=50, partitions=PARTITIONS)
+    settings = changed(CLS_SETTINGS, read_batch_rows=50, partitions=PARTITIONS)
     parts = run_tokenize(demo_splits, tokenizer_dir, tmp_path, settings)
 
     for split in SPLITS:
@@ -356,7 +370,7 @@ def test_cls_rows_are_the_same_in_one_partition_and_in_several(
     assert parts["manifest"]["counts"]["train"]["partitions"] == PARTITIONS
 
 
-PER_DOCUMENT = replace(LM_SETTINGS, packing="per_document")
+PER_DOCUMENT = changed(LM_SETTINGS, packing="per_document")
 
 
 @pytest.fixture(scope="module")
@@ -386,7 +400,7 @@ def test_per_document_rows_are_each_document_with_eos_cut_every_block_size_token
 def test_per_document_rows_are_the_same_for_one_partition_and_for_several(
     per_doc, demo_splits, tokenizer_dir, tmp_path
 ):
-    settings = replace(PER_DOCUMENT, partitions=PARTITIONS, read_batch_rows=7)
+    settings = changed(PER_DOCUMENT, partitions=PARTITIONS, read_batch_rows=7)
     parts = run_tokenize(demo_splits, tokenizer_dir, tmp_path, settings)
 
     assert parts["manifest"]["counts"]["train"]["partitions"] == PARTITIONS
@@ -402,7 +416,7 @@ def test_per_document_rows_are_the_same_for_one_partition_and_for_several(
 
 def test_unknown_packing_is_refused_with_the_allowed_values():
     with pytest.raises(ValueError, match="packing 'tight' is not one of"):
-        replace(LM_SETTINGS, packing="tight")
+        changed(LM_SETTINGS, packing="tight")
 
 
 def _without(manifest: dict, *keys: str) -> dict:
@@ -412,7 +426,7 @@ def _without(manifest: dict, *keys: str) -> dict:
 def test_a_rerun_writes_byte_identical_shards_however_reads_are_batched(
     lm_parts, demo_splits, tokenizer_dir, tmp_path
 ):
-    settings = replace(LM_SETTINGS, read_batch_rows=1000, partitions=PARTITIONS)  # not 100
+    settings = changed(LM_SETTINGS, read_batch_rows=1000, partitions=PARTITIONS)  # not 100
     again = run_tokenize(demo_splits, tokenizer_dir, tmp_path, settings)
 
     first = sorted(p.relative_to(lm_parts["dir"]) for p in lm_parts["dir"].rglob("*.parquet"))
@@ -429,7 +443,7 @@ def test_a_rerun_writes_byte_identical_shards_however_reads_are_batched(
 def test_more_partitions_than_rows_leaves_the_extra_ones_empty(tokenizer_dir, tmp_path):
     pairs = [("my parcel is late", "shipping"), ("refund my card", "billing")] * 2
     splits = write_splits(tmp_path / "splits", {"train": pairs, "val": pairs, "test": pairs})
-    settings = replace(CLS_SETTINGS, partitions=7)
+    settings = changed(CLS_SETTINGS, partitions=7)
 
     out = run_tokenize(splits, tokenizer_dir, tmp_path / "out", settings)
 

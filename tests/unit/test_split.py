@@ -12,10 +12,12 @@ import pandas as pd
 import pytest
 
 from snaketune.clean import stable_doc_id
-from snaketune.dedup import NearDuplicateSettings
 from snaketune.errors import CorpusError
-from snaketune.split import SPLITS, SplitSettings, assign_splits, split_corpus
-from tests.unit.test_dedup import near_copy, unrelated_texts
+from snaketune.names import SPLITS
+from snaketune.settings import NearDuplicateSettings, SplitSettings
+from snaketune.split import assign_splits, split_corpus
+from snaketune.stages import SplitPaths
+from tests.support.texts import near_copy, unrelated_texts
 
 NO_NEAR_DUPLICATES = {"enabled": False}
 
@@ -40,7 +42,8 @@ def run_split(
     corpus: Path, out: Path, settings: SplitSettings | None = None
 ) -> tuple[dict[str, int], dict[str, Path]]:
     outputs = {name: out / f"{name}.parquet" for name in SPLITS}
-    counts = split_corpus(corpus, outputs, out / "manifest.json", settings or SplitSettings())
+    paths = SplitPaths(corpus=corpus, **outputs, manifest=out / "manifest.json")
+    counts = split_corpus(paths, settings or SplitSettings())
     return counts, outputs
 
 

@@ -12,16 +12,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from snaketune.models import ModelSettings
+from snaketune.settings import ModelSettings, TrainSettings
 from snaketune.system_metrics import (
-    SYSTEM_METRICS,
     read_samples,
     sample_system_metrics,
-    system_metrics_path,
 )
-from snaketune.train import TrainSettings
-from tests.conftest import run_training
+from tests.support.stage_data import run_training, train_paths
 
+SAMPLES = "system_metrics.jsonl"
 CPU_NAMES = {
     "timestamp",
     "elapsed_s",
@@ -34,7 +32,7 @@ CPU_NAMES = {
 
 
 def test_samples_are_taken_every_interval_and_once_at_the_end(tmp_path):
-    path = tmp_path / SYSTEM_METRICS
+    path = tmp_path / SAMPLES
     before = time.time()
     with sample_system_metrics(path, interval_s=0.05):
         time.sleep(0.3)
@@ -49,14 +47,14 @@ def test_samples_are_taken_every_interval_and_once_at_the_end(tmp_path):
 
 
 def test_a_short_block_still_gets_one_sample(tmp_path):
-    path = tmp_path / SYSTEM_METRICS
+    path = tmp_path / SAMPLES
     with sample_system_metrics(path, interval_s=60):
         pass
     assert len(read_samples(path)) == 1
 
 
 def test_a_failing_block_leaves_no_file_and_no_thread(tmp_path):
-    path = tmp_path / SYSTEM_METRICS
+    path = tmp_path / SAMPLES
     with pytest.raises(RuntimeError), sample_system_metrics(path, interval_s=0.01):
         raise RuntimeError("training failed")
     assert list(tmp_path.iterdir()) == []
@@ -77,7 +75,7 @@ def test_cuda_device_memory_is_sampled_for_the_training_device(tmp_path, monkeyp
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 2 * gib)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index: 3 * gib)
     monkeypatch.setattr(torch.cuda, "utilization", lambda index: 87)
-    path = tmp_path / SYSTEM_METRICS
+    path = tmp_path / SAMPLES
     with sample_system_metrics(path, device=torch.device("cuda", 1), interval_s=60):
         pass
     (row,) = read_samples(path)
@@ -97,7 +95,7 @@ def test_missing_nvml_leaves_out_only_the_utilization(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 0)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda index: 0)
     monkeypatch.setattr(torch.cuda, "utilization", no_nvml)
-    path = tmp_path / SYSTEM_METRICS
+    path = tmp_path / SAMPLES
     with sample_system_metrics(path, device=torch.device("cuda"), interval_s=60):
         pass
     (row,) = read_samples(path)
@@ -109,8 +107,8 @@ def test_training_writes_its_system_metrics_beside_the_history(lm_data, tmp_path
     settings = replace(TrainSettings(), max_steps=3, batch_size=4, eval_every=3, warmup_steps=1)
     tiny = ModelSettings(n_layer=1, n_embd=16, n_head=2, dropout=0.0)
     run_training(lm_data, tmp_path, "causal_lm", tiny, settings)
-    path = system_metrics_path(tmp_path / "history.jsonl")
-    assert path == tmp_path / SYSTEM_METRICS
+    path = train_paths(lm_data, tmp_path).system_metrics
+    assert path == tmp_path / SAMPLES
     samples = [json.loads(line) for line in path.read_text().splitlines()]
     assert samples and set(samples[-1]) == CPU_NAMES
     manifest = json.loads((tmp_path / "manifest.json").read_text())

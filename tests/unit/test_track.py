@@ -6,25 +6,21 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
-import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow import MlflowClient
 from mlflow.entities import ViewType
 from mlflow.utils.validation import _validate_metric_name
 
 import snaketune
 from snaketune.errors import TrackingError
+from snaketune.settings import TrackSettings
 from snaketune.track import (
     MAX_PARAM_LENGTH,
     RUN_KEY_TAG,
     STAGES,
-    StageFiles,
-    TrackSettings,
     as_params,
     config_hash,
     experiment_id_for,
@@ -32,329 +28,30 @@ from snaketune.track import (
     numeric_metrics,
     redact,
     run_key,
-    track_experiment,
 )
-from tests.conftest import REPO
-
-EXPERIMENT = "demo-lm"
-MLFLOW_EXPERIMENT = "snaketune-tests"
-TRUNCATION_NOTE = "... (full value in config.json artifact)"
-PROMPTS = [
-    f"Customer: question {i} about an order that has not arrived yet, what now?\nAgent:"
-    for i in range(12)
-]
-CONFIG = {
-    "name": EXPERIMENT,
-    "dataset": "support-demo",
-    "task": "causal_lm",
-    "text_template": "Customer: {question}\nAgent: {answer}",
-    "clean": {"dedup": True, "min_chars": 10, "max_chars": 4000, "strip_html": True},
-    "split": {"train": 0.8, "val": 0.1, "test": 0.1, "salt": ""},
-    "tokenizer": {"kind": "bpe", "vocab_size": 400, "min_frequency": 2, "name_or_path": None},
-    "tokenize": {"block_size": 32, "max_length": 32},
-    "model": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.1},
-    "train": {"max_steps": 5, "batch_size": 8, "lr": 0.003, "warmup_steps": 1},
-    "evaluate": {"batch_size": 32, "max_new_tokens": 40, "prompts": PROMPTS},
-}
-HISTORY = [
-    {"step": 1, "loss": 7.44, "lr": 0.0001, "grad_norm": 2.34, "tokens_per_s": 3726.5},
-    {"step": 2, "loss": 7.39, "lr": 0.0002, "grad_norm": 2.22, "tokens_per_s": 5396.6},
-    {
-        "step": 3,
-        "loss": 7.28,
-        "lr": 0.0003,
-        "grad_norm": 2.28,
-        "tokens_per_s": 5604.0,
-        "val_loss": 7.1,
-    },
-    {"step": 4, "loss": 7.15, "lr": 0.0004, "grad_norm": 1.78, "tokens_per_s": 6490.3},
-    {
-        "step": 5,
-        "loss": 7.03,
-        "lr": 0.0005,
-        "grad_norm": 1.38,
-        "tokens_per_s": 6482.7,
-        "val_loss": 6.9,
-    },
-]
-METRICS = {
-    "perplexity": 1.633,
-    "accuracy": 0.889,
-    "macro_f1": 0.875,
-    "test_rows": 110,
-    "per_class": {
-        "billing": {"precision": 0.9, "recall": 0.86, "f1": 0.88},
-        "shipping": {"precision": 0.85, "recall": 0.89, "f1": 0.87},
-    },
-    "confusion_matrix": [[24, 1], [2, 38]],
-    "label_names": ["billing", "shipping"],
-    "protocol": "test split packed into non-overlapping blocks of 32 tokens",
-}
-EVAL_METRIC_NAMES = {
-    "eval.perplexity",
-    "eval.accuracy",
-    "eval.macro_f1",
-    "eval.test_rows",
-    "eval.per_class.billing.precision",
-    "eval.per_class.billing.recall",
-    "eval.per_class.billing.f1",
-    "eval.per_class.shipping.precision",
-    "eval.per_class.shipping.recall",
-    "eval.per_class.shipping.f1",
-}
-VERSIONS = {"python": "3.11.7", "mlflow": "3.17.2", "torch": "2.13.0+cpu", "snaketune": "0.1.0"}
-SHA = "a55dca87a70bc06c08d4297126c5128a9e65081cd075c9fca872381e621d0e0e"
-SPLIT_SHA = {
-    "train": "e00d50372581def61ce2815e55ecff6f0aabbcb8a798ff16cafaf645b04c7085",
-    "val": "813304c252b9e5ecbdd8eb546487838dad3b4dcc3565ad78635d9c87ad8b6d6c",
-    "test": "eb546d110caa8baf601b1abf1032fe90669af155e9106960dc85d25a5c524992",
-}
-SPLIT_ROWS = {"train": 2491, "val": 308, "test": 319}
-DOWNLOAD_URL = "workflow/resources/demo/support.jsonl.gz"
-SYSTEM_SAMPLES = [
-    {
-        "timestamp": 1790000000.0 + 5 * i,
-        "elapsed_s": 5.0 * i,
-        "cpu_utilization_percentage": 90.0 + i,
-        "process_rss_megabytes": 400.0 + i,
-        "system_memory_usage_megabytes": 3000.0,
-        "system_memory_usage_percentage": 40.0,
-    }
-    for i in range(1, 4)
-]
-
-
-@dataclass(frozen=True)
-class StageInputs:
-    """What the track rule passes: every stage's files, the training history and the metrics."""
-
-    stages: list[StageFiles]
-    history: Path
-    metrics: Path
-    model_dir: Path
-    system_metrics: Path
-
-
-def write_json_file(path: Path, data) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    return path
-
-
-def write_manifest(
-    path: Path, stage: str, params: dict, counts: dict, seconds: float, **extra
-) -> Path:
-    """A manifest shaped like the ones snaketune.manifest.stage_manifest writes."""
-    inputs = {"input": {"path": f"results/{EXPERIMENT}/{stage}/input", "sha256": SHA}}
-    return write_json_file(
-        path,
-        {
-            "stage": stage,
-            "inputs": inputs,
-            "params": params,
-            "counts": counts,
-            "outputs": {},
-            "seconds": seconds,
-            "versions": VERSIONS,
-            **extra,
-        },
-    )
-
-
-def write_stage_files(
-    root: Path,
-    metrics: dict = METRICS,
-    history: list = HISTORY,
-    url: str = DOWNLOAD_URL,
-) -> StageInputs:
-    """A minimal but complete set of stage files laid out like results/ after a real run (the
-    model is a stand-in: write_tiny_model puts a real one in its place)."""
-    exp = root / EXPERIMENT
-    download = write_manifest(
-        root / "datasets" / "support-demo" / "download" / "manifest.json",
-        "download",
-        {"url": url, "sha256": SHA, "retries": 4},
-        {"fetched_bytes": 49408, "files": 1},
-        0.005,
-        fetched_sha256=SHA,
-    )
-    clean = write_manifest(
-        exp / "clean" / "manifest.json",
-        "clean",
-        {"clean": CONFIG["clean"], "member": None, "read": {"format": "jsonl"}},
-        {
-            "input_records": 3264,
-            "output_records": 3118,
-            "pii_redacted": {"email": 104},
-            "labels": {},
-        },
-        0.366,
-    )
-    report = write_json_file(exp / "clean" / "report.json", {"removed": {"exact_duplicate": 146}})
-    split = write_manifest(
-        exp / "split" / "manifest.json",
-        "split",
-        CONFIG["split"],
-        SPLIT_ROWS,
-        0.097,
-    )
-    tokenizer = write_manifest(
-        exp / "tokenizer" / "manifest.json",
-        "tokenizer",
-        CONFIG["tokenizer"],
-        {"vocab_size": 400},
-        1.52,
-    )
-    tokenizer_dir = exp / "tokenizer" / "tokenizer"
-    write_json_file(tokenizer_dir / "tokenizer.json", {"model": {"type": "BPE", "vocab": {}}})
-    write_json_file(tokenizer_dir / "tokenizer_config.json", {"model_max_length": 32})
-    tokenize = write_manifest(
-        exp / "tokenize" / "manifest.json",
-        "tokenize",
-        {**CONFIG["tokenize"], "task": "causal_lm"},
-        {
-            "train": {"documents": 2491, "rows": 855, "tokens": 109440},
-            "test": {"documents": 319, "rows": 110, "tokens": 14080},
-        },
-        2.25,
-        label_names=[],
-    )
-    # As the tokenize stage records the splits it read: their paths and sha256s.
-    manifest = json.loads(tokenize.read_text())
-    manifest["inputs"] = {
-        name: {"path": f"results/{EXPERIMENT}/split/{name}.parquet", "sha256": sha}
-        for name, sha in SPLIT_SHA.items()
-    }
-    write_json_file(tokenize, manifest)
-    train = write_manifest(
-        exp / "train" / "manifest.json",
-        "train",
-        {"model": CONFIG["model"], "task": "causal_lm", "train": CONFIG["train"]},
-        {"final_val_loss": 6.9, "parameters": 624384, "steps": 5, "train_rows": 855},
-        88.804,
-        device="cpu",
-        fingerprint="33c43751ed6d804c",
-    )
-    history_path = exp / "train" / "history.jsonl"
-    history_path.write_text("".join(json.dumps(row) + "\n" for row in history))
-    samples_path = exp / "train" / "system_metrics.jsonl"
-    samples_path.write_text("".join(json.dumps(row) + "\n" for row in SYSTEM_SAMPLES))
-    model = exp / "train" / "model"
-    write_json_file(model / "config.json", {"model_type": "gpt2", "n_layer": 1})
-    (model / "model.safetensors").write_bytes(bytes(range(256)) * 4)
-    evaluate = write_manifest(
-        exp / "evaluate" / "manifest.json",
-        "evaluate",
-        CONFIG["evaluate"],
-        {"test_rows": 110},
-        3.967,
-    )
-    metrics_path = write_json_file(exp / "evaluate" / "metrics.json", metrics)
-    samples = exp / "evaluate" / "samples.jsonl"
-    samples.write_text(json.dumps({"prompt": PROMPTS[0], "completion": " Sorry!"}) + "\n")
-    stages = [
-        StageFiles("download", download),
-        StageFiles("clean", clean, (report,)),
-        StageFiles("split", split),
-        StageFiles("tokenizer", tokenizer, (tokenizer_dir,)),
-        StageFiles("tokenize", tokenize),
-        StageFiles("train", train, (history_path, samples_path, model)),
-        StageFiles("evaluate", evaluate, (metrics_path, samples)),
-    ]
-    return StageInputs(stages, history_path, metrics_path, model, samples_path)
-
-
-def settings_for(
-    tracking_uri: str, artifact_location: str | None, registered_model_name: str | None = None
-) -> TrackSettings:
-    return TrackSettings(
-        experiment=EXPERIMENT,
-        mlflow_experiment=MLFLOW_EXPERIMENT,
-        tracking_uri=tracking_uri,
-        artifact_location=artifact_location,
-        config=CONFIG,
-        registered_model_name=registered_model_name,
-    )
-
-
-def track(settings: TrackSettings, inputs: StageInputs, runs_path: Path) -> dict[str, str]:
-    return track_experiment(
-        settings,
-        inputs.stages,
-        inputs.history,
-        inputs.metrics,
-        runs_path,
-        model_dir=inputs.model_dir,
-        system_metrics=inputs.system_metrics,
-    )
-
-
-def write_tiny_model(data: dict[str, Path], model_dir: Path, task: str) -> Path:
-    """A real (untrained) 1-layer GPT-2 saved as the train stage saves it, with the tokenizer
-    from `data` (the lm_data or classification_data fixture)."""
-    from snaketune.models import ModelSettings, build_model
-
-    info = json.loads(data["tokenize_manifest"].read_text())
-    model = build_model(
-        ModelSettings(n_layer=1, n_embd=16, n_head=2, dropout=0.0),
-        task,
-        info["vocab_size"],
-        64,
-        info["pad_token_id"],
-        info["eos_token_id"],
-        info["label_names"],
-    )
-    shutil.rmtree(model_dir, ignore_errors=True)
-    model.save_pretrained(model_dir)
-    for item in data["tokenizer"].iterdir():
-        shutil.copy2(item, model_dir / item.name)
-    return model_dir
-
-
-def all_runs(client: MlflowClient, name: str = MLFLOW_EXPERIMENT) -> list:
-    """Every run of the MLflow experiment, deleted ones included."""
-    experiment = client.get_experiment_by_name(name)
-    return client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL)
-
-
-def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    return {info.path for info in client.list_artifacts(run_id, path)}
-
-
-def download(uri: str, run_id: str, path: str, dst: Path) -> Path:
-    return Path(
-        mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=path, dst_path=str(dst), tracking_uri=uri
-        )
-    )
-
-
-def expected_git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-@dataclass(frozen=True)
-class Store:
-    uri: str
-    artifact_location: str
-    artifact_dir: Path
-    client: MlflowClient
-
-
-def new_store(root: Path, empty_db: Path) -> Store:
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(empty_db, root / "mlflow.db")
-    uri = f"sqlite:///{root}/mlflow.db"
-    artifact_dir = root / "artifacts"
-    return Store(uri, f"file://{artifact_dir}", artifact_dir, MlflowClient(tracking_uri=uri))
+from tests.support.mlflow_stores import (
+    CONFIG,
+    DOWNLOAD_URL,
+    EVAL_METRIC_NAMES,
+    EXPERIMENT,
+    HISTORY,
+    MLFLOW_EXPERIMENT,
+    PROMPTS,
+    SPLIT_ROWS,
+    SPLIT_SHA,
+    SYSTEM_SAMPLES,
+    TRUNCATION_NOTE,
+    StageInputs,
+    Store,
+    all_runs,
+    artifact_paths,
+    download,
+    expected_git_commit,
+    new_store,
+    settings_for,
+    track,
+    write_stage_files,
+)
 
 
 @dataclass(frozen=True)
@@ -374,10 +71,10 @@ def tracked(tmp_path_factory, empty_store_db) -> Tracked:
     """One upload of a complete experiment; the tests below only read what it wrote."""
     root = tmp_path_factory.mktemp("tracked")
     store = new_store(root / "store", empty_store_db)
-    settings = settings_for(store.uri, store.artifact_location)
+    settings = settings_for(store.uri)
     inputs = write_stage_files(root / "results")
     runs_path = root / "results" / EXPERIMENT / "track" / "runs.json"
-    ids = track(settings, inputs, runs_path)
+    ids = track(settings, inputs, runs_path, store.artifact_dir)
     return Tracked(store, settings, inputs, runs_path, ids)
 
 
@@ -451,7 +148,7 @@ def test_config_hash_ignores_key_order_and_follows_values():
 
 def test_run_key_follows_every_manifest(tmp_path):
     inputs = write_stage_files(tmp_path)
-    settings = settings_for("sqlite:///unused.db", None)
+    settings = settings_for("sqlite:///unused.db")
     before = run_key(settings, inputs.stages)
     assert run_key(settings, inputs.stages) == before
     manifest = inputs.stages[2].manifest
@@ -673,7 +370,7 @@ def test_train_and_evaluate_runs_name_the_splits_they_read(tracked):
 def test_dataset_source_is_the_download_url_without_credentials_or_query(store, tmp_path):
     url = "https://reader:s3cret@data.example.org/support.jsonl.gz?X-Amz-Signature=abc#part"
     inputs = write_stage_files(tmp_path / "results", url=url)
-    ids = track(settings_for(store.uri, store.artifact_location), inputs, tmp_path / "runs.json")
+    ids = track(settings_for(store.uri), inputs, tmp_path / "runs.json")
     dataset = store.client.get_run(ids["train"]).inputs.dataset_inputs[0].dataset
     assert dataset.source_type == "http"
     assert json.loads(dataset.source) == {"url": "https://***@data.example.org/support.jsonl.gz"}
@@ -683,7 +380,7 @@ def test_dataset_source_is_the_download_url_without_credentials_or_query(store, 
 
 
 def test_second_call_creates_no_new_runs_and_returns_the_same_ids(store, tmp_path):
-    settings = settings_for(store.uri, store.artifact_location)
+    settings = settings_for(store.uri)
     inputs = write_stage_files(tmp_path / "results")
     runs_path = tmp_path / "runs.json"
     first = track(settings, inputs, runs_path)
@@ -697,7 +394,7 @@ def test_second_call_creates_no_new_runs_and_returns_the_same_ids(store, tmp_pat
 
 
 def test_unfinished_parent_is_replaced_by_a_finished_one(store, tmp_path):
-    settings = settings_for(store.uri, store.artifact_location)
+    settings = settings_for(store.uri)
     inputs = write_stage_files(tmp_path / "results")
     client = store.client
     experiment_id = client.create_experiment(
@@ -722,7 +419,7 @@ def test_unfinished_parent_is_replaced_by_a_finished_one(store, tmp_path):
 
 
 def test_changed_results_are_uploaded_as_a_new_parent(store, tmp_path):
-    settings = settings_for(store.uri, store.artifact_location)
+    settings = settings_for(store.uri)
     inputs = write_stage_files(tmp_path / "results")
     first = track(settings, inputs, tmp_path / "runs.json")
     evaluate = inputs.stages[-1].manifest
@@ -740,7 +437,7 @@ def test_changed_results_are_uploaded_as_a_new_parent(store, tmp_path):
 def test_labels_with_characters_mlflow_rejects_are_uploaded(store, tmp_path):
     metrics = {"accuracy": 0.9, "per_class": {"billing & payments": {"f1": 0.8}}}
     inputs = write_stage_files(tmp_path / "results", metrics=metrics)
-    ids = track(settings_for(store.uri, store.artifact_location), inputs, tmp_path / "runs.json")
+    ids = track(settings_for(store.uri), inputs, tmp_path / "runs.json")
     parent = store.client.get_run(ids["parent"])
     assert parent.info.status == "FINISHED"
     assert parent.data.metrics == {
@@ -755,7 +452,7 @@ def test_history_longer_than_one_metrics_batch_is_logged_in_full(store, tmp_path
         for step in range(1, 301)
     ]
     inputs = write_stage_files(tmp_path / "results", history=rows)  # 1200 metrics > 1000
-    ids = track(settings_for(store.uri, store.artifact_location), inputs, tmp_path / "runs.json")
+    ids = track(settings_for(store.uri), inputs, tmp_path / "runs.json")
     loss = store.client.get_metric_history(ids["train"], "train.loss")
     assert sorted(m.step for m in loss) == list(range(1, 301))
     assert len(store.client.get_metric_history(ids["train"], "train.tokens_per_s")) == 300
@@ -767,7 +464,7 @@ def test_store_error_becomes_a_tracking_error_and_writes_no_runs_json(store, tmp
     inputs = write_stage_files(tmp_path / "results")
     runs_path = tmp_path / "runs.json"
     with pytest.raises(TrackingError) as caught:
-        track(settings_for(store.uri, store.artifact_location), inputs, runs_path)
+        track(settings_for(store.uri), inputs, runs_path)
     assert store.uri in str(caught.value)
     assert "complete" in str(caught.value)
     assert not runs_path.exists()
@@ -787,7 +484,7 @@ def test_environment_uri_is_read_at_run_time_and_wins_over_the_config(
     configured = new_store(tmp_path / "configured", empty_store_db)
     from_env = new_store(tmp_path / "env", empty_store_db)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", from_env.uri)
-    settings = settings_for(configured.uri, configured.artifact_location)
+    settings = settings_for(configured.uri)
     ids = track(settings, write_stage_files(tmp_path / "results"), tmp_path / "runs.json")
     assert {r.info.run_id for r in all_runs(from_env.client)} == set(ids.values())
     assert configured.client.get_experiment_by_name(MLFLOW_EXPERIMENT) is None
@@ -811,6 +508,8 @@ def test_experiment_created_by_a_parallel_track_job_is_used(store):
         def create_experiment(self, *args, **kwargs):
             return self.client.create_experiment(*args, **kwargs)
 
-    settings = settings_for(store.uri, store.artifact_location)
-    experiment_id = experiment_id_for(CreatedMeanwhile(store.client), settings, store.uri)
+    settings = settings_for(store.uri)
+    experiment_id = experiment_id_for(
+        CreatedMeanwhile(store.client), settings.mlflow_experiment, store.uri, None
+    )
     assert experiment_id == store.client.get_experiment_by_name(MLFLOW_EXPERIMENT).experiment_id

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from snaketune.batches import IGNORED_LABEL, batch_indices, load_examples
-from snaketune.models import ModelSettings, build_model, load_trained
-from snaketune.train import TrainSettings, learning_rate
-from tests.conftest import run_training
+from snaketune.models import build_model, load_trained
+from snaketune.settings import ModelSettings, TrainSettings
+from snaketune.train import learning_rate
+from tests.support.stage_data import run_training
 
 TINY_MODEL = ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.1)
 
@@ -68,7 +69,7 @@ def test_causal_lm_training_lowers_validation_loss(lm_data, tmp_path):
 
 
 def test_loaded_rows_are_the_shard_rows_followed_by_padding(lm_per_document_data):
-    from snaketune.shards import read_shards
+    from snaketune.tokenize.shards import read_shards
 
     shards = read_shards(lm_per_document_data["shards"] / "val").column("input_ids").to_pylist()
     val = load_examples(lm_per_document_data["shards"] / "val", "causal_lm", pad_token_id=7)

@@ -11,7 +11,7 @@ rule clean_corpus:
         ),
         manifest=f"{R}/{{experiment}}/clean/manifest.json",
     params:
-        settings=get_clean_settings,
+        settings=settings_for("clean_corpus"),
     conda:
         "../../envs/data.yaml"
     log:
@@ -20,6 +20,4 @@ rule clean_corpus:
         mem_mb=4000,
         runtime=60,
     shell:
-        "snaketune clean --raw {input.raw:q} --corpus {output.corpus:q}"
-        " --report {output.report:q} --manifest {output.manifest:q}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        shell_command("clean_corpus")

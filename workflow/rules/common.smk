@@ -1,114 +1,66 @@
 # Config validation, wildcard constraints and the get_<thing>(wildcards) helpers the rules use.
-import json
+# Every rule's shell command and settings come from its job definition in snaketune.stages:
+# shell_command("split_corpus") is `snaketune split --corpus {input.corpus:q} ... --settings
+# {params.settings:q} > {log:q} 2>&1`, one option per path the job takes, by its rule name.
 import os
 import re
 import sys
-from dataclasses import asdict
-from urllib.parse import urlparse
 
-from snakemake.utils import validate
-
-from snaketune.clean import read_settings_for
-from snaketune.config import (
-    SCHEMA,
-    apply_preset,
-    cross_checks,
-    raise_if_invalid,
-    schema_problems,
-)
-from snaketune.partitions import (
+from snaketune.config import apply_preset, validated
+from snaketune.names import SPLITS
+from snaketune.provenance import write_invocation
+from snaketune.settings import ConfigView, mlflow_settings, to_json
+from snaketune.stages import BY_RULE, shell_command, threads_per_process, train_launcher
+from snaketune.tokenize.plan import (
     fixed_partition_counts,
     partition_names,
     planned_partition_counts,
 )
-from snaketune.provenance import write_invocation
-from snaketune.registry import registered_model_name
-from snaketune.track import configured_tracking_uri, effective_tracking_uri, redact
+from snaketune.track import effective_tracking_uri, redact, store_uri
 
 apply_preset(config, workflow.config_settings.config)  # the --config values
-# Readable problems first (every key at once), then snakemake's validate fills the defaults.
-raise_if_invalid(schema_problems(config), "schema")
-validate(config, SCHEMA)
-raise_if_invalid(cross_checks(config), "cross-checks")
+validated(config, workflow.basedir)  # every problem by key, before any job; defaults filled
 
 R = config["results_dir"]
 EXPERIMENTS = {exp["name"]: exp for exp in config["experiments"]}
-# The environment's MLFLOW_TRACKING_URI is read by the track job itself, never put on a command
-# line, where a credential in it would end up in Snakemake's logs.
-TRACKING_URI = configured_tracking_uri(config["mlflow"]["tracking_uri"], R)
+CONFIG = ConfigView(config, workflow.basedir)
+MLFLOW_STORE = f"{R}/mlflow.db"  # the SQLite store when no tracking URI is configured
 
 
 wildcard_constraints:
     experiment="|".join(re.escape(name) for name in EXPERIMENTS),
     dataset="|".join(re.escape(name) for name in config["datasets"]),
-    split="train|val|test",
+    split="|".join(SPLITS),
     part=r"\d{5}",
+
+
+def settings_for(rule):
+    """The rule's settings from config.yaml, as the JSON its command takes."""
+
+    def get_settings(wildcards):
+        return to_json(BY_RULE[rule].from_config(CONFIG, **dict(wildcards.items())))
+
+    return get_settings
 
 
 def get_final_outputs():
     return [f"{R}/{name}/track/runs.json" for name in EXPERIMENTS]
 
 
-def dataset_of(wildcards):
-    return config["datasets"][EXPERIMENTS[wildcards.experiment]["dataset"]]
-
-
-def resolve_url(url):
-    """Relative paths are relative to the repository, wherever snakemake runs."""
-    if urlparse(url).scheme in ("http", "https", "file", "hf"):
-        return url
-    return url if os.path.isabs(url) else os.path.join(workflow.basedir, url)
+def dataset_folder(wildcards):
+    return f"{R}/datasets/{EXPERIMENTS[wildcards.experiment]['dataset']}/download"
 
 
 def get_raw_dir(wildcards):
-    return f"{R}/datasets/{EXPERIMENTS[wildcards.experiment]['dataset']}/download/files"
+    return f"{dataset_folder(wildcards)}/files"
 
 
-def get_download_settings(wildcards):
-    ds = config["datasets"][wildcards.dataset]
-    return json.dumps(
-        {
-            "url": resolve_url(ds["url"]),
-            "sha256": ds["sha256"],
-            "max_unpacked_bytes": ds["max_unpacked_bytes"],
-        }
-    )
+def get_download_manifest(wildcards):
+    return f"{dataset_folder(wildcards)}/manifest.json"
 
 
-def get_clean_settings(wildcards):
-    exp, ds = EXPERIMENTS[wildcards.experiment], dataset_of(wildcards)
-    read = asdict(read_settings_for(ds, exp["task"], exp["text_template"]))
-    return json.dumps({"read": read, "clean": exp["clean"], "member": ds["member"]})
-
-
-def _section(name):
-    def get_settings(wildcards):
-        return json.dumps(EXPERIMENTS[wildcards.experiment][name])
-
-    return get_settings
-
-
-get_split_settings = _section("split")
-get_tokenizer_settings = _section("tokenizer")
-
-
-def get_tokenize_settings(wildcards):
-    exp = EXPERIMENTS[wildcards.experiment]
-    return json.dumps({"task": exp["task"], **exp["tokenize"]})
-
-
-def get_partition_settings(wildcards):
-    exp = EXPERIMENTS[wildcards.experiment]
-    part = {"split": wildcards.split, "part": int(wildcards.part)}
-    return json.dumps({"task": exp["task"], **exp["tokenize"], **part})
-
-
-def get_tokenize_parts_dir(wildcards):
-    return f"{R}/{wildcards.experiment}/tokenize/parts"
-
-
-def get_tokenize_partitions(wildcards):
-    """Every tokenize_partition job's outputs. With tokenize.partitions: auto their number
+def tokenize_partitions(wildcards, output):
+    """One output of every tokenize_partition job. With tokenize.partitions: auto their number
     depends on the splits' sizes, known once the plan_partitions checkpoint has run."""
     partitions = EXPERIMENTS[wildcards.experiment]["tokenize"]["partitions"]
     counts = fixed_partition_counts(partitions)
@@ -117,52 +69,27 @@ def get_tokenize_partitions(wildcards):
         counts = planned_partition_counts(plan)
     splits, parts = zip(*partition_names(counts))
     jobs = {"split": splits, "part": parts, "experiment": [wildcards.experiment] * len(parts)}
-    outputs = rules.tokenize_partition.output
-    return {
-        "part_shards": expand(outputs.shards, zip, **jobs),
-        "part_manifests": expand(outputs.manifest, zip, **jobs),
-    }
+    return expand(output, zip, **jobs)
 
 
-def get_train_settings(wildcards):
-    exp = EXPERIMENTS[wildcards.experiment]
-    return json.dumps({"task": exp["task"], "model": exp["model"], "train": exp["train"]})
+def get_part_shards(wildcards):
+    return tokenize_partitions(wildcards, rules.tokenize_partition.output.shards)
+
+
+def get_part_manifests(wildcards):
+    return tokenize_partitions(wildcards, rules.tokenize_partition.output.manifest)
+
+
+def train_processes(wildcards):
+    return EXPERIMENTS[wildcards.experiment]["train"]["processes"]
 
 
 def get_train_launcher(wildcards):
-    """One process runs the CLI; several are started by torchrun (DDP), one node."""
-    processes = EXPERIMENTS[wildcards.experiment]["train"]["processes"]
-    if processes == 1:
-        return "snaketune"
-    return f"torchrun --standalone --nproc_per_node={processes} -m snaketune.cli"
+    return train_launcher(train_processes(wildcards))
 
 
 def get_train_threads(wildcards, threads):
-    """Threads per training process: the rule's threads shared among its processes."""
-    processes = EXPERIMENTS[wildcards.experiment]["train"]["processes"]
-    return max(1, threads // processes)
-
-
-def get_evaluate_settings(wildcards):
-    exp = EXPERIMENTS[wildcards.experiment]
-    return json.dumps({"task": exp["task"], "evaluate": exp["evaluate"]})
-
-
-def get_track_settings(wildcards):
-    artifacts = f"file://{os.path.abspath(R)}/mlartifacts"
-    return json.dumps(
-        {
-            "experiment": wildcards.experiment,
-            "mlflow_experiment": config["mlflow"]["experiment_name"],
-            "tracking_uri": TRACKING_URI,
-            "artifact_location": artifacts,
-            "config": EXPERIMENTS[wildcards.experiment],
-            "provenance": f"{R}/provenance.json",
-            "registered_model_name": registered_model_name(
-                config["mlflow"], EXPERIMENTS[wildcards.experiment]
-            ),
-        }
-    )
+    return threads_per_process(threads, train_processes(wildcards))
 
 
 def record_invocation():
@@ -170,7 +97,8 @@ def record_invocation():
 
 
 def print_summary():
-    ui = redact(effective_tracking_uri(TRACKING_URI))
+    configured = mlflow_settings(CONFIG).tracking_uri
+    ui = redact(effective_tracking_uri(store_uri(configured, MLFLOW_STORE)))
     if ui.startswith("sqlite:///"):
         ui = f"mlflow ui --backend-store-uri {ui} --host 127.0.0.1 --port 5000"
     else:
@@ -179,7 +107,3 @@ def print_summary():
     for name in EXPERIMENTS:
         print(f"  {name}: {R}/{name}/evaluate/metrics.json")
     print(f"Browse the runs: {ui}\n")
-
-
-def get_download_manifest(wildcards):
-    return f"{R}/datasets/{EXPERIMENTS[wildcards.experiment]['dataset']}/download/manifest.json"

@@ -3,7 +3,7 @@ rule download_dataset:
         files=directory(f"{R}/datasets/{{dataset}}/download/files"),
         manifest=f"{R}/datasets/{{dataset}}/download/manifest.json",
     params:
-        settings=get_download_settings,
+        settings=settings_for("download_dataset"),
     conda:
         "../../envs/data.yaml"
     log:
@@ -12,5 +12,4 @@ rule download_dataset:
         mem_mb=1000,
         runtime=60,
     shell:
-        "snaketune download --out {output.files:q} --manifest {output.manifest:q}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        shell_command("download_dataset")

@@ -1,8 +1,8 @@
 rule evaluate_model:
     input:
         model=rules.train_model.output.model,
-        shards=rules.tokenize_shards.output.shards,
-        tokenize_manifest=rules.tokenize_shards.output.manifest,
+        shards=rules.gather_shards.output.shards,
+        tokenize_manifest=rules.gather_shards.output.manifest,
         train=rules.split_corpus.output.train,
         test=rules.split_corpus.output.test,
     output:
@@ -21,7 +21,7 @@ rule evaluate_model:
         ),
         manifest=f"{R}/{{experiment}}/evaluate/manifest.json",
     params:
-        settings=get_evaluate_settings,
+        settings=settings_for("evaluate_model"),
     conda:
         "../../envs/train.yaml"
     log:
@@ -31,8 +31,4 @@ rule evaluate_model:
         mem_mb=8000,
         runtime=60,
     shell:
-        "OMP_NUM_THREADS={threads} snaketune evaluate --model {input.model:q}"
-        " --shards {input.shards:q} --tokenize-manifest {input.tokenize_manifest:q}"
-        " --train {input.train:q} --test {input.test:q} --metrics {output.metrics:q}"
-        " --samples {output.samples:q} --manifest {output.manifest:q}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        shell_command("evaluate_model", env="OMP_NUM_THREADS={threads}")

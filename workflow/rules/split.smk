@@ -7,7 +7,7 @@ rule split_corpus:
         test=f"{R}/{{experiment}}/split/test.parquet",
         manifest=f"{R}/{{experiment}}/split/manifest.json",
     params:
-        settings=get_split_settings,
+        settings=settings_for("split_corpus"),
     conda:
         "../../envs/data.yaml"
     log:
@@ -16,6 +16,4 @@ rule split_corpus:
         mem_mb=4000,
         runtime=30,
     shell:
-        "snaketune split --corpus {input.corpus:q} --train {output.train:q}"
-        " --val {output.val:q} --test {output.test:q} --manifest {output.manifest:q}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        shell_command("split_corpus")

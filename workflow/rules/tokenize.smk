@@ -12,7 +12,7 @@ checkpoint plan_partitions:
         plan=f"{R}/{{experiment}}/tokenize/plan.json",
         encoder=f"{R}/{{experiment}}/tokenize/encoder.json",
     params:
-        settings=get_tokenize_settings,
+        settings=settings_for("plan_partitions"),
     conda:
         "../../envs/data.yaml"
     log:
@@ -21,23 +21,21 @@ checkpoint plan_partitions:
         mem_mb=2000,
         runtime=30,
     shell:
-        "snaketune tokenize-plan --train {input.train:q} --val {input.val:q}"
-        " --test {input.test:q} --tokenizer {input.tokenizer:q} --plan {output.plan:q}"
-        " --encoder {output.encoder:q} --settings {params.settings:q} > {log:q} 2>&1"
+        shell_command("plan_partitions")
 
 
 # The shards are temporary: the gather hard-links them into tokenize/shards, after which these
 # names are only a second way to reach the same files.
 rule tokenize_partition:
     input:
-        split=f"{R}/{{experiment}}/split/{{split}}.parquet",
+        split_file=f"{R}/{{experiment}}/split/{{split}}.parquet",
         plan=rules.plan_partitions.output.plan,
         encoder=rules.plan_partitions.output.encoder,
     output:
         shards=temp(directory(f"{R}/{{experiment}}/tokenize/parts/{{split}}/{{part}}")),
         manifest=f"{R}/{{experiment}}/tokenize/parts/{{split}}/{{part}}.json",
     params:
-        settings=get_partition_settings,
+        settings=settings_for("tokenize_partition"),
     conda:
         "../../envs/data.yaml"
     log:
@@ -47,15 +45,13 @@ rule tokenize_partition:
         mem_mb=2000,
         runtime=60,
     shell:
-        "RAYON_NUM_THREADS={threads} snaketune tokenize-partition --split-file {input.split:q}"
-        " --plan {input.plan:q} --encoder {input.encoder:q} --out {output.shards:q}"
-        " --manifest {output.manifest:q} --settings {params.settings:q} > {log:q} 2>&1"
+        shell_command("tokenize_partition", env="RAYON_NUM_THREADS={threads}")
 
 
-# --parts is the folder holding every tokenize_partition output above.
-rule tokenize_shards:
+rule gather_shards:
     input:
-        unpack(get_tokenize_partitions),
+        part_shards=get_part_shards,
+        part_manifests=get_part_manifests,
         train=rules.split_corpus.output.train,
         val=rules.split_corpus.output.val,
         test=rules.split_corpus.output.test,
@@ -65,8 +61,7 @@ rule tokenize_shards:
         shards=directory(f"{R}/{{experiment}}/tokenize/shards"),
         manifest=f"{R}/{{experiment}}/tokenize/manifest.json",
     params:
-        settings=get_tokenize_settings,
-        parts=get_tokenize_parts_dir,
+        settings=settings_for("gather_shards"),
     conda:
         "../../envs/data.yaml"
     log:
@@ -75,7 +70,4 @@ rule tokenize_shards:
         mem_mb=2000,
         runtime=30,
     shell:
-        "snaketune tokenize-gather --train {input.train:q} --val {input.val:q}"
-        " --test {input.test:q} --tokenizer {input.tokenizer:q} --plan {input.plan:q}"
-        " --parts {params.parts:q} --out {output.shards:q} --manifest {output.manifest:q}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        shell_command("gather_shards")

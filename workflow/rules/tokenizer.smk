@@ -5,7 +5,7 @@ rule prepare_tokenizer:
         tokenizer=directory(f"{R}/{{experiment}}/tokenizer/tokenizer"),
         manifest=f"{R}/{{experiment}}/tokenizer/manifest.json",
     params:
-        settings=get_tokenizer_settings,
+        settings=settings_for("prepare_tokenizer"),
     conda:
         "../../envs/data.yaml"
     log:
@@ -15,6 +15,4 @@ rule prepare_tokenizer:
         mem_mb=4000,
         runtime=60,
     shell:
-        "RAYON_NUM_THREADS={threads} snaketune tokenizer --train {input.train:q}"
-        " --out {output.tokenizer:q} --manifest {output.manifest:q}"
-        " --settings {params.settings:q} > {log:q} 2>&1"
+        shell_command("prepare_tokenizer", env="RAYON_NUM_THREADS={threads}")

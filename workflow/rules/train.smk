@@ -2,8 +2,8 @@
 # outputs, and the checkpoint must survive so that a rerun resumes instead of starting over.
 rule train_model:
     input:
-        shards=rules.tokenize_shards.output.shards,
-        tokenize_manifest=rules.tokenize_shards.output.manifest,
+        shards=rules.gather_shards.output.shards,
+        tokenize_manifest=rules.gather_shards.output.manifest,
         tokenizer=rules.prepare_tokenizer.output.tokenizer,
     output:
         model=directory(f"{R}/{{experiment}}/train/model"),
@@ -15,10 +15,9 @@ rule train_model:
             labels={"experiment": "{experiment}", "figure": "loss curve"},
         ),
         manifest=f"{R}/{{experiment}}/train/manifest.json",
-        # Written by the trainer beside history.jsonl (snaketune.system_metrics).
         system_metrics=f"{R}/{{experiment}}/train/system_metrics.jsonl",
     params:
-        settings=get_train_settings,
+        settings=settings_for("train_model"),
         state_dir=f"{R}/{{experiment}}/train_state",
         launcher=get_train_launcher,
         threads_per_process=get_train_threads,
@@ -34,8 +33,8 @@ rule train_model:
         runtime=240,
         gpu=0,
     shell:
-        "OMP_NUM_THREADS={params.threads_per_process} {params.launcher} train"
-        " --shards {input.shards:q}"
-        " --tokenize-manifest {input.tokenize_manifest:q} --tokenizer {input.tokenizer:q}"
-        " --out {output.model:q} --history {output.history:q} --manifest {output.manifest:q}"
-        " --state-dir {params.state_dir:q} --settings {params.settings:q} > {log:q} 2>&1"
+        shell_command(
+            "train_model",
+            launcher="{params.launcher}",
+            env="OMP_NUM_THREADS={params.threads_per_process}",
+        )

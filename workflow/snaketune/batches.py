@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snaketune.shards import read_shards
+from snaketune.names import CAUSAL_LM
+from snaketune.tokenize.shards import read_shards
 
 IGNORED_LABEL = -100  # the label transformers' losses skip
 
@@ -63,7 +64,7 @@ def load_examples(shard_dir: Path, task: str, pad_token_id: int) -> Examples:
     padded = np.full(real.shape, pad_token_id, dtype=np.int64)
     padded[real] = values  # row-major, so each row's ids land in its own leading columns
     ids, mask = torch.from_numpy(padded), torch.from_numpy(real.astype(np.int64))
-    if task == "causal_lm":
+    if task == CAUSAL_LM:
         # Every token is a target; padding (rows of per-document packing) is not.
         return Examples(ids, mask, ids.masked_fill(mask == 0, IGNORED_LABEL))
     labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.long)

@@ -21,60 +21,11 @@ from pathlib import Path
 import pandas as pd
 
 from snaketune.errors import CorpusError
-from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path, write_json
+from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path, files_in, write_json
 from snaketune.manifest import stage_manifest
 from snaketune.quality import quality_problem
-
-FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
-TXT_DOCUMENTS = ("line", "paragraph", "heading")
-
-
-@dataclass(frozen=True)
-class ReadSettings:
-    format: str
-    """One of FORMATS (after decompression)."""
-    text_column: str = "text"
-    label_column: str | None = None
-    text_template: str | None = None
-    """A str.format template over the record's columns, e.g. 'Q: {question}\\nA: {answer}'."""
-    header: bool = True
-    """csv/tsv: whether the first line names the columns."""
-    column_names: list[str] | None = None
-    """csv/tsv without a header: the names of the columns, in order."""
-    quoting: bool = True
-    """csv/tsv: treat '"' as a quote character (off for files such as SMS Spam)."""
-    txt_document: str = "line"
-    """txt: one document per non-blank line, per blank-line-separated paragraph, or per
-    top-level heading ' = Title = ' up to the next one (WikiText's articles)."""
-
-
-def read_settings_for(dataset: dict, task: str, text_template: str | None) -> ReadSettings:
-    """How an experiment reads its dataset (an entry of the config's datasets catalog): the
-    label column only matters to classification."""
-    keys = ("format", "text_column", "header", "column_names", "quoting", "txt_document")
-    return ReadSettings(
-        **{key: dataset[key] for key in keys if key in dataset},
-        text_template=text_template,
-        label_column=dataset.get("label_column") if task == "sequence_classification" else None,
-    )
-
-
-@dataclass(frozen=True)
-class CleanSettings:
-    nfc: bool = True
-    strip_html: bool = False
-    redact_pii: bool = False
-    min_chars: int = 1
-    max_chars: int = 100_000
-    dedup: bool = True
-    min_alpha_ratio: float = 0.0
-    """Drop documents whose non-space characters are less than this share letters (0 = off)."""
-    max_repeated_line_fraction: float = 1.0
-    """Drop documents with more than this share of repeated non-blank lines (1 = off)."""
-    min_mean_word_length: float = 0.0
-    """Drop documents whose words are shorter than this on average (0 = off)."""
-    max_mean_word_length: float | None = None
-    """Drop documents whose words are longer than this on average (None = off)."""
+from snaketune.settings import FORMATS, TXT_DOCUMENTS, CleanJob, CleanSettings, ReadSettings
+from snaketune.stages import CleanPaths
 
 
 @dataclass
@@ -258,18 +209,10 @@ def clean_documents(
     return pd.DataFrame(rows, columns=["doc_id", "text", "label"]).astype("string")
 
 
-def clean_corpus(
-    raw_dir: Path,
-    out_path: Path,
-    report_path: Path,
-    manifest: Path,
-    read: ReadSettings,
-    settings: CleanSettings,
-    member: str | None = None,
-) -> CleanReport:
-    source = pick_member(Path(raw_dir), member)
-    params = {"read": asdict(read), "clean": asdict(settings), "member": member}
-    with stage_manifest("clean", manifest, {"raw": source}, params) as record:
+def clean_corpus(paths: CleanPaths, job: CleanJob) -> CleanReport:
+    read, settings = job.read, job.clean
+    source = pick_member(paths.raw, job.member)
+    with stage_manifest(paths, job) as record:
         frame, bad = read_records(source, read)
         report = CleanReport(input_records=len(frame), undecodable_bytes_replaced=bad)
         texts = compose_texts(frame, read)
@@ -280,9 +223,9 @@ def clean_corpus(
             report.labels = {str(k): int(v) for k, v in docs["label"].value_counts().items()}
         if docs.empty:
             raise CorpusError(empty_corpus_message(report))
-        with atomic_path(out_path) as tmp:
+        with atomic_path(paths.corpus) as tmp:
             docs.to_parquet(tmp, index=False, row_group_size=PARQUET_ROW_GROUP_ROWS)
-        write_json(report_path, asdict(report))
+        write_json(paths.report, asdict(report))
         record.counts = asdict(report)
     return report
 
@@ -305,7 +248,7 @@ def pick_member(raw_dir: Path, member: str | None) -> Path:
             raise CorpusError(f"member {member!r} not found in {raw_dir}")
         return path
     # Hidden files are bookkeeping (e.g. Snakemake's .snakemake_timestamp), never data.
-    files = sorted(p for p in raw_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = [p for p in files_in(raw_dir) if not p.name.startswith(".")]
     if len(files) != 1:
         names = [p.relative_to(raw_dir).as_posix() for p in files]
         raise CorpusError(f"{raw_dir} holds {names}; name one with the dataset's 'member' key")

@@ -12,8 +12,12 @@ from typing import Any
 
 import yaml
 
-SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
-PRESETS = Path(__file__).resolve().parents[2] / "presets"
+from snaketune.names import SEQUENCE_CLASSIFICATION
+from snaketune.settings import SECTIONS, ConfigView, SettingsError
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+PRESETS = REPO / "presets"
 
 
 class ConfigError(ValueError):
@@ -73,8 +77,10 @@ def schema_problems(config: dict[str, Any], schema_path: Path = SCHEMA) -> list[
     return [describe(e) for e in sorted(validator.iter_errors(config), key=lambda e: e.path)]
 
 
-def cross_checks(config: dict[str, Any]) -> list[str]:
-    """Checks across keys, on a config that already passed the schema (defaults filled)."""
+def cross_checks(config: dict[str, Any], base_dir: Path = REPO) -> list[str]:
+    """Checks across keys, on a config that already passed the schema (defaults filled): every
+    stage's settings of every experiment are built as the jobs will get them, so each check a
+    settings dataclass makes runs here too, before any job."""
     problems = []
     datasets = config["datasets"]
     seen = set()
@@ -89,33 +95,36 @@ def cross_checks(config: dict[str, Any]) -> list[str]:
                 f"allowed values are {sorted(datasets)}"
             )
             continue
-        if (
-            exp["task"] == "sequence_classification"
-            and not datasets[exp["dataset"]]["label_column"]
-        ):
+        if exp["task"] == SEQUENCE_CLASSIFICATION and not datasets[exp["dataset"]]["label_column"]:
             problems.append(
                 f"{where}.task: sequence_classification needs datasets."
                 f"{exp['dataset']}.label_column to be set"
             )
-        ratios = exp["split"]
-        total = ratios["train"] + ratios["val"] + ratios["test"]
-        if abs(total - 1.0) > 1e-6:
-            problems.append(f"{where}.split: train + val + test must be 1, got {total:g}")
-        model = exp["model"]
-        if model["arch"] == "gpt2" and model["n_embd"] % model["n_head"]:
-            problems.append(
-                f"{where}.model.n_embd: {model['n_embd']} is not divisible by "
-                f"model.n_head={model['n_head']}"
-            )
-        if model["init"] == "pretrained" and not model["name_or_path"]:
-            problems.append(f"{where}.model.name_or_path: required when model.init is 'pretrained'")
-        if model["arch"] == "lstm" and model["lora_rank"]:
-            problems.append(f"{where}.model.lora_rank: LoRA needs model.arch 'gpt2', not 'lstm'")
-        if exp["tokenizer"]["kind"] == "pretrained" and not exp["tokenizer"]["name_or_path"]:
-            problems.append(
-                f"{where}.tokenizer.name_or_path: required when tokenizer.kind is 'pretrained'"
-            )
+        problems += settings_problems(ConfigView(config, base_dir), exp["name"], where)
     return problems
+
+
+def settings_problems(view: ConfigView, experiment: str, where: str) -> list[str]:
+    """What each section's settings dataclass refuses, by key."""
+    problems = []
+    for section, cls in SECTIONS.items():
+        try:
+            view.section(cls, experiment, section)
+        except SettingsError as err:
+            for key, text in err.problems:
+                problems.append(f"{where}.{section}{'.' + key if key else ''}: {text}")
+    return problems
+
+
+def validated(config: dict[str, Any], base_dir: Path = REPO) -> dict[str, Any]:
+    """The config checked, every problem at once (the schema's, then the cross-checks), with
+    the schema's defaults filled in, in place."""
+    from snakemake.utils import validate  # fills the defaults, as the workflow needs them
+
+    raise_if_invalid(schema_problems(config), "schema")
+    validate(config, str(SCHEMA))
+    raise_if_invalid(cross_checks(config, base_dir), "cross-checks")
+    return config
 
 
 def raise_if_invalid(problems: list[str], source: str) -> None:

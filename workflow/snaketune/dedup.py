@@ -25,6 +25,7 @@ import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from snaketune.clean import normalize_for_match
+from snaketune.settings import NearDuplicateSettings
 
 log = logging.getLogger(__name__)
 
@@ -37,32 +38,6 @@ _EXAMPLES = 5
 # pairs right at the threshold, while every candidate is checked against the signatures anyway,
 # so an extra candidate costs a comparison and a missed one leaks a near-copy into the test set.
 LSH_WEIGHTS = (0.05, 0.95)  # (false positive, false negative)
-
-
-@dataclass(frozen=True)
-class NearDuplicateSettings:
-    enabled: bool = True
-    """Remove near-duplicates within and across splits."""
-    threshold: float = 0.8
-    """Estimated Jaccard similarity of two documents' shingle sets at or above which they count
-    as near-duplicates. Lower catches looser copies (and more false matches)."""
-    shingle_size: int = 5
-    """Characters per shingle of the normalized (casefolded, single-spaced) text."""
-    num_perm: int = 128
-    """MinHash permutations: more gives a finer similarity estimate, at a linear cost."""
-    seed: int = 1
-    """Seeds the permutations; a fixed seed makes the removals identical on every run."""
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not 0.0 < self.threshold <= 1.0:
-            problems.append(f"threshold must be in (0, 1], got {self.threshold}")
-        if self.shingle_size < 1:
-            problems.append(f"shingle_size must be at least 1, got {self.shingle_size}")
-        if self.num_perm < 2:
-            problems.append(f"num_perm must be at least 2, got {self.num_perm}")
-        if problems:
-            raise ValueError("near_duplicates: " + "; ".join(problems))
 
 
 @dataclass

@@ -17,7 +17,6 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
@@ -25,26 +24,13 @@ from snaketune.errors import DownloadError
 from snaketune.fileio import atomic_dir, sha256_file
 from snaketune.hub import fetch_from_hub
 from snaketune.manifest import stage_manifest
+from snaketune.settings import URL_SCHEMES, DownloadSettings
+from snaketune.stages import DownloadPaths
 
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
-SCHEMES = ("", "http", "https", "file", "hf")  # "" is a local path
-
-
-@dataclass(frozen=True)
-class DownloadSettings:
-    url: str
-    """http(s)://, file://, hf:// or a local path (already resolved to absolute by the caller)."""
-    sha256: str
-    """Expected digest of the fetched bytes (before any decompression)."""
-    retries: int = 4
-    """Attempts after the first for connection errors and HTTP 5xx/429."""
-    backoff_seconds: float = 1.0
-    """First wait between attempts; doubles each time."""
-    timeout_seconds: float = 60.0
-    max_unpacked_bytes: int = 4 * 1024**3
-    """Refuse archives or .gz files that expand past this (decompression bombs)."""
+SCHEMES = ("", *URL_SCHEMES)  # "" is a local path
 
 
 def file_name_of(url: str) -> str:
@@ -201,13 +187,12 @@ def _untar(source: Path, target: Path, max_bytes: int) -> list[str]:
     return written
 
 
-def download_dataset(settings: DownloadSettings, out_dir: Path, manifest: Path) -> list[str]:
-    """Fetch, verify and unpack into `out_dir` (atomically); write the stage manifest."""
-    out_dir = Path(out_dir)
-    partial_dir = out_dir.parent / ".partial"
-    with stage_manifest("download", manifest, {}, vars(settings)) as record:
+def download_dataset(paths: DownloadPaths, settings: DownloadSettings) -> list[str]:
+    """Fetch, verify and unpack into paths.files (atomically); write the stage manifest."""
+    partial_dir = paths.files.parent / ".partial"
+    with stage_manifest(paths, settings) as record:
         source = fetch(settings, partial_dir)
-        with atomic_dir(out_dir) as tmp:
+        with atomic_dir(paths.files) as tmp:
             files = unpack(source, file_name_of(settings.url), tmp, settings.max_unpacked_bytes)
             record.outputs = {f: sha256_file(tmp / f) for f in files}
         record.counts = {"files": len(files), "fetched_bytes": source.stat().st_size}

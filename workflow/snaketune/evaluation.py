@@ -9,8 +9,8 @@ confusion matrix from the shipped `evaluate` modules, beside two baselines on th
 from __future__ import annotations
 
 import json
+import logging
 import math
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,29 +19,17 @@ import torch
 
 from snaketune import plots
 from snaketune.batches import Examples, load_examples
-from snaketune.fileio import atomic_path, read_json, write_json
+from snaketune.fileio import atomic_path, write_json
 from snaketune.manifest import stage_manifest
 from snaketune.metrics import load_metric
 from snaketune.models import load_trained
+from snaketune.names import CAUSAL_LM, TEST
+from snaketune.settings import EvalJob, EvalSettings
+from snaketune.stages import EvaluatePaths
+from snaketune.tokenize.shards import TokenizedData, read_shards
 
-EVAL_PLOT = "eval_plot.png"  # written beside metrics.json
+log = logging.getLogger(__name__)
 MAX_LOG_PERPLEXITY = 700.0  # exp(709) overflows float64; report inf beyond this
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    batch_size: int = 32
-    prompts: list[str] = field(default_factory=list)
-    """causal_lm: prompts whose continuations go to samples.jsonl."""
-    max_new_tokens: int = 40
-    temperature: float = 0.8
-    top_k: int = 20
-    seed: int = 1234
-    context_length: int = 0
-    """causal_lm: tokens per scoring window; 0 means the training block size."""
-    stride: int = 0
-    """causal_lm: tokens between window starts; 0 means context_length (no overlap). A smaller
-    stride gives the sliding-window estimate (more context per token, more compute)."""
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:
@@ -282,8 +270,6 @@ def write_predictions(
     limit: int = 50,
 ) -> None:
     """The first test examples with their true and predicted labels, for a reader to skim."""
-    from snaketune.shards import read_shards
-
     doc_ids = read_shards(shard_dir).column("doc_id").to_pylist()
     texts = pd.read_parquet(test_split).set_index("doc_id")
     rows = []
@@ -299,48 +285,37 @@ def write_predictions(
         tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def evaluate_model(
-    model_dir: Path,
-    shard_dir: Path,
-    tokenize_manifest: Path,
-    splits: dict[str, Path],
-    metrics_path: Path,
-    samples_path: Path,
-    manifest: Path,
-    task: str,
-    settings: EvalSettings,
-) -> dict:
+def evaluate_model(paths: EvaluatePaths, job: EvalJob) -> dict:
     from transformers import AutoTokenizer
 
-    data_info = read_json(tokenize_manifest)
-    inputs = {"model": model_dir, "test_shards": Path(shard_dir) / "test"}
-    with stage_manifest("evaluate", manifest, inputs, asdict(settings)) as record:
+    data = TokenizedData.read(paths.tokenize_manifest, paths.shards)
+    settings, test_shards = job.evaluate, data.split(TEST)
+    with stage_manifest(paths, job) as record:
+        record.add_input("test_shards", test_shards)
         torch.manual_seed(settings.seed)
-        model = load_trained(model_dir, task)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        test = load_examples(Path(shard_dir) / "test", task, data_info["pad_token_id"])
-        if task == "causal_lm":
-            block = data_info["params"]["block_size"]
-            metrics = evaluate_lm(model, tokenizer, test, block, settings, samples_path)
+        model = load_trained(paths.model, job.task)
+        tokenizer = AutoTokenizer.from_pretrained(paths.model)
+        test = load_examples(test_shards, job.task, data.pad_token_id)
+        if job.task == CAUSAL_LM:
+            metrics = evaluate_lm(model, tokenizer, test, data.block_size, settings, paths.samples)
         else:
-            labels = data_info["label_names"]
+            labels = data.label_names
             predictions = predict_classes(model, test, settings.batch_size)
             metrics = classification_metrics(predictions, test.labels.numpy(), labels)
             metrics["label_names"] = labels
-            metrics["baselines"] = baselines(splits["train"], splits["test"], labels)
+            metrics["baselines"] = baselines(paths.train, paths.test, labels)
             metrics["protocol"] = (
                 f"{len(test)} test examples, truncated to "
                 f"{test.input_ids.size(1)} tokens; argmax prediction"
             )
-            write_predictions(
-                splits["test"], Path(shard_dir) / "test", predictions, labels, samples_path
-            )
+            write_predictions(paths.test, test_shards, predictions, labels, paths.samples)
         metrics["test_rows"] = len(test)
-        plot_path = Path(metrics_path).with_name(EVAL_PLOT)
-        if task == "causal_lm":
-            plots.nll_by_position(metrics.pop("nll_by_position"), plot_path)
+        if job.task == CAUSAL_LM:
+            plots.nll_by_position(metrics.pop("nll_by_position"), paths.plot)
         else:
-            plots.confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], plot_path)
-        write_json(metrics_path, metrics)
+            plots.confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], paths.plot)
+        write_json(paths.metrics, metrics)
         record.counts = {"test_rows": len(test)}
+    headline = {k: v for k, v in metrics.items() if not isinstance(v, dict | list)}
+    log.info("metrics: %s", json.dumps(headline))
     return metrics

@@ -53,13 +53,26 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Snakemake marks a finished directory output with this empty file; it is no part of the content.
+SNAKEMAKE_TIMESTAMP = ".snakemake_timestamp"
+
+
+def files_in(folder: Path) -> list[Path]:
+    """Every file below `folder`, sorted, without Snakemake's bookkeeping."""
+    return sorted(
+        p for p in Path(folder).rglob("*") if p.is_file() and p.name != SNAKEMAKE_TIMESTAMP
+    )
+
+
 def sha256_tree(path: Path) -> str:
     """Digest of a file, or of a directory's relative names and file contents in sorted order."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"cannot digest {path}: it does not exist")
     digest = hashlib.sha256()
-    for child in sorted(p for p in path.rglob("*") if p.is_file()):
+    for child in files_in(path):
         digest.update(child.relative_to(path).as_posix().encode())
         digest.update(sha256_file(child).encode())
     return digest.hexdigest()

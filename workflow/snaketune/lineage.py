@@ -1,8 +1,8 @@
 """Which data a run saw: the Parquet splits as MLflow dataset inputs, without reading them.
 
 Each split becomes a dataset named "<dataset>/<split>" whose digest is the split file's sha256
-(recorded by the tokenize stage when it read the split), whose source is the dataset's download
-URL, and whose profile holds its row count from the split manifest. MLflow then shows on every
+and whose profile holds its row count (both recorded by the split stage in its manifest), and
+whose source is the dataset's download URL. MLflow then shows on every
 train and evaluate run exactly which version of which split it used.
 """
 
@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
-RUN_SPLITS = {"train": ("train", "val"), "evaluate": ("test",)}
+from snaketune.names import SPLITS, TEST, TRAIN, VAL
+
+SPLIT_CONTEXTS = dict(zip(SPLITS, ("training", "validation", "test"), strict=True))
+RUN_SPLITS = {"train": (TRAIN, VAL), "evaluate": (TEST,)}
 """The splits each stage's run read, in MLflow's context vocabulary."""
 DIGEST_CHARS = 16  # MLflow keeps at most 36 characters of a dataset digest
 SPLIT_SCHEMA = {
@@ -57,26 +59,25 @@ def source_url(url: str) -> str:
 
 
 def split_datasets(
-    dataset: str, download_url: str, split: dict[str, Any], tokenize: dict[str, Any]
+    dataset: str, download_url: str, split: dict[str, Any]
 ) -> dict[str, SplitDataset]:
-    """The splits the tokenize manifest recorded reading, keyed by split name ('train', ...).
+    """The splits the split manifest recorded writing, keyed by split name ('train', ...).
     `download_url` should come without credentials (snaketune.track.redact)."""
     url = source_url(download_url)
-    inputs = tokenize.get("inputs", {})
+    digests, paths = split.get("outputs", {}), split.get("paths", {})
     counts = split.get("counts", {})
     out = {}
     for name in SPLIT_CONTEXTS:
-        if name not in inputs:
+        if name not in digests:
             continue
-        sha256 = inputs[name]["sha256"]
         rows = counts.get(name)
         out[name] = SplitDataset(
             name=f"{dataset}/{name}",
-            digest=sha256[:DIGEST_CHARS],
-            sha256=sha256,
+            digest=digests[name][:DIGEST_CHARS],
+            sha256=digests[name],
             source_url=url,
             rows=rows if isinstance(rows, int) else None,
-            path=inputs[name]["path"],
+            path=paths[name],
         )
     return out
 

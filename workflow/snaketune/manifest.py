@@ -1,19 +1,22 @@
-"""The manifest every stage writes next to its outputs: what went in, with what settings, what
-came out, how long it took, and with which library versions."""
+"""The manifest every stage writes next to its outputs: what went in (each input's sha256), with
+what settings, what came out (each output's sha256), where every path was, how long it took,
+and with which library versions. The job's paths (snaketune.stages) say which is which."""
 
 from __future__ import annotations
 
+import os
 import platform
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from snaketune import __version__
-from snaketune.fileio import sha256_tree, write_json
+from snaketune.fileio import read_json, sha256_tree, write_json
+from snaketune.stages import INPUT, OUTPUT, Paths, is_list, path_fields, stage_of
 
 _TRACKED_PACKAGES = (
     "pandas",
@@ -42,38 +45,75 @@ def package_versions() -> dict[str, str]:
 class StageRecord:
     """Collects a stage's counts and outputs while it runs; written as manifest.json at the end."""
 
-    stage: str
-    inputs: dict[str, str]
+    inputs: dict[str, dict[str, str]]
+    """{name: {"path", "sha256"}} of what the stage read."""
     params: dict[str, Any]
     counts: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    """{name: sha256} of what it wrote; left empty, every digested output of the job."""
     extra: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def add_input(self, name: str, path: Path) -> str:
+        """Record one more input (a part of an input folder, say); returns its digest."""
+        self.inputs[name] = {"path": str(path), "sha256": sha256_tree(path)}
+        return self.inputs[name]["sha256"]
+
+
+def digested(paths: Paths, role: str, unread: tuple[str, ...] = ()) -> dict[str, Path]:
+    return {
+        f.name: getattr(paths, f.name)
+        for f in path_fields(paths, role)
+        if f.metadata["digest"] and f.name != "manifest" and f.name not in unread
+    }
+
+
+def relative_to(folder: Path, path: Path) -> str:
+    """`path` as seen from `folder`: a results tree that moves keeps its manifests right."""
+    return os.path.relpath(path, folder)
+
+
+def recorded_paths(manifest: Path) -> dict[str, Path]:
+    """Where a stage's manifest says its paths were (it writes them relative to its folder)."""
+    written = read_json(manifest)["paths"]
+    return {name: Path(os.path.normpath(Path(manifest).parent / p)) for name, p in written.items()}
 
 
 @contextmanager
 def stage_manifest(
-    stage: str, manifest_path: Path, inputs: Mapping[str, Path], params: Mapping[str, Any]
+    paths: Paths,
+    settings: Any,
+    *,
+    params: dict[str, Any] | None = None,
+    unread: tuple[str, ...] = (),
 ) -> Iterator[StageRecord]:
-    """Time the stage and write its manifest only if the stage body finished without error."""
-    record = StageRecord(
-        stage=stage,
-        inputs={name: sha256_tree(Path(p)) for name, p in inputs.items()},
-        params=dict(params),
-    )
+    """Time the stage and write paths.manifest only if the stage body finished without error.
+    Its params are the settings (and `params`); every input but the `unread` ones is digested
+    first, every output last."""
+    stage = stage_of(paths)
+    record = StageRecord(inputs={}, params={**asdict(settings), **(params or {})})
+    for name, path in digested(paths, INPUT, unread).items():
+        record.add_input(name, path)
     started = time.perf_counter()
     yield record
     record.seconds = round(time.perf_counter() - started, 3)
+    if not record.outputs:
+        record.outputs = {name: sha256_tree(p) for name, p in digested(paths, OUTPUT).items()}
     write_json(
-        manifest_path,
+        paths.manifest,
         {
-            "stage": record.stage,
-            "inputs": {
-                name: {"path": str(p), "sha256": record.inputs[name]} for name, p in inputs.items()
-            },
+            "stage": stage.folder,
+            "rule": stage.rule,
+            "inputs": record.inputs,
             "params": record.params,
             "counts": record.counts,
             "outputs": record.outputs,
+            # Relative to the manifest's folder, where snaketune.track looks for the outputs.
+            "paths": {
+                f.name: relative_to(paths.manifest.parent, getattr(paths, f.name))
+                for f in path_fields(paths)
+                if not is_list(f)
+            },
             "seconds": record.seconds,
             "versions": package_versions(),
             **record.extra,

@@ -8,7 +8,7 @@ returns an object with `.loss` and `.logits`, so training and evaluation need no
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,30 +16,10 @@ import torch
 from torch import nn
 
 from snaketune.errors import ModelError, not_loadable
+from snaketune.names import CAUSAL_LM
+from snaketune.settings import ModelSettings
 
-ARCHS = ("gpt2", "lstm")
 LSTM_CONFIG = "snaketune_lstm.json"
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    arch: str = "gpt2"
-    init: str = "scratch"
-    """'scratch' builds from the sizes below; 'pretrained' loads name_or_path."""
-    name_or_path: str | None = None
-    trust_remote_code: bool = False
-    n_layer: int = 2
-    n_embd: int = 128
-    n_head: int = 4
-    dropout: float = 0.1
-    attention: str = "auto"
-    """'eager', 'sdpa' (torch's fused attention), or 'auto': sdpa on CUDA, eager on CPU."""
-    lora_rank: int = 0
-    """LoRA adapter rank through peft; 0 trains every weight."""
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=list)
-    """Module names to adapt; empty uses peft's default for the architecture."""
 
 
 @dataclass(frozen=True)
@@ -68,13 +48,13 @@ class LstmModel(nn.Module):
             dropout=config.dropout if config.n_layer > 1 else 0.0,
         )
         self.drop = nn.Dropout(config.dropout)
-        out = config.vocab_size if config.task == "causal_lm" else config.num_labels
+        out = config.vocab_size if config.task == CAUSAL_LM else config.num_labels
         self.head = nn.Linear(config.n_embd, out)
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         hidden, _ = self.lstm(self.drop(self.embed(input_ids)))
         hidden = self.drop(hidden)
-        if self.config.task == "causal_lm":
+        if self.config.task == CAUSAL_LM:
             logits = self.head(hidden)
             loss = None
             if labels is not None:
@@ -168,18 +148,16 @@ def build_model(
         eos_token_id=eos_token_id,
         **labels,
     )
-    return GPT2LMHeadModel(config) if task == "causal_lm" else GPT2ForSequenceClassification(config)
+    return GPT2LMHeadModel(config) if task == CAUSAL_LM else GPT2ForSequenceClassification(config)
 
 
-def _load_hf(name_or_path: str | None, task: str, trust_remote_code: bool, **kwargs):
+def _load_hf(name_or_path: str, task: str, trust_remote_code: bool, **kwargs):
     # trust_remote_code stays False unless the config says otherwise: hub code runs on load.
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if not name_or_path:
-        raise ValueError("model.init 'pretrained' needs model.name_or_path")
-    cls = AutoModelForCausalLM if task == "causal_lm" else AutoModelForSequenceClassification
+    cls = AutoModelForCausalLM if task == CAUSAL_LM else AutoModelForSequenceClassification
     extra = dict(kwargs)
-    if task != "causal_lm":
+    if task != CAUSAL_LM:
         extra["ignore_mismatched_sizes"] = True  # a new head for this label set
     try:
         return cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
@@ -204,12 +182,10 @@ def apply_lora(model: nn.Module, settings: ModelSettings, task: str) -> nn.Modul
     """Wrap the model with peft LoRA adapters; only adapters (and a classifier head) train."""
     if not settings.lora_rank:
         return model
-    if settings.arch == "lstm":
-        raise ValueError("model.lora_rank needs a transformer (model.arch: gpt2), not the LSTM")
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS,
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,

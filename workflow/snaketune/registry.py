@@ -19,7 +19,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-PIPELINE_TASKS = {"causal_lm": "text-generation", "sequence_classification": "text-classification"}
+from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION
+
+PIPELINE_TASKS = {CAUSAL_LM: "text-generation", SEQUENCE_CLASSIFICATION: "text-classification"}
 # What `mlflow models serve` needs to load the pipeline. Given explicitly: mlflow's inference of
 # requirements imports optional packages (torchvision) that are not installed.
 SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors")
@@ -41,15 +43,6 @@ class RegisteredModel:
 
     def as_dict(self) -> dict[str, str]:
         return {**asdict(self), "uri": self.uri}
-
-
-def registered_model_name(mlflow_config: dict[str, Any], experiment: dict[str, Any]) -> str | None:
-    """The experiment's registry name, or None when the config turns registration off."""
-    if not mlflow_config.get("register_models", True):
-        return None
-    return experiment.get("registered_model_name") or (
-        f"{mlflow_config['experiment_name']}.{experiment['name']}"
-    )
 
 
 def pip_requirements() -> list[str]:
@@ -88,7 +81,7 @@ def _tracking_uri(uri: str) -> Iterator[None]:
 
 def inference_config(task: str, evaluate: dict[str, Any]) -> dict[str, Any]:
     """What the served pipeline applies to every request (generation length for the LM)."""
-    if task == "causal_lm":
+    if task == CAUSAL_LM:
         return {"max_new_tokens": int(evaluate.get("max_new_tokens", 40))}
     return {}
 

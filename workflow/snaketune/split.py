@@ -9,38 +9,17 @@ only ever dropped, never moved, and the test split keeps nothing close to a trai
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pandas as pd
 
 from snaketune.clean import normalize_for_match
-from snaketune.dedup import NearDuplicateReport, NearDuplicateSettings, find_near_duplicates
+from snaketune.dedup import NearDuplicateReport, find_near_duplicates
 from snaketune.errors import CorpusError
 from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path
 from snaketune.manifest import stage_manifest
-
-SPLITS = ("train", "val", "test")
-
-
-@dataclass(frozen=True)
-class SplitSettings:
-    train: float = 0.8
-    val: float = 0.1
-    test: float = 0.1
-    salt: str = ""
-    """Change to draw a different (still deterministic) split."""
-    near_duplicates: NearDuplicateSettings = field(default_factory=NearDuplicateSettings)
-    """MinHash/LSH removal of near-copies within and across splits (a dict is accepted)."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.near_duplicates, dict):  # as it arrives from the JSON settings
-            object.__setattr__(
-                self, "near_duplicates", NearDuplicateSettings(**self.near_duplicates)
-            )
-        total = self.train + self.val + self.test
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"split ratios must sum to 1, got {total} ({asdict(self)})")
+from snaketune.names import SPLITS, TEST, TRAIN, VAL
+from snaketune.settings import NearDuplicateSettings, SplitSettings
+from snaketune.stages import SplitPaths
 
 
 def bucket_of(text: str, salt: str = "") -> float:
@@ -51,17 +30,16 @@ def bucket_of(text: str, salt: str = "") -> float:
 
 def assign_splits(texts: pd.Series, settings: SplitSettings) -> pd.Series:
     buckets = texts.map(lambda t: bucket_of(t, settings.salt))
-    cut_val = settings.train
-    cut_test = settings.train + settings.val
-    names = ["train" if b < cut_val else "val" if b < cut_test else "test" for b in buckets]
+    cut_val = settings.ratio(TRAIN)
+    cut_test = cut_val + settings.ratio(VAL)
+    names = [TRAIN if b < cut_val else VAL if b < cut_test else TEST for b in buckets]
     return pd.Series(names, index=texts.index, dtype="string")
 
 
-def split_corpus(
-    corpus: Path, outputs: dict[str, Path], manifest: Path, settings: SplitSettings
-) -> dict[str, int]:
-    with stage_manifest("split", manifest, {"corpus": corpus}, asdict(settings)) as record:
-        docs = pd.read_parquet(corpus)
+def split_corpus(paths: SplitPaths, settings: SplitSettings) -> dict[str, int]:
+    """Write each split (train, val, test) to its path; the manifest records their sha256."""
+    with stage_manifest(paths, settings) as record:
+        docs = pd.read_parquet(paths.corpus)
         docs["split"] = assign_splits(docs["text"], settings).values
         report = None
         if settings.near_duplicates.enabled:
@@ -79,7 +57,7 @@ def split_corpus(
                 )
         counts = {}
         for name, part in parts.items():
-            with atomic_path(outputs[name]) as tmp:
+            with atomic_path(getattr(paths, name)) as tmp:
                 part.to_parquet(tmp, index=False, row_group_size=PARQUET_ROW_GROUP_ROWS)
             counts[name] = len(part)
         record.counts = dict(counts)

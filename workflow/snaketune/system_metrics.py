@@ -1,7 +1,7 @@
 """System metrics sampled while the model trains: CPU, memory and, on CUDA, the GPU.
 
 Training makes no MLflow calls (an MLflow outage must never cost a training run), so a
-background thread writes samples to system_metrics.jsonl beside history.jsonl, and the track
+background thread writes samples to the train job's system_metrics file, and the track
 stage uploads them under MLflow's `system/...` names with their timestamps. Names follow
 MLflow's own system metrics monitor, so the UI groups them the same way.
 """
@@ -18,13 +18,8 @@ from typing import IO
 
 from snaketune.fileio import atomic_path
 
-SYSTEM_METRICS = "system_metrics.jsonl"  # written beside history.jsonl
 DEFAULT_INTERVAL_S = 5.0
 _MB = 1e6
-
-
-def system_metrics_path(history_path: Path) -> Path:
-    return Path(history_path).with_name(SYSTEM_METRICS)
 
 
 class Sampler:

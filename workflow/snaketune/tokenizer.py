@@ -4,7 +4,6 @@ tokenizer; either way save it in Hugging Face format so every later stage loads 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,19 +11,11 @@ import pyarrow.parquet as pq
 from snaketune.errors import TokenizerError, not_loadable
 from snaketune.fileio import atomic_dir, sha256_tree
 from snaketune.manifest import stage_manifest
+from snaketune.settings import TokenizerSettings
+from snaketune.stages import TokenizerPaths
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
-
-
-@dataclass(frozen=True)
-class TokenizerSettings:
-    kind: str = "bpe"
-    """'bpe' trains a byte-level BPE on the train split; 'pretrained' loads name_or_path."""
-    vocab_size: int = 2000
-    min_frequency: int = 2
-    name_or_path: str | None = None
-    trust_remote_code: bool = False
 
 
 def iter_texts(train_split: Path, batch_rows: int = 1024) -> Iterator[list[str]]:
@@ -67,19 +58,15 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def prepare_tokenizer(
-    train_split: Path, out_dir: Path, manifest: Path, settings: TokenizerSettings
-) -> int:
-    inputs = {"train": train_split} if settings.kind == "bpe" else {}
-    with stage_manifest("tokenizer", manifest, inputs, asdict(settings)) as record:
+def prepare_tokenizer(paths: TokenizerPaths, settings: TokenizerSettings) -> int:
+    unread = () if settings.kind == "bpe" else ("train",)  # a pretrained one reads no split
+    with stage_manifest(paths, settings, unread=unread) as record:
         if settings.kind == "bpe":
-            tokenizer = train_bpe(train_split, settings)
-        elif settings.kind == "pretrained" and settings.name_or_path:
-            tokenizer = load_pretrained(settings.name_or_path, settings.trust_remote_code)
+            tokenizer = train_bpe(paths.train, settings)
         else:
-            raise TokenizerError("tokenizer.kind 'pretrained' needs tokenizer.name_or_path")
-        with atomic_dir(out_dir) as tmp:
+            tokenizer = load_pretrained(settings.name_or_path, settings.trust_remote_code)
+        with atomic_dir(paths.tokenizer) as tmp:
             tokenizer.save_pretrained(tmp)
         record.counts = {"vocab_size": len(tokenizer)}
-        record.extra["tokenizer_sha256"] = sha256_tree(out_dir)
+        record.extra["tokenizer_sha256"] = sha256_tree(paths.tokenizer)
     return len(tokenizer)

@@ -34,13 +34,23 @@ from urllib.parse import urlsplit, urlunsplit
 from snaketune import lineage, registry
 from snaketune.errors import TrackingError
 from snaketune.fileio import read_json, write_json
-from snaketune.manifest import package_versions
+from snaketune.manifest import package_versions, recorded_paths
 from snaketune.provenance import config_hash, git_state, invocation_tags
+from snaketune.settings import TrackSettings
+from snaketune.stages import (
+    OUTPUT,
+    TRACKED,
+    EvaluatePaths,
+    TrackPaths,
+    TrainPaths,
+    path_fields,
+    tracked_stage,
+)
 from snaketune.system_metrics import read_samples
 
 log = logging.getLogger(__name__)
 
-STAGES = ("download", "clean", "split", "tokenizer", "tokenize", "train", "evaluate")
+STAGES = TRACKED
 RUN_KEY_TAG = "snaketune.run_key"
 # Without it MLflow 3's UI guesses the experiment's kind and may open it on GenAI traces instead
 # of the runs table.
@@ -54,30 +64,21 @@ _UNSAFE_IN_METRIC_NAME = re.compile(r"[^\w.\- :]")
 
 
 @dataclass(frozen=True)
-class TrackSettings:
-    experiment: str
-    """The experiment entry's name (the parent run's name)."""
-    mlflow_experiment: str
-    tracking_uri: str
-    """The configured store; MLFLOW_TRACKING_URI, read here at run time, takes precedence (so a
-    credential in it never lands in a job's command line or in Snakemake's logs)."""
-    artifact_location: str | None
-    """Where a newly created MLflow experiment stores artifacts (local stores only)."""
-    config: dict[str, Any]
-    """The experiment's resolved config, logged as flattened params."""
-    provenance: str | None = None
-    """provenance.json of the snakemake invocation (its command line becomes a tag)."""
-    registered_model_name: str | None = None
-    """Log the final model and register a version under this name; None logs no model."""
-
-
-@dataclass(frozen=True)
 class StageFiles:
     """One stage's files to mirror: its manifest and the artifacts worth browsing."""
 
     name: str
     manifest: Path
     artifacts: tuple[Path, ...] = ()
+
+    @classmethod
+    def recorded(cls, name: str, manifest: Path) -> StageFiles:
+        """The stage's manifest and the outputs its job marks as artifacts, where the manifest
+        says they were written."""
+        written = recorded_paths(manifest)
+        fields = path_fields(tracked_stage(name).paths, OUTPUT)
+        artifacts = tuple(written[f.name] for f in fields if f.metadata["artifact"])
+        return cls(name, Path(manifest), artifacts)
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -165,25 +166,23 @@ def find_parent(client, experiment_id: str, key: str, registry_used: bool = Fals
     return None
 
 
-def experiment_id_for(client, settings: TrackSettings, uri: str) -> str:
+def experiment_id_for(client, name: str, uri: str, artifact_location: str | None) -> str:
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
-    existing = client.get_experiment_by_name(settings.mlflow_experiment)
+    existing = client.get_experiment_by_name(name)
     if existing is not None:
         return existing.experiment_id
     # A tracking server decides where artifacts go; a local store keeps them under results/.
     remote = uri.startswith(("http://", "https://"))
-    location = None if remote else settings.artifact_location
+    location = None if remote else artifact_location
     try:
-        return client.create_experiment(
-            settings.mlflow_experiment, artifact_location=location, tags=EXPERIMENT_TAGS
-        )
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
     except MlflowException as err:
         # Another experiment's track job, running at the same time, created it first.
         if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
-        return client.get_experiment_by_name(settings.mlflow_experiment).experiment_id
+        return client.get_experiment_by_name(name).experiment_id
 
 
 def log_stage(client, experiment_id: str, parent_id: str, stage: StageFiles, tags: dict) -> str:
@@ -255,6 +254,23 @@ class UploadFiles:
     model_dir: Path | None = None
     """The trained model (results/<exp>/train/model), logged and registered as an MLflow model."""
     system_metrics: Path | None = None
+    provenance: Path | None = None
+    """provenance.json of the snakemake invocation (its command line becomes a tag)."""
+
+    @classmethod
+    def recorded(cls, paths: TrackPaths) -> UploadFiles:
+        """Every tracked stage's files, found through its manifest."""
+        stages = [StageFiles.recorded(name, getattr(paths, name)) for name in TRACKED]
+        train = TrainPaths(**recorded_paths(paths.train))
+        evaluate = EvaluatePaths(**recorded_paths(paths.evaluate))
+        return cls(
+            stages,
+            train.history,
+            evaluate.metrics,
+            train.model,
+            train.system_metrics,
+            paths.provenance,
+        )
 
     def manifest(self, stage: str) -> dict[str, Any]:
         return next((read_json(s.manifest) for s in self.stages if s.name == stage), {})
@@ -267,19 +283,26 @@ class Store:
     experiment_id: str
 
 
-def track_experiment(
+def track_experiment(paths: TrackPaths, settings: TrackSettings) -> dict[str, str]:
+    """Mirror the experiment's stages (found through their manifests) into MLflow; write the run
+    ids to paths.runs."""
+    files = UploadFiles.recorded(paths)
+    artifacts = Path(paths.artifacts).resolve().as_uri()
+    return upload(
+        settings, files, store_uri(settings.tracking_uri, paths.store), artifacts, paths.runs
+    )
+
+
+def upload(
     settings: TrackSettings,
-    stages: list[StageFiles],
-    history: Path,
-    metrics: Path,
+    files: UploadFiles,
+    configured_uri: str,
+    artifacts: str,
     runs_path: Path,
-    *,
-    model_dir: Path | None = None,
-    system_metrics: Path | None = None,
 ) -> dict[str, str]:
     from mlflow import MlflowClient
 
-    uri = effective_tracking_uri(settings.tracking_uri)
+    uri = effective_tracking_uri(configured_uri)
     check_reachable(uri)
     # MLflow's default is 7 retries with growing waits: minutes before a dead server is reported.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
@@ -291,12 +314,11 @@ def track_experiment(
     # MLflow prints "View run ... at: <tracking URI>" to stdout, which the track rule logs: a
     # credential in the URI would land in the log.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    files = UploadFiles(stages, Path(history), Path(metrics), model_dir, system_metrics)
-    key = run_key(settings, stages)
+    key = run_key(settings, files.stages)
     with store_lock(uri):
         client = MlflowClient(tracking_uri=uri)
         try:
-            experiment_id = experiment_id_for(client, settings, uri)
+            experiment_id = experiment_id_for(client, settings.mlflow_experiment, uri, artifacts)
             registering = settings.registered_model_name is not None
             parent = find_parent(client, experiment_id, key, registering)
             if parent is not None:
@@ -337,7 +359,7 @@ def track_experiment(
 def run_tags(settings: TrackSettings, files: UploadFiles) -> dict[str, str]:
     return {
         **git_state(),
-        **invocation_tags(settings.provenance),
+        **invocation_tags(files.provenance),
         "snaketune.experiment": settings.experiment,
         "snaketune.config_hash": config_hash(settings.config),
         "host": platform.node(),
@@ -408,7 +430,6 @@ def _log_datasets(client, settings: TrackSettings, files: UploadFiles, ids: dict
         settings.config.get("dataset", settings.experiment),
         redact(str(files.manifest("download").get("params", {}).get("url", ""))),
         files.manifest("split"),
-        files.manifest("tokenize"),
     )
     for stage in lineage.RUN_SPLITS:
         inputs = lineage.dataset_inputs(datasets, stage)
@@ -417,13 +438,9 @@ def _log_datasets(client, settings: TrackSettings, files: UploadFiles, ids: dict
     return datasets.get("test")
 
 
-def default_tracking_uri(results_dir: Path) -> str:
-    return f"sqlite:///{Path(results_dir).resolve() / 'mlflow.db'}"
-
-
-def configured_tracking_uri(configured: str | None, results_dir: Path) -> str:
-    """The config's mlflow.tracking_uri, or SQLite in results/."""
-    return configured or default_tracking_uri(results_dir)
+def store_uri(configured: str | None, default_store: Path) -> str:
+    """The config's mlflow.tracking_uri, or the SQLite store in the results folder."""
+    return configured or f"sqlite:///{Path(default_store).resolve()}"
 
 
 def effective_tracking_uri(configured: str) -> str:

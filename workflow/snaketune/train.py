@@ -38,49 +38,16 @@ from snaketune.checkpoint import (
     set_rng_state,
 )
 from snaketune.errors import TrainingError
-from snaketune.fileio import atomic_dir, atomic_path, read_json, sha256_tree
+from snaketune.fileio import atomic_dir, atomic_path, sha256_tree
 from snaketune.manifest import stage_manifest
-from snaketune.models import (
-    ModelSettings,
-    apply_lora,
-    build_model,
-    count_parameters,
-    unwrap_for_saving,
-)
-from snaketune.system_metrics import sample_system_metrics, system_metrics_path
+from snaketune.models import apply_lora, build_model, count_parameters, unwrap_for_saving
+from snaketune.names import CAUSAL_LM, TRAIN, VAL
+from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+from snaketune.stages import TrainPaths
+from snaketune.system_metrics import sample_system_metrics
+from snaketune.tokenize.shards import TokenizedData
 
 log = logging.getLogger(__name__)
-LOSS_CURVE = "loss_curve.png"  # written beside history.jsonl
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    max_steps: int = 200
-    batch_size: int = 16
-    """Rows per micro-batch, per process."""
-    grad_accum: int = 1
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    eval_batches: int = 8
-    checkpoint_every: int = 50
-    early_stopping_patience: int = 0
-    """Stop after this many evaluations without a better val loss (0: off); keeps the best."""
-    seed: int = 1234
-    device: str = "auto"
-    """'auto' uses CUDA when present, else CPU."""
-    precision: str = "auto"
-    """'auto' is bf16 autocast on CUDA and fp32 on CPU; 'fp32' forces full precision."""
-    compile: bool = False
-    """torch.compile the model (worth it on GPUs; slow to start on CPU)."""
-    processes: int = 1
-    """Processes launched by torchrun (DDP: NCCL on GPUs, gloo on CPU)."""
-    threads: int = 0
-    """CPU threads for torch; 0 leaves torch's default."""
-    deterministic: bool = True
 
 
 @dataclass
@@ -325,37 +292,31 @@ def train_steps(run: Run, progress: Progress) -> Progress:
 
 
 def prepare_run(
-    shard_dir: Path,
-    data_info: dict,
-    state_dir: Path,
-    task: str,
-    model_settings: ModelSettings,
-    settings: TrainSettings,
-    world: distributed.World,
+    data: TokenizedData, state_dir: Path, job: TrainJob, world: distributed.World
 ) -> Run:
+    settings, model_settings = job.train, job.model
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.use_deterministic_algorithms(settings.deterministic, warn_only=True)
     seed_everything(settings.seed)
     device, autocast = pick_device(settings, world.local_rank)
-    pad = data_info["pad_token_id"]
-    train = load_examples(shard_dir / "train", task, pad)
-    val = load_examples(shard_dir / "val", task, pad)
-    if task == "causal_lm":
+    train = load_examples(data.split(TRAIN), job.task, data.pad_token_id)
+    val = load_examples(data.split(VAL), job.task, data.pad_token_id)
+    if job.task == CAUSAL_LM:
         train, val = train.with_targets(), val.with_targets()
     # causal_lm: the rows' block_size, which per-document rows may all fall short of.
-    context = data_info["params"]["block_size"] if task == "causal_lm" else train.input_ids.size(1)
+    context = data.block_size if job.task == CAUSAL_LM else train.input_ids.size(1)
     model = build_model(
         model_settings,
-        task,
-        data_info["vocab_size"],
+        job.task,
+        data.vocab_size,
         context,
-        pad,
-        data_info["eos_token_id"],
-        data_info["label_names"],
+        data.pad_token_id,
+        data.eos_token_id,
+        data.label_names,
         device.type,
     )
-    model = apply_lora(model, model_settings, task).to(device)
+    model = apply_lora(model, model_settings, job.task).to(device)
     step_model = distributed.wrap(model, world, device)
     if settings.compile:
         step_model = torch.compile(step_model)
@@ -367,7 +328,7 @@ def prepare_run(
         val=val,
         settings=settings,
         state_dir=state_dir,
-        fingerprint=run_fingerprint(settings, model_settings, sha256_tree(shard_dir)),
+        fingerprint=run_fingerprint(settings, model_settings, sha256_tree(data.shards)),
         device=device,
         autocast=autocast,
         world=world,
@@ -388,51 +349,30 @@ def resume(run: Run) -> Progress:
     return Progress(**fields)
 
 
-def train_model(
-    shard_dir: Path,
-    tokenize_manifest: Path,
-    tokenizer_dir: Path,
-    out_dir: Path,
-    history_path: Path,
-    manifest: Path,
-    state_dir: Path,
-    task: str,
-    model_settings: ModelSettings,
-    settings: TrainSettings,
-) -> list[dict]:
-    shard_dir, state_dir = Path(shard_dir), Path(state_dir)
+def train_model(paths: TrainPaths, job: TrainJob) -> list[dict]:
+    data = TokenizedData.read(paths.tokenize_manifest, paths.shards)
     world = distributed.start()
     try:
-        run = prepare_run(
-            shard_dir,
-            read_json(tokenize_manifest),
-            state_dir,
-            task,
-            model_settings,
-            settings,
-            world,
-        )
+        run = prepare_run(data, paths.state_dir, job, world)
         if not world.is_main:  # other processes train; process 0 alone writes
             return train_steps(run, resume(run)).history
-        params = {"model": asdict(model_settings), "train": asdict(settings), "task": task}
-        inputs = {"shards": shard_dir, "tokenizer": tokenizer_dir}
-        with stage_manifest("train", manifest, inputs, params) as record:
+        with stage_manifest(paths, job) as record:
             progress = resume(run)
             resumed_from = progress.step
             log.info(
                 "training %s (%d parameters) on %s x%d%s from step %d",
-                model_settings.arch,
+                job.model.arch,
                 count_parameters(run.model),
                 run.device,
                 world.size,
                 " with bf16 autocast" if run.autocast else "",
                 resumed_from,
             )
-            with sample_system_metrics(system_metrics_path(history_path), run.device):
+            with sample_system_metrics(paths.system_metrics, run.device):
                 progress = train_steps(run, progress)
-            if settings.early_stopping_patience and progress.best_step:
-                load_best(state_dir, run.model)  # the best evaluated weights are the result
-            save_final(run.model, tokenizer_dir, out_dir, progress.history, history_path)
+            if job.train.early_stopping_patience and progress.best_step:
+                load_best(paths.state_dir, run.model)  # the best evaluated weights are the result
+            save_final(run.model, progress.history, paths)
             record.counts = {
                 "parameters": count_parameters(run.model),
                 "steps": progress.step,
@@ -450,19 +390,17 @@ def train_model(
                     "fingerprint": run.fingerprint,
                 }
             )
-        shutil.rmtree(state_dir, ignore_errors=True)  # the finished model replaces the state
+        shutil.rmtree(paths.state_dir, ignore_errors=True)  # the finished model replaces the state
         return progress.history
     finally:
         distributed.stop()
 
 
-def save_final(
-    model, tokenizer_dir: Path, out_dir: Path, history: list[dict], history_path: Path
-) -> None:
-    with atomic_dir(out_dir) as tmp:
+def save_final(model, history: list[dict], paths: TrainPaths) -> None:
+    with atomic_dir(paths.model) as tmp:
         unwrap_for_saving(model).to("cpu").save_pretrained(tmp)
-        for item in Path(tokenizer_dir).iterdir():
+        for item in Path(paths.tokenizer).iterdir():
             shutil.copy2(item, tmp / item.name)
-    with atomic_path(history_path) as tmp:
+    with atomic_path(paths.history) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
-    plots.loss_curve(history, Path(history_path).with_name(LOSS_CURVE), "training loss")
+    plots.loss_curve(history, paths.loss_curve, "training loss")

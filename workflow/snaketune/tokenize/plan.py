@@ -1,6 +1,7 @@
-"""The tokenize plan: how each split is cut into partitions (contiguous row ranges of its Parquet
-file, each tokenized by its own job that reads only its own rows), the label vocabulary, and the
-Rust tokenizer every partition runs, written once so that no partition job needs transformers.
+"""The plan_partitions rule: how each split is cut into partitions (contiguous row ranges of its
+Parquet file, each tokenized by its own job that reads only its own rows), the label
+vocabulary, and the Rust tokenizer every partition runs, written once so that no partition job
+needs transformers.
 
 How many partitions (`tokenize.partitions`):
 - a number N: the train split is cut into N ranges of equal row count (to within one row); val
@@ -17,22 +18,19 @@ so the plan step is a checkpoint and the jobs appear once it has run.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_path, read_json, sha256_tree, write_json
+from snaketune.names import SEQUENCE_CLASSIFICATION, SPLITS, TEST, TRAIN, VAL
+from snaketune.settings import AUTO, TokenizeJob
+from snaketune.stages import PlanPaths
+from snaketune.tokenize.encoder import encoder_for
 
-if TYPE_CHECKING:
-    from snaketune.shards import TokenizeSettings
-
-AUTO = "auto"
 # A minute or two of tokenizing on two cores: long enough to repay a cluster job's start-up,
 # short enough that a few gigabytes keep eight local cores busy.
 AUTO_PARTITION_BYTES = 256 * 2**20
@@ -54,7 +52,7 @@ def fixed_partition_counts(partitions: int | str) -> dict[str, int] | None:
     """Partitions per split when the config fixes them; None for "auto" (read from the plan)."""
     if partitions == AUTO:
         return None
-    return {"train": int(partitions), "val": 1, "test": 1}
+    return {TRAIN: int(partitions), VAL: 1, TEST: 1}
 
 
 def auto_partition_count(rows: int, text_bytes: int, target_bytes: int) -> int:
@@ -92,10 +90,6 @@ def plan_splits(
     return plans
 
 
-def plan_to_json(plans: dict[str, SplitPlan]) -> dict:
-    return {name: asdict(plan) for name, plan in plans.items()}
-
-
 def split_plans(plan: dict) -> dict[str, SplitPlan]:
     """The splits of a plan as written by plan_partitions."""
     return {
@@ -108,35 +102,13 @@ def planned_partition_counts(plan_path: Path) -> dict[str, int]:
     return {name: len(split.ranges) for name, split in split_plans(read_json(plan_path)).items()}
 
 
-def truncating(tokenizer, max_length: int):
-    """A copy of the Rust tokenizer that adds the model's special tokens (e.g. BERT's [CLS] and
-    [SEP]) and truncates to max_length with them in place."""
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.no_padding()
-    backend.enable_truncation(max_length)
-    return backend
+def partition_name(index: int) -> str:
+    return f"{index:0{PARTITION_NAME_DIGITS}d}"
 
 
-def eos_appending(tokenizer):
-    """A copy of the Rust tokenizer whose post-processor ends every document with EOS, so packing
-    needs no per-token Python work (the caller's tokenizer is left as it was)."""
-    from tokenizers import Tokenizer, processors
-
-    eos, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
-    if eos is None or eos_id is None:
-        raise CorpusError(
-            "causal_lm packing joins documents with an EOS token, and this tokenizer has none; "
-            "use a tokenizer with eos_token set (the trained BPE has <|endoftext|>)"
-        )
-    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
-    backend.no_truncation()
-    backend.no_padding()
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"$A {eos}", special_tokens=[(eos, eos_id)]
-    )
-    return backend
+def partition_names(counts: dict[str, int]) -> list[tuple[str, str]]:
+    """(split, part) of every partition job, splits in the given order, parts in row order."""
+    return [(split, partition_name(i)) for split, n in counts.items() for i in range(n)]
 
 
 def label_vocabulary(train_split: Path) -> list[str]:
@@ -151,71 +123,28 @@ def label_vocabulary(train_split: Path) -> list[str]:
     return sorted(names)
 
 
-def plan_partitions(
-    splits: dict[str, Path],
-    tokenizer_dir: Path,
-    plan_path: Path,
-    encoder_path: Path,
-    settings: TokenizeSettings,
-) -> dict:
+def plan_partitions(paths: PlanPaths, job: TokenizeJob) -> dict:
     """Write the plan every partition job follows (row ranges, label names, tokenizer facts) and
     the Rust tokenizer they all run, so no partition job needs transformers."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    classify = settings.task == "sequence_classification"
-    encoder = truncating(tokenizer, settings.max_length) if classify else eos_appending(tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
+    splits = {name: getattr(paths, name) for name in SPLITS}
+    classify = job.task == SEQUENCE_CLASSIFICATION
     plan = {
-        "task": settings.task,
-        "partitions": settings.partitions,
-        "splits": plan_to_json(plan_splits(splits, settings.partitions)),
-        "label_names": label_vocabulary(splits["train"]) if classify else [],
-        "tokenizer_sha256": sha256_tree(tokenizer_dir),
+        "task": job.task,
+        "partitions": job.tokenize.partitions,
+        "splits": {
+            name: asdict(split)
+            for name, split in plan_splits(splits, job.tokenize.partitions).items()
+        },
+        "label_names": label_vocabulary(paths.train) if classify else [],
+        "tokenizer_sha256": sha256_tree(paths.tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "vocab_size": len(tokenizer),
     }
-    with atomic_path(encoder_path) as tmp:
-        encoder.save(str(tmp))
-    write_json(plan_path, plan)
+    with atomic_path(paths.encoder) as tmp:
+        encoder_for(tokenizer, job).save(str(tmp))
+    write_json(paths.plan, plan)
     return plan
-
-
-def partition_name(index: int) -> str:
-    return f"{index:0{PARTITION_NAME_DIGITS}d}"
-
-
-def partition_names(counts: dict[str, int]) -> list[tuple[str, str]]:
-    """(split, part) of every partition job, splits in the given order, parts in row order."""
-    return [(split, partition_name(i)) for split, n in counts.items() for i in range(n)]
-
-
-def partition_paths(parts_dir: Path, split: str, part: str) -> tuple[Path, Path]:
-    """A partition job's shard folder and manifest (the tokenize_partition rule's outputs)."""
-    return Path(parts_dir) / split / part, Path(parts_dir) / split / f"{part}.json"
-
-
-def read_row_range(
-    split_path: Path, start: int, end: int, columns: list[str], batch_rows: int
-) -> Iterator[pa.RecordBatch]:
-    """Rows [start, end) of a Parquet file as record batches of at most `batch_rows`, decoding
-    only the row groups that overlap the range."""
-    # pre_buffer would keep every column chunk read so far: memory growing with the file.
-    parquet = pq.ParquetFile(split_path, pre_buffer=False)
-    groups, first_row, offset = [], 0, 0
-    for g in range(parquet.metadata.num_row_groups):
-        group_rows = parquet.metadata.row_group(g).num_rows
-        if offset < end and offset + group_rows > start:
-            first_row = first_row if groups else offset
-            groups.append(g)
-        offset += group_rows
-    if not groups or start >= end:
-        return
-    position = first_row
-    for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
-        low, high = max(start - position, 0), min(end - position, batch.num_rows)
-        if high > low:
-            yield batch.slice(low, high - low)
-        position += batch.num_rows
-        if position >= end:
-            return

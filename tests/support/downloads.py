@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from snaketune.download import DownloadSettings
+from snaketune.settings import DownloadSettings
 
 
 @dataclass
@@ -145,6 +145,7 @@ def settings_for(url: str, body: bytes, **overrides) -> DownloadSettings:
 
 
 def paths(tmp_path: Path) -> tuple[Path, Path]:
+    """The download job's files folder and manifest under tmp_path."""
     return tmp_path / "download" / "files", tmp_path / "download" / "manifest.json"
 
 

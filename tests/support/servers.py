@@ -1,16 +1,21 @@
-"""Real MLflow processes on 127.0.0.1 for the tests: `mlflow server` with its own store, started
-and stopped (also mid-test, for outages), and the health wait that `mlflow ui` and `mlflow models
-serve` share. The session's `mlflow_server` fixture lives in tests/conftest.py."""
+"""Real servers on 127.0.0.1 for the tests: `mlflow server` with its own store, started and
+stopped (also mid-test, for outages), the health wait that `mlflow ui` and `mlflow models serve`
+share, and a thread that serves a test's own HTTP server. The session's `mlflow_server` fixture
+lives in tests/conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,3 +111,16 @@ def start_server(root: Path, port: int) -> tuple[Server, subprocess.Popen]:
         stop(process)
         raise
     return Server(uri, artifacts), process
+
+
+@contextlib.contextmanager
+def serving(server: socketserver.BaseServer) -> Iterator:
+    """Serve on a thread while the block runs (test servers bind 127.0.0.1 only)."""
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

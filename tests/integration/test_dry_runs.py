@@ -1,0 +1,114 @@
+"""Snakemake's plan, checked without running a job: every rule passes exactly its job's paths by
+their names, the train rule's launcher for several processes, a thousand tokenize partitions
+planned quickly, and presets that download only what their experiments use or stop before any
+job."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from snaketune.stages import BY_RULE, INPUT, OUTPUT, STATE, path_fields
+from tests.support.repo import DEFAULT_CONFIG, REPO
+from tests.support.workflow import config_with, snakemake_command, snakemake_with
+
+
+def parsed_rules(workdir: Path) -> dict:
+    """The workflow's rules as Snakemake parses them (its API's workflow object)."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (
+        ConfigSettings,
+        OutputSettings,
+        ResourceSettings,
+        StorageSettings,
+        WorkflowSettings,
+    )
+
+    (workdir / "config.yaml").write_text(yaml.safe_dump(DEFAULT_CONFIG))
+    with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        workflow = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            config_settings=ConfigSettings(),
+            storage_settings=StorageSettings(),
+            workflow_settings=WorkflowSettings(),
+            snakefile=REPO / "Snakefile",
+            workdir=workdir,
+        )
+        return {rule.name: rule for rule in workflow._workflow.rules if rule.name != "all"}
+
+
+def test_every_rule_passes_exactly_its_jobs_paths_by_their_names(tmp_path):
+    rules = parsed_rules(tmp_path)
+    assert set(rules) == set(BY_RULE)
+    for name, rule in rules.items():
+        paths = BY_RULE[name].paths
+        assert set(rule.input.keys()) == {f.name for f in path_fields(paths, INPUT)}, name
+        assert set(rule.output.keys()) == {f.name for f in path_fields(paths, OUTPUT)}, name
+        assert {f.name for f in path_fields(paths, STATE)} <= set(rule.params.keys()), name
+        assert "settings" in rule.params.keys(), name
+
+
+def test_train_rule_launches_torchrun_for_several_processes(tmp_path: Path):
+    config = config_with(experiments__0__train__processes=2)
+    result = snakemake_with(
+        tmp_path, config, "--cores", "2", "--dry-run", "--printshellcmds", "--forceall"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    commands = [line for line in result.stdout.splitlines() if " train --shards " in line]
+    assert len(commands) == 2
+    ddp = [c for c in commands if "demo-lm" in c][0]
+    single = [c for c in commands if "demo-intent" in c][0]
+    assert "torchrun --standalone --nproc_per_node=2 -m snaketune.cli train" in ddp
+    assert "OMP_NUM_THREADS=1 " in ddp  # the rule's 2 threads shared by 2 processes
+    assert "torchrun" not in single and "OMP_NUM_THREADS=2 snaketune train" in single
+
+
+def test_snakemake_plans_a_thousand_partitions_quickly(tmp_path):
+    config = config_with(experiments__0__tokenize__partitions=1000)
+
+    started = time.perf_counter()
+    result = snakemake_with(tmp_path, config, "--dry-run", "--cores", "8", "--quiet", "rules")
+    seconds = time.perf_counter() - started
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = re.search(r"^tokenize_partition\s+(\d+)$", result.stdout, re.MULTILINE)
+    assert jobs and int(jobs[1]) == 1000 + 2  # train's partitions, then val and test whole
+    print(f"snakemake --dry-run with 1,000 tokenize partitions: {seconds:.1f} s")
+    # The whole command, start-up included; a safety net, not the figure (it is printed above).
+    assert seconds < 60
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", ["configfile", "config"])
+def test_snakemake_plans_downloads_only_for_datasets_the_experiments_use(tmp_path, switch):
+    # As `snakemake --configfile presets/sms-spam.yaml` (or `--config preset=sms-spam`) run in
+    # the repository would see it.
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    preset = REPO / "presets" / "sms-spam.yaml"
+    # A second --configfile replaces the helper's: config.yaml, then the preset over it.
+    layers = {
+        "configfile": ["--configfile", str(tmp_path / "config.yaml"), str(preset)],
+        "config": ["--config", "preset=sms-spam"],
+    }[switch]
+    command = snakemake_command(tmp_path, "--dry-run", "--cores", "1", *layers)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    assert run.returncode == 0, run.stderr[-2000:]
+    planned = set(re.findall(r"datasets/([\w.-]+)/download/manifest\.json", run.stdout))
+    assert planned == {"sms-spam"}
+
+
+@pytest.mark.slow
+def test_snakemake_refuses_an_unknown_preset_before_any_job(tmp_path):
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    command = snakemake_command(tmp_path, "--cores", "1", "--config", "preset=imdb")
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    assert run.returncode != 0
+    assert "preset: 'imdb' is not one of ['ag-news', 'sms-spam'" in run.stderr
+    assert not (tmp_path / "results").exists()

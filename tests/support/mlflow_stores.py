@@ -1,0 +1,397 @@
+"""An MLflow stage's inputs laid out as after a real run (small, made by hand), real SQLite
+stores, and the track job called as the rule calls it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import ViewType
+
+from snaketune.settings import TrackSettings
+from snaketune.stages import (
+    CleanPaths,
+    DownloadPaths,
+    EvaluatePaths,
+    GatherPaths,
+    SplitPaths,
+    TokenizerPaths,
+    TrackPaths,
+    TrainPaths,
+)
+from snaketune.track import StageFiles, track_experiment
+from tests.support.repo import REPO
+
+EXPERIMENT = "demo-lm"
+MLFLOW_EXPERIMENT = "snaketune-tests"
+TRUNCATION_NOTE = "... (full value in config.json artifact)"
+PROMPTS = [
+    f"Customer: question {i} about an order that has not arrived yet, what now?\nAgent:"
+    for i in range(12)
+]
+CONFIG = {
+    "name": EXPERIMENT,
+    "dataset": "support-demo",
+    "task": "causal_lm",
+    "text_template": "Customer: {question}\nAgent: {answer}",
+    "clean": {"dedup": True, "min_chars": 10, "max_chars": 4000, "strip_html": True},
+    "split": {"train": 0.8, "val": 0.1, "test": 0.1, "salt": ""},
+    "tokenizer": {"kind": "bpe", "vocab_size": 400, "min_frequency": 2, "name_or_path": None},
+    "tokenize": {"block_size": 32, "max_length": 32},
+    "model": {"arch": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.1},
+    "train": {"max_steps": 5, "batch_size": 8, "lr": 0.003, "warmup_steps": 1},
+    "evaluate": {"batch_size": 32, "max_new_tokens": 40, "prompts": PROMPTS},
+}
+HISTORY = [
+    {"step": 1, "loss": 7.44, "lr": 0.0001, "grad_norm": 2.34, "tokens_per_s": 3726.5},
+    {"step": 2, "loss": 7.39, "lr": 0.0002, "grad_norm": 2.22, "tokens_per_s": 5396.6},
+    {
+        "step": 3,
+        "loss": 7.28,
+        "lr": 0.0003,
+        "grad_norm": 2.28,
+        "tokens_per_s": 5604.0,
+        "val_loss": 7.1,
+    },
+    {"step": 4, "loss": 7.15, "lr": 0.0004, "grad_norm": 1.78, "tokens_per_s": 6490.3},
+    {
+        "step": 5,
+        "loss": 7.03,
+        "lr": 0.0005,
+        "grad_norm": 1.38,
+        "tokens_per_s": 6482.7,
+        "val_loss": 6.9,
+    },
+]
+METRICS = {
+    "perplexity": 1.633,
+    "accuracy": 0.889,
+    "macro_f1": 0.875,
+    "test_rows": 110,
+    "per_class": {
+        "billing": {"precision": 0.9, "recall": 0.86, "f1": 0.88},
+        "shipping": {"precision": 0.85, "recall": 0.89, "f1": 0.87},
+    },
+    "confusion_matrix": [[24, 1], [2, 38]],
+    "label_names": ["billing", "shipping"],
+    "protocol": "test split packed into non-overlapping blocks of 32 tokens",
+}
+EVAL_METRIC_NAMES = {
+    "eval.perplexity",
+    "eval.accuracy",
+    "eval.macro_f1",
+    "eval.test_rows",
+    "eval.per_class.billing.precision",
+    "eval.per_class.billing.recall",
+    "eval.per_class.billing.f1",
+    "eval.per_class.shipping.precision",
+    "eval.per_class.shipping.recall",
+    "eval.per_class.shipping.f1",
+}
+VERSIONS = {"python": "3.11.7", "mlflow": "3.17.2", "torch": "2.13.0+cpu", "snaketune": "0.1.0"}
+SHA = "a55dca87a70bc06c08d4297126c5128a9e65081cd075c9fca872381e621d0e0e"
+SPLIT_SHA = {
+    "train": "e00d50372581def61ce2815e55ecff6f0aabbcb8a798ff16cafaf645b04c7085",
+    "val": "813304c252b9e5ecbdd8eb546487838dad3b4dcc3565ad78635d9c87ad8b6d6c",
+    "test": "eb546d110caa8baf601b1abf1032fe90669af155e9106960dc85d25a5c524992",
+}
+SPLIT_ROWS = {"train": 2491, "val": 308, "test": 319}
+DOWNLOAD_URL = "workflow/resources/demo/support.jsonl.gz"
+SYSTEM_SAMPLES = [
+    {
+        "timestamp": 1790000000.0 + 5 * i,
+        "elapsed_s": 5.0 * i,
+        "cpu_utilization_percentage": 90.0 + i,
+        "process_rss_megabytes": 400.0 + i,
+        "system_memory_usage_megabytes": 3000.0,
+        "system_memory_usage_percentage": 40.0,
+    }
+    for i in range(1, 4)
+]
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What the track job reads: every stage's manifest (which says where its outputs are)."""
+
+    root: Path
+    manifests: dict[str, Path]
+    history: Path
+    metrics: Path
+    model_dir: Path
+    system_metrics: Path
+
+    @property
+    def stages(self) -> list[StageFiles]:
+        """The stage files the track job finds through the manifests."""
+        return [StageFiles.recorded(name, path) for name, path in self.manifests.items()]
+
+    def paths(self, runs: Path, artifacts: Path | None = None) -> TrackPaths:
+        return TrackPaths(
+            **self.manifests,
+            runs=runs,
+            store=self.root / "mlflow.db",
+            artifacts=artifacts or self.root / "mlartifacts",
+            provenance=self.root / "provenance.json",
+        )
+
+
+def write_json_file(path: Path, data) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def job_paths(cls, folder: Path, **given: Path) -> dict[str, str]:
+    """A manifest's record of where a job's paths were: `given`, else folder/<name>."""
+    return {
+        f.name: str(given.get(f.name, folder / f.name))
+        for f in fields(cls)
+        if not str(f.type).startswith("list")
+    }
+
+
+def write_manifest(
+    path: Path,
+    stage: str,
+    params: dict,
+    counts: dict,
+    seconds: float,
+    paths: dict[str, str],
+    outputs: dict[str, str] | None = None,
+    **extra,
+) -> Path:
+    """A manifest shaped like the ones snaketune.manifest.stage_manifest writes."""
+    inputs = {"input": {"path": f"results/{EXPERIMENT}/{stage}/input", "sha256": SHA}}
+    return write_json_file(
+        path,
+        {
+            "stage": stage,
+            "inputs": inputs,
+            "params": params,
+            "counts": counts,
+            "outputs": outputs or {},
+            "paths": {**paths, "manifest": str(path)},
+            "seconds": seconds,
+            "versions": VERSIONS,
+            **extra,
+        },
+    )
+
+
+def write_stage_files(
+    root: Path,
+    metrics: dict = METRICS,
+    history: list = HISTORY,
+    url: str = DOWNLOAD_URL,
+) -> StageInputs:
+    """A minimal but complete set of stage files laid out like results/ after a real run (the
+    model is a stand-in: write_tiny_model puts a real one in its place)."""
+    exp = root / EXPERIMENT
+    download_dir = root / "datasets" / "support-demo" / "download"
+    download = write_manifest(
+        download_dir / "manifest.json",
+        "download",
+        {"url": url, "sha256": SHA, "retries": 4},
+        {"fetched_bytes": 49408, "files": 1},
+        0.005,
+        job_paths(DownloadPaths, download_dir),
+        fetched_sha256=SHA,
+    )
+    report = write_json_file(exp / "clean" / "report.json", {"removed": {"exact_duplicate": 146}})
+    clean = write_manifest(
+        exp / "clean" / "manifest.json",
+        "clean",
+        {"clean": CONFIG["clean"], "member": None, "read": {"format": "jsonl"}},
+        {
+            "input_records": 3264,
+            "output_records": 3118,
+            "pii_redacted": {"email": 104},
+            "labels": {},
+        },
+        0.366,
+        job_paths(CleanPaths, exp / "clean", report=report),
+    )
+    # As the split stage records the splits it wrote: their paths and sha256s.
+    split_paths = {name: root / EXPERIMENT / "split" / f"{name}.parquet" for name in SPLIT_SHA}
+    split = write_manifest(
+        exp / "split" / "manifest.json",
+        "split",
+        CONFIG["split"],
+        SPLIT_ROWS,
+        0.097,
+        job_paths(SplitPaths, exp / "split", **split_paths),
+        outputs=SPLIT_SHA,
+    )
+    tokenizer_dir = exp / "tokenizer" / "tokenizer"
+    write_json_file(tokenizer_dir / "tokenizer.json", {"model": {"type": "BPE", "vocab": {}}})
+    write_json_file(tokenizer_dir / "tokenizer_config.json", {"model_max_length": 32})
+    tokenizer = write_manifest(
+        exp / "tokenizer" / "manifest.json",
+        "tokenizer",
+        CONFIG["tokenizer"],
+        {"vocab_size": 400},
+        1.52,
+        job_paths(TokenizerPaths, exp / "tokenizer", tokenizer=tokenizer_dir),
+    )
+    tokenize = write_manifest(
+        exp / "tokenize" / "manifest.json",
+        "tokenize",
+        {**CONFIG["tokenize"], "task": "causal_lm"},
+        {
+            "train": {"documents": 2491, "rows": 855, "tokens": 109440},
+            "test": {"documents": 319, "rows": 110, "tokens": 14080},
+        },
+        2.25,
+        job_paths(GatherPaths, exp / "tokenize"),
+        label_names=[],
+    )
+    train_dir = exp / "train"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    history_path = train_dir / "history.jsonl"
+    history_path.write_text("".join(json.dumps(row) + "\n" for row in history))
+    samples_path = train_dir / "system_metrics.jsonl"
+    samples_path.write_text("".join(json.dumps(row) + "\n" for row in SYSTEM_SAMPLES))
+    model = train_dir / "model"
+    write_json_file(model / "config.json", {"model_type": "gpt2", "n_layer": 1})
+    (model / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    train = write_manifest(
+        train_dir / "manifest.json",
+        "train",
+        {"model": CONFIG["model"], "task": "causal_lm", "train": CONFIG["train"]},
+        {"final_val_loss": 6.9, "parameters": 624384, "steps": 5, "train_rows": 855},
+        88.804,
+        job_paths(
+            TrainPaths,
+            train_dir,
+            model=model,
+            history=history_path,
+            system_metrics=samples_path,
+            loss_curve=train_dir / "loss_curve.png",  # not written: no such artifact
+        ),
+        device="cpu",
+        fingerprint="33c43751ed6d804c",
+    )
+    metrics_path = write_json_file(exp / "evaluate" / "metrics.json", metrics)
+    samples = exp / "evaluate" / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt": PROMPTS[0], "completion": " Sorry!"}) + "\n")
+    evaluate = write_manifest(
+        exp / "evaluate" / "manifest.json",
+        "evaluate",
+        CONFIG["evaluate"],
+        {"test_rows": 110},
+        3.967,
+        job_paths(
+            EvaluatePaths,
+            exp / "evaluate",
+            metrics=metrics_path,
+            samples=samples,
+            plot=exp / "evaluate" / "eval_plot.png",  # not written: no such artifact
+        ),
+    )
+    manifests = {
+        "download": download,
+        "clean": clean,
+        "split": split,
+        "tokenizer": tokenizer,
+        "tokenize": tokenize,
+        "train": train,
+        "evaluate": evaluate,
+    }
+    return StageInputs(root, manifests, history_path, metrics_path, model, samples_path)
+
+
+def settings_for(tracking_uri: str, registered_model_name: str | None = None) -> TrackSettings:
+    return TrackSettings(
+        experiment=EXPERIMENT,
+        mlflow_experiment=MLFLOW_EXPERIMENT,
+        tracking_uri=tracking_uri,
+        config=CONFIG,
+        registered_model_name=registered_model_name,
+    )
+
+
+def server_settings(uri: str, mlflow_experiment: str) -> TrackSettings:
+    # As the workflow does for an http(s) URI: the server decides where artifacts go.
+    return replace(settings_for(uri), mlflow_experiment=mlflow_experiment)
+
+
+def track(
+    settings: TrackSettings, inputs: StageInputs, runs_path: Path, artifacts: Path | None = None
+) -> dict[str, str]:
+    """The track job on these inputs; `artifacts` is where a new local experiment keeps them."""
+    return track_experiment(inputs.paths(runs_path, artifacts), settings)
+
+
+def write_tiny_model(data: dict[str, Path], model_dir: Path, task: str) -> Path:
+    """A real (untrained) 1-layer GPT-2 saved as the train stage saves it, with the tokenizer
+    from `data` (the lm_data or classification_data fixture)."""
+    from snaketune.models import build_model
+    from snaketune.settings import ModelSettings
+
+    info = json.loads(data["tokenize_manifest"].read_text())
+    model = build_model(
+        ModelSettings(n_layer=1, n_embd=16, n_head=2, dropout=0.0),
+        task,
+        info["vocab_size"],
+        64,
+        info["pad_token_id"],
+        info["eos_token_id"],
+        info["label_names"],
+    )
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model.save_pretrained(model_dir)
+    for item in data["tokenizer"].iterdir():
+        shutil.copy2(item, model_dir / item.name)
+    return model_dir
+
+
+def all_runs(client: MlflowClient, name: str = MLFLOW_EXPERIMENT) -> list:
+    """Every run of the MLflow experiment, deleted ones included."""
+    experiment = client.get_experiment_by_name(name)
+    return client.search_runs([experiment.experiment_id], run_view_type=ViewType.ALL)
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    return {info.path for info in client.list_artifacts(run_id, path)}
+
+
+def download(uri: str, run_id: str, path: str, dst: Path) -> Path:
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=path, dst_path=str(dst), tracking_uri=uri
+        )
+    )
+
+
+def expected_git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Store:
+    uri: str
+    artifact_location: str
+    artifact_dir: Path
+    client: MlflowClient
+
+
+def new_store(root: Path, empty_db: Path) -> Store:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(empty_db, root / "mlflow.db")
+    uri = f"sqlite:///{root}/mlflow.db"
+    artifact_dir = root / "artifacts"
+    return Store(uri, f"file://{artifact_dir}", artifact_dir, MlflowClient(tracking_uri=uri))

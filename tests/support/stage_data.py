@@ -1,0 +1,72 @@
+"""The real data stages on the demo corpus with small settings, and the train job's paths and
+command line on such data."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pandas as pd
+
+from snaketune.clean import CleanReport, clean_corpus
+from snaketune.local import DEMO_EXPERIMENT, PreparedData, demo_config, prepare_data
+from snaketune.settings import CleanJob, CleanSettings, ReadSettings, TrainJob
+from snaketune.stages import CleanPaths, command_line
+from snaketune.train import train_model
+
+TXT = ReadSettings(format="txt")
+
+
+def prepare_stage_data(root: Path, task: str, block_size: int = 32) -> dict:
+    """Run the real data stages (download → clean → split → tokenizer → tokenize) on the demo
+    corpus with small settings; return the paths the train and evaluate stages take."""
+    prepared = prepare_data(demo_config(task, block_size), DEMO_EXPERIMENT, root)
+    return {f.name: getattr(prepared, f.name) for f in fields(PreparedData)}
+
+
+def train_paths(data: dict, out: Path, shards: Path | None = None, manifest: Path | None = None):
+    """The train job's paths on prepared stage data, every output and the state under out."""
+    prepared = PreparedData(**data)
+    if shards is not None:
+        prepared = replace(prepared, shards=shards, tokenize_manifest=manifest)
+    return prepared.train_paths(out)
+
+
+def run_training(
+    data: dict,
+    out: Path,
+    task: str,
+    model,
+    settings,
+    shards: Path | None = None,
+    manifest: Path | None = None,
+) -> list[dict]:
+    """train_model on prepared stage data, writing model, history, manifest and state under out."""
+    job = TrainJob(task=task, model=model, train=settings)
+    return train_model(train_paths(data, out, shards, manifest), job)
+
+
+def train_cli_args(data: dict, out: Path, job: TrainJob) -> list[str]:
+    """`train` and its arguments as the train rule passes them (after the launcher)."""
+    return command_line(train_paths(data, out), job)
+
+
+def run_clean(
+    tmp_path: Path,
+    name: str,
+    data: bytes,
+    read: ReadSettings = TXT,
+    settings: CleanSettings | None = None,
+) -> tuple[CleanReport, pd.DataFrame]:
+    """Write `data` as the only raw file, clean it, return the report and the output corpus."""
+    raw = tmp_path / "raw"
+    raw.mkdir(exist_ok=True)
+    (raw / name).write_bytes(data)
+    paths = CleanPaths(
+        raw=raw,
+        corpus=tmp_path / "corpus.parquet",
+        report=tmp_path / "report.json",
+        manifest=tmp_path / "manifest.json",
+    )
+    report = clean_corpus(paths, CleanJob(read=read, clean=settings or CleanSettings()))
+    return report, pd.read_parquet(paths.corpus)

@@ -1,0 +1,113 @@
+"""The real workflow run as a user runs it: snakemake on a config in a working directory."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from snaketune.stages import TRACKED
+from tests.support.repo import DEFAULT_CONFIG, REPO, SNAKEMAKE
+
+STAGES = list(TRACKED)
+"""The stages of an experiment's results folder (and its MLflow child runs), in order."""
+TINY_MODEL = {"n_layer": 1, "n_embd": 48, "n_head": 2, "dropout": 0.0}
+
+
+def config_with(**changes) -> dict:
+    """The default config with `a__0__b=value` meaning config["a"][0]["b"] = value."""
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    for dotted, value in changes.items():
+        target = config
+        *parents, last = dotted.split("__")
+        for key in parents:
+            target = target[int(key)] if key.isdigit() else target[key]
+        target[last] = value
+    return config
+
+
+@functools.cache
+def layered(preset_file: Path) -> dict:
+    """config.yaml with a --configfile on top, merged as Snakemake merges them (mappings key by
+    key, lists replaced), with the schema's defaults filled in."""
+    from snakemake.utils import update_config, validate
+
+    from snaketune.config import SCHEMA
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    update_config(config, yaml.safe_load(preset_file.read_text()))
+    validate(config, str(SCHEMA))
+    return config
+
+
+def snakemake_command(workdir: Path, *args: str) -> list[str]:
+    """The real workflow's snakemake, run in `workdir` on workdir/config.yaml."""
+    return [
+        SNAKEMAKE,
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        *args,
+    ]
+
+
+def snakemake_with(tmp_path: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+    """Run the real workflow's snakemake on `config` in tmp_path."""
+    config = {**config, "results_dir": str(tmp_path / "results")}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    command = snakemake_command(tmp_path, *args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    command = snakemake_command(workdir, "--cores", "2", *args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+def tiny_config() -> dict:
+    """The demo's two experiments with tiny models and few steps."""
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["results_dir"] = "results"  # relative: two runs' manifests can then be compared
+    config["mlflow"]["experiment_name"] = "snaketune-test"
+    lm, intent = config["experiments"]
+    lm.update(
+        tokenizer={"vocab_size": 500},
+        model=TINY_MODEL,
+        train={
+            "max_steps": 40,
+            "batch_size": 8,
+            "eval_every": 20,
+            "checkpoint_every": 20,
+            "warmup_steps": 5,
+            "lr": 0.005,
+        },
+        evaluate={"prompts": lm["evaluate"]["prompts"][:1], "max_new_tokens": 8},
+    )
+    intent.update(
+        tokenizer={"vocab_size": 500},
+        model=TINY_MODEL,
+        train={
+            "max_steps": 80,
+            "batch_size": 32,
+            "eval_every": 40,
+            "checkpoint_every": 40,
+            "warmup_steps": 5,
+            "lr": 0.003,
+        },
+    )
+    return config
+
+
+def run_in_new_workdir(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """(results folder, completed snakemake) of tiny_config run with --cores 2."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return workdir / "results", run

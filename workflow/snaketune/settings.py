@@ -1,0 +1,537 @@
+"""Every stage's settings as typed dataclasses, built from the validated config in one place.
+
+A dataclass named after a config section (`CleanSettings` for an experiment's `clean:`, ...) has
+exactly that section's keys and defaults; a unit test compares them with the schema. A rule
+whose job needs more than one section gets a `...Job` dataclass that holds them. The workflow
+turns the config into a rule's settings with the builders at the end of this module and passes
+them to the job as JSON (`to_json`); the CLI reads them back with `from_json`.
+
+Each dataclass checks what it can check alone in `__post_init__` and raises a SettingsError that
+names its fields; snaketune.config runs those checks for every experiment before any job and
+prefixes each field with its key in config.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+from urllib.parse import urlparse
+
+from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION, SPLITS, TASKS
+
+FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
+TXT_DOCUMENTS = ("line", "paragraph", "heading")
+AUTO = "auto"
+LM_PACKINGS = ("across_documents", "per_document")
+URL_SCHEMES = ("http", "https", "file", "hf")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot work: (field, what is wrong) pairs, every one at once."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {text}" if key else text for key, text in problems))
+
+
+def raise_problems(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        raise SettingsError(problems)
+
+
+# --- the datasets catalog ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSettings:
+    """One entry of the config's `datasets:` catalog."""
+
+    url: str
+    sha256: str
+    format: str
+    member: str | None = None
+    text_column: str = "text"
+    label_column: str | None = None
+    header: bool = True
+    column_names: list[str] | None = None
+    quoting: bool = True
+    txt_document: str = "line"
+    max_unpacked_bytes: int = 4294967296
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    url: str
+    """http(s)://, file://, hf:// or a local path (already resolved to absolute by the caller)."""
+    sha256: str
+    """Expected digest of the fetched bytes (before any decompression)."""
+    retries: int = 4
+    """Attempts after the first for connection errors and HTTP 5xx/429."""
+    backoff_seconds: float = 1.0
+    """First wait between attempts; doubles each time."""
+    timeout_seconds: float = 60.0
+    max_unpacked_bytes: int = 4 * 1024**3
+    """Refuse archives or .gz files that expand past this (decompression bombs)."""
+
+
+# --- clean and split ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """How one experiment reads its dataset's records (from the catalog entry and the task)."""
+
+    format: str
+    """One of FORMATS (after decompression)."""
+    text_column: str = "text"
+    label_column: str | None = None
+    text_template: str | None = None
+    """A str.format template over the record's columns, e.g. 'Q: {question}\\nA: {answer}'."""
+    header: bool = True
+    """csv/tsv: whether the first line names the columns."""
+    column_names: list[str] | None = None
+    """csv/tsv without a header: the names of the columns, in order."""
+    quoting: bool = True
+    """csv/tsv: treat '"' as a quote character (off for files such as SMS Spam)."""
+    txt_document: str = "line"
+    """txt: one document per non-blank line, per blank-line-separated paragraph, or per
+    top-level heading ' = Title = ' up to the next one (WikiText's articles)."""
+
+
+@dataclass(frozen=True)
+class CleanSettings:
+    nfc: bool = True
+    strip_html: bool = False
+    redact_pii: bool = False
+    min_chars: int = 1
+    max_chars: int = 100_000
+    dedup: bool = True
+    min_alpha_ratio: float = 0.0
+    """Drop documents whose non-space characters are less than this share letters (0 = off)."""
+    max_repeated_line_fraction: float = 1.0
+    """Drop documents with more than this share of repeated non-blank lines (1 = off)."""
+    min_mean_word_length: float = 0.0
+    """Drop documents whose words are shorter than this on average (0 = off)."""
+    max_mean_word_length: float | None = None
+    """Drop documents whose words are longer than this on average (None = off)."""
+
+
+@dataclass(frozen=True)
+class CleanJob:
+    read: ReadSettings
+    clean: CleanSettings = field(default_factory=CleanSettings)
+    member: str | None = None
+    """For archives holding several files, the path of the data file inside."""
+
+
+@dataclass(frozen=True)
+class NearDuplicateSettings:
+    enabled: bool = True
+    """Remove near-duplicates within and across splits."""
+    threshold: float = 0.8
+    """Estimated Jaccard similarity of two documents' shingle sets at or above which they count
+    as near-duplicates. Lower catches looser copies (and more false matches)."""
+    shingle_size: int = 5
+    """Characters per shingle of the normalized (casefolded, single-spaced) text."""
+    num_perm: int = 128
+    """MinHash permutations: more gives a finer similarity estimate, at a linear cost."""
+    seed: int = 1
+    """Seeds the permutations; a fixed seed makes the removals identical on every run."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 < self.threshold <= 1.0:
+            problems.append(("", f"threshold must be in (0, 1], got {self.threshold}"))
+        if self.shingle_size < 1:
+            problems.append(("", f"shingle_size must be at least 1, got {self.shingle_size}"))
+        if self.num_perm < 2:
+            problems.append(("", f"num_perm must be at least 2, got {self.num_perm}"))
+        if problems:
+            raise SettingsError([("near_duplicates", "; ".join(text for _, text in problems))])
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    train: float = 0.8
+    val: float = 0.1
+    test: float = 0.1
+    salt: str = ""
+    """Change to draw a different (still deterministic) split."""
+    near_duplicates: NearDuplicateSettings = field(default_factory=NearDuplicateSettings)
+    """MinHash/LSH removal of near-copies within and across splits (a dict is accepted)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.near_duplicates, dict):  # as written in a config or a test
+            object.__setattr__(
+                self, "near_duplicates", NearDuplicateSettings(**self.near_duplicates)
+            )
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise SettingsError(
+                [("", f"split ratios must sum to 1, got {total:g} ({asdict(self)})")]
+            )
+
+    def ratio(self, split: str) -> float:
+        return {name: getattr(self, name) for name in SPLITS}[split]
+
+
+# --- tokenizer and tokenize ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    kind: str = "bpe"
+    """'bpe' trains a byte-level BPE on the train split; 'pretrained' loads name_or_path."""
+    vocab_size: int = 2000
+    min_frequency: int = 2
+    name_or_path: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind == "pretrained" and not self.name_or_path:
+            raise SettingsError([("name_or_path", "required when tokenizer.kind is 'pretrained'")])
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    block_size: int = 128
+    """causal_lm: tokens per training row (the model's context length)."""
+    max_length: int = 128
+    """sequence_classification: longest example kept, in tokens; longer ones are truncated."""
+    shard_rows: int = 4096
+    """Rows per Parquet shard; bounds shard size and the memory of one write."""
+    read_batch_rows: int = 1024
+    """Documents per call of the batch encoder; bounds the memory of one batch."""
+    partitions: int | str = AUTO
+    """Jobs for the train split's rows, or "auto": every split sized by its text (see
+    snaketune.tokenize.plan)."""
+    packing: str = "across_documents"
+    """causal_lm: whether a row may span documents (see snaketune.tokenize.packing)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.partitions != AUTO and not (
+            isinstance(self.partitions, int) and self.partitions >= 1
+        ):
+            problems.append(
+                ("partitions", f"must be {AUTO!r} or an integer >= 1, not {self.partitions!r}")
+            )
+        if self.packing not in LM_PACKINGS:
+            problems.append(("packing", f"packing {self.packing!r} is not one of {LM_PACKINGS}"))
+        raise_problems(problems)
+
+
+def check_task(task: str) -> None:
+    if task not in TASKS:
+        raise SettingsError([("task", f"task {task!r} is not one of {TASKS}")])
+
+
+@dataclass(frozen=True)
+class TokenizeJob:
+    """What the plan and the gather need: the task and the tokenize section."""
+
+    task: str
+    tokenize: TokenizeSettings = field(default_factory=TokenizeSettings)
+
+    def __post_init__(self) -> None:
+        check_task(self.task)
+
+    @property
+    def layout(self) -> str:
+        """How the rows are made: the LM packing, or one row per classification example."""
+        return self.tokenize.packing if self.task == CAUSAL_LM else self.task
+
+
+@dataclass(frozen=True)
+class PartitionJob(TokenizeJob):
+    """One partition job: the split and the partition (the job's wildcards)."""
+
+    split: str = field(kw_only=True)
+    part: int = field(kw_only=True)
+
+
+# --- model, train, evaluate ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    arch: str = "gpt2"
+    init: str = "scratch"
+    """'scratch' builds from the sizes below; 'pretrained' loads name_or_path."""
+    name_or_path: str | None = None
+    trust_remote_code: bool = False
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    dropout: float = 0.1
+    attention: str = "auto"
+    """'eager', 'sdpa' (torch's fused attention), or 'auto': sdpa on CUDA, eager on CPU."""
+    lora_rank: int = 0
+    """LoRA adapter rank through peft; 0 trains every weight."""
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=list)
+    """Module names to adapt; empty uses peft's default for the architecture."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.arch == "gpt2" and self.n_embd % self.n_head:
+            problems.append(
+                ("n_embd", f"{self.n_embd} is not divisible by model.n_head={self.n_head}")
+            )
+        if self.init == "pretrained" and not self.name_or_path:
+            problems.append(("name_or_path", "required when model.init is 'pretrained'"))
+        if self.arch == "lstm" and self.lora_rank:
+            problems.append(("lora_rank", "LoRA needs model.arch 'gpt2', not 'lstm'"))
+        raise_problems(problems)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    max_steps: int = 200
+    batch_size: int = 16
+    """Rows per micro-batch, per process."""
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 50
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better val loss (0: off); keeps the best."""
+    compile: bool = False
+    """torch.compile the model (worth it on GPUs; slow to start on CPU)."""
+    processes: int = 1
+    """Processes launched by torchrun (DDP: NCCL on GPUs, gloo on CPU)."""
+    seed: int = 1234
+    device: str = "auto"
+    """'auto' uses CUDA when present, else CPU."""
+    precision: str = "auto"
+    """'auto' is bf16 autocast on CUDA and fp32 on CPU; 'fp32' forces full precision."""
+    threads: int = 0
+    """CPU threads for torch; 0 leaves torch's default."""
+    deterministic: bool = True
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    task: str
+    model: ModelSettings = field(default_factory=ModelSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def __post_init__(self) -> None:
+        check_task(self.task)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    batch_size: int = 32
+    prompts: list[str] = field(default_factory=list)
+    """causal_lm: prompts whose continuations go to samples.jsonl."""
+    max_new_tokens: int = 40
+    temperature: float = 0.8
+    top_k: int = 20
+    seed: int = 1234
+    context_length: int = 0
+    """causal_lm: tokens per scoring window; 0 means the training block size."""
+    stride: int = 0
+    """causal_lm: tokens between window starts; 0 means context_length (no overlap). A smaller
+    stride gives the sliding-window estimate (more context per token, more compute)."""
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    task: str
+    evaluate: EvalSettings = field(default_factory=EvalSettings)
+
+    def __post_init__(self) -> None:
+        check_task(self.task)
+
+
+# --- tracking -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    """The config's `mlflow:` section."""
+
+    tracking_uri: str = ""
+    experiment_name: str = "snaketune"
+    register_models: bool = True
+
+
+@dataclass(frozen=True)
+class TrackSettings:
+    experiment: str
+    """The experiment entry's name (the parent run's name)."""
+    mlflow_experiment: str
+    tracking_uri: str = ""
+    """The configured store (empty: SQLite in the results folder); MLFLOW_TRACKING_URI, read
+    at run time, takes precedence (so a credential in it never lands in a job's command line or
+    in Snakemake's logs)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The experiment's resolved config, logged as flattened params."""
+    registered_model_name: str | None = None
+    """Log the final model and register a version under this name; None logs no model."""
+
+
+# --- JSON round trip (the rule's command line and the CLI) --------------------------------------
+
+
+def to_json(settings: Any) -> str:
+    return json.dumps(asdict(settings), sort_keys=True)
+
+
+def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    """`cls` from a dict such as asdict(cls(...)) gives, nested dataclasses included."""
+    hints = get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise SettingsError([("", f"unknown key(s) {unknown}; allowed keys are {sorted(names)}")])
+    values = {}
+    for name, value in data.items():
+        kind = hints[name]
+        values[name] = (
+            from_dict(kind, value) if is_dataclass(kind) and isinstance(value, dict) else value
+        )
+    return cls(**values)
+
+
+def from_json(cls: type, text: str) -> Any:
+    return from_dict(cls, json.loads(text))
+
+
+# --- from the validated config ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConfigView:
+    """The validated config (defaults filled) as the settings builders read it."""
+
+    config: dict[str, Any]
+    base_dir: Path
+    """Where relative dataset paths start: the directory of the Snakefile (the repository)."""
+
+    def experiment(self, name: str) -> dict[str, Any]:
+        return next(exp for exp in self.config["experiments"] if exp["name"] == name)
+
+    def dataset(self, name: str) -> DatasetSettings:
+        return from_dict(DatasetSettings, self.config["datasets"][name])
+
+    def dataset_of(self, experiment: str) -> DatasetSettings:
+        return self.dataset(self.experiment(experiment)["dataset"])
+
+    def section(self, cls: type, experiment: str, key: str) -> Any:
+        return from_dict(cls, self.experiment(experiment)[key])
+
+
+def resolve_url(url: str, base_dir: Path) -> str:
+    """URLs stay as they are; a relative path is relative to base_dir, wherever snakemake runs."""
+    if urlparse(url).scheme in URL_SCHEMES:
+        return url
+    return url if os.path.isabs(url) else os.path.join(base_dir, url)
+
+
+def download_settings(view: ConfigView, dataset: str) -> DownloadSettings:
+    ds = view.dataset(dataset)
+    return DownloadSettings(
+        url=resolve_url(ds.url, view.base_dir),
+        sha256=ds.sha256,
+        max_unpacked_bytes=ds.max_unpacked_bytes,
+    )
+
+
+def read_settings_for(dataset: DatasetSettings, task: str, text_template: str | None):
+    """How an experiment reads its dataset: the label column only matters to classification."""
+    return ReadSettings(
+        format=dataset.format,
+        text_column=dataset.text_column,
+        label_column=dataset.label_column if task == SEQUENCE_CLASSIFICATION else None,
+        text_template=text_template,
+        header=dataset.header,
+        column_names=dataset.column_names,
+        quoting=dataset.quoting,
+        txt_document=dataset.txt_document,
+    )
+
+
+def clean_job(view: ConfigView, experiment: str) -> CleanJob:
+    exp, dataset = view.experiment(experiment), view.dataset_of(experiment)
+    return CleanJob(
+        read=read_settings_for(dataset, exp["task"], exp["text_template"]),
+        clean=view.section(CleanSettings, experiment, "clean"),
+        member=dataset.member,
+    )
+
+
+def split_settings(view: ConfigView, experiment: str) -> SplitSettings:
+    return view.section(SplitSettings, experiment, "split")
+
+
+def tokenizer_settings(view: ConfigView, experiment: str) -> TokenizerSettings:
+    return view.section(TokenizerSettings, experiment, "tokenizer")
+
+
+def tokenize_job(view: ConfigView, experiment: str) -> TokenizeJob:
+    tokenize = view.section(TokenizeSettings, experiment, "tokenize")
+    return TokenizeJob(task=view.experiment(experiment)["task"], tokenize=tokenize)
+
+
+def partition_job(view: ConfigView, experiment: str, split: str, part: str) -> PartitionJob:
+    job = tokenize_job(view, experiment)
+    return PartitionJob(task=job.task, tokenize=job.tokenize, split=split, part=int(part))
+
+
+def train_job(view: ConfigView, experiment: str) -> TrainJob:
+    return TrainJob(
+        task=view.experiment(experiment)["task"],
+        model=view.section(ModelSettings, experiment, "model"),
+        train=view.section(TrainSettings, experiment, "train"),
+    )
+
+
+def eval_job(view: ConfigView, experiment: str) -> EvalJob:
+    evaluate = view.section(EvalSettings, experiment, "evaluate")
+    return EvalJob(task=view.experiment(experiment)["task"], evaluate=evaluate)
+
+
+def mlflow_settings(view: ConfigView) -> MlflowSettings:
+    return from_dict(MlflowSettings, view.config["mlflow"])
+
+
+def registered_model_name(mlflow: MlflowSettings, experiment: Mapping[str, Any]) -> str | None:
+    """The experiment's registry name, or None when the config turns registration off."""
+    if not mlflow.register_models:
+        return None
+    return experiment["registered_model_name"] or f"{mlflow.experiment_name}.{experiment['name']}"
+
+
+def track_settings(view: ConfigView, experiment: str) -> TrackSettings:
+    mlflow, exp = mlflow_settings(view), view.experiment(experiment)
+    return TrackSettings(
+        experiment=experiment,
+        mlflow_experiment=mlflow.experiment_name,
+        tracking_uri=mlflow.tracking_uri,
+        config=exp,
+        registered_model_name=registered_model_name(mlflow, exp),
+    )
+
+
+SECTIONS = {
+    "clean": CleanSettings,
+    "split": SplitSettings,
+    "tokenizer": TokenizerSettings,
+    "tokenize": TokenizeSettings,
+    "model": ModelSettings,
+    "train": TrainSettings,
+    "evaluate": EvalSettings,
+}
+"""The settings dataclass of each section of an experiment entry."""

@@ -1,0 +1,312 @@
+"""Every job the workflow runs, defined once: the paths it reads and writes, the settings it
+takes, and the library function that runs it.
+
+A job's paths are a frozen dataclass whose field names are the rule's `input:`, `output:` and
+`params:` names. From these definitions come the rules' shell commands (`shell_command`), the
+`snaketune` CLI (snaketune.cli), the command lines tests and benchmarks run (`command_line`),
+and the paths and digests each manifest records (snaketune.manifest). The library function is
+named after the rule and takes `(paths, settings)`, whoever calls it.
+
+This module imports nothing heavy: the workflow reads it when it builds the DAG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import Field, dataclass, field, fields
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+from snaketune import settings as st
+
+INPUT, OUTPUT, STATE = "input", "output", "params"
+"""A path's role is the rule directive that holds it. STATE paths go through params: Snakemake
+neither tracks nor deletes them (a checkpoint folder must outlive a failed job)."""
+
+
+def input_path(doc: str, *, digest: bool = True) -> Any:
+    """A path the job reads; its sha256 goes to the manifest unless digest is False (when a
+    finer record exists, such as the partition manifests' per-shard digests)."""
+    return field(metadata={"role": INPUT, "doc": doc, "digest": digest})
+
+
+def output_path(doc: str, *, artifact: bool = False, digest: bool = True) -> Any:
+    """A path the job writes; an artifact is mirrored to the stage's MLflow run."""
+    return field(metadata={"role": OUTPUT, "doc": doc, "digest": digest, "artifact": artifact})
+
+
+def state_path(doc: str) -> Any:
+    return field(metadata={"role": STATE, "doc": doc, "digest": False})
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Base of every job's paths: strings become Paths, lists of them lists of Paths."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            typed = [Path(v) for v in value] if isinstance(value, list | tuple) else Path(value)
+            object.__setattr__(self, f.name, typed)
+
+
+def path_fields(paths: type[Paths] | Paths, role: str | None = None) -> Iterator[Field]:
+    return (f for f in fields(paths) if role is None or f.metadata["role"] == role)
+
+
+def is_list(f: Field) -> bool:
+    return str(f.type).startswith("list")
+
+
+# --- the jobs' paths -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DownloadPaths(Paths):
+    files: Path = output_path("the verified, unpacked dataset files")
+    manifest: Path = output_path("this job's manifest.json")
+
+
+@dataclass(frozen=True)
+class CleanPaths(Paths):
+    raw: Path = input_path("the download's files folder")
+    corpus: Path = output_path("cleaned documents: doc_id, text, label")
+    report: Path = output_path("what each filter removed or changed", artifact=True)
+    manifest: Path = output_path("this job's manifest.json")
+
+
+@dataclass(frozen=True)
+class SplitPaths(Paths):
+    corpus: Path = input_path("the cleaned corpus")
+    train: Path = output_path("the train split")
+    val: Path = output_path("the validation split")
+    test: Path = output_path("the test split")
+    manifest: Path = output_path("this job's manifest.json")
+
+
+@dataclass(frozen=True)
+class TokenizerPaths(Paths):
+    train: Path = input_path("the train split (BPE training text)")
+    tokenizer: Path = output_path("the tokenizer, Hugging Face format", artifact=True)
+    manifest: Path = output_path("this job's manifest.json")
+
+
+@dataclass(frozen=True)
+class PlanPaths(Paths):
+    train: Path = input_path("the train split")
+    val: Path = input_path("the validation split")
+    test: Path = input_path("the test split")
+    tokenizer: Path = input_path("the tokenizer folder")
+    plan: Path = output_path("row ranges of every partition, label names, tokenizer facts")
+    encoder: Path = output_path("the Rust tokenizer every partition runs")
+
+
+@dataclass(frozen=True)
+class PartitionPaths(Paths):
+    # Each partition reads only its rows of the split; the split's sha256 is in its manifest.
+    split_file: Path = input_path("the split this partition reads rows of", digest=False)
+    plan: Path = input_path("the tokenize plan")
+    encoder: Path = input_path("the Rust tokenizer of the plan")
+    shards: Path = output_path("this partition's Parquet shards", digest=False)
+    manifest: Path = output_path("this partition's manifest (counts, per-shard sha256)")
+
+
+@dataclass(frozen=True)
+class GatherPaths(Paths):
+    train: Path = input_path("the train split")
+    val: Path = input_path("the validation split")
+    test: Path = input_path("the test split")
+    tokenizer: Path = input_path("the tokenizer folder")
+    plan: Path = input_path("the tokenize plan (its ranges are in the manifest)", digest=False)
+    part_shards: list[Path] = input_path("every partition's shard folder", digest=False)
+    part_manifests: list[Path] = input_path("every partition's manifest", digest=False)
+    shards: Path = output_path("shards/<split>/shard-NNNNN.parquet", digest=False)
+    manifest: Path = output_path("this job's manifest.json: the tokenized data's contract")
+
+
+@dataclass(frozen=True)
+class TrainPaths(Paths):
+    shards: Path = input_path("the token shards, one folder per split")
+    tokenize_manifest: Path = input_path("the tokenize stage's manifest")
+    tokenizer: Path = input_path("the tokenizer, copied into the model folder")
+    model: Path = output_path("the trained model (safetensors + tokenizer)", artifact=True)
+    # history and system metrics hold timings: their digests would differ on every run.
+    history: Path = output_path("one JSON line per step", artifact=True, digest=False)
+    loss_curve: Path = output_path("train and val loss by step", artifact=True)
+    manifest: Path = output_path("this job's manifest.json")
+    system_metrics: Path = output_path("CPU, memory, GPU samples", artifact=True, digest=False)
+    state_dir: Path = state_path("resumable checkpoints, kept when the job fails")
+
+
+@dataclass(frozen=True)
+class EvaluatePaths(Paths):
+    model: Path = input_path("the trained model")
+    shards: Path = input_path("the token shards (the test folder is scored)", digest=False)
+    tokenize_manifest: Path = input_path("the tokenize stage's manifest")
+    train: Path = input_path("the train split (baselines)")
+    test: Path = input_path("the test split (texts of the samples)")
+    metrics: Path = output_path("metrics with their protocol", artifact=True)
+    samples: Path = output_path("generations or predictions to read", artifact=True)
+    plot: Path = output_path("NLL by position or the confusion matrix", artifact=True)
+    manifest: Path = output_path("this job's manifest.json")
+
+
+@dataclass(frozen=True)
+class TrackPaths(Paths):
+    download: Path = input_path("the download's manifest")
+    clean: Path = input_path("the clean stage's manifest")
+    split: Path = input_path("the split stage's manifest")
+    tokenizer: Path = input_path("the tokenizer stage's manifest")
+    tokenize: Path = input_path("the tokenize stage's manifest")
+    train: Path = input_path("the train stage's manifest")
+    evaluate: Path = input_path("the evaluate stage's manifest")
+    runs: Path = output_path("the MLflow run ids")
+    store: Path = state_path("the default SQLite store (no tracking URI configured)")
+    artifacts: Path = state_path("artifact folder of an experiment created in a local store")
+    provenance: Path = state_path("provenance.json of the snakemake invocation")
+
+
+# --- the registry --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    command: str
+    """`snaketune <command>`; also the results folder and MLflow run of the stage, but for the
+    tokenize steps (`tokenize-<step>`, folder `tokenize`)."""
+    rule: str
+    """The Snakemake rule, and the name of the library function that runs it."""
+    module: str
+    paths: type[Paths]
+    settings: type
+    from_config: Callable[..., Any]
+    """(ConfigView, **wildcards) -> settings: what the rule passes from config.yaml."""
+
+    @property
+    def folder(self) -> str:
+        return self.command.split("-")[0]
+
+    def entry(self) -> Callable[[Paths, Any], Any]:
+        return getattr(import_module(self.module), self.rule)
+
+
+STAGES = (
+    Stage(
+        "download",
+        "download_dataset",
+        "snaketune.download",
+        DownloadPaths,
+        st.DownloadSettings,
+        st.download_settings,
+    ),
+    Stage("clean", "clean_corpus", "snaketune.clean", CleanPaths, st.CleanJob, st.clean_job),
+    Stage(
+        "split", "split_corpus", "snaketune.split", SplitPaths, st.SplitSettings, st.split_settings
+    ),
+    Stage(
+        "tokenizer",
+        "prepare_tokenizer",
+        "snaketune.tokenizer",
+        TokenizerPaths,
+        st.TokenizerSettings,
+        st.tokenizer_settings,
+    ),
+    Stage(
+        "tokenize-plan",
+        "plan_partitions",
+        "snaketune.tokenize.plan",
+        PlanPaths,
+        st.TokenizeJob,
+        st.tokenize_job,
+    ),
+    Stage(
+        "tokenize-partition",
+        "tokenize_partition",
+        "snaketune.tokenize.partition",
+        PartitionPaths,
+        st.PartitionJob,
+        st.partition_job,
+    ),
+    Stage(
+        "tokenize-gather",
+        "gather_shards",
+        "snaketune.tokenize.gather",
+        GatherPaths,
+        st.TokenizeJob,
+        st.tokenize_job,
+    ),
+    Stage("train", "train_model", "snaketune.train", TrainPaths, st.TrainJob, st.train_job),
+    Stage(
+        "evaluate",
+        "evaluate_model",
+        "snaketune.evaluation",
+        EvaluatePaths,
+        st.EvalJob,
+        st.eval_job,
+    ),
+    Stage(
+        "track",
+        "track_experiment",
+        "snaketune.track",
+        TrackPaths,
+        st.TrackSettings,
+        st.track_settings,
+    ),
+)
+BY_COMMAND = {stage.command: stage for stage in STAGES}
+BY_RULE = {stage.rule: stage for stage in STAGES}
+TRACKED = tuple(f.name for f in path_fields(TrackPaths, INPUT))
+"""The stages mirrored to MLflow, in pipeline order: one child run each."""
+
+
+def tracked_stage(folder: str) -> Stage:
+    """The stage whose manifest is <folder>/manifest.json (for tokenize, the gather)."""
+    return next(s for s in reversed(STAGES) if s.folder == folder)
+
+
+# --- command lines -------------------------------------------------------------------------------
+
+
+def flag(f: Field) -> str:
+    return "--" + f.name.replace("_", "-")
+
+
+def shell_command(rule: str, launcher: str = "snaketune", env: str = "") -> str:
+    """The rule's shell command: every path by its input/output/params name, the settings from
+    params.settings, the log from log."""
+    stage = BY_RULE[rule]
+    paths = " ".join(
+        f"{flag(f)} {{{f.metadata['role']}.{f.name}:q}}" for f in path_fields(stage.paths)
+    )
+    prefix = f"{env} " if env else ""
+    return (
+        f"{prefix}{launcher} {stage.command} {paths} --settings {{params.settings:q}}"
+        " > {log:q} 2>&1"
+    )
+
+
+def stage_of(paths: Paths) -> Stage:
+    return next(s for s in STAGES if type(paths) is s.paths)
+
+
+def train_launcher(processes: int) -> str:
+    """The command that starts training: the CLI itself, or torchrun (DDP) on one node."""
+    if processes == 1:
+        return "snaketune"
+    return f"torchrun --standalone --nproc_per_node={processes} -m snaketune.cli"
+
+
+def threads_per_process(threads: int, processes: int) -> int:
+    """A job's threads shared among its training processes."""
+    return max(1, threads // processes)
+
+
+def command_line(paths: Paths, settings: Any) -> list[str]:
+    """`snaketune` arguments that run one job on these paths and settings."""
+    stage = stage_of(paths)
+    args = [stage.command]
+    for f in path_fields(paths):
+        value = getattr(paths, f.name)
+        args += [flag(f), *(map(str, value) if is_list(f) else [str(value)])]
+    return [*args, "--settings", st.to_json(settings)]

@@ -1,0 +1,75 @@
+"""The job definitions are the one contract of every stage: each names a library function that
+takes exactly its paths and settings, a command line made from them parses back to the same job,
+and settings survive the JSON they travel in."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import fields
+from pathlib import Path
+from typing import get_type_hints
+
+import pytest
+
+from snaketune.cli import parse
+from snaketune.config import validated
+from snaketune.settings import ConfigView, from_json, to_json
+from snaketune.stages import STAGES, Stage, command_line, is_list, path_fields
+from tests.support.repo import DEFAULT_CONFIG, REPO
+
+WILDCARDS = {"dataset": "support-demo", "experiment": "demo-lm", "split": "train", "part": "00003"}
+VIEW = ConfigView(validated(copy.deepcopy(DEFAULT_CONFIG)), REPO)
+
+
+def settings_of(stage: Stage):
+    """The stage's settings for the demo's causal LM, as the workflow would pass them."""
+    wanted = inspect.signature(stage.from_config).parameters
+    return stage.from_config(VIEW, **{k: v for k, v in WILDCARDS.items() if k in wanted})
+
+
+def paths_of(stage: Stage):
+    values = {
+        f.name: [Path(f"/data/{f.name}-{i}") for i in range(3)] if is_list(f) else f"r/{f.name}"
+        for f in path_fields(stage.paths)
+    }
+    return stage.paths(**values)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.rule)
+def test_each_stage_runs_a_function_named_after_its_rule_taking_its_paths_and_settings(stage):
+    entry = stage.entry()
+    assert entry.__name__ == stage.rule
+    hints = get_type_hints(entry)
+    parameters = list(inspect.signature(entry).parameters)
+    assert len(parameters) == 2
+    assert (hints[parameters[0]], hints[parameters[1]]) == (stage.paths, stage.settings)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.rule)
+def test_a_command_line_parses_back_to_the_same_job(stage):
+    paths, settings = paths_of(stage), settings_of(stage)
+    parsed, parsed_paths, text = parse(command_line(paths, settings))
+    assert parsed == stage
+    assert parsed_paths == paths
+    assert from_json(stage.settings, text) == settings
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.rule)
+def test_settings_survive_their_json(stage):
+    settings = settings_of(stage)
+    assert isinstance(settings, stage.settings)
+    assert from_json(stage.settings, to_json(settings)) == settings
+
+
+def test_every_path_has_a_role_and_a_description():
+    for stage in STAGES:
+        for f in fields(stage.paths):
+            assert f.metadata["role"] in ("input", "output", "params"), (stage.rule, f.name)
+            assert f.metadata["doc"], (stage.rule, f.name)
+
+
+def test_unknown_settings_keys_are_named():
+    stage = next(s for s in STAGES if s.rule == "split_corpus")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['ratio'\]"):
+        from_json(stage.settings, '{"ratio": 0.5}')

@@ -18,6 +18,9 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/track.smk"
 
 
+check_local_sources()
+
+
 rule all:
     input:
         get_final_outputs(),

@@ -12,12 +12,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snaketune.clean import clean_corpus, read_records
+from snaketune.clean import clean_corpus
 from snaketune.download import download_dataset
 from snaketune.names import SPLITS
-from snaketune.settings import CleanSettings, DownloadSettings, SplitSettings, read_settings_for
+from snaketune.reading import read_records
+from snaketune.settings import (
+    CleanJob,
+    CleanSettings,
+    DatasetSettings,
+    DownloadSettings,
+    SplitSettings,
+    read_settings_for,
+)
 from snaketune.split import split_corpus
-from snaketune.stages import DownloadPaths
+from snaketune.stages import CleanPaths, DownloadPaths, SplitPaths
 from tests.support.repo import REPO, SHARED_DATA
 from tests.support.workflow import layered
 
@@ -86,7 +94,8 @@ def test_preset_downloads_verifies_and_prepares_the_real_file(case, origin, tmp_
     files = download_dataset(target, DownloadSettings(url, preset["sha256"]))
     assert files == [Path(case.file).name]
 
-    read = read_settings_for(preset, experiment["task"], experiment["text_template"])
+    dataset = DatasetSettings(**preset)
+    read = read_settings_for(dataset, experiment["task"], experiment["text_template"])
     frame, replaced = read_records(raw / files[0], read)
     assert (len(frame), replaced) == (case.rows, 0)
     if case.labels:
@@ -97,14 +106,8 @@ def test_preset_downloads_verifies_and_prepares_the_real_file(case, origin, tmp_
 
 def check_clean_and_split(raw: Path, out: Path, read, experiment: dict, case: Case) -> None:
     corpus = out / "clean" / "corpus.parquet"
-    report = clean_corpus(
-        raw,
-        corpus,
-        out / "clean" / "report.json",
-        out / "clean" / "manifest.json",
-        read,
-        CleanSettings(**experiment["clean"]),
-    )
+    clean = CleanPaths(raw, corpus, out / "clean" / "report.json", out / "clean" / "manifest.json")
+    report = clean_corpus(clean, CleanJob(read, CleanSettings(**experiment["clean"])))
     assert report.input_records == case.rows
     assert report.output_records == case.rows - sum(report.removed.values()) > 0
     if case.labels:
@@ -112,9 +115,8 @@ def check_clean_and_split(raw: Path, out: Path, read, experiment: dict, case: Ca
         assert report.labels.keys() == case.labels.keys()
 
     paths = {name: out / "split" / f"{name}.parquet" for name in SPLITS}
-    counts = split_corpus(
-        corpus, paths, out / "split" / "manifest.json", SplitSettings(**experiment["split"])
-    )
+    split = SplitPaths(corpus, **paths, manifest=out / "split" / "manifest.json")
+    counts = split_corpus(split, SplitSettings(**experiment["split"]))
     manifest = json.loads((out / "split" / "manifest.json").read_text())
     removed = manifest["counts"]["near_duplicates_removed"]
     dropped = sum(n for by_kept in removed.values() for n in by_kept.values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,7 +44,7 @@ def register(store: Store, root: Path, data: dict, experiment: str, task: str) -
         config=config,
     )
     runs_path = root / experiment / "runs.json"
-    track(settings, inputs, runs_path)
+    track(settings, inputs, runs_path, store.artifact_dir)
     return json.loads(runs_path.read_text())["model"]
 
 
@@ -127,3 +128,39 @@ def test_classifier_version_labels_each_text_with_a_known_label(served):
     for row in predictions:
         assert row["label"] in intent.label_names
         assert 0.0 <= row["score"] <= 1.0
+
+
+# --- requests a served model must refuse or cope with (reliability scenario 32) ---------------
+
+
+def invoke_refused(url: str, payload) -> tuple[int, dict]:
+    try:
+        invoke(url, payload)
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+    pytest.fail(f"{payload!r} was answered with 200")
+
+
+def test_a_prompt_longer_than_the_context_is_cut_from_the_left_not_refused(served):
+    lm = served["lm"]
+    long_prompt = "Customer: where is my parcel? " * 60 + "\nAgent:"  # ~400 tokens, context 64
+    (text,) = invoke(lm.url, {"inputs": [long_prompt]})["predictions"]
+    assert text.startswith(long_prompt) and len(text) > len(long_prompt)
+
+
+def test_a_text_longer_than_the_context_is_truncated_for_the_classifier(served):
+    intent = served["intent"]
+    (row,) = invoke(intent.url, {"inputs": ["my parcel is late " * 80]})["predictions"]
+    assert row["label"] in intent.label_names
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{"inputs": {"question": ["Where is it?"]}}, {"inputs": {"text": ["x"], "label": ["y"]}}],
+    ids=["a-named-column", "two-columns"],
+)
+def test_inputs_of_another_shape_get_a_400_with_a_message_and_no_stack_trace(served, payload):
+    for name in ("lm", "intent"):
+        status, body = invoke_refused(served[name].url, payload)
+        assert status == 400 and body["message"].startswith("Invalid input")
+        assert "stack_trace" not in body and "Traceback" not in json.dumps(body)

@@ -333,6 +333,7 @@ def write_tiny_model(data: dict[str, Path], model_dir: Path, task: str) -> Path:
     from `data` (the lm_data or classification_data fixture)."""
     from snaketune.models import build_model
     from snaketune.settings import ModelSettings
+    from snaketune.train import limit_tokenizer_length, model_positions
 
     info = json.loads(data["tokenize_manifest"].read_text())
     model = build_model(
@@ -348,6 +349,7 @@ def write_tiny_model(data: dict[str, Path], model_dir: Path, task: str) -> Path:
     model.save_pretrained(model_dir)
     for item in data["tokenizer"].iterdir():
         shutil.copy2(item, model_dir / item.name)
+    limit_tokenizer_length(model_dir, model_positions(model))  # as the train stage saves it
     return model_dir
 
 

@@ -82,7 +82,7 @@ def pipeline_config(experiments: list[str]) -> dict:
     template.update(
         clean={"strip_html": True},
         tokenizer={"vocab_size": 400},
-        tokenize={"block_size": 32, "max_length": 32},
+        tokenize={"block_size": 32},
         model={"n_layer": 1, "n_embd": 32, "n_head": 2, "dropout": 0.1},
         train=PIPELINE_TRAIN,
         evaluate={"prompts": template["evaluate"]["prompts"][:1], "max_new_tokens": 4},

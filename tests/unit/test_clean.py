@@ -130,15 +130,15 @@ def test_strip_html_removes_tags_unescapes_entities_and_counts_documents(tmp_pat
     data = jsonl(
         [
             {"text": "<p>Hello <b>world</b> &amp; co</p>"},
-            {"text": "no tags &amp; here"},  # not counted: only tags trigger the filter
+            {"text": "no tags &amp; here"},  # entities are markup too, with or without tags
         ]
     )
     report, docs = run_clean(
         tmp_path, "a.jsonl", data, ReadSettings(format="jsonl"), CleanSettings(strip_html=True)
     )
 
-    assert docs["text"].tolist() == ["Hello world & co", "no tags &amp; here"]
-    assert report.html_stripped == 1
+    assert docs["text"].tolist() == ["Hello world & co", "no tags & here"]
+    assert report.html_stripped == 2
 
 
 def test_html_is_kept_unless_asked_to_strip_it(tmp_path):

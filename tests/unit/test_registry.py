@@ -54,7 +54,7 @@ def test_an_lstm_model_is_kept_as_an_artifact_and_not_registered(store, tmp_path
     assert not servable(inputs.model_dir)
     settings = settings_for(store.uri, NAME)
     runs_path = tmp_path / "runs.json"
-    track(settings, inputs, runs_path)
+    track(settings, inputs, runs_path, store.artifact_dir)
     assert json.loads(runs_path.read_text())["model"] is None
     assert store.client.search_registered_models() == []
 
@@ -81,7 +81,7 @@ def register_tiny_lm(root: Path, empty_db: Path, lm_data: dict) -> Registered:
     write_tiny_model(lm_data, inputs.model_dir, "causal_lm")
     settings = settings_for(store.uri, NAME)
     runs_path = root / "results" / "runs.json"
-    ids = track(settings, inputs, runs_path)
+    ids = track(settings, inputs, runs_path, store.artifact_dir)
     return Registered(store, settings, inputs, runs_path, ids)
 
 
@@ -144,7 +144,9 @@ def test_logged_model_pins_its_requirements_and_answers(registered, monkeypatch)
 @pytest.mark.slow
 def test_rerun_with_unchanged_results_registers_no_new_version(registered):
     first = registered.model
-    again = track(registered.settings, registered.inputs, registered.runs_path)
+    again = track(
+        registered.settings, registered.inputs, registered.runs_path, registered.store.artifact_dir
+    )
     assert again == registered.ids
     assert registered.model == first
     versions = registered.store.client.search_model_versions(f"name = '{NAME}'")
@@ -160,7 +162,7 @@ def test_an_upload_cut_short_after_registering_is_replaced_with_its_version(
     cut = register_tiny_lm(tmp_path, empty_store_db, lm_data)
     client = cut.store.client
     client.update_run(cut.ids["parent"], status="RUNNING")
-    ids = track(cut.settings, cut.inputs, cut.runs_path)
+    ids = track(cut.settings, cut.inputs, cut.runs_path, cut.store.artifact_dir)
     assert ids["parent"] != cut.ids["parent"]
     live = client.search_model_versions(f"name = '{NAME}'")
     assert [str(v.version) for v in live] == ["2"] and live[0].run_id == ids["train"]

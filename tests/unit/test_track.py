@@ -26,9 +26,9 @@ from snaketune.track import (
     experiment_id_for,
     flatten,
     numeric_metrics,
-    redact,
     run_key,
 )
+from snaketune.tracking_uri import redact
 from tests.support.mlflow_stores import (
     CONFIG,
     DOWNLOAD_URL,

@@ -6,17 +6,18 @@ import os
 import re
 import sys
 
-from snaketune.config import apply_preset, validated
+from snaketune.config import apply_preset, raise_if_invalid, validated
 from snaketune.names import SPLITS
 from snaketune.provenance import write_invocation
-from snaketune.settings import ConfigView, mlflow_settings, to_json
+from snaketune.settings import ConfigView, download_settings, mlflow_settings, to_json
+from snaketune.sources import changed_sources
 from snaketune.stages import BY_RULE, shell_command, threads_per_process, train_launcher
 from snaketune.tokenize.plan import (
     fixed_partition_counts,
     partition_names,
     planned_partition_counts,
 )
-from snaketune.track import effective_tracking_uri, redact, store_uri
+from snaketune.tracking_uri import effective_tracking_uri, redact, store_uri
 
 apply_preset(config, workflow.config_settings.config)  # the --config values
 validated(config, workflow.basedir)  # every problem by key, before any job; defaults filled
@@ -64,12 +65,32 @@ def tokenize_partitions(wildcards, output):
     depends on the splits' sizes, known once the plan_partitions checkpoint has run."""
     partitions = EXPERIMENTS[wildcards.experiment]["tokenize"]["partitions"]
     counts = fixed_partition_counts(partitions)
-    if counts is None:
+    planned = counts is None
+    if planned:
         plan = checkpoints.plan_partitions.get(experiment=wildcards.experiment).output.plan
         counts = planned_partition_counts(plan)
     splits, parts = zip(*partition_names(counts))
     jobs = {"split": splits, "part": parts, "experiment": [wildcards.experiment] * len(parts)}
+    if planned:
+        outputs = rules.tokenize_partition.output
+        check_incomplete([*expand(outputs.shards, zip, **jobs), *expand(outputs.manifest, zip, **jobs)])
     return expand(output, zip, **jobs)
+
+
+def check_incomplete(files):
+    """Snakemake looks for outputs of killed jobs (its incomplete markers) only among the jobs it
+    knows before a checkpoint is resolved; the partition jobs of `partitions: auto` appear after
+    plan_partitions, so their markers are looked at here, with Snakemake's own rule: refuse, or
+    under --rerun-incomplete run those jobs again."""
+    from snakemake.exceptions import IncompleteFilesException
+
+    marked = workflow.persistence._filter_incomplete_keys(files)
+    stale = [f for f in files if f in marked and os.path.exists(f)]
+    if not stale:
+        return
+    if not workflow.dag_settings.force_incomplete:
+        raise IncompleteFilesException(stale)
+    workflow.dag.forcefiles.update(stale)
 
 
 def get_part_shards(wildcards):
@@ -90,6 +111,16 @@ def get_train_launcher(wildcards):
 
 def get_train_threads(wildcards, threads):
     return threads_per_process(threads, train_processes(wildcards))
+
+
+def check_local_sources():
+    """Before any job: no local dataset file changed in place since it was verified."""
+    manifest = rules.download_dataset.output.manifest
+    sources = {}
+    for name in {exp["dataset"] for exp in EXPERIMENTS.values()}:
+        download = download_settings(CONFIG, name)
+        sources[name] = (download.url, download.sha256, manifest.format(dataset=name))
+    raise_if_invalid(changed_sources(sources), "a dataset file changed")
 
 
 def record_invocation():

@@ -1,20 +1,21 @@
-"""Stage 2, clean_corpus: read a raw dataset file into documents and clean them.
+"""Stage 2, clean_corpus: read a raw dataset file into documents (snaketune.reading) and clean
+them.
 
 Each filter counts what it touched, so the report says exactly where documents went. An empty
 result is an error that names the filter that removed the most.
+
+Labels are classes by one rule (`label_class`): surrounding whitespace removed, a whole number
+written without a fractional part ('1.0' and ' 1 ' are '1'), and booleans as numbers ('True' is
+'1', 'false' is '0'). When a class was written in more than one way, the report lists the ways.
 """
 
 from __future__ import annotations
 
-import codecs
-import csv
 import hashlib
 import html
-import io
-import json
 import re
 import unicodedata
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from snaketune.errors import CorpusError
 from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path, files_in, write_json
 from snaketune.manifest import stage_manifest
 from snaketune.quality import quality_problem
-from snaketune.settings import FORMATS, TXT_DOCUMENTS, CleanJob, CleanSettings, ReadSettings
+from snaketune.reading import compose_texts, read_records
+from snaketune.settings import CleanJob, CleanSettings, inside_folder
 from snaketune.stages import CleanPaths
 
 
@@ -38,111 +40,19 @@ class CleanReport:
     removed: dict[str, int] = field(default_factory=dict)
     output_records: int = 0
     labels: dict[str, int] = field(default_factory=dict)
-
-
-# --- reading -----------------------------------------------------------------------------------
-
-
-def decode_counting(raw: bytes) -> tuple[str, int]:
-    """Decode UTF-8 (dropping a BOM), replacing undecodable bytes; return text and their count."""
-    bad = 0
-
-    def count_and_replace(err: UnicodeDecodeError):
-        nonlocal bad
-        bad += err.end - err.start
-        return ("\ufffd", err.end)
-
-    name = "snaketune-count-" + str(id(count_and_replace))
-    codecs.register_error(name, count_and_replace)
-    text = raw.decode("utf-8-sig", errors=name)
-    return text, bad
-
-
-def split_lines(text: str) -> list[str]:
-    r"""Split on \n, \r\n or \r only. str.splitlines also breaks on U+2028, NEL and form feed,
-    which a JSON string may hold unescaped and which do not end a line of a text file."""
-    return re.split(r"\r\n?|\n", text)
-
-
-def read_records(path: Path, settings: ReadSettings) -> tuple[pd.DataFrame, int]:
-    """Return the raw records as a DataFrame of strings and the count of replaced bytes."""
-    if settings.format not in FORMATS:
-        raise CorpusError(f"format {settings.format!r} is not one of {FORMATS}")
-    if settings.format == "parquet":
-        return pd.read_parquet(path).astype("string"), 0
-    text, bad = decode_counting(Path(path).read_bytes())
-    if settings.format == "txt":
-        documents = txt_documents(text, settings.txt_document)
-        return pd.DataFrame({settings.text_column: documents}, dtype="string"), bad
-    if settings.format == "jsonl":
-        rows = [json.loads(line) for line in split_lines(text) if line.strip()]
-        return pd.DataFrame(rows).astype("string"), bad
-    frame = pd.read_csv(
-        io.StringIO(text),
-        sep="," if settings.format == "csv" else "\t",
-        header=0 if settings.header else None,
-        names=settings.column_names,
-        quoting=csv.QUOTE_MINIMAL if settings.quoting else csv.QUOTE_NONE,
-        dtype="string",
-        keep_default_na=False,
-    )
-    return frame, bad
-
-
-# A MediaWiki top-level heading as WikiText writes it: ' = Title = ' (subsections are '= = ').
-_TOP_HEADING = re.compile(r"^\s*= (?!=).*[^=] =\s*$")
-
-
-def txt_documents(text: str, unit: str) -> list[str]:
-    """Split a plain-text file into documents: see ReadSettings.txt_document."""
-    if unit not in TXT_DOCUMENTS:
-        raise CorpusError(f"txt_document {unit!r} is not one of {TXT_DOCUMENTS}")
-    lines = split_lines(text)
-    if unit == "line":
-        return [line for line in lines if line.strip()]
-    documents: list[list[str]] = [[]]
-    for i, line in enumerate(lines):
-        if starts_document(lines, i, unit):
-            documents.append([])
-        documents[-1].append(line)
-    texts = ("\n".join(doc).strip("\n") for doc in documents)
-    return [doc for doc in texts if doc.strip()]
-
-
-def starts_document(lines: list[str], i: int, unit: str) -> bool:
-    if unit == "paragraph":
-        return not lines[i].strip()
-    # WikiText puts a blank line before every heading; formula lines such as ' = 1 k = ' have none.
-    return bool(_TOP_HEADING.match(lines[i])) and (i == 0 or not lines[i - 1].strip())
-
-
-def compose_texts(frame: pd.DataFrame, settings: ReadSettings) -> pd.Series:
-    """The document text of each record: the template filled in, or the text column."""
-    needed = re.findall(r"{(\w+)}", settings.text_template or "") or [settings.text_column]
-    if settings.label_column:
-        needed = [*needed, settings.label_column]
-    missing = sorted(set(needed) - set(frame.columns))
-    if missing:
-        raise CorpusError(
-            f"column(s) {missing} not found; the file has columns {list(frame.columns)}. "
-            "Set text_column / label_column / text_template in the dataset's config."
-        )
-    if not settings.text_template:
-        return frame[settings.text_column].fillna("")
-    filled = frame.fillna("")
-    return pd.Series(
-        [settings.text_template.format(**row) for row in filled.to_dict("records")],
-        index=frame.index,
-        dtype="string",
-    )
+    label_forms: dict[str, list[str]] = field(default_factory=dict)
+    """The classes written in more than one way, with each way found (see label_class)."""
 
 
 # --- cleaning ----------------------------------------------------------------------------------
 
 _TAG = re.compile(r"<[^>]{0,200}>")
+_ENTITY = re.compile(r"&(#\d+|#[xX][0-9a-fA-F]+|[A-Za-z][A-Za-z0-9]*);?")
 # \v and \f are left to _HSPACE, which turns them into a space instead of gluing words together.
 _CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
-_HSPACE = re.compile(r"[ \t\r\f\v]+")
+# Spaces and tabs, and the Unicode space separators (a no-break space, &nbsp;, is a space like
+# any other); line and paragraph separators are left as they are.
+_HSPACE = re.compile("[ \t\r\f\v\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 PII_PATTERNS = {
     "email": (re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"), "<EMAIL>"),
@@ -163,7 +73,7 @@ def stable_doc_id(text: str) -> str:
 def clean_text(text: str, settings: CleanSettings, report: CleanReport) -> str:
     if settings.nfc:
         text = unicodedata.normalize("NFC", text)
-    if settings.strip_html and _TAG.search(text):
+    if settings.strip_html and (_TAG.search(text) or _ENTITY.search(text)):
         text = html.unescape(_TAG.sub(" ", text))
         report.html_stripped += 1
     text, n_control = _CONTROL.subn("", text)
@@ -177,11 +87,25 @@ def clean_text(text: str, settings: CleanSettings, report: CleanReport) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
+_WHOLE_NUMBER = re.compile(r"([+-]?\d+)\.0*")
+_BOOLEANS = {"true": "1", "false": "0"}
+
+
+def label_class(value: str) -> str:
+    """The class a label value stands for (the rule in the module docstring)."""
+    text = value.strip()
+    whole = _WHOLE_NUMBER.fullmatch(text)
+    if whole:
+        return whole[1]
+    return _BOOLEANS.get(text.casefold(), text)
+
+
 def clean_documents(
     texts: pd.Series, labels: pd.Series | None, settings: CleanSettings, report: CleanReport
 ) -> pd.DataFrame:
     removed: Counter[str] = Counter()
     seen: set[str] = set()
+    forms: defaultdict[str, set[str]] = defaultdict(set)
     rows = []
     label_values = labels.tolist() if labels is not None else [None] * len(texts)
     for raw_text, label in zip(texts.tolist(), label_values, strict=True):
@@ -189,6 +113,9 @@ def clean_documents(
         if labels is not None and (label is None or pd.isna(label) or not str(label).strip()):
             removed["missing_label"] += 1
             continue
+        if label is not None:
+            forms[label_class(str(label))].add(str(label))
+            label = label_class(str(label))
         if len(text) < settings.min_chars:
             removed["too_short"] += 1
             continue
@@ -204,8 +131,9 @@ def clean_documents(
             removed["exact_duplicate"] += 1
             continue
         seen.add(doc_id)
-        rows.append((doc_id, text, None if label is None else str(label).strip()))
+        rows.append((doc_id, text, label))
     report.removed = dict(removed)
+    report.label_forms = {k: sorted(v) for k, v in sorted(forms.items()) if len(v) > 1}
     return pd.DataFrame(rows, columns=["doc_id", "text", "label"]).astype("string")
 
 
@@ -231,8 +159,6 @@ def clean_corpus(paths: CleanPaths, job: CleanJob) -> CleanReport:
 
 
 def empty_corpus_message(report: CleanReport) -> str:
-    if report.input_records == 0:
-        return "the dataset file holds no records; check the url and format in config.yaml"
     worst = max(report.removed.items(), key=lambda kv: kv[1])
     return (
         f"cleaning removed all {report.input_records} records "
@@ -243,6 +169,8 @@ def empty_corpus_message(report: CleanReport) -> str:
 
 def pick_member(raw_dir: Path, member: str | None) -> Path:
     if member:
+        if not inside_folder(member):
+            raise CorpusError(f"member {member!r} is not a path inside {raw_dir}")
         path = raw_dir / member
         if not path.is_file():
             raise CorpusError(f"member {member!r} not found in {raw_dir}")

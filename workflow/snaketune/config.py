@@ -6,14 +6,17 @@ cannot say (an experiment naming a missing dataset, ratios that do not sum to 1,
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from snaketune.checks import experiment_problems
 from snaketune.names import SEQUENCE_CLASSIFICATION
-from snaketune.settings import SECTIONS, ConfigView, SettingsError
+from snaketune.settings import SECTIONS, ConfigView, DatasetSettings, SettingsError
+from snaketune.tracking_uri import tracking_problems
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -66,6 +69,8 @@ def describe(error) -> str:
     if error.validator == "enum":
         allowed = error.validator_value
         return f"{where}: {error.instance!r} is not allowed; allowed values are {allowed}"
+    if isinstance(error.schema, dict) and "errorMessage" in error.schema:
+        return f"{where}: {error.instance!r} {error.schema['errorMessage']}"
     return f"{where}: {error.message}"
 
 
@@ -77,11 +82,16 @@ def schema_problems(config: dict[str, Any], schema_path: Path = SCHEMA) -> list[
     return [describe(e) for e in sorted(validator.iter_errors(config), key=lambda e: e.path)]
 
 
-def cross_checks(config: dict[str, Any], base_dir: Path = REPO) -> list[str]:
+def cross_checks(
+    config: dict[str, Any], base_dir: Path = REPO, given: dict[str, Any] | None = None
+) -> list[str]:
     """Checks across keys, on a config that already passed the schema (defaults filled): every
-    stage's settings of every experiment are built as the jobs will get them, so each check a
-    settings dataclass makes runs here too, before any job."""
-    problems = []
+    dataset entry and every experiment's sections are built as the jobs will get them, so each
+    check a settings dataclass makes runs here too, before any job; then the checks across
+    sections (snaketune.checks). `given` is the config as written, before the defaults: with
+    it, keys set that the run would ignore are refused too."""
+    problems = dataset_problems(config["datasets"])
+    problems += tracking_problems(config["mlflow"]["tracking_uri"])
     datasets = config["datasets"]
     seen = set()
     for i, exp in enumerate(config["experiments"]):
@@ -101,6 +111,17 @@ def cross_checks(config: dict[str, Any], base_dir: Path = REPO) -> list[str]:
                 f"{exp['dataset']}.label_column to be set"
             )
         problems += settings_problems(ConfigView(config, base_dir), exp["name"], where)
+        problems += experiment_problems(exp, given["experiments"][i] if given else {}, where)
+    return problems
+
+
+def dataset_problems(datasets: dict[str, Any]) -> list[str]:
+    problems = []
+    for name, entry in datasets.items():
+        try:
+            DatasetSettings(**entry)
+        except SettingsError as err:
+            problems += [f"datasets.{name}.{key}: {text}" for key, text in err.problems]
     return problems
 
 
@@ -122,9 +143,34 @@ def validated(config: dict[str, Any], base_dir: Path = REPO) -> dict[str, Any]:
     from snakemake.utils import validate  # fills the defaults, as the workflow needs them
 
     raise_if_invalid(schema_problems(config), "schema")
+    given = copy.deepcopy(config)
     validate(config, str(SCHEMA))
-    raise_if_invalid(cross_checks(config, base_dir), "cross-checks")
+    whole_numbers(config, yaml.safe_load(SCHEMA.read_text()))
+    raise_if_invalid(cross_checks(config, base_dir, given), "cross-checks")
     return config
+
+
+def whole_numbers(value: Any, schema: dict[str, Any]) -> Any:
+    """Integer keys written as floats (`max_steps: 40.0`, which JSON Schema counts as an
+    integer) become ints in place, so every job gets the integer the schema promised."""
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            sub = properties.get(key, extra if isinstance(extra, dict) else {})
+            value[key] = whole_numbers(item, sub)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        value[:] = [whole_numbers(item, schema["items"]) for item in value]
+    elif isinstance(value, float) and value.is_integer() and allows_integer(schema):
+        return int(value)
+    return value
+
+
+def allows_integer(schema: dict[str, Any]) -> bool:
+    kinds = schema.get("type")
+    kinds = kinds if isinstance(kinds, list) else [kinds]
+    alternatives = schema.get("oneOf", []) + schema.get("anyOf", [])
+    return "integer" in kinds and "number" not in kinds or any(map(allows_integer, alternatives))
 
 
 def raise_if_invalid(problems: list[str], source: str) -> None:

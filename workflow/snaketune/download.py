@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
@@ -25,6 +26,7 @@ from snaketune.fileio import atomic_dir, sha256_file
 from snaketune.hub import fetch_from_hub
 from snaketune.manifest import stage_manifest
 from snaketune.settings import URL_SCHEMES, DownloadSettings
+from snaketune.sources import local_source, remember
 from snaketune.stages import DownloadPaths
 
 log = logging.getLogger(__name__)
@@ -122,8 +124,19 @@ def _stream_once(settings: DownloadSettings, part: Path) -> None:
         raise ConnectionError(f"connection closed after {got} of {expected} bytes")
 
 
+# What a truncated or damaged archive raises while it is read.
+DAMAGED_ARCHIVE = (EOFError, zlib.error, gzip.BadGzipFile, zipfile.BadZipFile, tarfile.TarError)
+
+
 def unpack(source: Path, name: str, target: Path, max_bytes: int) -> list[str]:
     """Copy or unpack `source` (fetched as `name`) into `target`; return the files written."""
+    try:
+        return unpack_unchecked(source, name, target, max_bytes)
+    except DAMAGED_ARCHIVE as err:  # the archive's own index, before any member is read
+        raise damaged(name, err) from err
+
+
+def unpack_unchecked(source: Path, name: str, target: Path, max_bytes: int) -> list[str]:
     if name.endswith(".zip"):
         return _unzip(source, target, max_bytes)
     if name.endswith((".tar.gz", ".tgz", ".tar")):
@@ -139,7 +152,7 @@ def unpack(source: Path, name: str, target: Path, max_bytes: int) -> list[str]:
 
 def _copy_capped(src, dst, max_bytes: int, what: str) -> int:
     written = 0
-    for chunk in iter(lambda: src.read(1 << 20), b""):
+    for chunk in iter(lambda: _read_member(src, what), b""):
         written += len(chunk)
         if written > max_bytes:
             raise DownloadError(
@@ -148,6 +161,21 @@ def _copy_capped(src, dst, max_bytes: int, what: str) -> int:
             )
         dst.write(chunk)
     return written
+
+
+def _read_member(src, what: str) -> bytes:
+    try:
+        return src.read(1 << 20)
+    except DAMAGED_ARCHIVE as err:
+        raise damaged(what, err) from err
+
+
+def damaged(what: str, err: Exception) -> DownloadError:
+    return DownloadError(
+        f"{what} cannot be unpacked: {err or type(err).__name__}. The file matches the "
+        "configured sha256, so the pinned file itself is truncated or damaged: fetch a whole "
+        "copy and set the dataset's sha256 to its digest."
+    )
 
 
 def _safe_member_path(target: Path, member: str) -> Path:
@@ -197,6 +225,8 @@ def download_dataset(paths: DownloadPaths, settings: DownloadSettings) -> list[s
             record.outputs = {f: sha256_file(tmp / f) for f in files}
         record.counts = {"files": len(files), "fetched_bytes": source.stat().st_size}
         record.extra["fetched_sha256"] = settings.sha256.lower()
+        if local_source(settings.url) is not None:
+            remember(paths.manifest, source, settings.sha256.lower())
         if source.suffix == ".part":
             source.unlink()
     return files

@@ -44,7 +44,7 @@ def demo_config(task: str, block_size: int = 32, vocab_size: int = 400) -> dict[
         "text_template": None if classify else "Customer: {question}\nAgent: {answer}",
         "clean": {"strip_html": True},
         "tokenizer": {"vocab_size": vocab_size},
-        "tokenize": {"block_size": block_size, "max_length": 32},
+        "tokenize": {"max_length": 32} if classify else {"block_size": block_size},
     }
     return {
         "datasets": {DEMO_DATASET: copy.deepcopy(catalog[DEMO_DATASET])},

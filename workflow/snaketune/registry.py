@@ -80,10 +80,22 @@ def _tracking_uri(uri: str) -> Iterator[None]:
 
 
 def inference_config(task: str, evaluate: dict[str, Any]) -> dict[str, Any]:
-    """What the served pipeline applies to every request (generation length for the LM)."""
+    """What the served pipeline applies to every request: the generation length, and prompts
+    longer than the model's context cut from the left to leave room for it (the LM); texts cut
+    to the context (the classifier). The context is the tokenizer's model_max_length, which the
+    train stage sets to the model's positions."""
     if task == CAUSAL_LM:
-        return {"max_new_tokens": int(evaluate.get("max_new_tokens", 40))}
-    return {}
+        new_tokens = int(evaluate.get("max_new_tokens", 40))
+        return {"max_new_tokens": new_tokens, "handle_long_generation": "hole"}
+    return {"truncation": True}
+
+
+def request_signature():
+    """Requests are a list of texts: anything else is refused with HTTP 400 and a message."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string)]))
 
 
 def log_model(uri: str, run_id: str, model_dir: Path, task: str, config: dict[str, Any]):
@@ -100,6 +112,7 @@ def log_model(uri: str, run_id: str, model_dir: Path, task: str, config: dict[st
             name="model",
             pip_requirements=pip_requirements(),
             model_config=config or None,
+            signature=request_signature(),
         )
 
 

@@ -13,12 +13,14 @@ prefixes each field with its key in config.yaml.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import types
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
-from pathlib import Path
-from typing import Any, get_type_hints
+from pathlib import Path, PurePosixPath
+from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlparse
 
 from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION, SPLITS, TASKS
@@ -60,7 +62,60 @@ class DatasetSettings:
     column_names: list[str] | None = None
     quoting: bool = True
     txt_document: str = "line"
+    encoding: str | None = None
+    """The text files' encoding (a Python codec name); None reads a byte-order mark, else UTF-8."""
     max_unpacked_bytes: int = 4294967296
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.member is not None and not inside_folder(self.member):
+            problems.append(
+                (
+                    "member",
+                    f"{self.member!r} is not a path inside the download: use a relative "
+                    "path without '..' segments, as the archive lists it",
+                )
+            )
+        csv_like = self.format in ("csv", "tsv")
+        for key, default in (("header", True), ("quoting", True), ("column_names", None)):
+            if not csv_like and getattr(self, key) != default:
+                problems.append((key, f"is a csv/tsv option; format is {self.format!r}"))
+        if self.format != "txt" and self.txt_document != "line":
+            problems.append(("txt_document", f"is a txt option; format is {self.format!r}"))
+        if csv_like and self.header and self.column_names is not None:
+            problems.append(
+                (
+                    "column_names",
+                    "names the columns of a file without a header; the file has "
+                    "one (header: true), whose names would be replaced: set header: false, or "
+                    "remove column_names",
+                )
+            )
+        if self.encoding is not None and not known_codec(self.encoding):
+            problems.append(
+                (
+                    "encoding",
+                    f"{self.encoding!r} is not a codec Python knows "
+                    "(e.g. utf-8, utf-16, cp1252, latin-1)",
+                )
+            )
+        if self.encoding is not None and self.format == "parquet":
+            problems.append(("encoding", "is for text files; Parquet stores UTF-8"))
+        raise_problems(problems)
+
+
+def inside_folder(relative: str) -> bool:
+    """Whether a relative path stays inside the folder it is joined to."""
+    parts = PurePosixPath(relative).parts
+    return bool(parts) and not PurePosixPath(relative).is_absolute() and ".." not in parts
+
+
+def known_codec(name: str) -> bool:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -100,6 +155,8 @@ class ReadSettings:
     txt_document: str = "line"
     """txt: one document per non-blank line, per blank-line-separated paragraph, or per
     top-level heading ' = Title = ' up to the next one (WikiText's articles)."""
+    encoding: str | None = None
+    """Text files' codec; None reads a byte-order mark (UTF-8/16/32), else UTF-8."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +175,27 @@ class CleanSettings:
     """Drop documents whose words are shorter than this on average (0 = off)."""
     max_mean_word_length: float | None = None
     """Drop documents whose words are longer than this on average (None = off)."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.min_chars > self.max_chars:
+            problems.append(
+                (
+                    "min_chars",
+                    f"{self.min_chars} is above max_chars={self.max_chars}: every "
+                    "document would be removed",
+                )
+            )
+        longest = self.max_mean_word_length
+        if longest is not None and self.min_mean_word_length > longest:
+            problems.append(
+                (
+                    "min_mean_word_length",
+                    f"{self.min_mean_word_length} is above "
+                    f"max_mean_word_length={longest}: every document would be removed",
+                )
+            )
+        raise_problems(problems)
 
 
 @dataclass(frozen=True)
@@ -194,6 +272,16 @@ class TokenizerSettings:
     def __post_init__(self) -> None:
         if self.kind == "pretrained" and not self.name_or_path:
             raise SettingsError([("name_or_path", "required when tokenizer.kind is 'pretrained'")])
+        if self.kind == "bpe" and self.name_or_path:
+            raise SettingsError(
+                [
+                    (
+                        "name_or_path",
+                        "is set but tokenizer.kind is 'bpe', which trains a new "
+                        "tokenizer and would ignore it: set tokenizer.kind: pretrained to load it",
+                    )
+                ]
+            )
 
 
 @dataclass(frozen=True)
@@ -285,8 +373,33 @@ class ModelSettings:
             )
         if self.init == "pretrained" and not self.name_or_path:
             problems.append(("name_or_path", "required when model.init is 'pretrained'"))
+        if self.init == "scratch" and self.name_or_path:
+            problems.append(
+                (
+                    "name_or_path",
+                    "is set but model.init is 'scratch', which would ignore it: "
+                    "set model.init: pretrained to fine-tune it",
+                )
+            )
+        if self.arch == "lstm" and self.init == "pretrained":
+            problems.append(
+                (
+                    "init",
+                    "the LSTM baseline trains from scratch only; fine-tune a pretrained "
+                    "checkpoint with model.arch: gpt2 (any AutoModel checkpoint loads)",
+                )
+            )
+        if self.arch == "lstm" and self.attention != "auto":
+            problems.append(("attention", "is a transformer setting; model.arch is 'lstm'"))
         if self.arch == "lstm" and self.lora_rank:
             problems.append(("lora_rank", "LoRA needs model.arch 'gpt2', not 'lstm'"))
+        if not self.lora_rank and self.lora_target_modules:
+            problems.append(
+                (
+                    "lora_target_modules",
+                    "is set but model.lora_rank is 0, so no adapter would be made: set lora_rank",
+                )
+            )
         raise_problems(problems)
 
 
@@ -319,6 +432,18 @@ class TrainSettings:
     """CPU threads for torch; 0 leaves torch's default."""
     deterministic: bool = True
 
+    def __post_init__(self) -> None:
+        if self.precision == "bf16" and self.device == "cpu":
+            raise SettingsError(
+                [
+                    (
+                        "precision",
+                        "'bf16' is autocast on CUDA; train.device is 'cpu', which trains "
+                        "in fp32: set precision: fp32 (or auto), or device: cuda",
+                    )
+                ]
+            )
+
 
 @dataclass(frozen=True)
 class TrainJob:
@@ -344,6 +469,18 @@ class EvalSettings:
     stride: int = 0
     """causal_lm: tokens between window starts; 0 means context_length (no overlap). A smaller
     stride gives the sliding-window estimate (more context per token, more compute)."""
+
+    def __post_init__(self) -> None:
+        if self.context_length and self.stride > self.context_length:
+            raise SettingsError(
+                [
+                    (
+                        "stride",
+                        f"{self.stride} is above context_length={self.context_length}: "
+                        "tokens between windows would never be scored",
+                    )
+                ]
+            )
 
 
 @dataclass(frozen=True)
@@ -390,19 +527,48 @@ def to_json(settings: Any) -> str:
 
 
 def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
-    """`cls` from a dict such as asdict(cls(...)) gives, nested dataclasses included."""
+    """`cls` from a dict such as asdict(cls(...)) gives, nested dataclasses included; a value
+    of the wrong type is refused, naming its key."""
     hints = get_type_hints(cls)
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise SettingsError([("", f"unknown key(s) {unknown}; allowed keys are {sorted(names)}")])
-    values = {}
+    values, problems = {}, []
     for name, value in data.items():
-        kind = hints[name]
-        values[name] = (
-            from_dict(kind, value) if is_dataclass(kind) and isinstance(value, dict) else value
-        )
+        if is_dataclass(hints[name]) and isinstance(value, dict):
+            values[name] = from_dict(hints[name], value)
+        elif not has_type(value, hints[name]):
+            problems.append((name, f"{value!r} is not of type {type_name(hints[name])}"))
+        else:
+            values[name] = value
+    raise_problems(problems)
     return cls(**values)
+
+
+def has_type(value: Any, hint: Any) -> bool:
+    """Whether a value read from JSON fits a field's annotation (an int for a float too)."""
+    if isinstance(hint, types.UnionType):
+        return any(has_type(value, option) for option in get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if is_dataclass(hint):
+        return isinstance(value, hint)
+    origin = get_origin(hint) or hint
+    if origin is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = get_args(hint) or (Any,)
+        return isinstance(value, list) and all(has_type(v, item) for v in value)
+    return isinstance(value, origin)
+
+
+def type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
 
 
 def from_json(cls: type, text: str) -> Any:
@@ -460,6 +626,7 @@ def read_settings_for(dataset: DatasetSettings, task: str, text_template: str | 
         column_names=dataset.column_names,
         quoting=dataset.quoting,
         txt_document=dataset.txt_document,
+        encoding=dataset.encoding,
     )
 
 

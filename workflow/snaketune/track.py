@@ -15,7 +15,6 @@ registered as a version of the configured name (snaketune.registry).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
 import hashlib
@@ -24,12 +23,10 @@ import logging
 import os
 import platform
 import re
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from snaketune import lineage, registry
 from snaketune.errors import TrackingError
@@ -47,6 +44,13 @@ from snaketune.stages import (
     tracked_stage,
 )
 from snaketune.system_metrics import read_samples
+from snaketune.tracking_uri import (
+    check_usable,
+    effective_tracking_uri,
+    redact,
+    store_uri,
+    write_failed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,27 +112,6 @@ def numeric_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float
         for key, v in flatten(values, prefix).items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     }
-
-
-def check_reachable(uri: str) -> None:
-    if not uri.startswith(("http://", "https://")):
-        return
-    parts = urlsplit(uri)
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-    health = urlunsplit(parts._replace(netloc=netloc)).rstrip("/") + "/health"
-    request = urllib.request.Request(health)
-    if parts.username is not None:  # urllib takes credentials as a header, not in the URL
-        token = base64.b64encode(f"{parts.username}:{parts.password or ''}".encode()).decode()
-        request.add_header("Authorization", f"Basic {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            response.read()
-    except OSError as err:
-        raise TrackingError(
-            f"MLflow tracking server {redact(uri)} is unreachable ({err}). Every result is "
-            "complete under results/; start the server (or fix MLFLOW_TRACKING_URI / "
-            "mlflow.tracking_uri) and rerun snakemake to upload them."
-        ) from err
 
 
 @contextlib.contextmanager
@@ -303,7 +286,7 @@ def upload(
     from mlflow import MlflowClient
 
     uri = effective_tracking_uri(configured_uri)
-    check_reachable(uri)
+    check_usable(uri)
     # MLflow's default is 7 retries with growing waits: minutes before a dead server is reported.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
@@ -316,8 +299,8 @@ def upload(
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     key = run_key(settings, files.stages)
     with store_lock(uri):
-        client = MlflowClient(tracking_uri=uri)
         try:
+            client = MlflowClient(tracking_uri=uri)
             experiment_id = experiment_id_for(client, settings.mlflow_experiment, uri, artifacts)
             registering = settings.registered_model_name is not None
             parent = find_parent(client, experiment_id, key, registering)
@@ -339,10 +322,7 @@ def upload(
             # HTTPError; both mean the store could not be written, not that results are wrong.
             if not type(err).__module__.startswith(("mlflow", "requests")):
                 raise
-            raise TrackingError(
-                f"writing to MLflow at {redact(uri)} failed: {err}. Results on disk "
-                "are complete; rerun snakemake to retry the upload."
-            ) from err
+            raise TrackingError(write_failed(uri, err)) from err
     write_json(
         runs_path,
         {
@@ -436,23 +416,3 @@ def _log_datasets(client, settings: TrackSettings, files: UploadFiles, ids: dict
         if inputs and stage in ids:
             client.log_inputs(ids[stage], datasets=inputs)
     return datasets.get("test")
-
-
-def store_uri(configured: str | None, default_store: Path) -> str:
-    """The config's mlflow.tracking_uri, or the SQLite store in the results folder."""
-    return configured or f"sqlite:///{Path(default_store).resolve()}"
-
-
-def effective_tracking_uri(configured: str) -> str:
-    """MLFLOW_TRACKING_URI wins over the config."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or configured
-
-
-def redact(uri: str) -> str:
-    """The URI without credentials (user:password@ or a token in the userinfo part)."""
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))

@@ -79,9 +79,20 @@ def pick_device(
         raise TrainingError("train.device is 'cuda' but no CUDA device is visible")
     use_cuda = wants_cuda and torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if settings.precision == "bf16" and device.type != "cuda":
+        raise TrainingError(
+            "train.precision is 'bf16' (autocast on CUDA) but this job runs on the CPU, in fp32: "
+            "set train.precision: auto or fp32, or run the job where a GPU is visible"
+        )
+    if settings.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise TrainingError(
+            f"train.precision is 'bf16' but {torch.cuda.get_device_name(device)} has no bf16: "
+            "set train.precision: fp32 (or auto)"
+        )
     autocast = None
     if device.type == "cuda" and settings.precision in ("auto", "bf16"):
-        autocast = torch.bfloat16
+        # auto on a GPU without bf16 trains in fp32 (and says so in the manifest's autocast)
+        autocast = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return device, autocast
 
 
@@ -291,6 +302,17 @@ def train_steps(run: Run, progress: Progress) -> Progress:
 # --- set up, train, save -----------------------------------------------------------------------
 
 
+def check_positions(model, context: int, settings: ModelSettings) -> None:
+    """Rows longer than the model has positions for would fail inside its forward pass."""
+    positions = model_positions(model)
+    if positions is not None and context > positions:
+        raise TrainingError(
+            f"rows of {context} tokens, but model {settings.name_or_path or settings.arch!r} has "
+            f"positions for {positions}: set tokenize.block_size (or max_length) to at most "
+            f"{positions}"
+        )
+
+
 def prepare_run(
     data: TokenizedData, state_dir: Path, job: TrainJob, world: distributed.World
 ) -> Run:
@@ -316,6 +338,7 @@ def prepare_run(
         data.label_names,
         device.type,
     )
+    check_positions(model, context, model_settings)
     model = apply_lora(model, model_settings, job.task).to(device)
     step_model = distributed.wrap(model, world, device)
     if settings.compile:
@@ -396,11 +419,30 @@ def train_model(paths: TrainPaths, job: TrainJob) -> list[dict]:
         distributed.stop()
 
 
+def model_positions(model) -> int | None:
+    config = getattr(model, "config", None)
+    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+
+
+def limit_tokenizer_length(model_dir: Path, positions: int | None) -> None:
+    """The saved tokenizer's model_max_length becomes the model's positions, so that whatever
+    loads the folder (a served pipeline, say) knows how long an input may be."""
+    config_path = Path(model_dir) / "tokenizer_config.json"
+    if positions is None or not config_path.exists():
+        return
+    config = json.loads(config_path.read_text())
+    if config.get("model_max_length", positions + 1) > positions:
+        config["model_max_length"] = positions
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_final(model, history: list[dict], paths: TrainPaths) -> None:
     with atomic_dir(paths.model) as tmp:
-        unwrap_for_saving(model).to("cpu").save_pretrained(tmp)
+        plain = unwrap_for_saving(model).to("cpu")
+        plain.save_pretrained(tmp)
         for item in Path(paths.tokenizer).iterdir():
             shutil.copy2(item, tmp / item.name)
+        limit_tokenizer_length(tmp, model_positions(plain))
     with atomic_path(paths.history) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in history))
     plots.loss_curve(history, paths.loss_curve, "training loss")

@@ -1,0 +1,157 @@
+"""Checks of one experiment across its sections, made before any job: settings that cannot work
+together, and settings given that the run would ignore. Each problem names its key and what to
+set. What one section's dataclass can check alone, it checks itself (snaketune.settings).
+
+`given` is the experiment entry as the config wrote it, before the schema's defaults were filled
+in: a key the user set and the run would not use is refused, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from snaketune.names import CAUSAL_LM
+
+CHECKPOINT_OWNS = ("n_layer", "n_embd", "n_head", "dropout")
+"""Model keys a pretrained checkpoint decides for itself."""
+POSITION_KEYS = ("n_positions", "max_position_embeddings")
+
+
+def experiment_problems(exp: dict[str, Any], given: dict[str, Any], where: str) -> list[str]:
+    """Every problem of one experiment (defaults filled) whose raw entry is `given`."""
+    return [
+        f"{where}.{key}: {text}"
+        for key, text in [
+            *pretrained_problems(exp, given),
+            *adapter_problems(given),
+            *task_problems(exp, given),
+            *context_problems(exp),
+        ]
+    ]
+
+
+def set_keys(given: dict[str, Any], section: str) -> set[str]:
+    value = given.get(section) or {}
+    return set(value) if isinstance(value, dict) else set()
+
+
+def pretrained_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:
+    model, tokenizer = exp["model"], exp["tokenizer"]
+    problems = []
+    if model["init"] == "pretrained" and tokenizer["kind"] == "bpe":
+        problems.append(
+            (
+                "tokenizer.kind",
+                f"'bpe' trains a new vocabulary, which model {model['name_or_path']!r} has never "
+                "seen (its embeddings would be resized and learned again): set tokenizer.kind: "
+                f"pretrained and tokenizer.name_or_path: {model['name_or_path']}",
+            )
+        )
+    if model["init"] == "pretrained":
+        for key in sorted(set_keys(given, "model") & set(CHECKPOINT_OWNS)):
+            problems.append(
+                (
+                    f"model.{key}",
+                    "is ignored when model.init is 'pretrained' (the checkpoint's own value is "
+                    "used); remove it",
+                )
+            )
+    if tokenizer["kind"] == "pretrained":
+        for key in sorted(set_keys(given, "tokenizer") & {"vocab_size", "min_frequency"}):
+            problems.append(
+                (
+                    f"tokenizer.{key}",
+                    "trains a BPE and is ignored when tokenizer.kind is 'pretrained'; remove it",
+                )
+            )
+    return problems
+
+
+def adapter_problems(given: dict[str, Any]) -> list[tuple[str, str]]:
+    model = given.get("model") or {}
+    if model.get("lora_rank"):
+        return []
+    return [
+        (f"model.{key}", "is ignored while model.lora_rank is 0 (no adapters); set lora_rank")
+        for key in sorted(set(model) & {"lora_alpha", "lora_dropout"})
+    ]
+
+
+def task_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:
+    """Keys that only the other task uses."""
+    lm = exp["task"] == CAUSAL_LM
+    unused = {
+        "tokenize": {"max_length"} if lm else {"block_size", "packing"},
+        "evaluate": set() if lm else {"prompts", "context_length", "stride"},
+    }
+    return [
+        (f"{section}.{key}", f"is a {other} setting; this experiment's task is {exp['task']}")
+        for section, keys in unused.items()
+        for key in sorted(set_keys(given, section) & keys)
+        for other in ["sequence_classification" if lm else "causal_lm"]
+    ]
+
+
+def context_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
+    """Windows the model can take: its positions (block_size when built here, the checkpoint's
+    when pretrained), and strides that leave no token unscored."""
+    model, tokenize, evaluate = exp["model"], exp["tokenize"], exp["evaluate"]
+    problems = []
+    if exp["task"] == CAUSAL_LM:
+        asked = {"tokenize.block_size": tokenize["block_size"]}
+        context = evaluate["context_length"] or tokenize["block_size"]
+        if evaluate["context_length"]:
+            asked["evaluate.context_length"] = context
+        if evaluate["stride"] > context:
+            problems.append(
+                (
+                    "evaluate.stride",
+                    f"{evaluate['stride']} is above the context length {context}: tokens "
+                    "between windows would never be scored",
+                )
+            )
+        if (
+            model["init"] == "scratch"
+            and model["arch"] == "gpt2"
+            and context > tokenize["block_size"]
+        ):
+            problems.append(
+                (
+                    "evaluate.context_length",
+                    f"{context} is above tokenize.block_size={tokenize['block_size']}, the "
+                    "positions the model is built with",
+                )
+            )
+    else:
+        asked = {"tokenize.max_length": tokenize["max_length"]}
+    positions = model_positions(model["name_or_path"]) if model["init"] == "pretrained" else None
+    for key, length in asked.items():
+        if positions is not None and length > positions:
+            problems.append(
+                (
+                    key,
+                    f"{length} tokens are more than model {model['name_or_path']!r} has "
+                    f"positions for ({positions}); set it to at most {positions}",
+                )
+            )
+    return problems
+
+
+def model_positions(name_or_path: str) -> int | None:
+    """The position count a checkpoint's config.json gives, if the checkpoint is on this machine
+    (a folder, or the Hugging Face cache); None when it cannot be read here."""
+    config = Path(name_or_path).expanduser() / "config.json"
+    if not config.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name_or_path, "config.json")
+        except ValueError:  # not a hub id either: the model stage will say what is missing
+            return None
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    values = json.loads(config.read_text())
+    return next((int(values[k]) for k in POSITION_KEYS if isinstance(values.get(k), int)), None)

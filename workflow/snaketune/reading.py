@@ -1,0 +1,222 @@
+"""A raw dataset file as records: decoded (a byte-order mark, a configured codec, or UTF-8),
+parsed by format, and made into document texts. Whatever cannot be read is refused with the
+file, the line and what to do: never a traceback, never a silently garbled corpus.
+
+Decoding: a few undecodable bytes (a stray byte in a large file) are replaced by U+FFFD and
+counted in the cleaning report; a file in which more than MAX_UNDECODABLE_SHARE of the bytes
+(and at least MIN_UNDECODABLE_REFUSED of them) do not decode is in another encoding, and is
+refused naming the likely one.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from snaketune.errors import CorpusError
+from snaketune.settings import FORMATS, TXT_DOCUMENTS, ReadSettings
+
+MAX_UNDECODABLE_SHARE = 0.001
+MIN_UNDECODABLE_REFUSED = 8
+# UTF-32-LE's mark begins with UTF-16-LE's, so the longer marks are looked for first.
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+SAMPLE_BYTES = 1 << 20
+
+
+# --- decoding ----------------------------------------------------------------------------------
+
+
+def with_byte_order_mark(raw: bytes) -> tuple[str, int]:
+    """(codec, length of the mark) that the bytes start with; UTF-8 without one."""
+    for mark, codec in BYTE_ORDER_MARKS:
+        if raw.startswith(mark):
+            return codec, len(mark)
+    return "utf-8", 0
+
+
+def decode_counting(raw: bytes, codec: str = "utf-8") -> tuple[str, int, int]:
+    """Decode, replacing what does not decode with U+FFFD: the text, how many bytes were
+    replaced, and the offset of the first (-1 if none)."""
+    bad, first = 0, -1
+
+    def count_and_replace(err: UnicodeDecodeError):
+        nonlocal bad, first
+        first = err.start if first < 0 else first
+        bad += err.end - err.start
+        return ("\ufffd", err.end)
+
+    name = "snaketune-count-" + str(id(count_and_replace))
+    codecs.register_error(name, count_and_replace)
+    return raw.decode(codec, errors=name), bad, first
+
+
+def likely_encoding(raw: bytes) -> str:
+    """A guess at the codec of bytes that are not UTF-8, for the error message."""
+    sample = raw[:SAMPLE_BYTES]
+    if sample.count(0) > len(sample) // 4:
+        odd_zeros = sample[1::2].count(0) > sample[0::2].count(0)
+        return "utf-16-le" if odd_zeros else "utf-16-be"
+    try:
+        sample.decode("cp1252")
+    except UnicodeDecodeError:
+        return "latin-1"
+    return "cp1252"
+
+
+def decode_file(path: Path, raw: bytes, encoding: str | None) -> tuple[str, int]:
+    """The text of a data file and how many bytes were replaced (see the module docstring)."""
+    codec, skip = (encoding, 0) if encoding else with_byte_order_mark(raw)
+    text, bad, first = decode_counting(raw[skip:], codec)
+    if bad >= MIN_UNDECODABLE_REFUSED and bad > MAX_UNDECODABLE_SHARE * len(raw):
+        line = raw[: skip + first].count(b"\n") + 1
+        guess = likely_encoding(raw)
+        raise CorpusError(
+            f"{path}: {bad / len(raw):.1%} of its bytes ({bad:,}) are not valid {codec}, the "
+            f"first on line {line}; it looks like {guess} text. Set the dataset's encoding in "
+            f"config.yaml (datasets.<name>.encoding: {guess}), or fix the file."
+        )
+    return text, bad
+
+
+# --- records by format -------------------------------------------------------------------------
+
+
+def split_lines(text: str) -> list[str]:
+    r"""Split on \n, \r\n or \r only. str.splitlines also breaks on U+2028, NEL and form feed,
+    which a JSON string may hold unescaped and which do not end a line of a text file."""
+    return re.split(r"\r\n?|\n", text)
+
+
+def read_records(path: Path, settings: ReadSettings) -> tuple[pd.DataFrame, int]:
+    """Return the raw records as a DataFrame of strings and the count of replaced bytes."""
+    if settings.format not in FORMATS:
+        raise CorpusError(f"format {settings.format!r} is not one of {FORMATS}")
+    if settings.format == "parquet":
+        frame, bad = parquet_records(path), 0
+    else:
+        text, bad = decode_file(path, Path(path).read_bytes(), settings.encoding)
+        if settings.format == "txt":
+            documents = txt_documents(text, settings.txt_document)
+            frame = pd.DataFrame({settings.text_column: documents}, dtype="string")
+        elif settings.format == "jsonl":
+            frame = jsonl_records(path, text)
+        else:
+            frame = delimited_records(path, text, settings)
+    if frame.empty:
+        raise CorpusError(
+            f"{path} holds no records (it is empty, or blank lines only); check the dataset's "
+            "url, member and format in config.yaml"
+        )
+    return frame, bad
+
+
+def parquet_records(path: Path) -> pd.DataFrame:
+    import pyarrow
+
+    try:
+        return pd.read_parquet(path).astype("string")
+    except (pyarrow.ArrowException, OSError) as err:
+        raise CorpusError(f"{path} is not a readable Parquet file ({err})") from err
+
+
+def jsonl_records(path: Path, text: str) -> pd.DataFrame:
+    rows = []
+    for number, line in enumerate(split_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CorpusError(
+                f"{path}, line {number}: not valid JSON ({err.msg} at column {err.colno}); a "
+                "jsonl file holds one JSON object per line"
+            ) from err
+        if not isinstance(row, dict):
+            raise CorpusError(
+                f"{path}, line {number}: a JSON {type(row).__name__} where a JSON object was "
+                'expected; a jsonl file holds one object per line, e.g. {"text": "..."}'
+            )
+        rows.append(row)
+    return pd.DataFrame(rows).astype("string")
+
+
+def delimited_records(path: Path, text: str, settings: ReadSettings) -> pd.DataFrame:
+    if not text.strip():
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(
+            io.StringIO(text),
+            sep="," if settings.format == "csv" else "\t",
+            header=0 if settings.header else None,
+            names=settings.column_names,
+            quoting=csv.QUOTE_MINIMAL if settings.quoting else csv.QUOTE_NONE,
+            dtype="string",
+            keep_default_na=False,
+        )
+    except (pd.errors.ParserError, csv.Error) as err:
+        raise CorpusError(
+            f"{path}: {err}. Check the dataset's format, header, column_names and quoting"
+        ) from err
+
+
+# A MediaWiki top-level heading as WikiText writes it: ' = Title = ' (subsections are '= = ').
+_TOP_HEADING = re.compile(r"^\s*= (?!=).*[^=] =\s*$")
+
+
+def txt_documents(text: str, unit: str) -> list[str]:
+    """Split a plain-text file into documents: see ReadSettings.txt_document."""
+    if unit not in TXT_DOCUMENTS:
+        raise CorpusError(f"txt_document {unit!r} is not one of {TXT_DOCUMENTS}")
+    lines = split_lines(text)
+    if unit == "line":
+        return [line for line in lines if line.strip()]
+    documents: list[list[str]] = [[]]
+    for i, line in enumerate(lines):
+        if starts_document(lines, i, unit):
+            documents.append([])
+        documents[-1].append(line)
+    texts = ("\n".join(doc).strip("\n") for doc in documents)
+    return [doc for doc in texts if doc.strip()]
+
+
+def starts_document(lines: list[str], i: int, unit: str) -> bool:
+    if unit == "paragraph":
+        return not lines[i].strip()
+    # WikiText puts a blank line before every heading; formula lines such as ' = 1 k = ' have none.
+    return bool(_TOP_HEADING.match(lines[i])) and (i == 0 or not lines[i - 1].strip())
+
+
+# --- documents ---------------------------------------------------------------------------------
+
+
+def compose_texts(frame: pd.DataFrame, settings: ReadSettings) -> pd.Series:
+    """The document text of each record: the template filled in, or the text column."""
+    needed = re.findall(r"{(\w+)}", settings.text_template or "") or [settings.text_column]
+    if settings.label_column:
+        needed = [*needed, settings.label_column]
+    missing = sorted(set(needed) - set(frame.columns))
+    if missing:
+        raise CorpusError(
+            f"column(s) {missing} not found; the file has columns {list(frame.columns)}. "
+            "Set text_column / label_column / text_template in the dataset's config."
+        )
+    if not settings.text_template:
+        return frame[settings.text_column].fillna("")
+    filled = frame.fillna("")
+    return pd.Series(
+        [settings.text_template.format(**row) for row in filled.to_dict("records")],
+        index=frame.index,
+        dtype="string",
+    )

@@ -19,6 +19,7 @@ include: "workflow/rules/track.smk"
 
 
 check_local_sources()
+say_how_training_continues()
 
 
 rule all:

@@ -5,6 +5,7 @@ job."""
 
 from __future__ import annotations
 
+import copy
 import re
 import subprocess
 import time
@@ -112,3 +113,26 @@ def test_snakemake_refuses_an_unknown_preset_before_any_job(tmp_path):
     assert run.returncode != 0
     assert "preset: 'imdb' is not one of ['ag-news', 'sms-spam'" in run.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_the_console_says_which_runs_continue_and_names_the_keys_that_start_one_over(tmp_path):
+    """Before any job: one experiment's finished run goes on to a larger max_steps, the other's
+    changed learning rate starts it again from step 0, named key by key."""
+    from snaketune import resume
+    from snaketune.config import validated
+    from snaketune.settings import ConfigView
+
+    view = ConfigView(validated(copy.deepcopy(DEFAULT_CONFIG), REPO), REPO)  # fills defaults
+    for name in ("demo-lm", "demo-intent"):
+        job = BY_RULE["train_model"].from_config(view, experiment=name)
+        resume.write_record(tmp_path / "results" / name / "train_state", 300, job, "digest")
+    config = config_with(experiments__0__train__max_steps=400, experiments__1__train__lr=0.001)
+    result = snakemake_with(tmp_path, config, "--cores", "1", "--dry-run")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "demo-lm: training continues the checkpoint at step 300 to train.max_steps 400"
+        in result.stderr
+    )
+    assert "demo-intent: training starts again from step 0: train.lr 0.002 -> 0.001" in (
+        result.stderr
+    )

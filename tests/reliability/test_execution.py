@@ -276,7 +276,10 @@ def test_nan_loss_stops_before_the_update_naming_the_step_and_the_last_checkpoin
         run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, settings)
 
     message = str(caught.value)
-    assert "at step 2; training stopped before updating the weights and saved no model" in message
+    assert (
+        "at step 2; training stopped before updating the weights with it and saved no model"
+        in message
+    )
     assert f"the last good checkpoint is step 1 in {tmp_path / 'state'}" in message
     assert "Lower train.lr" in message
     for output in ("model", "history.jsonl", "manifest.json"):

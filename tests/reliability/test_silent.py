@@ -185,7 +185,7 @@ def test_settings_that_cannot_work_together_are_all_named_by_snakemake_before_an
         "experiments[3].model.lora_alpha: is ignored while model.lora_rank is 0",
         "experiments[3].tokenize.max_length: is a sequence_classification setting",
         "experiments[3].train.precision: 'bf16' is autocast on CUDA; train.device is 'cpu'",
-        "experiments[3].evaluate.stride: 256 is above the context length 128",
+        "experiments[3].evaluate.stride: 256 must be below the context length 128",
         "experiments[4].model.n_layer: is ignored when model.init is 'pretrained'",
         "experiments[4].tokenizer.vocab_size: trains a BPE and is ignored",
     ]

@@ -31,7 +31,7 @@ PIPELINE_TRAIN = {  # the workflow-level scenarios' train settings, as config.ya
     "batch_size": 8,
     "warmup_steps": 2,
     "eval_every": 20,
-    "eval_batches": 2,
+    "eval_rows": 32,
     "checkpoint_every": 10,
 }
 

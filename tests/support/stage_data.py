@@ -70,3 +70,22 @@ def run_clean(
     )
     report = clean_corpus(paths, CleanJob(read=read, clean=settings or CleanSettings()))
     return report, pd.read_parquet(paths.corpus)
+
+
+def rows_of(data: dict, split: str, shards: Path | None = None, manifest: Path | None = None):
+    """A split's memory-mapped rows, as training and evaluation open them."""
+    from snaketune.batches import TokenRows
+    from snaketune.tokenize.shards import TokenizedData
+
+    tokenized = TokenizedData.read(manifest or data["tokenize_manifest"], shards or data["shards"])
+    return TokenRows.open(tokenized, split)
+
+
+def padded(rows) -> dict:
+    """Every row of `rows` in one batch (for small test data): ids, mask, labels."""
+    import numpy as np
+    import torch
+
+    batch = rows.batch(np.arange(len(rows)))
+    batch.setdefault("attention_mask", torch.ones_like(batch["input_ids"]))
+    return batch

@@ -11,18 +11,25 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score
 
-from snaketune.evaluation import (
-    classification_metrics,
-    evaluate_model,
+from snaketune.evaluation import CPU, classification_metrics, evaluate_model
+from snaketune.local import PreparedData
+from snaketune.models import build_model
+from snaketune.perplexity import (
+    count_words,
     perplexity,
     score_lm,
     token_byte_lengths,
+    word_perplexity,
 )
-from snaketune.local import PreparedData
-from snaketune.models import build_model
 from snaketune.settings import EvalJob, EvalSettings, ModelSettings
 from snaketune.stages import EvaluatePaths
-from snaketune.train import load_examples
+from snaketune.tokenize.shards import read_shards
+
+
+def stream_of(data: dict) -> np.ndarray:
+    """The test split's tokens end to end, from the Parquet shards (not the token arrays)."""
+    rows = read_shards(data["shards"] / "test").column("input_ids")
+    return rows.combine_chunks().flatten().to_numpy().astype(np.int64)
 
 
 def tiny_lm(info: dict, context: int):
@@ -39,10 +46,11 @@ def tiny_lm(info: dict, context: int):
     return model.eval()
 
 
-def reference_nll(model, stream: torch.Tensor, context: int, stride: int) -> tuple[float, int]:
+def reference_nll(model, tokens: list[int], context: int, stride: int) -> tuple[float, int]:
     """The definition, written plainly: window by window, position by position, in float64;
     a token is scored in the first window where it has context and was not scored before."""
     total, count, scored = 0.0, 0, set()
+    stream = torch.tensor(tokens)
     with torch.no_grad():
         for begin in range(0, stream.numel(), stride):
             window = stream[begin : begin + context]
@@ -56,21 +64,44 @@ def reference_nll(model, stream: torch.Tensor, context: int, stride: int) -> tup
     return total, count
 
 
-@pytest.mark.parametrize(("context", "stride"), [(32, 32), (32, 8), (24, 10)])
+@pytest.mark.parametrize(("context", "stride"), [(32, 31), (32, 8), (24, 10)])
 def test_perplexity_matches_an_independent_float64_loop(lm_data, context, stride):
     from transformers import AutoTokenizer
 
     info = json.loads(lm_data["tokenize_manifest"].read_text())
-    test = load_examples(lm_data["shards"] / "test", "causal_lm", info["pad_token_id"])
-    model = tiny_lm(info, test.input_ids.size(1))
-    stream = test.input_ids.reshape(-1)[:700]
+    model = tiny_lm(info, 32)
+    stream = stream_of(lm_data)[:700]
     lengths = token_byte_lengths(AutoTokenizer.from_pretrained(lm_data["tokenizer"]))
-    ours = score_lm(model, stream, context, stride, batch_size=7, byte_lengths=lengths)
-    total, count = reference_nll(model, stream, context, stride)
-    assert ours["predicted_tokens"] == count
-    if stride < context:
-        assert count == stream.numel() - 1  # every token after the first is scored once
+    eos = info["eos_token_id"]
+    ours = score_lm(model, stream, context, stride, 7, lengths, CPU, prefix=eos)
+    total, count = reference_nll(model, [eos, *stream.tolist()], context, stride)
+    assert ours["predicted_tokens"] == count == len(stream)  # every token, the first too
     assert ours["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-6)
+    plain = score_lm(model, stream, context, stride, 7, lengths, CPU)  # no prefix token
+    assert plain["predicted_tokens"] == len(stream) - 1
+
+
+def test_words_and_bytes_are_those_of_the_documents(lm_data):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
+    eos = tokenizer.eos_token_id
+    stream = stream_of(lm_data)
+    documents, start = [], 0
+    for end in [*np.flatnonzero(stream == eos), len(stream)]:
+        documents.append(tokenizer.decode(stream[start:end].tolist(), skip_special_tokens=True))
+        start = end + 1
+    words, chars = count_words(tokenizer, stream, eos)
+    assert words == sum(len(d.split()) for d in documents)
+    assert chars == sum(len(d) for d in documents)
+    lengths = token_byte_lengths(tokenizer)
+    assert int(lengths[stream].sum()) == sum(len(d.encode("utf-8")) for d in documents)
+
+
+def test_word_perplexity_is_null_without_whitespace_word_boundaries():
+    assert word_perplexity(10.0, 5, 30) == (pytest.approx(math.exp(2.0)), "")
+    value, reason = word_perplexity(10.0, 1, 400)  # e.g. Chinese: one "word" of 400 characters
+    assert value is None and "no whitespace word boundaries" in reason
 
 
 def test_perplexity_overflow_is_reported_as_infinity():
@@ -86,6 +117,7 @@ def test_byte_lengths_cover_the_test_text(lm_data):
     text = "Customer: my refund of $20.50 hasn't arrived – what's up?"
     ids = tokenizer.encode(text, add_special_tokens=False)
     assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
+    assert lengths[tokenizer.eos_token_id] == 0  # a document's end adds no byte
 
 
 def test_classification_metrics_agree_with_sklearn():
@@ -143,10 +175,13 @@ def test_per_document_test_rows_are_scored_as_one_stream_without_their_padding(
     metrics = evaluate_model(evaluate_paths(data, tmp_path), EvalJob("causal_lm", settings))
 
     rows = read_shards(data["shards"] / "test").column("input_ids").to_pylist()
-    stream = torch.tensor(list(chain.from_iterable(rows)))
-    assert stream.numel() == info["counts"]["test"]["tokens"]
-    assert any(len(r) < 32 for r in rows)  # padded when loaded, so padding had to be dropped
-    expected = score_lm(tiny_lm(info, 32), stream, 32, 32, 5, token_byte_lengths(tokenizer))
-    assert metrics["predicted_tokens"] == expected["predicted_tokens"]
-    assert metrics["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-9)
+    stream = np.array(list(chain.from_iterable(rows)))
+    assert len(stream) == info["counts"]["test"]["tokens"]
+    assert any(len(r) < 32 for r in rows)  # padded in a batch, so padding had to be dropped
+    lengths = token_byte_lengths(tokenizer)
+    eos = info["eos_token_id"]
+    expected = score_lm(tiny_lm(info, 32), stream, 32, 31, 5, lengths, CPU, prefix=eos)
+    assert metrics["predicted_tokens"] == expected["predicted_tokens"] == len(stream)
+    # fp32 cross-entropy (summed in float64): equal to 1e-6 whichever attention kernel ran.
+    assert metrics["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-6)
     assert metrics["context_length"] == 32

@@ -35,7 +35,7 @@ from snaketune.split import split_corpus
 from snaketune.stages import CleanPaths, SplitPaths, TokenizerPaths
 from snaketune.tokenize.one_process import tokenize_in_one_process
 from snaketune.tokenize.plan import row_ranges
-from snaketune.tokenize.shards import read_shards
+from snaketune.tokenize.shards import SHARD_GLOB, TokenArrays, read_shards
 from snaketune.tokenizer import EOS, prepare_tokenizer
 from tests.support.repo import DEMO_CORPUS
 
@@ -96,7 +96,7 @@ def eos_id(tokenizer_dir: Path) -> int:
 
 
 def shard_files(shard_dir: Path) -> list[str]:
-    return sorted(p.name for p in shard_dir.iterdir())
+    return sorted(p.name for p in shard_dir.glob(SHARD_GLOB))
 
 
 # --- real data, built once per module ------------------------------------------------------------
@@ -453,3 +453,25 @@ def test_more_partitions_than_rows_leaves_the_extra_ones_empty(tokenizer_dir, tm
     assert read_shards(out["dir"] / "train").column("doc_id").to_pylist() == [
         f"train-{i}" for i in range(len(pairs))
     ]
+
+
+# --- the memory-mapped arrays beside the shards -------------------------------------------------
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_the_token_arrays_hold_exactly_the_shard_rows(lm, cls, split):
+    for out in (lm, cls):
+        table = read_shards(out["dir"] / split)
+        assert out["manifest"]["token_dtype"] == "uint16"  # a vocabulary of 400 fits
+        arrays = TokenArrays.open(out["dir"] / split, "uint16")
+        rows = table.column("input_ids").to_pylist()
+        assert len(arrays) == len(rows)
+        assert arrays.tokens.dtype == np.uint16 and arrays.offsets.dtype == np.int64
+        for i in (0, len(rows) // 2, len(rows) - 1):
+            start, end = arrays.offsets[i], arrays.offsets[i + 1]
+            assert arrays.tokens[start:end].tolist() == rows[i]
+        assert int(arrays.offsets[-1]) == sum(map(len, rows)) == len(arrays.tokens)
+        if "label" in table.column_names:
+            assert arrays.labels.tolist() == table.column("label").to_pylist()
+        else:
+            assert len(arrays.labels) == 0

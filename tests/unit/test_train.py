@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
-from snaketune.batches import IGNORED_LABEL, batch_indices, load_examples
+from snaketune.batches import IGNORED_LABEL, batch_indices
 from snaketune.models import build_model, load_trained
 from snaketune.settings import ModelSettings, TrainSettings
 from snaketune.train import learning_rate
-from tests.support.stage_data import run_training
+from tests.support.stage_data import padded, rows_of, run_training
 
 TINY_MODEL = ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.1)
 
@@ -63,7 +64,8 @@ def test_causal_lm_training_lowers_validation_loss(lm_data, tmp_path):
     assert saved == history
     assert (tmp_path / "model" / "model.safetensors").exists()
     assert (tmp_path / "model" / "tokenizer.json").exists()
-    assert not (tmp_path / "state").exists()  # the finished model replaces the checkpoint
+    # The finished run's last checkpoint stays (keep_final_state), so more steps continue it.
+    assert json.loads((tmp_path / "state" / "checkpoint.json").read_text())["step"] == 60
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["device"] == "cpu" and manifest["counts"]["steps"] == 60
 
@@ -72,33 +74,35 @@ def test_loaded_rows_are_the_shard_rows_followed_by_padding(lm_per_document_data
     from snaketune.tokenize.shards import read_shards
 
     shards = read_shards(lm_per_document_data["shards"] / "val").column("input_ids").to_pylist()
-    val = load_examples(lm_per_document_data["shards"] / "val", "causal_lm", pad_token_id=7)
+    rows = replace(rows_of(lm_per_document_data, "val"), pad_token_id=7)
+    val = padded(rows)
 
-    assert len(val) == len(shards)
+    assert len(rows) == len(shards)
     for i, row in enumerate(shards):
-        assert val.input_ids[i, : len(row)].tolist() == row
-        assert set(val.input_ids[i, len(row) :].tolist()) <= {7}
-        assert val.attention_mask[i].tolist() == [1] * len(row) + [0] * (32 - len(row))
+        assert val["input_ids"][i, : len(row)].tolist() == row
+        assert set(val["input_ids"][i, len(row) :].tolist()) <= {7}
+        assert val["attention_mask"][i].tolist() == [1] * len(row) + [0] * (32 - len(row))
 
 
 def test_per_document_rows_are_padded_and_the_padding_is_never_a_target(lm_per_document_data):
     info = json.loads(lm_per_document_data["tokenize_manifest"].read_text())
-    train = load_examples(lm_per_document_data["shards"] / "train", "causal_lm", 0)
+    rows = rows_of(lm_per_document_data, "train")
+    train = padded(rows)
 
-    padding = train.attention_mask == 0
-    assert padding.any() and train.input_ids.size(1) == 32
-    assert bool((train.labels[padding] == IGNORED_LABEL).all())
-    assert torch.equal(train.labels[~padding], train.input_ids[~padding])
+    padding = train["attention_mask"] == 0
+    assert padding.any() and train["input_ids"].size(1) == 32
+    assert bool((train["labels"][padding] == IGNORED_LABEL).all())
+    assert torch.equal(train["labels"][~padding], train["input_ids"][~padding])
     assert int((~padding).sum()) == info["counts"]["train"]["tokens"]
-    kept = train.with_targets()  # rows of one token have nothing to predict
-    assert len(kept) == int((train.attention_mask.sum(dim=1) >= 2).sum()) < len(train)
+    kept = rows.with_targets()  # rows of one token have nothing to predict
+    assert len(kept) == int((train["attention_mask"].sum(dim=1) >= 2).sum()) < len(rows)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "lstm"])
 def test_a_padded_batch_has_the_loss_of_its_rows_scored_one_by_one(lm_per_document_data, arch):
     info = json.loads(lm_per_document_data["tokenize_manifest"].read_text())
-    train = load_examples(lm_per_document_data["shards"] / "train", "causal_lm", 0)
-    lengths = train.attention_mask.sum(dim=1)
+    train = rows_of(lm_per_document_data, "train")
+    lengths = torch.from_numpy(train.lengths())
     short = int(torch.nonzero((lengths > 1) & (lengths < 32))[0])
     index = np.array([short, int(torch.argmax(lengths))])
     torch.manual_seed(0)
@@ -109,7 +113,7 @@ def test_a_padded_batch_has_the_loss_of_its_rows_scored_one_by_one(lm_per_docume
         batched = float(model(**train.batch(index)).loss)
         nll_sum, targets = 0.0, 0
         for i in index:
-            row = train.input_ids[i, : lengths[i]][None]
+            row = train.batch([i])["input_ids"]
             nll_sum += float(model(input_ids=row, labels=row).loss) * (row.size(1) - 1)
             targets += row.size(1) - 1
 
@@ -133,7 +137,6 @@ def test_causal_lm_training_on_per_document_rows_lowers_validation_loss(
 def test_classifier_training_beats_chance(classification_data, tmp_path, arch):
     from snaketune.evaluation import predict_classes
     from snaketune.models import load_trained
-    from snaketune.train import load_examples
 
     settings = TrainSettings(max_steps=80, batch_size=32, lr=3e-3, warmup_steps=5, eval_every=40)
     run_training(
@@ -144,11 +147,9 @@ def test_classifier_training_beats_chance(classification_data, tmp_path, arch):
         settings,
     )
     info = json.loads(classification_data["tokenize_manifest"].read_text())
-    val = load_examples(
-        classification_data["shards"] / "val", "sequence_classification", info["pad_token_id"]
-    )
+    val = rows_of(classification_data, "val")
     model = load_trained(tmp_path / "model", "sequence_classification")
-    accuracy = (predict_classes(model, val, 64) == val.labels.numpy()).mean()
+    accuracy = (predict_classes(model, val, 64) == val.labels()).mean()
     assert accuracy > 2 / len(info["label_names"])  # chance is 1/8
 
 
@@ -171,3 +172,172 @@ def test_checkpoint_from_other_settings_is_not_resumed(lm_data, tmp_path):
     history = run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, first)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["counts"]["resumed_from_step"] == 0 and len(history) == 10
+
+
+# --- continued training -------------------------------------------------------------------------
+
+
+def test_a_continued_schedule_goes_on_from_the_rate_it_had_to_the_new_end():
+    from snaketune.train import continued_schedule
+
+    s = TrainSettings(max_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    killed_at_50 = continued_schedule([[0, 100, None]], 50, replace(s, max_steps=200))
+    assert killed_at_50 == [[0, 100, None], [50, 200, pytest.approx(learning_rate(50, s))]]
+    longer = replace(s, max_steps=200)
+    assert learning_rate(49, longer, killed_at_50) == learning_rate(49, s)  # the past unchanged
+    assert learning_rate(50, longer, killed_at_50) == pytest.approx(learning_rate(50, s))
+    assert learning_rate(200, longer, killed_at_50) == pytest.approx(1e-4)  # the same floor
+    rates = [learning_rate(i, longer, killed_at_50) for i in range(50, 201)]
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    finished = continued_schedule([[0, 100, None]], 100, longer)
+    assert learning_rate(150, longer, finished) == pytest.approx(1e-4)  # it goes on at its end
+    assert continued_schedule(killed_at_50, 50, longer) == killed_at_50  # nothing new to plan
+
+
+QUICK = TrainSettings(
+    max_steps=20, batch_size=8, lr=3e-3, warmup_steps=2, eval_every=10, checkpoint_every=10
+)
+
+
+def test_more_steps_after_a_finished_run_continue_it_without_a_gap_or_a_repeat(lm_data, tmp_path):
+    first = run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, QUICK)
+    longer = replace(QUICK, max_steps=30)
+    history = run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, longer)
+
+    assert [row["step"] for row in history] == list(range(1, 31))
+    drop = ("tokens_per_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in history[:20]] == [
+        {k: v for k, v in r.items() if k not in drop} for r in first
+    ]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["counts"]["resumed_from_step"] == 20 and manifest["counts"]["steps"] == 30
+    assert manifest["schedule"][0] == [0, 20, None] and manifest["schedule"][1][:2] == [20, 30]
+    assert history[20]["lr"] == pytest.approx(manifest["schedule"][1][2])
+
+
+def test_settings_that_change_no_step_taken_resume_and_others_start_over(lm_data, tmp_path):
+    run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, QUICK)
+    calmer = replace(QUICK, eval_every=5, checkpoint_every=7, early_stopping_patience=3)
+    again = run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, calmer)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["counts"]["resumed_from_step"] == 20 and len(again) == 20
+
+    other = replace(QUICK, lr=1e-3)
+    run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, other)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["counts"]["resumed_from_step"] == 0
+
+
+def test_a_forced_restart_names_each_changed_key():
+    from snaketune import resume
+    from snaketune.settings import TrainJob
+
+    job = TrainJob("causal_lm", TINY_MODEL, QUICK)
+    record = {
+        "step": 20,
+        "max_steps": 20,
+        "trajectory": resume.trajectory(job),
+        "data": "d1",
+    }
+    changed = TrainJob("causal_lm", replace(TINY_MODEL, n_layer=2), replace(QUICK, lr=1e-3))
+    plan = resume.plan(record, changed, "d2")
+    assert not plan.resume
+    assert "starts again from step 0: model.n_layer 1 -> 2; train.lr 0.003 -> 0.001" in plan.message
+    assert "the tokenized data since the checkpoint at step 20" in plan.message
+    assert resume.plan(record, job, "d1") == resume.Plan(True, "")
+    fewer = resume.plan(
+        record, TrainJob("causal_lm", TINY_MODEL, replace(QUICK, max_steps=10)), "d1"
+    )
+    assert not fewer.resume and "train.max_steps 10 is below the 20 steps" in fewer.message
+    more = resume.plan(
+        record, TrainJob("causal_lm", TINY_MODEL, replace(QUICK, max_steps=40)), "d1"
+    )
+    assert (
+        more.resume and "continues the checkpoint at step 20 to train.max_steps 40" in more.message
+    )
+
+
+def test_the_last_k_checkpoints_are_kept(lm_data, tmp_path):
+    settings = replace(QUICK, max_steps=30, keep_checkpoints=2)
+    run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, settings)
+    kept = sorted(p.name for p in (tmp_path / "state").glob("checkpoint*"))
+    assert kept == ["checkpoint-00000020.pt", "checkpoint.json", "checkpoint.pt"]
+    assert torch.load(tmp_path / "state" / "checkpoint.pt", weights_only=True)["step"] == 30
+
+
+def test_keep_final_state_off_removes_the_state_once_the_model_is_saved(lm_data, tmp_path):
+    run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, replace(QUICK, keep_final_state=False))
+    assert not (tmp_path / "state").exists() and (tmp_path / "model").exists()
+
+
+def test_validation_reports_the_whole_split_as_loss_perplexity_accuracy_and_f1(
+    lm_data, classification_data, tmp_path
+):
+    lm = run_training(lm_data, tmp_path / "lm", "causal_lm", TINY_MODEL, QUICK)
+    row = lm[-1]
+    assert row["val_perplexity"] == pytest.approx(math.exp(row["val_loss"]))
+    cls = run_training(
+        classification_data, tmp_path / "cls", "sequence_classification", TINY_MODEL, QUICK
+    )
+    assert 0 <= cls[-1]["val_accuracy"] <= 1 and 0 <= cls[-1]["val_macro_f1"] <= 1
+
+
+@pytest.fixture
+def cpu_run(lm_data, tmp_path):
+    """A real training run set up on the CPU, before its first step."""
+    from snaketune.distributed import World
+    from snaketune.settings import TrainJob
+    from snaketune.tokenize.shards import TokenizedData
+    from snaketune.train import prepare_run
+
+    data = TokenizedData.read(lm_data["tokenize_manifest"], lm_data["shards"])
+    job = TrainJob(task="causal_lm", model=TINY_MODEL, train=replace(QUICK, log_every=4))
+    return prepare_run(data, tmp_path / "state", job, World())
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_the_read_stops_training(cpu_run):
+    """The CUDA path (found_inf given to fused AdamW, the loss read later), on the CPU's fused
+    AdamW: the weights and the optimizer's step count do not move, and the read refuses it."""
+    from snaketune.errors import TrainingError
+    from snaketune.train import Unread, one_step, update
+
+    run = cpu_run
+    assert run.optimizer.defaults["fused"]
+    row, reading = one_step(run, 0, [[0, run.settings.max_steps, None]])  # a finite step
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    for p in run.model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    update(run, torch.tensor([float("nan"), float("nan")]))
+    after = run.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(int(s["step"]) == 1 for s in run.optimizer.state.values())
+    unread = Unread(
+        [row, {"step": 2, "lr": 0.1, "tokens": 1}], [reading, torch.tensor([math.nan, 1.0])]
+    )
+    with pytest.raises(TrainingError, match="loss nan .* at step 2; training stopped before"):
+        unread.read(run)
+
+
+def test_on_cuda_the_loss_is_read_every_log_every_steps_and_where_the_loop_needs_it(cpu_run):
+    from snaketune.devices import Placement
+    from snaketune.train import read_now
+
+    s = cpu_run.settings  # log_every 4, eval_every 10, checkpoint_every 10, max_steps 20
+    assert [step for step in range(1, 21) if read_now(cpu_run, step)] == list(range(1, 21))
+    cuda = replace(cpu_run, placement=Placement(torch.device("cuda"), torch.bfloat16))
+    expected = sorted({*range(4, 21, 4), *range(s.eval_every, 21, s.eval_every), 20})
+    assert [step for step in range(1, 21) if read_now(cuda, step)] == expected
+
+
+def test_rows_read_together_keep_every_step_and_share_the_window_s_throughput(cpu_run):
+    from snaketune.train import Unread, one_step
+
+    unread = Unread()
+    for step in range(3):
+        row, reading = one_step(cpu_run, step, [[0, cpu_run.settings.max_steps, None]])
+        unread.rows.append(row)
+        unread.readings.append(reading)
+    rows = unread.read(cpu_run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    assert len({r["tokens_per_s"] for r in rows}) == 1 and not unread.rows

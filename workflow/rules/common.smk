@@ -7,6 +7,7 @@ import re
 import sys
 
 from snaketune.config import apply_preset, raise_if_invalid, validated
+from snaketune import resume
 from snaketune.names import SPLITS
 from snaketune.provenance import write_invocation
 from snaketune.settings import ConfigView, download_settings, mlflow_settings, to_json
@@ -121,6 +122,19 @@ def check_local_sources():
         download = download_settings(CONFIG, name)
         sources[name] = (download.url, download.sha256, manifest.format(dataset=name))
     raise_if_invalid(changed_sources(sources), "a dataset file changed")
+
+
+def say_how_training_continues():
+    """Before any job, on the console: an experiment whose checkpoint will go on to a new
+    max_steps, or whose changed settings start it again from step 0 (what the train job then
+    does, and its log says too)."""
+    state_dir = rules.train_model.params.state_dir
+    for name in EXPERIMENTS:
+        state = state_dir.format(experiment=name)
+        job = BY_RULE["train_model"].from_config(CONFIG, experiment=name)
+        plan = resume.plan(resume.read_record(state), job, None)
+        if plan.message:
+            print(f"snaketune: {name}: training {plan.message} ({state})", file=sys.stderr)
 
 
 def record_invocation():

@@ -1,74 +1,96 @@
-"""Training data in memory: padded token rows, and the order batches are drawn in.
+"""Batches of token rows, gathered from the memory-mapped arrays of one split per step, and the
+order they are drawn in.
 
-The order is a pure function of (seed, step, rank), so a resumed or multi-process run sees
-exactly the batches an uninterrupted single-process run would.
+Nothing is loaded up front: a batch reads only its own rows' pages, pads them to the longest
+row of the batch and masks the padding, so memory does not grow with the corpus and training
+processes on one machine share the pages. The order is a pure function of (seed, step, rank),
+so a resumed or multi-process run sees exactly the batches an uninterrupted single-process run
+would.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import functools
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from snaketune.names import CAUSAL_LM
-from snaketune.tokenize.shards import read_shards
+from snaketune.tokenize.shards import TokenArrays, TokenizedData
 
 IGNORED_LABEL = -100  # the label transformers' losses skip
 
 
-@dataclass
-class Examples:
-    """One split in memory: padded ids, attention mask and (for classification) labels."""
+@dataclass(frozen=True)
+class TokenRows:
+    """Rows of one split: all of them, or those listed in `rows` (row numbers, in order)."""
 
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
+    arrays: TokenArrays
+    task: str
+    pad_token_id: int
+    rows: np.ndarray | None = None
+
+    @classmethod
+    def open(cls, data: TokenizedData, split: str) -> TokenRows:
+        return cls(data.arrays(split), data.task, data.pad_token_id)
 
     def __len__(self) -> int:
-        return self.input_ids.size(0)
+        return len(self.arrays) if self.rows is None else len(self.rows)
 
-    def with_targets(self) -> Examples:
+    def numbers(self, index: np.ndarray) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64)
+        return index if self.rows is None else self.rows[index]
+
+    def lengths(self) -> np.ndarray:
+        lengths = np.diff(self.arrays.offsets)
+        return lengths if self.rows is None else lengths[self.rows]
+
+    def with_targets(self) -> TokenRows:
         """Causal LM rows with a token to predict: a per-document row of one token (a
         document's EOS cut off by the block size) has none, and a batch of only such rows would
         have no loss."""
-        keep = self.attention_mask.sum(dim=1) >= 2
-        if bool(keep.all()):
-            return self
-        return Examples(self.input_ids[keep], self.attention_mask[keep], self.labels[keep])
+        keep = np.flatnonzero(self.lengths() >= 2)
+        return self if len(keep) == len(self) else replace(self, rows=self.numbers(keep))
 
     def batch(self, index: np.ndarray) -> dict[str, torch.Tensor]:
-        idx = torch.as_tensor(index)
-        mask = self.attention_mask[idx]
-        width = int(mask.sum(dim=1).max())  # trim padding shared by the whole batch
-        batch = {
-            "input_ids": self.input_ids[idx, :width],
-            "labels": self.labels[idx] if self.labels.dim() == 1 else self.labels[idx, :width],
-        }
-        mask = mask[:, :width]
-        # A mask of all ones says nothing, and without one attention takes its causal fast
-        # path (packed LM blocks never need one).
-        if not bool(mask.all()):
-            batch["attention_mask"] = mask
+        """The rows at `index`, padded to the longest of them; padding is masked (and, for the
+        LM, no target). A batch without padding carries no mask: attention then takes its causal
+        fast path (packed LM blocks never need one)."""
+        numbers = self.numbers(index)
+        starts = np.asarray(self.arrays.offsets[numbers], dtype=np.int64)
+        lengths = np.asarray(self.arrays.offsets[numbers + 1], dtype=np.int64) - starts
+        width = int(lengths.max())
+        real = np.arange(width) < lengths[:, None]
+        positions = np.where(real, starts[:, None] + np.arange(width), starts[:, None])
+        ids = self.arrays.tokens[positions].astype(np.int64)
+        ids[~real] = self.pad_token_id
+        input_ids = torch.from_numpy(ids)
+        if self.task == CAUSAL_LM:
+            labels = input_ids.masked_fill(torch.from_numpy(~real), IGNORED_LABEL)
+        else:
+            labels = torch.from_numpy(self.arrays.labels[numbers].astype(np.int64))
+        batch = {"input_ids": input_ids, "labels": labels}
+        if not real.all():
+            batch["attention_mask"] = torch.from_numpy(real.astype(np.int64))
         return batch
 
+    def stream(self) -> np.ndarray:
+        """Every token of the rows, end to end (for all rows, the memory-mapped array itself)."""
+        if self.rows is None:
+            return self.arrays.tokens
+        return np.concatenate([self.arrays.tokens[a:b] for a, b in self.spans()])
 
-def load_examples(shard_dir: Path, task: str, pad_token_id: int) -> Examples:
-    table = read_shards(shard_dir)
-    rows = table.column("input_ids").combine_chunks()
-    # Straight from Arrow's offsets and values: no Python object per row or per token.
-    lengths = np.diff(rows.offsets.to_numpy())
-    values = rows.flatten().to_numpy()
-    real = np.arange(int(lengths.max())) < lengths[:, None]
-    padded = np.full(real.shape, pad_token_id, dtype=np.int64)
-    padded[real] = values  # row-major, so each row's ids land in its own leading columns
-    ids, mask = torch.from_numpy(padded), torch.from_numpy(real.astype(np.int64))
-    if task == CAUSAL_LM:
-        # Every token is a target; padding (rows of per-document packing) is not.
-        return Examples(ids, mask, ids.masked_fill(mask == 0, IGNORED_LABEL))
-    labels = torch.tensor(table.column("label").to_pylist(), dtype=torch.long)
-    return Examples(ids, mask, labels)
+    def spans(self) -> list[tuple[int, int]]:
+        offsets = self.arrays.offsets
+        return [(int(offsets[r]), int(offsets[r + 1])) for r in self.numbers(np.arange(len(self)))]
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.arrays.labels[self.numbers(np.arange(len(self)))], dtype=np.int64)
+
+    def width(self) -> int:
+        """The longest row."""
+        return int(self.lengths().max()) if len(self) else 0
 
 
 def batch_indices(
@@ -92,6 +114,13 @@ def batch_indices(
     epochs, offsets = positions // n, positions % n
     out = np.empty_like(positions)
     for epoch in np.unique(epochs):
-        perm = np.random.default_rng([seed, int(epoch)]).permutation(n)
-        out[epochs == epoch] = perm[offsets[epochs == epoch]]
+        out[epochs == epoch] = epoch_order(seed, int(epoch), n)[offsets[epochs == epoch]]
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The order of one epoch's examples; made once per epoch, not once per step."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    order.flags.writeable = False
+    return order

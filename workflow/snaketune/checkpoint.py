@@ -8,6 +8,7 @@ checkpoint cannot run code; RNG states are stored in that form for the same reas
 from __future__ import annotations
 
 import logging
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 
 from snaketune.errors import TrainingError
 from snaketune.fileio import atomic_path
+from snaketune.resume import read_record
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -61,8 +63,15 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
-def save_checkpoint(state_dir: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(state_dir: Path, state: dict[str, Any], keep: int = 1) -> None:
+    """Write checkpoint.pt (atomically); with keep > 1 the previous ones stay as
+    checkpoint-<step>.pt, the newest keep - 1 of them."""
     path = Path(state_dir) / CHECKPOINT
+    record = read_record(state_dir)
+    if keep > 1 and path.exists() and record is not None:
+        older = path.with_name(f"checkpoint-{record['step']:08d}.pt")
+        older.unlink(missing_ok=True)
+        os.link(path, older)  # the same bytes under a second name, no copy
     try:
         with atomic_path(path) as tmp:
             torch.save({**state, "rng": rng_state()}, tmp)
@@ -72,6 +81,8 @@ def save_checkpoint(state_dir: Path, state: dict[str, Any]) -> None:
             f"checkpoint, if any, is kept. Check the free space in {state_dir} and rerun."
         ) from err
     log.info("checkpoint written at step %d", state["step"])
+    for stale in sorted(Path(state_dir).glob("checkpoint-*.pt"))[: -(keep - 1) or None]:
+        stale.unlink()
 
 
 def load_checkpoint(state_dir: Path, fingerprint: str) -> dict[str, Any] | None:
@@ -103,9 +114,15 @@ def save_best(state_dir: Path, model: torch.nn.Module) -> None:
 
 
 def load_best(state_dir: Path, model: torch.nn.Module) -> None:
+    """The best evaluated weights, when they were kept (early stopping was on when they were
+    evaluated); otherwise the model keeps the weights it has, and the log says so."""
     from safetensors.torch import load_model
 
-    load_model(model, str(Path(state_dir) / BEST_WEIGHTS), device="cpu")
+    path = Path(state_dir) / BEST_WEIGHTS
+    if not path.exists():
+        log.warning("no best weights in %s (early stopping was off then); keeping the last", path)
+        return
+    load_model(model, str(path), device=str(next(model.parameters()).device))
 
 
 def last_checkpoint_step(state_dir: Path) -> int | None:

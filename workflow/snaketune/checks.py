@@ -104,12 +104,12 @@ def context_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
         context = evaluate["context_length"] or tokenize["block_size"]
         if evaluate["context_length"]:
             asked["evaluate.context_length"] = context
-        if evaluate["stride"] > context:
+        if evaluate["stride"] >= context:
             problems.append(
                 (
                     "evaluate.stride",
-                    f"{evaluate['stride']} is above the context length {context}: tokens "
-                    "between windows would never be scored",
+                    f"{evaluate['stride']} must be below the context length {context}: every "
+                    "token needs one before it in its window",
                 )
             )
         if (

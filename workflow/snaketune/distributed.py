@@ -59,12 +59,13 @@ def no_sync_unless(model: torch.nn.Module, last_micro_batch: bool):
     return model.no_sync()
 
 
-def mean(value: float, device: torch.device) -> float:
+def mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean over every process, left on the device (no host sync)."""
     if not dist.is_initialized():
         return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return float(tensor.item()) / dist.get_world_size()
+    total = value.clone()
+    dist.all_reduce(total)
+    return total / dist.get_world_size()
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

@@ -4,6 +4,8 @@ and with which library versions. The job's paths (snaketune.stages) say which is
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import platform
 import time
@@ -54,10 +56,21 @@ class StageRecord:
     extra: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
-    def add_input(self, name: str, path: Path) -> str:
-        """Record one more input (a part of an input folder, say); returns its digest."""
-        self.inputs[name] = {"path": str(path), "sha256": sha256_tree(path)}
-        return self.inputs[name]["sha256"]
+    def add_input(self, name: str, path: Path, manifest_name: str = "") -> str:
+        """Record one more input (a part of an input folder, say); returns its digest. An input
+        named like a manifest (`manifest_name`) is another stage's: see manifest_digest."""
+        is_manifest = Path(path).name == manifest_name and Path(path).is_file()
+        digest = manifest_digest(path) if is_manifest else sha256_tree(path)
+        self.inputs[name] = {"path": str(path), "sha256": digest}
+        return digest
+
+
+def manifest_digest(path: Path) -> str:
+    """sha256 of a stage's manifest without its `seconds`, which differ on every run: the same
+    inputs then have the same digest, and so do the manifests that record them."""
+    record = read_json(path)
+    record.pop("seconds", None)
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def digested(paths: Paths, role: str, unread: tuple[str, ...] = ()) -> dict[str, Path]:
@@ -86,14 +99,18 @@ def stage_manifest(
     *,
     params: dict[str, Any] | None = None,
     unread: tuple[str, ...] = (),
+    known: dict[str, str] | None = None,
 ) -> Iterator[StageRecord]:
     """Time the stage and write paths.manifest only if the stage body finished without error.
     Its params are the settings (and `params`); every input but the `unread` ones is digested
-    first, every output last."""
+    first (but those whose digest the stage already `known`s), every output last."""
     stage = stage_of(paths)
     record = StageRecord(inputs={}, params={**asdict(settings), **(params or {})})
     for name, path in digested(paths, INPUT, unread).items():
-        record.add_input(name, path)
+        if known and name in known:
+            record.inputs[name] = {"path": str(path), "sha256": known[name]}
+        else:
+            record.add_input(name, path, paths.manifest.name)
     started = time.perf_counter()
     yield record
     record.seconds = round(time.perf_counter() - started, 3)

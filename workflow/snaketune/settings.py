@@ -357,7 +357,7 @@ class ModelSettings:
     n_head: int = 4
     dropout: float = 0.1
     attention: str = "auto"
-    """'eager', 'sdpa' (torch's fused attention), or 'auto': sdpa on CUDA, eager on CPU."""
+    """'eager', 'sdpa' (torch's fused attention), or 'auto': sdpa (see models.attention)."""
     lora_rank: int = 0
     """LoRA adapter rank through peft; 0 trains every weight."""
     lora_alpha: int = 16
@@ -415,8 +415,15 @@ class TrainSettings:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     eval_every: int = 50
-    eval_batches: int = 8
+    log_every: int = 10
+    """Steps between reads of the loss from a CUDA device (each read waits for the GPU)."""
+    eval_rows: int = 4096
+    """Validation rows per estimate: the whole split when it is smaller."""
     checkpoint_every: int = 50
+    keep_checkpoints: int = 1
+    """Checkpoints kept in the state folder: the latest and the keep - 1 before it."""
+    keep_final_state: bool = True
+    """Keep the last checkpoint after training ends, so that a larger max_steps continues."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a better val loss (0: off); keeps the best."""
     compile: bool = False
@@ -427,19 +434,21 @@ class TrainSettings:
     device: str = "auto"
     """'auto' uses CUDA when present, else CPU."""
     precision: str = "auto"
-    """'auto' is bf16 autocast on CUDA and fp32 on CPU; 'fp32' forces full precision."""
+    """'auto': bf16 autocast on a CUDA device with bf16, fp16 (scaled) on one without, fp32 on
+    the CPU (snaketune.devices)."""
     threads: int = 0
     """CPU threads for torch; 0 leaves torch's default."""
-    deterministic: bool = True
+    deterministic: bool | str = "auto"
+    """Deterministic kernels; 'auto' is on for the CPU (exact resume), off on CUDA (fast)."""
 
     def __post_init__(self) -> None:
-        if self.precision == "bf16" and self.device == "cpu":
+        if self.precision in ("bf16", "fp16") and self.device == "cpu":
             raise SettingsError(
                 [
                     (
                         "precision",
-                        "'bf16' is autocast on CUDA; train.device is 'cpu', which trains "
-                        "in fp32: set precision: fp32 (or auto), or device: cuda",
+                        f"{self.precision!r} is autocast on CUDA; train.device is 'cpu', which "
+                        "trains in fp32: set precision: fp32 (or auto), or device: cuda",
                     )
                 ]
             )
@@ -467,17 +476,17 @@ class EvalSettings:
     context_length: int = 0
     """causal_lm: tokens per scoring window; 0 means the training block size."""
     stride: int = 0
-    """causal_lm: tokens between window starts; 0 means context_length (no overlap). A smaller
-    stride gives the sliding-window estimate (more context per token, more compute)."""
+    """causal_lm: tokens between window starts; 0 means context_length - 1 (windows share one
+    token, so each token is predicted once). Smaller gives the sliding-window estimate."""
 
     def __post_init__(self) -> None:
-        if self.context_length and self.stride > self.context_length:
+        if self.context_length and self.stride >= self.context_length:
             raise SettingsError(
                 [
                     (
                         "stride",
-                        f"{self.stride} is above context_length={self.context_length}: "
-                        "tokens between windows would never be scored",
+                        f"{self.stride} must be below context_length={self.context_length}: "
+                        "every token needs one before it in its window",
                     )
                 ]
             )
@@ -487,6 +496,9 @@ class EvalSettings:
 class EvalJob:
     task: str
     evaluate: EvalSettings = field(default_factory=EvalSettings)
+    device: str = "auto"
+    """Where the model is evaluated: the train section's device and precision."""
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -667,7 +679,13 @@ def train_job(view: ConfigView, experiment: str) -> TrainJob:
 
 def eval_job(view: ConfigView, experiment: str) -> EvalJob:
     evaluate = view.section(EvalSettings, experiment, "evaluate")
-    return EvalJob(task=view.experiment(experiment)["task"], evaluate=evaluate)
+    train = view.section(TrainSettings, experiment, "train")
+    return EvalJob(
+        task=view.experiment(experiment)["task"],
+        evaluate=evaluate,
+        device=train.device,
+        precision=train.precision,
+    )
 
 
 def mlflow_settings(view: ConfigView) -> MlflowSettings:

@@ -17,7 +17,7 @@ from snaketune.settings import TokenizeJob
 from snaketune.stages import GatherPaths
 from snaketune.tokenize.packing import PACKING, PartitionCounts
 from snaketune.tokenize.plan import split_plans
-from snaketune.tokenize.shards import ShardStats, shard_name, split_dir
+from snaketune.tokenize.shards import ShardStats, shard_name, split_dir, token_dtype, write_arrays
 
 PLAN_FACTS = ("tokenizer_sha256", "pad_token_id", "eos_token_id", "vocab_size", "task")
 
@@ -94,13 +94,14 @@ def gather_shards(paths: GatherPaths, job: TokenizeJob) -> dict[str, SplitStats]
     with stage_manifest(paths, job) as record:
         stats, listed = {}, {}
         with atomic_dir(paths.shards) as tmp:
+            dtype = token_dtype(plan["vocab_size"])
             for name in SPLITS:
-                split_dir(tmp, name).mkdir()
-                stats[name], listed[name] = gather_split(
-                    name, plan, partitions, split_dir(tmp, name)
-                )
+                out = split_dir(tmp, name)
+                out.mkdir()
+                stats[name], listed[name] = gather_split(name, plan, partitions, out)
                 if stats[name].rows == 0:
                     raise CorpusError(no_rows_message(getattr(paths, name).name, job))
+                write_arrays(out, [out / shard.file for shard in stats[name].shards], dtype)
         record.counts = {
             name: {k: v for k, v in asdict(s).items() if k != "shards"} for name, s in stats.items()
         }
@@ -111,6 +112,7 @@ def gather_shards(paths: GatherPaths, job: TokenizeJob) -> dict[str, SplitStats]
                 "shards": {name: [asdict(s) for s in st.shards] for name, st in stats.items()},
                 "partitions": listed,
                 "packing": PACKING[job.layout],
+                "token_dtype": dtype,
             }
         )
     return stats

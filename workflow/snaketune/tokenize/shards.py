@@ -1,9 +1,14 @@
 """The tokenized data's format and contract.
 
 On disk: one folder per split, holding shard-00000.parquet, shard-00001.parquet, ... in row
-order. Causal LM rows have one column, input_ids (int32 lists); classification rows also carry
-the document id and an integer label. The tokenize stage's manifest says what the rows mean
-(block size, vocabulary, special ids, label names); `TokenizedData` is its one typed reader.
+order (the interchange format). Causal LM rows have one column, input_ids (int32 lists);
+classification rows also carry the document id and an integer label. Beside them the same rows
+as flat arrays that training and evaluation map into memory instead of loading (`TokenArrays`):
+every row's tokens end to end (tokens.bin, uint16 when the vocabulary fits, else uint32), where
+each row starts (offsets.bin, rows + 1 int64) and the labels (labels.bin, int32). Pages are read
+as batches need them, and processes on one machine share them, so memory does not grow with the
+corpus. The tokenize stage's manifest says what the rows mean (block size, vocabulary, special
+ids, label names, the token dtype); `TokenizedData` is its one typed reader.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -25,6 +31,8 @@ CLASSIFICATION_SCHEMA = pa.schema(
     [("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("label", pa.int32())]
 )
 SHARD_GLOB = "shard-*.parquet"
+TOKENS, OFFSETS, LABELS = "tokens.bin", "offsets.bin", "labels.bin"
+ARRAY_BATCH_ROWS = 8192  # rows read from the shards at a time when the arrays are written
 
 
 def shard_name(index: int) -> str:
@@ -106,6 +114,66 @@ def read_shards(shard_dir: Path) -> pa.Table:
     return pa.concat_tables(pq.read_table(f) for f in files)
 
 
+def token_dtype(vocab_size: int) -> str:
+    """The smallest unsigned integer type that holds every token id."""
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def write_arrays(split_folder: Path, shard_files: list[Path], dtype: str) -> int:
+    """The flat arrays of one split's rows (see the module docstring), streamed from its shards
+    a record batch at a time; returns the token count."""
+    folder = Path(split_folder)
+    with (
+        open(folder / TOKENS, "wb") as tokens,
+        open(folder / OFFSETS, "wb") as offsets,
+        open(folder / LABELS, "wb") as labels,
+    ):
+        written = 0
+        offsets.write(np.zeros(1, np.int64).tobytes())
+        for shard in shard_files:
+            for batch in pq.ParquetFile(shard, pre_buffer=False).iter_batches(ARRAY_BATCH_ROWS):
+                rows = batch.column("input_ids")
+                starts = np.asarray(rows.offsets, dtype=np.int64)
+                tokens.write(rows.flatten().to_numpy().astype(dtype).tobytes())
+                offsets.write((starts[1:] - starts[0] + written).tobytes())
+                written += int(starts[-1] - starts[0])
+                if "label" in batch.schema.names:
+                    labels.write(batch.column("label").to_numpy().astype(np.int32).tobytes())
+    return written
+
+
+@dataclass(frozen=True)
+class TokenArrays:
+    """One split's rows mapped into memory (read-only)."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray | None
+
+    @classmethod
+    def open(cls, split_folder: Path, dtype: str) -> TokenArrays:
+        folder = Path(split_folder)
+        if not (folder / OFFSETS).exists():
+            raise CorpusError(
+                f"{folder} has no {OFFSETS}: it was tokenized before the token arrays existed; "
+                "rerun the tokenize stage (snakemake -R gather_shards)"
+            )
+        labels = mapped(folder / LABELS, np.int32)
+        return cls(mapped(folder / TOKENS, dtype), mapped(folder / OFFSETS, np.int64), labels)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+
+def mapped(path: Path, dtype) -> np.ndarray | None:
+    """A file as a read-only array; an empty one (np.memmap refuses those) as an empty array."""
+    if not path.exists():
+        return None
+    if path.stat().st_size == 0:
+        return np.empty(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
+
+
 @dataclass(frozen=True)
 class TokenizedData:
     """What training and evaluation need to know of the tokenized data: where each split's
@@ -117,6 +185,7 @@ class TokenizedData:
     pad_token_id: int
     eos_token_id: int | None
     label_names: list[str] = field(default_factory=list)
+    token_dtype: str = "uint32"
 
     @classmethod
     def read(cls, manifest: Path, shards: Path) -> TokenizedData:
@@ -128,6 +197,7 @@ class TokenizedData:
             pad_token_id=record["pad_token_id"],
             eos_token_id=record["eos_token_id"],
             label_names=record["label_names"],
+            token_dtype=record.get("token_dtype", token_dtype(record["vocab_size"])),
         )
 
     @property
@@ -141,3 +211,6 @@ class TokenizedData:
 
     def split(self, name: str) -> Path:
         return split_dir(self.shards, name)
+
+    def arrays(self, name: str) -> TokenArrays:
+        return TokenArrays.open(self.split(name), self.token_dtype)

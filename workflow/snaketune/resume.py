@@ -1,0 +1,111 @@
+"""Whether a training run continues from its checkpoint, decided the same way by the trainer
+and, before any job, by the workflow (which says so on the console).
+
+A checkpoint continues when nothing that shaped the steps already taken changed: the model,
+the data, and every train setting but those in FREE (how often to evaluate and checkpoint,
+early-stopping patience, threads, compile, ...) and max_steps. A larger max_steps continues a
+finished run from its last step (see snaketune.train.learning_rate for the schedule); anything
+else that changed starts again from step 0, and the message names each changed key.
+
+Beside every checkpoint the trainer writes `checkpoint.json` (step, max_steps, the settings
+that shape the steps, the data's digest): this module reads only that, so the workflow can
+decide without torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from snaketune.fileio import read_json, write_json
+from snaketune.settings import TrainJob
+
+RECORD = "checkpoint.json"
+FREE = (
+    "eval_every",
+    "log_every",
+    "eval_rows",
+    "checkpoint_every",
+    "early_stopping_patience",
+    "threads",
+    "compile",
+    "deterministic",
+    "keep_checkpoints",
+    "keep_final_state",
+)
+"""Train settings that change no step already taken."""
+
+
+def trajectory(job: TrainJob) -> dict[str, Any]:
+    """The settings that shape the steps (max_steps aside: more steps continue the run)."""
+    train = {k: v for k, v in asdict(job.train).items() if k not in (*FREE, "max_steps")}
+    return {"task": job.task, "model": asdict(job.model), "train": train}
+
+
+def fingerprint(job: TrainJob, data_digest: str) -> str:
+    blob = json.dumps([trajectory(job), data_digest], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def write_record(state_dir: Path, step: int, job: TrainJob, data_digest: str) -> None:
+    write_json(
+        Path(state_dir) / RECORD,
+        {
+            "step": step,
+            "max_steps": job.train.max_steps,
+            "trajectory": trajectory(job),
+            "data": data_digest,
+            "fingerprint": fingerprint(job, data_digest),
+        },
+    )
+
+
+def read_record(state_dir: Path) -> dict[str, Any] | None:
+    path = Path(state_dir) / RECORD
+    return read_json(path) if path.exists() else None
+
+
+@dataclass(frozen=True)
+class Plan:
+    resume: bool
+    """Whether training continues from the checkpoint."""
+    message: str
+    """What happens and why, for the log and the console; empty when nothing changed."""
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, each with old -> new."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new))
+        return [c for k in keys for c in changed_keys(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')} {old!r} -> {new!r}"]
+
+
+def plan(record: dict[str, Any] | None, job: TrainJob, data_digest: str | None) -> Plan:
+    """What a checkpoint described by `record` means for `job` (data_digest None: not
+    compared, as before any job, where the data may still be rebuilt)."""
+    if record is None:
+        return Plan(False, "")
+    where = f"the checkpoint at step {record['step']}"
+    changed = changed_keys(record["trajectory"], trajectory(job))
+    if data_digest is not None and record["data"] != data_digest:
+        changed.append("the tokenized data")
+    if changed:
+        return Plan(False, f"starts again from step 0: {'; '.join(changed)} since {where}")
+    steps = job.train.max_steps
+    if steps < record["step"]:
+        return Plan(
+            False,
+            f"starts again from step 0: train.max_steps {steps} is below the {record['step']} "
+            f"steps of {where}",
+        )
+    if steps != record["max_steps"]:
+        return Plan(
+            True,
+            f"continues {where} to train.max_steps {steps} (was {record['max_steps']}); the "
+            "learning rate decays from its value there to the new end",
+        )
+    return Plan(True, "")

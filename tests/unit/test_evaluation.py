@@ -70,13 +70,22 @@ def test_perplexity_matches_an_independent_float64_loop(lm_data, context, stride
 
     info = json.loads(lm_data["tokenize_manifest"].read_text())
     model = tiny_lm(info, 32)
-    stream = stream_of(lm_data)[:700]
-    lengths = token_byte_lengths(AutoTokenizer.from_pretrained(lm_data["tokenizer"]))
+    tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
     eos = info["eos_token_id"]
+    stream = stream_of(lm_data)[:700]
+    stream = stream[: np.flatnonzero(stream == eos)[-1] + 1]  # whole documents
+    lengths = token_byte_lengths(tokenizer)
     ours = score_lm(model, stream, context, stride, 7, lengths, CPU, prefix=eos)
     total, count = reference_nll(model, [eos, *stream.tolist()], context, stride)
     assert ours["predicted_tokens"] == count == len(stream)  # every token, the first too
     assert ours["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-6)
+    # lm-evaluation-harness: bits per byte = NLL / (UTF-8 bytes of the text x ln 2), byte
+    # perplexity = exp(NLL / bytes); the bytes here from decoding the documents themselves.
+    text = tokenizer.decode(stream.tolist(), skip_special_tokens=True)
+    n_bytes = len(text.encode("utf-8"))
+    assert ours["scored_bytes"] == n_bytes
+    assert ours["bits_per_byte"] == pytest.approx(total / (n_bytes * math.log(2)), rel=1e-6)
+    assert ours["byte_perplexity"] == pytest.approx(math.exp(total / n_bytes), rel=1e-6)
     plain = score_lm(model, stream, context, stride, 7, lengths, CPU)  # no prefix token
     assert plain["predicted_tokens"] == len(stream) - 1
 

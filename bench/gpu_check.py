@@ -144,7 +144,6 @@ def run_bare(data, shape: Shape, placement) -> tuple[float, torch.nn.Module]:
     optimizer = make_optimizer(model, settings)
     step_model = torch.compile(model) if placement.cuda else model
     rng = np.random.default_rng(1)
-    autocast = placement.autocast
     skip = shape.steps // 4
     loss = torch.zeros((), device=placement.device)
     for step in range(shape.steps):
@@ -158,7 +157,7 @@ def run_bare(data, shape: Shape, placement) -> tuple[float, torch.nn.Module]:
         ids = torch.from_numpy(ids)
         if placement.cuda:
             ids = ids.pin_memory().to(placement.device, non_blocking=True)
-        with torch.autocast(placement.device.type, dtype=autocast, enabled=autocast is not None):
+        with placement.autocasting():
             loss = step_model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
@@ -173,9 +172,7 @@ def matmul_peak_tflops(placement) -> tuple[float, str]:
     """TFLOP/s of a large square matmul in the training precision, as this device runs it."""
     cuda = placement.cuda
     n = 8192 if cuda else 1024
-    dtype = torch.bfloat16 if cuda and placement.autocast is torch.bfloat16 else torch.float32
-    if cuda and placement.autocast is torch.float16:
-        dtype = torch.float16
+    dtype = placement.autocast or torch.float32
     a = torch.randn(n, n, device=placement.device, dtype=dtype)
     b = torch.randn(n, n, device=placement.device, dtype=dtype)
     for _ in range(3):

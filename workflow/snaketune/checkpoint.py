@@ -125,16 +125,12 @@ def load_best(state_dir: Path, model: torch.nn.Module) -> None:
     load_model(model, str(path), device=str(next(model.parameters()).device))
 
 
-def last_checkpoint_step(state_dir: Path) -> int | None:
-    path = Path(state_dir) / CHECKPOINT
-    if not path.exists():
-        return None
-    return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-
-
 def last_good(state_dir: Path) -> str:
     """Where a rerun with the same settings would resume from, said for an error message."""
-    step = last_checkpoint_step(state_dir)
+    # checkpoint.json, written beside each checkpoint: loading the checkpoint itself would read
+    # the weights and optimizer state into memory in an error path (an out-of-memory one).
+    record = read_record(state_dir) if (Path(state_dir) / CHECKPOINT).exists() else None
+    step = None if record is None else record["step"]
     if step is None:
         return f"no checkpoint has been written to {state_dir} yet (train.checkpoint_every)"
     return f"the last good checkpoint is step {step} in {state_dir}"

@@ -30,6 +30,11 @@ class Placement:
         """fp16 needs a gradient scaler: small gradients would flush to zero without one."""
         return self.autocast is torch.float16
 
+    def autocasting(self) -> torch.autocast:
+        """The autocast context of this placement (a no-op in fp32)."""
+        dtype = self.autocast
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def describe(self) -> str:
         return (
             f"{self.device} with {str(self.autocast).removeprefix('torch.')} autocast"

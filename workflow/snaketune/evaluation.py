@@ -101,8 +101,7 @@ def predict_classes(model, data: TokenRows, batch_size: int, placement=CPU) -> n
     for start in range(0, len(data), batch_size):
         batch = data.batch(np.arange(start, min(len(data), start + batch_size)))
         batch = to_device({k: v for k, v in batch.items() if k != "labels"}, placement)
-        autocast = placement.autocast
-        with torch.autocast(placement.device.type, dtype=autocast, enabled=autocast is not None):
+        with placement.autocasting():
             logits = model(**batch).logits
         predictions.append(logits.argmax(-1))
     return torch.cat(predictions).cpu().numpy()

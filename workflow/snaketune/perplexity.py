@@ -139,8 +139,7 @@ def add_group(model, sums: Sums, ids, group, byte_lengths: torch.Tensor, placeme
     ids, targets, mask = to_device(
         {"ids": ids, "targets": targets, "mask": mask}, placement
     ).values()
-    autocast = placement.autocast
-    with torch.autocast(placement.device.type, dtype=autocast, enabled=autocast is not None):
+    with placement.autocasting():
         logits = model(input_ids=ids).logits
     logits = logits.float().view(-1, logits.size(-1))
     flat_targets = targets.view(-1)

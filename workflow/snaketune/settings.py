@@ -477,19 +477,8 @@ class EvalSettings:
     """causal_lm: tokens per scoring window; 0 means the training block size."""
     stride: int = 0
     """causal_lm: tokens between window starts; 0 means context_length - 1 (windows share one
-    token, so each token is predicted once). Smaller gives the sliding-window estimate."""
-
-    def __post_init__(self) -> None:
-        if self.context_length and self.stride >= self.context_length:
-            raise SettingsError(
-                [
-                    (
-                        "stride",
-                        f"{self.stride} must be below context_length={self.context_length}: "
-                        "every token needs one before it in its window",
-                    )
-                ]
-            )
+    token, so each token is predicted once). Smaller gives the sliding-window estimate; a
+    stride of context_length or more is refused (snaketune.checks, and evaluate_lm)."""
 
 
 @dataclass(frozen=True)

@@ -50,13 +50,13 @@ from snaketune.fileio import atomic_dir, atomic_path, sha256_tree
 from snaketune.manifest import stage_manifest
 from snaketune.models import apply_lora, build_model, count_parameters, unwrap_for_saving
 from snaketune.names import CAUSAL_LM, TRAIN, VAL
+from snaketune.perplexity import perplexity
 from snaketune.settings import ModelSettings, TrainJob, TrainSettings
 from snaketune.stages import TrainPaths
 from snaketune.system_metrics import sample_system_metrics
 from snaketune.tokenize.shards import TokenizedData
 
 log = logging.getLogger(__name__)
-MAX_LOG_PERPLEXITY = 700.0  # exp(709) overflows a float
 
 
 @dataclass
@@ -135,10 +135,8 @@ class StopRequested:
 
 
 def forward(model, batch: dict[str, torch.Tensor], placement: Placement):
-    batch = to_device(batch, placement)
-    autocast = placement.autocast
-    with torch.autocast(placement.device.type, dtype=autocast, enabled=autocast is not None):
-        return model(**batch)
+    with placement.autocasting():
+        return model(**to_device(batch, placement))
 
 
 @dataclass
@@ -300,17 +298,16 @@ def validate(run: Run) -> dict[str, float]:
     model.train()
     loss = float(nll) / max(targets, 1)
     if run.job.task == CAUSAL_LM:
-        ppl = math.exp(loss) if loss < MAX_LOG_PERPLEXITY else float("inf")
-        return {"val_loss": loss, "val_perplexity": ppl}
-    from snaketune.metrics import load_metric
+        return {"val_loss": loss, "val_perplexity": perplexity(float(nll), targets)}
+    from snaketune.evaluation import classification_metrics
 
     predictions = torch.cat(predicted).cpu().numpy()
-    references = run.val.labels()[:rows]
-    f1 = load_metric("macro_f1").compute(
-        predictions=predictions, references=references, num_classes=len(run.label_names)
-    )["macro_f1"]
-    accuracy = float((predictions == references).mean())
-    return {"val_loss": loss, "val_accuracy": accuracy, "val_macro_f1": f1}
+    scores = classification_metrics(predictions, run.val.labels()[:rows], run.label_names)
+    return {
+        "val_loss": loss,
+        "val_accuracy": scores["accuracy"],
+        "val_macro_f1": scores["macro_f1"],
+    }
 
 
 def evaluate_and_track_best(run: Run, progress: Progress, row: dict) -> None:

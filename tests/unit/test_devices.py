@@ -4,6 +4,8 @@ the decisions made from them are the real code."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -71,3 +73,17 @@ def test_deterministic_kernels_are_switched_without_importing_the_compiler():
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "False"
+
+
+def test_deterministic_kernels_fix_cublas_s_workspace_and_leave_a_chosen_one(monkeypatch):
+    from snaketune.devices import set_deterministic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    set_deterministic(False, compiling=False)
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    set_deterministic(True, compiling=False)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    set_deterministic(True, compiling=False)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    set_deterministic(False, compiling=False)  # as the other tests expect

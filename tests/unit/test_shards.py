@@ -475,3 +475,15 @@ def test_the_token_arrays_hold_exactly_the_shard_rows(lm, cls, split):
             assert arrays.labels.tolist() == table.column("label").to_pylist()
         else:
             assert len(arrays.labels) == 0
+
+
+def test_a_token_id_beyond_the_array_s_type_is_refused_not_wrapped(tmp_path):
+    from snaketune.tokenize.shards import write_arrays
+
+    shard = tmp_path / "shard-00000.parquet"
+    rows = pa.array([[1, 2, 70_000]], type=pa.list_(pa.int32()))
+    pq.write_table(pa.table({"input_ids": rows}), shard)
+    with pytest.raises(CorpusError, match=r"token id 70000, beyond the uint16 token array"):
+        write_arrays(tmp_path, [shard], "uint16")
+    assert write_arrays(tmp_path, [shard], "uint32") == 3
+    assert TokenArrays.open(tmp_path, "uint32").tokens.tolist() == [1, 2, 70_000]

@@ -318,15 +318,28 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_the_read_stops_training(
         unread.read(run)
 
 
-def test_on_cuda_the_loss_is_read_every_log_every_steps_and_where_the_loop_needs_it(cpu_run):
+def test_the_loss_is_read_every_log_every_steps_and_where_the_loop_needs_it_on_any_device(
+    cpu_run,
+):
     from snaketune.devices import Placement
     from snaketune.train import read_now
 
     s = cpu_run.settings  # log_every 4, eval_every 10, checkpoint_every 10, max_steps 20
-    assert [step for step in range(1, 21) if read_now(cpu_run, step)] == list(range(1, 21))
-    cuda = replace(cpu_run, placement=Placement(torch.device("cuda"), torch.bfloat16))
     expected = sorted({*range(4, 21, 4), *range(s.eval_every, 21, s.eval_every), 20})
-    assert [step for step in range(1, 21) if read_now(cuda, step)] == expected
+    cuda = replace(cpu_run, placement=Placement(torch.device("cuda"), torch.bfloat16))
+    for run in (cpu_run, cuda):
+        assert [step for step in range(1, 21) if read_now(run, step)] == expected
+
+
+def test_a_validation_split_with_nothing_to_predict_is_an_error_not_a_zero_loss(cpu_run):
+    from snaketune.errors import TrainingError
+    from snaketune.tokenize.shards import TokenArrays
+    from snaketune.train import validate
+
+    one_token_rows = TokenArrays(np.arange(5, dtype=np.uint16), np.arange(6), None)
+    run = replace(cpu_run, val=replace(cpu_run.val, arrays=one_token_rows, rows=None))
+    with pytest.raises(TrainingError, match="the validation split has no token to predict"):
+        validate(run)
 
 
 def test_rows_read_together_keep_every_step_and_share_the_window_s_throughput(cpu_run):

@@ -8,6 +8,7 @@ replaced. On CUDA, fp32 matrix products may use TF32 (`float32_matmul_precision(
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,8 @@ def set_deterministic(mode: bool, compiling: bool) -> None:
     """torch.use_deterministic_algorithms also sets torch.compile's flag, and imports the
     compiler to do so: 2.4 s of every training job's start on 2 cores. Without torch.compile
     only the kernels' switch, which is what that function sets besides, is set."""
+    if mode:  # cuBLAS is deterministic only with a fixed workspace, read at its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if compiling:
         torch.use_deterministic_algorithms(mode, warn_only=True)
     else:

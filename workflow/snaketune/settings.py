@@ -416,7 +416,7 @@ class TrainSettings:
     grad_clip: float = 1.0
     eval_every: int = 50
     log_every: int = 10
-    """Steps between reads of the loss from a CUDA device (each read waits for the GPU)."""
+    """Steps between reads of the loss from the device (on CUDA each read waits for the GPU)."""
     eval_rows: int = 4096
     """Validation rows per estimate: the whole split when it is smaller."""
     checkpoint_every: int = 50

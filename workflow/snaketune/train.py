@@ -10,11 +10,11 @@ so raising max_steps continues it; snaketune.resume decides what continues and w
 over. Under `torchrun` the same code trains with DistributedDataParallel: each process takes
 its slice of every batch, and process 0 alone writes checkpoints and outputs.
 
-Fused AdamW on every device (one kernel a step). On a GPU: TF32 matrix products, bf16
-autocast (fp16 with a gradient scaler where bf16 is missing), batches copied from pinned memory
-without waiting, and the loss and gradient norm read from the device only every
-train.log_every steps: a step whose values are not finite is skipped on the device (fused
-AdamW's found_inf) and stops training at the next read.
+Fused AdamW on every device (one kernel a step), and the loss and gradient norm read from
+the device only every train.log_every steps: a step whose values are not finite is skipped on
+the device (fused AdamW's found_inf) and stops training at the next read. On a GPU also TF32
+matrix products, bf16 autocast (fp16 with a gradient scaler where bf16 is missing) and batches
+copied from pinned memory without waiting.
 """
 
 from __future__ import annotations
@@ -296,7 +296,13 @@ def validate(run: Run) -> dict[str, float]:
         nll += out.loss.double() * count
         targets += count
     model.train()
-    loss = float(nll) / max(targets, 1)
+    if not targets:
+        raise TrainingError(
+            "the validation split has no token to predict (every row is shorter than two "
+            "tokens): a val_loss would be 0 for nothing; use longer documents or "
+            "tokenize.packing: across_documents"
+        )
+    loss = float(nll) / targets
     if run.job.task == CAUSAL_LM:
         return {"val_loss": loss, "val_perplexity": perplexity(float(nll), targets)}
     from snaketune.evaluation import classification_metrics
@@ -339,12 +345,11 @@ def checkpoint(run: Run, progress: Progress) -> None:
 
 
 def read_now(run: Run, step: int) -> bool:
-    """Steps after which the loss is read: every one on the CPU; on CUDA every log_every
-    steps and wherever the loop needs it (evaluation, checkpoint, the last step)."""
+    """Steps after which the loss is read: every log_every steps and wherever the loop needs
+    it (evaluation, checkpoint, the last step)."""
     s = run.settings
     return (
-        not run.placement.cuda
-        or step % s.log_every == 0
+        step % s.log_every == 0
         or step % s.eval_every == 0
         or step % s.checkpoint_every == 0
         or step == s.max_steps

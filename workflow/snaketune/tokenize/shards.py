@@ -134,7 +134,14 @@ def write_arrays(split_folder: Path, shard_files: list[Path], dtype: str) -> int
             for batch in pq.ParquetFile(shard, pre_buffer=False).iter_batches(ARRAY_BATCH_ROWS):
                 rows = batch.column("input_ids")
                 starts = np.asarray(rows.offsets, dtype=np.int64)
-                tokens.write(rows.flatten().to_numpy().astype(dtype).tobytes())
+                ids = rows.flatten().to_numpy()
+                if len(ids) and int(ids.max()) > np.iinfo(dtype).max:  # astype would wrap
+                    raise CorpusError(
+                        f"{shard} holds token id {int(ids.max())}, beyond the {dtype} token "
+                        "array sized by the tokenizer's vocabulary: the tokenizer's vocab_size "
+                        "is wrong; retrain or fix the tokenizer (snakemake -R prepare_tokenizer)"
+                    )
+                tokens.write(ids.astype(dtype).tobytes())
                 offsets.write((starts[1:] - starts[0] + written).tobytes())
                 written += int(starts[-1] - starts[0])
                 if "label" in batch.schema.names:

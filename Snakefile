@@ -1,4 +1,5 @@
-# snaketune: download -> clean -> split -> tokenizer -> tokenize -> train -> evaluate -> track.
+# snaketune: download -> clean -> split -> tokenizer -> tokenize -> train -> evaluate -> track
+# (-> sweep, for the experiments a sweep expanded into).
 # Entry only: config, validation, rule files, and the target list.
 
 configfile: "config.yaml"
@@ -16,9 +17,11 @@ include: "workflow/rules/tokenize.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/track.smk"
+include: "workflow/rules/sweep.smk"
 
 
 check_local_sources()
+check_gpus()
 say_how_training_continues()
 
 

@@ -1,178 +1,167 @@
-"""What does tracking cost? Training makes no MLflow calls (results/ is the source of truth and
-the track stage mirrors it afterwards), so inside training the only tracking code is the
-system-metrics sampler thread. In one process:
+"""What does live tracking cost a training step? The demo-lm model (GPT-2 2 x 128, batch 16 x 128
+tokens, same seed) trained by `snaketune.train.train_model`, the code the rule runs, in one
+process, alternately:
 
-1. the demo-lm model (config.yaml: GPT-2 2 x 128, batch 16 x 128 tokens, same seed) trained
-   alternately with and without the sampler; prints each time, the medians and their ratio, and
-   the sampler's own cost (time per sample x samples taken) as a share of training time;
-2. the track stage as the rule runs it (`snaketune track` in a new process, into a fresh SQLite
-   store, the model logged and registered), timed against the training time.
+1. off: no tracking folder (as a job outside the workflow);
+2. live: logging to a real `mlflow server` on 127.0.0.1 (every log_every steps, system metrics
+   every 5 s, through snaketune.live's background sender);
+3. slow: the same server behind a relay that holds every answer back 1 s;
+4. down: a tracking URI where nothing listens.
+
+Prints, for each mode (medians of --repeats), the CPU seconds the live sender thread used (the
+steadiest figure on a shared machine), the time per step in the steady state (between
+the history's read points from step --settle on, as the rows' timestamps say), the whole call's
+seconds (so the fixed cost: the sender imports mlflow and connects once per job, on a thread
+that competes with training for this machine's 2 cores), the ratios to `off`, and how many
+points each live run got onto the server before the call returned.
 
 Data: the demo corpus through our data stages (snaketune.local.demo_config, BPE vocab 400).
-Run: .venv/bin/python bench/bench_tracking.py [--steps 300] [--repeats 2] [--interval 5]
+Run: .venv/bin/python bench/bench_tracking.py [--steps 200] [--repeats 2]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-DEMO_PROMPTS = ["Customer: I was charged twice for order #123456.\nAgent:"]
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests' relay (tests/support/reliability.py)
+
+MODES = ("off", "live", "slow", "down")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    command = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+               "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1"]  # fmt: skip
+    log = (root / "server.log").open("wb")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                return uri, process
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
 
 
 @dataclass(frozen=True)
 class Timing:
-    wall: float
-    cpu: float
-    """CPU seconds of this process, every thread (the sampler's included): unlike wall time,
-    barely moved by other processes competing for the cores."""
+    step_s: float
+    """Seconds per step after the settling steps."""
+    call_s: float
+    sent: int
+    sender_cpu_s: float
+    """CPU seconds of the live sender thread (its mlflow import and every request)."""
 
 
-def train_once(data, out: Path, steps: int, interval: float, sampler: bool) -> Timing:
-    import snaketune.train as train
+def train_once(data, out: Path, steps: int, uri: str | None, settle: int) -> Timing:
+    """One train_model call: its steady-state step time, its whole time, the points sent."""
+    from snaketune import live
     from snaketune.settings import ModelSettings, TrainJob, TrainSettings
-    from snaketune.system_metrics import sample_system_metrics
+    from snaketune.train import train_model
 
-    def sampled(path, device=None):
-        return sample_system_metrics(path, device, interval_s=interval)
-
-    train.sample_system_metrics = sampled if sampler else (lambda *a, **k: contextlib.nullcontext())
+    os.environ.pop(live.TRACKING_VARIABLE, None)
+    if uri is not None:
+        folder = out / "tracking"
+        folder.mkdir(parents=True)
+        target = live.Target(out.name, "bench-tracking", uri, "", str(out / "mlartifacts"), "bench")
+        target.write(folder)
+        os.environ[live.TRACKING_VARIABLE] = str(folder)
     settings = TrainSettings(
-        max_steps=steps, batch_size=16, lr=0.003, warmup_steps=30, eval_every=50, seed=1
+        max_steps=steps, batch_size=16, lr=0.003, warmup_steps=30, eval_every=steps, seed=1
     )
     model = ModelSettings(n_layer=2, n_embd=128, n_head=4, dropout=0.1)
     job = TrainJob(task="causal_lm", model=model, train=settings)
-    wall, cpu = time.perf_counter(), time.process_time()
-    train.train_model(data.train_paths(out), job)
-    return Timing(time.perf_counter() - wall, time.process_time() - cpu)
+    trackers = []
+    original = live.Tracker.end
 
+    def end(tracker, *args, **kwargs):
+        original(tracker, *args, **kwargs)
+        trackers.append(tracker)
 
-def sampler_seconds_per_sample(samples: int = 200) -> float:
-    import io
-
-    from snaketune.system_metrics import Sampler, write_sample
-
-    sampler, out = Sampler(), io.StringIO()
-    started = time.perf_counter()
-    for _ in range(samples):
-        write_sample(out, sampler)
-    return (time.perf_counter() - started) / samples
-
-
-def evaluate(root: Path, data, train_dir: Path) -> Path:
-    from snaketune.evaluation import evaluate_model
-    from snaketune.settings import EvalJob, EvalSettings
-
-    out = root / "evaluate"
-    job = EvalJob("causal_lm", EvalSettings(prompts=DEMO_PROMPTS))
-    evaluate_model(data.evaluate_paths(train_dir / "model", out), job)
-    return out
-
-
-def track_once(root: Path, data, train_dir: Path, eval_dir: Path) -> float:
-    """`snaketune track` as the track rule runs it, timed as a new process."""
-    from snaketune.settings import TrackSettings
-    from snaketune.stages import TrackPaths, command_line
-
-    store = root / "store"
-    store.mkdir()
-    config = {"name": "demo-lm", "dataset": "support-demo", "task": "causal_lm"}
-    config["evaluate"] = {"max_new_tokens": 40}
-    settings = TrackSettings(
-        experiment="demo-lm",
-        mlflow_experiment="bench-tracking",
-        config=config,
-        registered_model_name="bench-tracking.demo-lm",
-    )
-    paths = TrackPaths(
-        **data.manifests,
-        train=train_dir / "manifest.json",
-        evaluate=eval_dir / "manifest.json",
-        runs=root / "runs.json",
-        store=store / "mlflow.db",
-        artifacts=store / "artifacts",
-        provenance=root / "provenance.json",
-    )
-    command = [str(Path(sys.executable).with_name("snaketune")), *command_line(paths, settings)]
-    started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, text=True)
-    return time.perf_counter() - started
-
-
-def artifact_megabytes(store: Path) -> dict[str, float]:
-    def size(paths) -> float:
-        return sum(p.stat().st_size for p in paths if p.is_file()) / 1e6
-
-    artifacts = store / "artifacts"
-    return {
-        "logged model (transformers flavour)": size(artifacts.glob("models/*/artifacts/**/*")),
-        "train run's raw model dir": size(artifacts.glob("*/artifacts/model/*")),
-        "all artifacts": size(artifacts.rglob("*")),
-    }
-
-
-def time_training(data, root: Path, args) -> dict[bool, Timing]:
-    """Median wall and CPU seconds with and without the sampler: after an untimed warm-up (the
-    first training in a process pays for imports and allocator growth), in alternating order."""
-    train_once(data, root / "warm-up", 5, args.interval, sampler=False)
-    times: dict[bool, list[Timing]] = {True: [], False: []}
-    for i in range(args.repeats):
-        for sampler in (True, False) if i % 2 == 0 else (False, True):
-            out = root / f"train-{i}-{'on' if sampler else 'off'}"
-            timing = train_once(data, out, args.steps, args.interval, sampler)
-            times[sampler].append(timing)
-            state = "on " if sampler else "off"
-            print(
-                f"train {args.steps} steps, sampler {state}: {timing.wall:.1f} s wall, "
-                f"{timing.cpu:.1f} s CPU",
-                flush=True,
-            )
-    return {
-        on: Timing(statistics.median(t.wall for t in runs), statistics.median(t.cpu for t in runs))
-        for on, runs in times.items()
-    }
+    live.Tracker.end = end
+    try:
+        started = time.perf_counter()
+        history = train_model(data.train_paths(out), job)
+        seconds = time.perf_counter() - started
+    finally:
+        live.Tracker.end = original
+        os.environ.pop(live.TRACKING_VARIABLE, None)
+    first = next(r for r in history if r["step"] >= settle)
+    last = history[-1]
+    step_s = (last["timestamp"] - first["timestamp"]) / (last["step"] - first["step"])
+    sent, cpu = (trackers[0].sent, trackers[0].cpu_s) if trackers else (0, 0.0)
+    return Timing(step_s, seconds, sent, cpu)
 
 
 def main() -> None:
     from snaketune import local
+    from tests.support.reliability import Relay
+    from tests.support.servers import serving
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--interval", type=float, default=5.0, help="sampler interval, seconds")
+    parser.add_argument("--settle", type=int, default=50, help="steps before the steady state")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
         root = Path(tmp)
         config = local.demo_config("causal_lm", block_size=128)
         data = local.prepare_data(config, local.DEMO_EXPERIMENT, root / "data")
-        timings = time_training(data, root, args)
-        on, off = timings[True].wall, timings[False].wall
-        cpu_on, cpu_off = timings[True].cpu, timings[False].cpu
-        per_sample = sampler_seconds_per_sample()
-        samples = on / args.interval + 1
-        print(
-            f"\ntraining with / without the sampler (medians): wall {on:.1f} / {off:.1f} s "
-            f"= {on / off:.3f}; CPU {cpu_on:.1f} / {cpu_off:.1f} s = {cpu_on / cpu_off:.3f}"
-        )
-        print(
-            f"sampler's own cost: {per_sample * 1e3:.2f} ms per sample x {samples:.0f} samples "
-            f"= {per_sample * samples:.3f} s = {100 * per_sample * samples / on:.3f}% of training"
-        )
-        train_dir = root / "train-0-on"
-        track_s = track_once(root, data, train_dir, evaluate(root, data, train_dir))
-        print(
-            f"track stage (new process, model logged and registered): {track_s:.1f} s "
-            f"= {track_s / on:.2f} x training time (runs after training, not inside it)"
-        )
-        for what, megabytes in artifact_megabytes(root / "store").items():
-            print(f"  {what}: {megabytes:.2f} MB")
+        (root / "server").mkdir()
+        uri, server = start_server(root / "server")
+        relay = Relay(uri)
+        relay.delay_s = 1.0
+        uris = {
+            "off": None,
+            "live": uri,
+            "slow": relay.uri,
+            "down": f"http://127.0.0.1:{free_port()}",
+        }
+        timings: dict[str, list[Timing]] = {m: [] for m in MODES}
+        try:
+            with serving(relay):
+                train_once(data, root / "warm-up", 20, None, 10)  # imports, allocator growth
+                for i in range(args.repeats):
+                    order = MODES if i % 2 == 0 else tuple(reversed(MODES))
+                    for mode in order:
+                        out = root / f"{mode}-{i}"
+                        t = train_once(data, out, args.steps, uris[mode], args.settle)
+                        timings[mode].append(t)
+                        print(f"{mode:>4}: {t.step_s * 1e3:7.1f} ms/step, call {t.call_s:.2f} s, "
+                              f"{t.sent} points sent live, sender CPU {t.sender_cpu_s:.2f} s",
+                              flush=True)  # fmt: skip
+        finally:
+            server.terminate()
+            server.wait()
+        step = {m: statistics.median(t.step_s for t in timings[m]) for m in MODES}
+        call = {m: statistics.median(t.call_s for t in timings[m]) for m in MODES}
+        cpu = {m: statistics.median(t.sender_cpu_s for t in timings[m]) for m in MODES}
+        print(f"\n{args.steps} steps x {args.repeats}, medians, against tracking off:")
+        for m in MODES:
+            print(f"  {m:>4}: {step[m] * 1e3:7.1f} ms/step {step[m] / step['off']:.3f}x   "
+                  f"call {call[m]:6.2f} s {call[m] / call['off']:.3f}x "
+                  f"(+{call[m] - call['off']:.2f} s)   sender CPU {cpu[m]:.2f} s = "
+                  f"{100 * cpu[m] / call['off']:.1f}% of the call")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The demo workflow run once for the whole session: test_workflow checks it, and test_slurm
-compares a cluster run of the same config with it."""
+compares a cluster run of the same config with it. The MLflow UI tests' headless browser."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.support.ui import browser  # noqa: F401 - a fixture of the UI tests
 
 
 @pytest.fixture(scope="session")

@@ -66,7 +66,11 @@ def test_train_rule_launches_torchrun_for_several_processes(tmp_path: Path):
     single = [c for c in commands if "demo-intent" in c][0]
     assert "torchrun --standalone --nproc_per_node=2 -m snaketune.cli train" in ddp
     assert "OMP_NUM_THREADS=1 " in ddp  # the rule's 2 threads shared by 2 processes
-    assert "torchrun" not in single and "OMP_NUM_THREADS=2 snaketune train" in single
+    assert "torchrun" not in single
+    assert (
+        "OMP_NUM_THREADS=2 SNAKETUNE_ATTEMPT=1 python -m snaketune.gpus 0 -- snaketune train"
+        in (single)
+    )
 
 
 def test_snakemake_plans_a_thousand_partitions_quickly(tmp_path):
@@ -136,3 +140,50 @@ def test_the_console_says_which_runs_continue_and_names_the_keys_that_start_one_
     assert "demo-intent: training starts again from step 0: train.lr 0.002 -> 0.001" in (
         result.stderr
     )
+
+
+# --- stages shared by the experiments that compute the same thing -----------------------------
+
+
+def lr_runs(*lrs: float) -> dict:
+    """The demo's LM experiment three times, differing only in train.lr."""
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    lm = config["experiments"][0]
+    config["experiments"] = [
+        {**copy.deepcopy(lm), "name": f"lm-lr{i}", "train": {**lm["train"], "lr": lr}}
+        for i, lr in enumerate(lrs)
+    ]
+    return config
+
+
+def planned_jobs(tmp_path: Path, config: dict) -> dict[str, int]:
+    result = snakemake_with(tmp_path, config, "--dry-run", "--cores", "2", "--quiet", "rules")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", result.stdout, re.M)}
+
+
+def test_experiments_that_differ_only_in_training_share_every_data_stage(tmp_path):
+    jobs = planned_jobs(tmp_path, lr_runs(1e-3, 2e-3, 3e-3))
+    assert {rule: jobs[rule] for rule in DATA_RULES} == dict.fromkeys(DATA_RULES, 1)
+    assert {rule: jobs[rule] for rule in PER_EXPERIMENT_RULES} == dict.fromkeys(
+        PER_EXPERIMENT_RULES, 3
+    )
+
+
+def test_a_changed_clean_setting_gives_that_experiment_its_own_upstream(tmp_path):
+    config = lr_runs(1e-3, 2e-3, 3e-3)
+    config["experiments"][2]["clean"] = {**config["experiments"][2]["clean"], "min_chars": 20}
+    jobs = planned_jobs(tmp_path, config)
+    assert jobs["download_dataset"] == 1  # the same dataset
+    assert {rule: jobs[rule] for rule in DATA_RULES[1:]} == dict.fromkeys(DATA_RULES[1:], 2)
+
+
+DATA_RULES = (
+    "download_dataset",
+    "clean_corpus",
+    "split_corpus",
+    "prepare_tokenizer",
+    "plan_partitions",
+    "gather_shards",
+)
+PER_EXPERIMENT_RULES = ("train_model", "evaluate_model", "track_experiment")

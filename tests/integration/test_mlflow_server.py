@@ -16,8 +16,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from snaketune import live
 from snaketune.errors import TrackingError
-from snaketune.track import MAX_PARAM_LENGTH, RUN_KEY_TAG, STAGES, run_key
+from snaketune.live import MAX_PARAM_LENGTH
+from snaketune.settings import config_hash
+from snaketune.track import STAGES
 from tests.support.mlflow_stores import (
     EVAL_METRIC_NAMES,
     EXPERIMENT,
@@ -68,6 +71,7 @@ def test_artifacts_are_uploaded_through_the_server(mlflow_server, tmp_path):
     assert artifact_paths(client, ids["train"], "model") == {
         "model/config.json",
         "model/model.safetensors",
+        "model/README.md",  # the model card
     }
     for stage in STAGES:
         assert "manifest.json" in artifact_paths(client, ids[stage])
@@ -108,20 +112,20 @@ def test_upload_after_an_outage_happens_exactly_once(mlflow_server, tmp_path):
 
 
 @pytest.mark.slow
-def test_unfinished_parent_on_the_server_is_replaced(mlflow_server, tmp_path):
+def test_runs_left_running_on_the_server_are_completed(mlflow_server, tmp_path):
+    """A workflow killed mid-way leaves its parent RUNNING on the server, its id under
+    results/: the track job finishes that parent instead of making another."""
     inputs = write_stage_files(tmp_path / "results")
     settings = server_settings(mlflow_server.uri, "server-cut-short")
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     experiment_id = client.create_experiment("server-cut-short")
-    stale = client.create_run(
-        experiment_id, run_name=EXPERIMENT, tags={RUN_KEY_TAG: run_key(settings, inputs.stages)}
-    )
-    ids = track(settings, inputs, tmp_path / "runs.json")
-    assert ids["parent"] != stale.info.run_id
-    assert client.get_run(stale.info.run_id).info.lifecycle_stage == "deleted"
-    assert client.get_run(ids["parent"]).info.status == "FINISHED"
+    ids = live.RunIds(inputs.tracking, mlflow_server.uri, config_hash(settings.config))
+    parent = live.parent_run(client, ids, experiment_id, EXPERIMENT, {}, 0)
+    uploaded = track(settings, inputs, tmp_path / "runs.json")
+    assert uploaded["parent"] == parent
+    assert client.get_run(parent).info.status == "FINISHED"
     active = client.search_runs([experiment_id])
-    assert {run.info.run_id for run in active} == set(ids.values())
+    assert {run.info.run_id for run in active} == set(uploaded.values())
 
 
 @pytest.mark.slow

@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from snaketune.sharing import SHARED_FOLDER, SHARED_STAGES
 from tests.support.repo import REPO
-from tests.support.workflow import STAGES, tiny_config
+from tests.support.workflow import MLFLOW_EXPERIMENT, STAGES, stage_folder, tiny_config
 
 pytestmark = pytest.mark.slow
 
 CLUSTER_SCRIPT = REPO / "tests" / "cluster" / "slurm.sh"
 EXPERIMENTS = ("demo-lm", "demo-intent")
+SHARED = [stage for stage, _ in SHARED_STAGES]
 # The rule behind each stage, as the plugin names it in the SLURM job's comment.
 RULES = {
     "download": "download_dataset",
@@ -131,13 +133,18 @@ def expected_jobs() -> dict[str, tuple[str, str]]:
     jobs = {"results/datasets/support-demo/download/download.log": ("download", "support-demo")}
     for experiment in EXPERIMENTS:
         for stage in [*STAGES[1:], "track"]:
-            jobs[f"results/{experiment}/{stage}/{stage}.log"] = (stage, experiment)
+            if stage in SHARED:  # the data stages write under their key (snaketune.sharing)
+                folder = stage_folder(tiny_config(), experiment, stage)
+                jobs[f"{folder}/{stage}.log"] = (stage, folder.name)
+            else:
+                jobs[f"results/{experiment}/{stage}/{stage}.log"] = (stage, experiment)
         # Tokenization is planned, then run one job per partition: one each on this tiny data.
-        jobs[f"results/{experiment}/tokenize/plan.log"] = ("tokenize_plan", experiment)
+        tokenize = stage_folder(tiny_config(), experiment, "tokenize")
+        jobs[f"{tokenize}/plan.log"] = ("tokenize_plan", tokenize.name)
         for split in ("train", "val", "test"):
-            jobs[f"results/{experiment}/tokenize/parts/{split}/00000.log"] = (
+            jobs[f"{tokenize}/parts/{split}/00000.log"] = (
                 "tokenize_partition",
-                f"{experiment}_{split}_00000",
+                f"{tokenize.name}_{split}_00000",
             )
     return jobs
 
@@ -208,7 +215,7 @@ def test_every_output_and_mlflow_run_is_written(slurm_run):
     assert "mlflow ui --backend-store-uri sqlite:///" in output
 
     client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
-    mlflow_experiment = client.get_experiment_by_name("snaketune-test")
+    mlflow_experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
     runs = client.search_runs([mlflow_experiment.experiment_id])
     parents = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
     assert sorted(parents) == sorted(EXPERIMENTS)
@@ -225,8 +232,8 @@ def test_cluster_outputs_match_a_local_run(slurm_run, finished_run):
     local_results, _ = finished_run
     cluster_results = workdir / "results"
     compared = 0
-    for experiment in EXPERIMENTS:
-        for path in sorted((cluster_results / experiment).rglob("*")):
+    for folder in (*EXPERIMENTS, SHARED_FOLDER):  # the shared data stages, then each model
+        for path in sorted((cluster_results / folder).rglob("*")):
             if path.suffix in (".parquet", ".safetensors") or path.name == "metrics.json":
                 twin = local_results / path.relative_to(cluster_results)
                 assert path.read_bytes() == twin.read_bytes(), path.relative_to(cluster_results)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.support.repo import REPO
-from tests.support.workflow import STAGES, run_in_new_workdir, snakemake
+from snaketune.manifest import TIMINGS
+from tests.support.ui import EXPANDER, SCREENSHOTS, open_page, text_once_it_shows
+from tests.support.workflow import MLFLOW_EXPERIMENT, STAGES, run_in_new_workdir, snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +67,7 @@ def test_mlflow_store_has_a_parent_and_a_child_per_stage(finished_run):
 
     results, _ = finished_run
     client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("snaketune-test")
+    experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
     parents = {r.info.run_name: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
     assert sorted(parents) == ["demo-intent", "demo-lm"]
@@ -104,6 +105,17 @@ def test_second_invocation_has_nothing_to_do(finished_run):
     assert "Nothing to be done" in rerun.stdout + rerun.stderr
 
 
+def test_a_moved_checkout_has_nothing_to_do(finished_run, tmp_path):
+    results, _ = finished_run
+    moved = tmp_path / "elsewhere" / "workdir"
+    shutil.copytree(results.parent, moved, symlinks=True)  # results, links and .snakemake
+    rerun = snakemake(moved, "--dry-run")
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr, rerun.stdout[-3000:]
+    shared = moved / "results" / "demo-lm" / "tokenize" / "manifest.json"
+    assert shared.resolve().is_relative_to(moved)  # the experiment's links moved along
+
+
 def test_html_report_holds_the_plots_and_tables(finished_run):
     results, _ = finished_run
     report = results.parent / "report.html"
@@ -132,11 +144,11 @@ def test_same_config_and_seed_give_identical_results(finished_run, tmp_path_fact
     for path in (p for p in written if p.name == "manifest.json"):
         twin = second / path.relative_to(first)
         ours, theirs = json.loads(path.read_text()), json.loads(twin.read_text())
-        assert _without(ours, "seconds") == _without(theirs, "seconds"), path  # timings vary
+        assert _without(ours, *TIMINGS) == _without(theirs, *TIMINGS), path  # timings vary
     for experiment in ("demo-lm", "demo-intent"):
         history = [
             [
-                _without(json.loads(line), "tokens_per_s")
+                _without(json.loads(line), "tokens_per_s", "timestamp")
                 for line in (root / experiment / "train" / "history.jsonl").read_text().splitlines()
             ]
             for root in (first, second)
@@ -149,25 +161,7 @@ def test_same_config_and_seed_give_identical_results(finished_run, tmp_path_fact
         assert metrics[0] == metrics[1]
 
 
-# The MLflow UI as a reviewer sees it: a real headless Chromium against `mlflow ui` on the demo
-# run's store. Debian's chromium and chromium-driver (installed by .ci/run).
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--window-size=1400,1000",
-]
-SCREENSHOTS = REPO / "test-artifacts" / "mlflow-ui"
-UI_WAIT_S = 90
-EXPANDER = "button[data-component-id*='runnamecellrenderer']"  # the run table's +/- button
-
-
+# The MLflow UI as a reviewer sees it, against `mlflow ui` on the demo run's store.
 @pytest.fixture(scope="module")
 def mlflow_ui(finished_run):
     """The `mlflow ui` command the run's summary printed, on a free loopback port."""
@@ -193,51 +187,19 @@ def mlflow_ui(finished_run):
         stop(process)
 
 
-@pytest.fixture(scope="module")
-def browser():
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        if os.environ.get("CI"):
-            pytest.fail("CI must install Debian's chromium and chromium-driver (see .ci/run)")
-        pytest.skip("needs Debian's chromium and chromium-driver: apt-get install them")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    try:
-        yield driver
-    finally:
-        driver.quit()
+def printed_runs_table(run: subprocess.CompletedProcess) -> str:
+    """The runs-table URL the run's summary printed."""
+    line = next(x for x in (run.stdout + run.stderr).splitlines() if "Browse the runs: " in x)
+    return line.split("Browse the runs: ", 1)[1]
 
 
-def text_once_it_shows(driver, *needles: str) -> str:
-    """Wait until the rendered page's text holds every needle; return that text."""
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    body = lambda: driver.find_element("tag name", "body").text  # noqa: E731
-    try:
-        WebDriverWait(driver, UI_WAIT_S).until(lambda _: all(n in body() for n in needles))
-    except TimeoutException:
-        missing = [n for n in needles if n not in body()]
-        pytest.fail(f"{driver.current_url} never showed {missing}; it said:\n{body()[:3000]}")
-    return body()
-
-
-def open_page(driver, url: str, *needles: str) -> str:
-    driver.get(url)
-    return text_once_it_shows(driver, *needles)
-
-
-def test_mlflow_ui_shows_the_run_tree_a_metric_chart_and_the_artifacts(mlflow_ui, browser):
+def test_mlflow_ui_shows_the_run_tree_a_metric_chart_and_the_artifacts(
+    mlflow_ui, browser, finished_run
+):
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_ui)
-    experiment = client.get_experiment_by_name("snaketune-test")
+    experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
     lm = next(r for r in runs if r.info.run_name == "demo-lm")
     train = next(
@@ -247,7 +209,12 @@ def test_mlflow_ui_shows_the_run_tree_a_metric_chart_and_the_artifacts(mlflow_ui
     )
     base = f"{mlflow_ui}/#/experiments/{experiment.experiment_id}"
 
-    open_page(browser, f"{base}/runs", "demo-lm", "demo-intent", f"{len(runs)} matching runs")
+    # The printed URL (for the `mlflow ui` it printed, here on another port): the runs table in
+    # model-training mode, not MLflow 3's GenAI overview.
+    printed = printed_runs_table(finished_run[1]).replace("http://127.0.0.1:5000", mlflow_ui)
+    assert printed.startswith(f"{base}/runs")
+    table = open_page(browser, printed, "demo-lm", "demo-intent", f"{len(runs)} matching runs")
+    assert "Model training" in table and "Duration" in table
     # Each parent row's expander shows its child runs, one per stage.
     for expander in browser.find_elements("css selector", EXPANDER):
         expander.click()

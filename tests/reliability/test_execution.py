@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -19,6 +20,7 @@ from snaketune.checkpoint import CHECKPOINT
 from snaketune.errors import OutputError, TrainingError
 from snaketune.fileio import atomic_dir, atomic_path, write_json
 from snaketune.settings import PartitionJob, TokenizeJob, TokenizeSettings, TrainSettings
+from snaketune.sharing import SHARED_FOLDER
 from snaketune.stages import PartitionPaths, PlanPaths, command_line
 from snaketune.tokenize.plan import plan_partitions
 from tests.support.processes import wait_for
@@ -27,6 +29,7 @@ from tests.support.reliability import (
     TINY_MODEL,
     rerun_resumes,
     run_snakemake,
+    run_train,
     single_thread_env,
     train_command,
     workdir_with,
@@ -49,13 +52,7 @@ def test_sigkill_mid_training_resumes_from_checkpoint_with_identical_weights(lm_
         max_steps=150, batch_size=8, warmup_steps=5, eval_every=50, checkpoint_every=10
     )
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(
-        train_command(lm_data, straight, settings),
-        check=True,
-        env=single_thread_env(),
-        capture_output=True,
-        timeout=300,
-    )
+    assert run_train(lm_data, straight, settings).returncode == 0
 
     job = subprocess.Popen(
         train_command(lm_data, killed, settings),
@@ -117,6 +114,33 @@ def test_sigterm_writes_a_checkpoint_before_exit_and_the_rerun_resumes(lm_data, 
     assert not (tmp_path / "model").exists()
 
     rerun_resumes(lm_data, tmp_path, settings, saved)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["attempt"] == 2 and manifest["previous_failure"]["cause"] == "stopped"
+    assert "SIGTERM received" in manifest["previous_failure"]["message"]
+    assert not (tmp_path / "state" / "failure.json").exists()  # this attempt succeeded
+
+
+@pytest.mark.slow
+def test_a_retry_of_an_error_it_would_repeat_stops_at_once_and_a_new_run_goes(lm_data, tmp_path):
+    settings = TrainSettings(max_steps=5, batch_size=8, warmup_steps=1, memory_retries=0)
+    failed = run_train(lm_data, tmp_path, settings, *SMALL_DEVICE)
+    assert failed.returncode == 1 and "out of memory at step 1" in failed.stderr
+    record = json.loads((tmp_path / "state" / "failure.json").read_text())
+    assert record["cause"] == "error" and record["attempt"] == 1
+
+    started = time.perf_counter()
+    retried = run_train(lm_data, tmp_path, settings, *SMALL_DEVICE, attempt=2)
+    assert retried.returncode == 1
+    assert "not retried (attempt 2): attempt 1 failed with an error a retry would repeat: " in (
+        retried.stderr
+    )
+    assert "out of memory at step 1" in retried.stderr.splitlines()[-1]
+    assert "training gpt2" not in retried.stderr  # refused before any set-up
+    print(f"refused retry: {time.perf_counter() - started:.1f} s")
+
+    again = run_train(lm_data, tmp_path, settings)  # a new invocation: the cause was fixed
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not (tmp_path / "state" / "failure.json").exists()
 
 
 # --- 12. crash while writing a checkpoint --------------------------------------------------------
@@ -294,7 +318,9 @@ def test_nan_loss_stops_before_the_update_naming_the_step_and_the_last_checkpoin
 
 @pytest.mark.slow
 def test_out_of_memory_suggests_a_smaller_batch_and_gradient_accumulation(lm_data, tmp_path):
-    settings = TrainSettings(max_steps=5, batch_size=400_000, warmup_steps=1, eval_every=5)
+    settings = TrainSettings(
+        max_steps=5, batch_size=400_000, warmup_steps=1, eval_every=5, memory_retries=0
+    )
     # A cap 2 GiB above what the process has mapped once imported: the model and data fit, one
     # batch of 400,000 rows of 32 tokens does not.
     prelude = [
@@ -303,13 +329,7 @@ def test_out_of_memory_suggests_a_smaller_batch_and_gradient_accumulation(lm_dat
         "mapped = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()",
         "resource.setrlimit(resource.RLIMIT_AS, (mapped + (2 << 30), resource.RLIM_INFINITY))",
     ]
-    result = subprocess.run(
-        train_command(lm_data, tmp_path, settings, *prelude),
-        env=single_thread_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_train(lm_data, tmp_path, settings, *prelude)
 
     assert result.returncode == 1, result.stderr[-3000:]
     message = result.stderr.splitlines()[-1]
@@ -318,6 +338,55 @@ def test_out_of_memory_suggests_a_smaller_batch_and_gradient_accumulation(lm_dat
     assert "divide batch_size and multiply grad_accum by the same factor" in message
     assert "no checkpoint has been written" in message
     assert not (tmp_path / "model").exists()
+
+
+# A device whose memory holds the activations of 4 rows: beyond that its forward pass fails as
+# CUDA's does (a real CUDA device cannot exist here; the retry path is the one a GPU takes).
+SMALL_DEVICE = [
+    "import torch, snaketune.train as train",
+    "real_forward = train.forward",
+    "def forward(model, batch, placement):",
+    "    if len(batch['input_ids']) > 4:",
+    "        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')",
+    "    return real_forward(model, batch, placement)",
+    "train.forward = forward",
+]
+
+
+@pytest.mark.slow
+def test_a_step_out_of_memory_is_taken_again_smaller_on_the_same_trajectory(lm_data, tmp_path):
+    configured = TrainSettings(
+        max_steps=20, batch_size=16, warmup_steps=2, eval_every=10, checkpoint_every=10
+    )
+    small, straight = tmp_path / "small", tmp_path / "straight"
+    adapted = run_train(lm_data, small, configured, *SMALL_DEVICE)
+    assert adapted.returncode == 0, adapted.stderr[-3000:]
+    for was, now in (("16 x 1", "8 x grad_accum 2"), ("8 x 2", "4 x grad_accum 4")):
+        assert f"out of memory at step 1: taking it again with batch_size {now} (was {was})" in (
+            adapted.stderr
+        )
+    # The same examples per step: the weights of a run configured with what fitted.
+    fitted = replace(configured, batch_size=4, grad_accum=4)
+    assert run_train(lm_data, straight, fitted).returncode == 0
+    ours, theirs = (load_file(out / "model" / "model.safetensors") for out in (small, straight))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    manifest = json.loads((small / "manifest.json").read_text())
+    assert manifest["memory_retries"] == [
+        {"step": 1, "cause": "out of memory", "batch_size": [16, 8], "grad_accum": [1, 2]},
+        {"step": 1, "cause": "out of memory", "batch_size": [8, 4], "grad_accum": [2, 4]},
+    ]
+    assert manifest["counts"]["memory_retries"] == 2
+
+
+@pytest.mark.slow
+def test_out_of_memory_beyond_memory_retries_is_the_batch_advice(lm_data, tmp_path):
+    settings = TrainSettings(max_steps=5, batch_size=16, warmup_steps=1, memory_retries=1)
+    result = run_train(lm_data, tmp_path, settings, *SMALL_DEVICE)
+    assert result.returncode == 1
+    message = result.stderr.splitlines()[-1]
+    assert "train.batch_size=8 and train.grad_accum=2 (after 1 retries" in message
+    assert "divide batch_size and multiply grad_accum by the same factor" in message
 
 
 # --- 17. two snakemake invocations on one results dir --------------------------------------------
@@ -330,7 +399,12 @@ def test_second_snakemake_on_the_same_results_refuses_and_loses_nothing(
     workdir = workdir_with(interrupted_pipeline.results, tmp_path, [EXPERIMENT])
     results = workdir / "results"
     outputs = [*(results / EXPERIMENT).rglob("*"), *(results / "datasets").rglob("*")]
-    untouched = {p: p.stat().st_mtime_ns for p in outputs if p.is_file() and "track" not in p.parts}
+    outputs += (results / SHARED_FOLDER).rglob("*")
+    # The track job's outputs and the MLflow run ids (tracking/) are the forced job's to write.
+    mlflow_side = {"track", "tracking"}
+    untouched = {
+        p: p.stat().st_mtime_ns for p in outputs if p.is_file() and not mlflow_side & set(p.parts)
+    }
     with (workdir / "first.log").open("w") as log:
         first = subprocess.Popen(
             snakemake_command(workdir, "--cores", "1", "--forcerun", "track_experiment"),

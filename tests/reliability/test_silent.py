@@ -42,7 +42,7 @@ from tests.support.reliability import pipeline_config, run_snakemake
 from tests.support.repo import DEMO_CORPUS, SNAKETUNE
 from tests.support.servers import serving
 from tests.support.stage_data import run_clean, run_training, train_paths
-from tests.support.workflow import config_with, snakemake_command, snakemake_with
+from tests.support.workflow import config_with, snakemake_command, snakemake_with, stage_folder
 
 JSONL = ReadSettings(format="jsonl")
 
@@ -455,8 +455,9 @@ def test_a_partition_killed_before_it_was_recorded_is_refused_then_rerun(tmp_pat
     run; Snakemake's incomplete-output check does not see them, the workflow does."""
     config = pipeline_config(["demo-lm"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    parts = tmp_path / "results" / "demo-lm" / "tokenize" / "parts"
-    target = "results/demo-lm/tokenize/manifest.json"
+    tokenize = stage_folder(config, "demo-lm", "tokenize")
+    parts = tmp_path / tokenize / "parts"
+    target = str(tokenize / "manifest.json")
     with (tmp_path / "killed.log").open("w") as log:
         first = subprocess.Popen(
             snakemake_command(tmp_path, "--cores", "1", target), stdout=log, stderr=log

@@ -23,7 +23,7 @@ from snaketune.models import build_model, load_trained
 from snaketune.settings import DownloadSettings, ModelSettings, TrainSettings
 from snaketune.stages import DownloadPaths
 from snaketune.track import STAGES
-from tests.support.mlflow_stores import server_settings, track, write_stage_files
+from tests.support.mlflow_stores import HISTORY, server_settings, track, write_stage_files
 from tests.support.reliability import TINY_MODEL
 from tests.support.stage_data import run_training
 
@@ -40,6 +40,14 @@ def fail_fast(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
+def results_without_run_ids(results: Path) -> dict[str, str]:
+    return {
+        str(path): sha256_tree(path)
+        for path in sorted(results.rglob("*"))
+        if path.is_file() and "tracking" not in path.relative_to(results).parts
+    }
+
+
 # --- 18. MLflow down at start or mid-run ---------------------------------------------------------
 
 
@@ -48,7 +56,7 @@ def test_mlflow_down_at_start_then_mid_upload_loses_nothing_and_uploads_once(
     mlflow_server, relay, fail_fast, tmp_path
 ):
     inputs = write_stage_files(tmp_path / "results")
-    on_disk = sha256_tree(tmp_path / "results")
+    on_disk = results_without_run_ids(tmp_path / "results")
     settings = server_settings(relay.uri, "reliability-outage")
     runs_path = tmp_path / "runs.json"
 
@@ -61,6 +69,7 @@ def test_mlflow_down_at_start_then_mid_upload_loses_nothing_and_uploads_once(
     cut_short = runs_of(mlflow_server, "reliability-outage")
     assert cut_short and all(run.info.status == "RUNNING" for run in cut_short)
     assert not runs_path.exists()
+    assert (tmp_path / "results").exists()
 
     relay.down_after = None  # back for good: the next two syncs
     ids = track(settings, inputs, runs_path)
@@ -69,9 +78,15 @@ def test_mlflow_down_at_start_then_mid_upload_loses_nothing_and_uploads_once(
     active = runs_of(mlflow_server, "reliability-outage")
     assert {run.info.run_id for run in active} == set(ids.values())  # one parent, one per stage
     assert len(active) == 1 + len(STAGES) and all(r.info.status == "FINISHED" for r in active)
+    # The runs the cut-short upload made are the ones completed (their ids are under results/),
+    # and no point arrived twice.
+    assert {r.info.run_id for r in cut_short} <= set(ids.values())
     every = runs_of(mlflow_server, "reliability-outage", ViewType.ALL)
-    assert {r.info.run_id for r in cut_short} <= {r.info.run_id for r in every} - set(ids.values())
-    assert sha256_tree(tmp_path / "results") == on_disk  # the outage touched no result
+    assert len(every) == len(active)
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    assert len(client.get_metric_history(ids["train"], "train.loss")) == len(HISTORY)
+    # The outage touched no result (the run ids the uploads recorded are MLflow's bookkeeping).
+    assert results_without_run_ids(tmp_path / "results") == on_disk
 
 
 # --- 19. MLflow slow ----------------------------------------------------------------------------

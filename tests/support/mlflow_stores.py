@@ -13,8 +13,10 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
+from snaketune import live
 from snaketune.settings import TrackSettings
 from snaketune.stages import (
+    TRACKED,
     CleanPaths,
     DownloadPaths,
     EvaluatePaths,
@@ -68,6 +70,8 @@ HISTORY = [
         "val_loss": 6.9,
     },
 ]
+# As the trainer writes them: each row with the time its values were read.
+HISTORY = [{**row, "timestamp": 1790005000.5 + row["step"]} for row in HISTORY]
 METRICS = {
     "perplexity": 1.633,
     "accuracy": 0.889,
@@ -102,6 +106,8 @@ SPLIT_SHA = {
 }
 SPLIT_ROWS = {"train": 2491, "val": 308, "test": 319}
 DOWNLOAD_URL = "workflow/resources/demo/support.jsonl.gz"
+STARTED_AT = 1790000000.0
+"""When the first stage started (each later one 1000 s after the one before)."""
 SYSTEM_SAMPLES = [
     {
         "timestamp": 1790000000.0 + 5 * i,
@@ -138,7 +144,13 @@ class StageInputs:
             store=self.root / "mlflow.db",
             artifacts=artifacts or self.root / "mlartifacts",
             provenance=self.root / "provenance.json",
+            tracking=self.tracking,
+            model_card=runs.with_name("model_card.md"),
         )
+
+    @property
+    def tracking(self) -> Path:
+        return self.root / EXPERIMENT / "tracking"
 
 
 def write_json_file(path: Path, data) -> Path:
@@ -166,8 +178,10 @@ def write_manifest(
     outputs: dict[str, str] | None = None,
     **extra,
 ) -> Path:
-    """A manifest shaped like the ones snaketune.manifest.stage_manifest writes."""
+    """A manifest shaped like the ones snaketune.manifest.stage_manifest writes (the stages
+    one after the other from STARTED_AT, a second apart)."""
     inputs = {"input": {"path": f"results/{EXPERIMENT}/{stage}/input", "sha256": SHA}}
+    started_at = STARTED_AT + 1000 * TRACKED.index(stage)
     return write_json_file(
         path,
         {
@@ -178,6 +192,8 @@ def write_manifest(
             "outputs": outputs or {},
             "paths": {**paths, "manifest": str(path)},
             "seconds": seconds,
+            "started_at": started_at,
+            "run_key": live.run_key(inputs, params),
             "versions": VERSIONS,
             **extra,
         },

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 
 import psutil
 
@@ -23,3 +24,24 @@ def kill_tree(pid: int) -> None:
     for child in children:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
+
+
+@contextlib.contextmanager
+def paused(pid: int) -> Iterator[None]:
+    """A process and every process below it stopped (SIGSTOP) for the block, then continued:
+    what a test looks at while the process works cannot end under it, however fast the
+    machine."""
+    try:
+        parent = psutil.Process(pid)
+        tree = [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:  # it has ended already: nothing to hold
+        tree = []
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.suspend()
+    try:
+        yield
+    finally:
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.resume()

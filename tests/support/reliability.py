@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from snaketune.attempts import ATTEMPT_VARIABLE
 from snaketune.settings import ModelSettings, TrainJob, TrainSettings
 from tests.support.repo import DEFAULT_CONFIG
 from tests.support.stage_data import train_cli_args
@@ -52,20 +53,29 @@ def train_command(data: dict, out: Path, settings: TrainSettings, *prelude: str)
     return [*launcher, *train_cli_args(data, out, job)]
 
 
+def run_train(
+    data: dict, out: Path, settings: TrainSettings, *prelude: str, attempt: int = 1
+) -> subprocess.CompletedProcess:
+    """The train command (see train_command) on one thread, its output captured as text; as
+    the rule's `attempt` (2: Snakemake's first retry of the job)."""
+    return subprocess.run(
+        train_command(data, out, settings, *prelude),
+        env={**single_thread_env(), ATTEMPT_VARIABLE: str(attempt)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def single_thread_env() -> dict[str, str]:
     # One thread on every run, so the floating-point reduction order is identical.
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def rerun_resumes(data: dict, out: Path, settings: TrainSettings, step: int) -> None:
-    """Run the train command again on `out`: it must finish, resuming from `step`."""
-    rerun = subprocess.run(
-        train_command(data, out, settings),
-        env=single_thread_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """Run the train command again on `out`, as Snakemake's retry of the job: it must finish,
+    resuming from `step`."""
+    rerun = run_train(data, out, settings, attempt=2)
     assert rerun.returncode == 0, rerun.stderr
     assert f"resumed from checkpoint at step {step}" in rerun.stderr
 

@@ -43,6 +43,17 @@ def layered(preset_file: Path) -> dict:
     return config
 
 
+def stage_folder(config: dict, experiment: str, stage: str) -> Path:
+    """results_dir/shared/<stage>/<key>: where a shared stage of `experiment` writes (a path to
+    give snakemake as a target; results/<experiment>/<stage> is a link made when it runs)."""
+    from snaketune.config import validated
+    from snaketune.settings import ConfigView
+    from snaketune.sharing import keys_of, stage_dir
+
+    view = ConfigView(validated(copy.deepcopy(config), REPO), REPO)
+    return stage_dir(config["results_dir"], stage, keys_of(view, experiment)[stage])
+
+
 def snakemake_command(workdir: Path, *args: str) -> list[str]:
     """The real workflow's snakemake, run in `workdir` on workdir/config.yaml."""
     return [
@@ -70,11 +81,16 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=900)
 
 
+MLFLOW_EXPERIMENT = DEFAULT_CONFIG["mlflow"]["experiment_name"]
+"""tiny_config's MLflow experiment."""
+
+
 def tiny_config() -> dict:
     """The demo's two experiments with tiny models and few steps."""
     config = copy.deepcopy(DEFAULT_CONFIG)
     config["results_dir"] = "results"  # relative: two runs' manifests can then be compared
-    config["mlflow"]["experiment_name"] = "snaketune-test"
+    # The default MLflow experiment name: the README's commands (models:/snaketune-demo...) run
+    # on this config as printed.
     lm, intent = config["experiments"]
     lm.update(
         tokenizer={"vocab_size": 500},

@@ -12,6 +12,7 @@ import yaml
 from snaketune.config import SCHEMA, cross_checks, schema_problems
 from snaketune.names import SPLITS, TASKS
 from snaketune.settings import (
+    ENCODERS,
     FORMATS,
     LM_PACKINGS,
     SECTIONS,
@@ -106,6 +107,41 @@ def test_the_schema_allows_the_names_the_code_knows():
     ratios = EXPERIMENT_KEYS["split"]["properties"]
     assert [key for key in ratios if key in SPLITS] == list(SPLITS)
     assert EXPERIMENT_KEYS["tokenize"]["properties"]["packing"]["enum"] == list(LM_PACKINGS)
+    assert EXPERIMENT_KEYS["tokenize"]["properties"]["encoder"]["enum"] == list(ENCODERS)
     entry = SCHEMA_DOC["properties"]["datasets"]["additionalProperties"]["properties"]
     assert entry["format"]["enum"] == list(FORMATS)
     assert entry["txt_document"]["enum"] == list(TXT_DOCUMENTS)
+
+
+def test_memory_retries_set_with_several_processes_is_refused_not_ignored():
+    import copy
+
+    from snaketune.config import ConfigError, validated
+
+    def with_train(**train) -> dict:
+        config = copy.deepcopy(DEFAULT_CONFIG)
+        config["experiments"][0]["train"].update(train)
+        return config
+
+    with pytest.raises(ConfigError, match=r"experiments\[0\]\.train\.memory_retries: is for one"):
+        validated(with_train(processes=2, memory_retries=8))
+    validated(with_train(processes=2))  # the default asks nothing: several processes stay allowed
+
+
+def test_the_fast_encoder_asked_for_classification_is_refused_before_any_job():
+    import copy
+
+    from snaketune.config import ConfigError, validated
+
+    def with_classifier_encoder(encoder: str) -> tuple[dict, int]:
+        config = copy.deepcopy(DEFAULT_CONFIG)
+        tasks = [e["task"] for e in config["experiments"]]
+        where = tasks.index("sequence_classification")
+        config["experiments"][where].setdefault("tokenize", {})["encoder"] = encoder
+        return config, where
+
+    config, where = with_classifier_encoder("gigatoken")
+    refused = rf"experiments\[{where}\]\.tokenize\.encoder: 'gigatoken' encodes causal_lm"
+    with pytest.raises(ConfigError, match=refused):
+        validated(config)
+    validated(with_classifier_encoder("auto")[0])  # auto picks tokenizers for classification

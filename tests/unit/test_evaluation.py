@@ -162,6 +162,10 @@ def test_lm_evaluation_writes_metrics_protocol_and_samples(lm_data, tmp_path):
     # An untrained model is near-uniform: perplexity close to the vocabulary size.
     assert 0.3 * info["vocab_size"] < metrics["perplexity"] < 3 * info["vocab_size"]
     assert "stride" in metrics["protocol"]
+    # The bigram baseline, counted on the train split, scores the same targets far better.
+    baseline = metrics["baselines"]["kneser_ney_bigram"]
+    assert baseline["predicted_tokens"] == metrics["predicted_tokens"]
+    assert 1 < baseline["perplexity"] < 0.5 * metrics["perplexity"]
     (sample,) = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert sample["prompt"] == "Customer: hello\nAgent:" and isinstance(sample["completion"], str)
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow.entities import ViewType
 
 from snaketune.registry import MODEL_TAG, SERVING_PACKAGES, pip_requirements, servable
 from snaketune.settings import MlflowSettings, TrackSettings, registered_model_name
@@ -117,6 +116,15 @@ def test_model_version_carries_the_eval_metrics_and_its_runs(registered):
     assert version.tags["snaketune.task"] == "causal_lm"
     assert registered.ids["evaluate"] in version.description
     assert METRICS["protocol"] in version.description
+    card = registered.runs_path.with_name("model_card.md").read_text()
+    assert card in version.description  # the model card is the version's description
+
+
+@pytest.mark.slow
+def test_the_logged_model_holds_the_model_card_as_its_readme(registered, tmp_path):
+    client = registered.store.client
+    names = {a.path for a in client.list_logged_model_artifacts(registered.model["model_id"])}
+    assert "README.md" in names
 
 
 @pytest.mark.slow
@@ -154,22 +162,23 @@ def test_rerun_with_unchanged_results_registers_no_new_version(registered):
 
 
 @pytest.mark.slow
-def test_an_upload_cut_short_after_registering_is_replaced_with_its_version(
+def test_an_upload_cut_short_after_registering_is_completed_with_its_version(
     tmp_path, empty_store_db, lm_data
 ):
-    """A parent left unfinished (the job died after registering): the rerun deletes its runs,
-    its model version and logged model, and registers the new upload's version instead."""
+    """A parent left unfinished (the job died after registering, before the model tag and the
+    end): the rerun completes the same runs and keeps that version and logged model, registering
+    and logging nothing again."""
     cut = register_tiny_lm(tmp_path, empty_store_db, lm_data)
     client = cut.store.client
     client.update_run(cut.ids["parent"], status="RUNNING")
+    client.delete_tag(cut.ids["parent"], MODEL_TAG)
     ids = track(cut.settings, cut.inputs, cut.runs_path, cut.store.artifact_dir)
-    assert ids["parent"] != cut.ids["parent"]
-    live = client.search_model_versions(f"name = '{NAME}'")
-    assert [str(v.version) for v in live] == ["2"] and live[0].run_id == ids["train"]
-    assert cut.model["version"] == "2"
+    assert ids == cut.ids
+    assert client.get_run(ids["parent"]).info.status == "FINISHED"
+    versions = client.search_model_versions(f"name = '{NAME}'")
+    assert [str(v.version) for v in versions] == ["1"] and versions[0].run_id == ids["train"]
+    assert json.loads(cut.runs_path.read_text())["model"] == cut.model
     experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
     models = client.search_logged_models([experiment.experiment_id])
     assert [m.source_run_id for m in models] == [ids["train"]]
-    active = client.search_runs([experiment.experiment_id], run_view_type=ViewType.ACTIVE_ONLY)
-    assert {r.info.run_id for r in active} == set(ids.values())
-    assert len(all_runs(client)) == 2 * len(ids)
+    assert len(all_runs(client)) == len(ids)

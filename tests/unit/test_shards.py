@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from snaketune.clean import clean_corpus
 from snaketune.errors import CorpusError
 from snaketune.fileio import sha256_file
+from snaketune.manifest import TIMINGS
 from snaketune.names import SPLITS
 from snaketune.settings import (
     CleanJob,
@@ -434,8 +435,8 @@ def test_a_rerun_writes_byte_identical_shards_however_reads_are_batched(
     for path in first:
         assert (again["dir"] / path).read_bytes() == (lm_parts["dir"] / path).read_bytes(), path
     # Timings differ, and so does the one setting changed on purpose.
-    assert _without(again["manifest"], "seconds", "params") == _without(
-        lm_parts["manifest"], "seconds", "params"
+    assert _without(again["manifest"], *TIMINGS, "params", "run_key") == _without(
+        lm_parts["manifest"], *TIMINGS, "params", "run_key"
     )
     assert not list(tmp_path.glob(".*")), "the partitions' working files are left behind"
 

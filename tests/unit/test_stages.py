@@ -18,8 +18,24 @@ from snaketune.settings import ConfigView, from_json, to_json
 from snaketune.stages import STAGES, Stage, command_line, is_list, path_fields
 from tests.support.repo import DEFAULT_CONFIG, REPO
 
-WILDCARDS = {"dataset": "support-demo", "experiment": "demo-lm", "split": "train", "part": "00003"}
-VIEW = ConfigView(validated(copy.deepcopy(DEFAULT_CONFIG)), REPO)
+WILDCARDS = {
+    "dataset": "support-demo",
+    "experiment": "demo-lm",
+    "split": "train",
+    "part": "00003",
+    "sweep": "lm",
+}
+
+
+def with_a_sweep() -> dict:
+    """The demo config and a sweep named lm over its causal LM's learning rate."""
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    lm = {**copy.deepcopy(config["experiments"][0]), "name": "lm"}
+    config["experiments"].append({**lm, "sweep": {"grid": {"train.lr": [0.001, 0.002]}}})
+    return config
+
+
+VIEW = ConfigView(validated(with_a_sweep()), REPO)
 
 
 def settings_of(stage: Stage):

@@ -11,23 +11,22 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from mlflow.entities import ViewType
+from mlflow.entities import Metric, ViewType
 from mlflow.utils.validation import _validate_metric_name
 
 import snaketune
+from snaketune import live
 from snaketune.errors import TrackingError
-from snaketune.settings import TrackSettings
-from snaketune.track import (
+from snaketune.live import (
     MAX_PARAM_LENGTH,
     RUN_KEY_TAG,
-    STAGES,
     as_params,
-    config_hash,
     experiment_id_for,
     flatten,
     numeric_metrics,
-    run_key,
 )
+from snaketune.settings import TrackSettings, config_hash
+from snaketune.track import STAGES
 from snaketune.tracking_uri import redact
 from tests.support.mlflow_stores import (
     CONFIG,
@@ -35,6 +34,7 @@ from tests.support.mlflow_stores import (
     EVAL_METRIC_NAMES,
     EXPERIMENT,
     HISTORY,
+    METRICS,
     MLFLOW_EXPERIMENT,
     PROMPTS,
     SPLIT_ROWS,
@@ -146,15 +146,15 @@ def test_config_hash_ignores_key_order_and_follows_values():
     assert len(config_hash(CONFIG)) == 16
 
 
-def test_run_key_follows_every_manifest(tmp_path):
-    inputs = write_stage_files(tmp_path)
-    settings = settings_for("sqlite:///unused.db")
-    before = run_key(settings, inputs.stages)
-    assert run_key(settings, inputs.stages) == before
-    manifest = inputs.stages[2].manifest
-    manifest.write_text(manifest.read_text().replace('"seconds": 0.097', '"seconds": 0.098'))
-    assert run_key(settings, inputs.stages) != before
-    assert run_key(replace(settings, experiment="other"), inputs.stages) != before
+def test_a_stage_run_key_follows_its_inputs_and_params_not_its_timings(tmp_path):
+    inputs = {"corpus": {"path": "a", "sha256": "1" * 64}}
+    key = live.run_key(inputs, {"lr": 0.1})
+    assert live.run_key({"corpus": {"path": "moved", "sha256": "1" * 64}}, {"lr": 0.1}) == key
+    assert live.run_key({"corpus": {"path": "a", "sha256": "2" * 64}}, {"lr": 0.1}) != key
+    assert live.run_key(inputs, {"lr": 0.2}) != key
+    stage_files = write_stage_files(tmp_path)
+    manifest = json.loads(stage_files.manifests["split"].read_text())
+    assert manifest["run_key"] == live.run_key(manifest["inputs"], manifest["params"])
 
 
 # --- one upload ---------------------------------------------------------------------------------
@@ -164,7 +164,30 @@ def test_parent_run_is_named_after_the_experiment_and_finished(tracked):
     parent = tracked.run("parent")
     assert parent.info.run_name == EXPERIMENT
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags[RUN_KEY_TAG] == run_key(tracked.settings, tracked.inputs.stages)
+    assert parent.data.tags["snaketune.config_hash"] == config_hash(tracked.settings.config)
+
+
+def test_every_run_starts_and_ends_when_its_stage_did(tracked):
+    """Durations in the UI are the stages' own: a run's start and end are its manifest's
+    started_at and started_at + seconds; the parent spans them all."""
+    manifests = {n: json.loads(p.read_text()) for n, p in tracked.inputs.manifests.items()}
+    for name in STAGES:
+        run, manifest = tracked.run(name), manifests[name]
+        assert run.info.start_time == int(manifest["started_at"] * 1000)
+        assert run.info.end_time == int((manifest["started_at"] + manifest["seconds"]) * 1000)
+        assert run.data.tags[RUN_KEY_TAG] == manifest["run_key"]
+    parent = tracked.run("parent")
+    assert parent.info.start_time == tracked.run("download").info.start_time
+    assert parent.info.end_time == tracked.run("evaluate").info.end_time
+
+
+def test_metric_points_carry_the_time_they_were_measured(tracked):
+    evaluate = json.loads(tracked.inputs.manifests["evaluate"].read_text())
+    ended = int((evaluate["started_at"] + evaluate["seconds"]) * 1000)
+    accuracy = tracked.store.client.get_metric_history(tracked.ids["parent"], "eval.accuracy")
+    assert [m.timestamp for m in accuracy] == [ended]
+    loss = tracked.store.client.get_metric_history(tracked.ids["train"], "train.loss")
+    assert sorted(m.timestamp for m in loss) == [int(r["timestamp"] * 1000) for r in HISTORY]
 
 
 def test_one_finished_child_run_per_stage_under_the_parent(tracked):
@@ -284,6 +307,7 @@ def test_artifact_directories_are_logged_with_their_files(tracked, tmp_path):
     assert artifact_paths(client, tracked.ids["train"], "model") == {
         "model/config.json",
         "model/model.safetensors",
+        "model/README.md",  # the model card
     }
     assert artifact_paths(client, tracked.ids["tokenizer"], "tokenizer") == {
         "tokenizer/tokenizer.json",
@@ -327,7 +351,6 @@ def test_runs_json_records_the_run_ids(tracked):
     assert written == {
         "tracking_uri": tracked.store.uri,
         "experiment_id": experiment.experiment_id,
-        "run_key": run_key(tracked.settings, tracked.inputs.stages),
         "runs": tracked.ids,
         "model": None,  # no registered_model_name: no model logged
     }
@@ -393,42 +416,60 @@ def test_second_call_creates_no_new_runs_and_returns_the_same_ids(store, tmp_pat
     assert len(loss) == len(HISTORY)  # nothing logged twice into the reused runs
 
 
-def test_unfinished_parent_is_replaced_by_a_finished_one(store, tmp_path):
+def test_runs_left_running_by_live_logging_are_completed_not_duplicated(store, tmp_path):
+    """What a killed workflow leaves: the parent and the train run RUNNING (made by the stage
+    jobs, their ids under results/), with the first two steps logged. The track job completes
+    those very runs: every step once, every run FINISHED, nothing else created."""
     settings = settings_for(store.uri)
     inputs = write_stage_files(tmp_path / "results")
     client = store.client
     experiment_id = client.create_experiment(
         MLFLOW_EXPERIMENT, artifact_location=store.artifact_location
     )
-    key = run_key(settings, inputs.stages)
-    # An upload cut short: a parent with the same key and one child, both left RUNNING.
-    stale = client.create_run(experiment_id, run_name=EXPERIMENT, tags={RUN_KEY_TAG: key})
-    stale_child = client.create_run(
-        experiment_id, run_name="download", tags={"mlflow.parentRunId": stale.info.run_id}
-    )
-    ids = track(settings, inputs, tmp_path / "runs.json")
-    assert ids["parent"] != stale.info.run_id
-    assert client.get_run(stale.info.run_id).info.lifecycle_stage == "deleted"
-    assert client.get_run(stale_child.info.run_id).info.lifecycle_stage == "deleted"
-    parent = client.get_run(ids["parent"])
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags[RUN_KEY_TAG] == key
+    ids = live.RunIds(inputs.tracking, store.uri, config_hash(settings.config))
+    parent = live.parent_run(client, ids, experiment_id, EXPERIMENT, {}, 0)
+    train_key = json.loads(inputs.manifests["train"].read_text())["run_key"]
+    train, new = live.stage_run(client, ids, experiment_id, parent, "train", train_key, 0)
+    assert new
+    early = [Metric("train.loss", r["loss"], 0, r["step"]) for r in HISTORY[:2]]
+    client.log_batch(train, metrics=early)
+    uploaded = track(settings, inputs, tmp_path / "runs.json")
+    assert (uploaded["parent"], uploaded["train"]) == (parent, train)
+    loss = client.get_metric_history(train, "train.loss")
+    assert sorted(m.step for m in loss) == [r["step"] for r in HISTORY]
     active = client.search_runs([experiment_id], run_view_type=ViewType.ACTIVE_ONLY)
-    assert {run.info.run_id for run in active} == set(ids.values())
-    assert track(settings, inputs, tmp_path / "runs.json") == ids
+    assert {run.info.run_id for run in active} == set(uploaded.values())
+    assert {run.info.status for run in active} == {"FINISHED"}
+    assert track(settings, inputs, tmp_path / "runs.json") == uploaded
 
 
-def test_changed_results_are_uploaded_as_a_new_parent(store, tmp_path):
+def test_a_changed_config_is_a_new_parent_and_the_old_one_is_kept(store, tmp_path):
     settings = settings_for(store.uri)
     inputs = write_stage_files(tmp_path / "results")
     first = track(settings, inputs, tmp_path / "runs.json")
-    evaluate = inputs.stages[-1].manifest
-    evaluate.write_text(evaluate.read_text().replace('"seconds": 3.967', '"seconds": 4.5'))
-    second = track(settings, inputs, tmp_path / "runs.json")
+    changed = replace(settings, config={**CONFIG, "train": {**CONFIG["train"], "lr": 0.001}})
+    second = track(changed, inputs, tmp_path / "runs.json")
     assert set(second.values()).isdisjoint(first.values())
     assert len(all_runs(store.client)) == 2 * (1 + len(STAGES))
     assert store.client.get_run(first["parent"]).info.status == "FINISHED"  # kept, not replaced
-    assert store.client.get_run(second["evaluate"]).data.metrics["seconds"] == 4.5
+
+
+def test_a_stage_computed_again_from_other_inputs_replaces_its_run(store, tmp_path):
+    settings = settings_for(store.uri)
+    inputs = write_stage_files(tmp_path / "results")
+    first = track(settings, inputs, tmp_path / "runs.json")
+    evaluate = inputs.manifests["evaluate"]
+    manifest = json.loads(evaluate.read_text())
+    manifest["inputs"]["input"]["sha256"] = "f" * 64
+    manifest["run_key"] = live.run_key(manifest["inputs"], manifest["params"])
+    evaluate.write_text(json.dumps(manifest))
+    second = track(settings, inputs, tmp_path / "runs.json")
+    assert second["parent"] == first["parent"]
+    assert second["evaluate"] != first["evaluate"]
+    assert {k: v for k, v in second.items() if k != "evaluate"} == {
+        k: v for k, v in first.items() if k != "evaluate"
+    }
+    assert store.client.get_run(first["evaluate"]).info.lifecycle_stage == "deleted"
 
 
 # --- awkward inputs and failures ----------------------------------------------------------------
@@ -513,3 +554,14 @@ def test_experiment_created_by_a_parallel_track_job_is_used(store):
         CreatedMeanwhile(store.client), settings.mlflow_experiment, store.uri, None
     )
     assert experiment_id == store.client.get_experiment_by_name(MLFLOW_EXPERIMENT).experiment_id
+
+
+def test_the_model_card_names_the_data_its_digest_the_metrics_and_the_limits(tracked, tmp_path):
+    card = tracked.runs_path.with_name("model_card.md").read_text()
+    assert card.startswith(f"# {EXPERIMENT}\n")
+    for needle in (SPLIT_SHA["train"], SPLIT_SHA["test"], DOWNLOAD_URL, "perplexity | 1.633"):
+        assert needle in card
+    assert METRICS["protocol"] in card and "## Intended use and limits" in card
+    assert "`billing`, `shipping`" in card  # the labels it can answer with
+    logged = download(tracked.store.uri, tracked.ids["train"], "model/README.md", tmp_path)
+    assert logged.read_text() == card

@@ -215,6 +215,22 @@ def test_more_steps_after_a_finished_run_continue_it_without_a_gap_or_a_repeat(l
     assert history[20]["lr"] == pytest.approx(manifest["schedule"][1][2])
 
 
+@pytest.mark.parametrize("record", ["missing", "a step behind"])
+def test_a_job_killed_between_checkpoint_and_its_record_still_resumes(lm_data, tmp_path, record):
+    from snaketune.resume import RECORD
+
+    run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, QUICK)
+    state = tmp_path / "state"
+    if record == "missing":
+        (state / RECORD).unlink()
+    else:
+        previous = {**json.loads((state / RECORD).read_text()), "step": 10}
+        (state / RECORD).write_text(json.dumps(previous))
+    history = run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, replace(QUICK, max_steps=30))
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["counts"]["resumed_from_step"] == 20 and len(history) == 30
+
+
 def test_settings_that_change_no_step_taken_resume_and_others_start_over(lm_data, tmp_path):
     run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, QUICK)
     calmer = replace(QUICK, eval_every=5, checkpoint_every=7, early_stopping_patience=3)

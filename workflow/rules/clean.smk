@@ -2,20 +2,21 @@ rule clean_corpus:
     input:
         raw=get_raw_dir,
     output:
-        corpus=f"{R}/{{experiment}}/clean/corpus.parquet",
+        corpus=f"{SHARED}/clean/{{data}}/corpus.parquet",
         report=report(
-            f"{R}/{{experiment}}/clean/report.json",
+            f"{SHARED}/clean/{{data}}/report.json",
             caption="../report/clean_report.rst",
             category="Data",
-            labels={"experiment": "{experiment}", "file": "cleaning report"},
+            labels={"data": "{data}", "file": "cleaning report"},
         ),
-        manifest=f"{R}/{{experiment}}/clean/manifest.json",
+        manifest=f"{SHARED}/clean/{{data}}/manifest.json",
     params:
         settings=settings_for("clean_corpus"),
+        tracking=shared_tracking("clean"),
     conda:
         "../../envs/data.yaml"
     log:
-        f"{R}/{{experiment}}/clean/clean.log",
+        f"{SHARED}/clean/{{data}}/clean.log",
     resources:
         mem_mb=4000,
         runtime=60,

@@ -2,20 +2,34 @@
 # Every rule's shell command and settings come from its job definition in snaketune.stages:
 # shell_command("split_corpus") is `snaketune split --corpus {input.corpus:q} ... --settings
 # {params.settings:q} > {log:q} 2>&1`, one option per path the job takes, by its rule name.
+import json
 import os
 import re
 import sys
 
 from snaketune.config import apply_preset, raise_if_invalid, validated
+from snaketune.gpus import DEVICES_VARIABLE, machine_devices
 from snaketune import resume
+from snaketune.live import Target, runs_table_url
 from snaketune.names import SPLITS
 from snaketune.provenance import write_invocation
-from snaketune.settings import ConfigView, download_settings, mlflow_settings, to_json
+from snaketune.sharing import SHARED_FOLDER, TRACKING_LINK, Sharing, link_all
+from snaketune.settings import (
+    REPOSITORY_VARIABLE,
+    ConfigView,
+    download_settings,
+    mlflow_settings,
+    resolve_url,
+    sweep_names,
+    sweep_points,
+    to_json,
+)
 from snaketune.sources import changed_sources
 from snaketune.stages import BY_RULE, shell_command, threads_per_process, train_launcher
 from snaketune.tokenize.plan import (
     fixed_partition_counts,
     partition_names,
+    partition_threads,
     planned_partition_counts,
 )
 from snaketune.tracking_uri import effective_tracking_uri, redact, store_uri
@@ -23,10 +37,22 @@ from snaketune.tracking_uri import effective_tracking_uri, redact, store_uri
 apply_preset(config, workflow.config_settings.config)  # the --config values
 validated(config, workflow.basedir)  # every problem by key, before any job; defaults filled
 
+os.environ[REPOSITORY_VARIABLE] = str(workflow.basedir)  # the jobs' relative dataset paths
+if config["local_gpus"]:  # the devices snaketune.gpus hands out to local jobs
+    os.environ[DEVICES_VARIABLE] = ",".join(str(device) for device in config["local_gpus"])
 R = config["results_dir"]
 EXPERIMENTS = {exp["name"]: exp for exp in config["experiments"]}
 CONFIG = ConfigView(config, workflow.basedir)
 MLFLOW_STORE = f"{R}/mlflow.db"  # the SQLite store when no tracking URI is configured
+MLFLOW_ARTIFACTS = f"{R}/mlartifacts"  # the SQLite store's artifacts
+TRACKING = f"{R}/{{experiment}}/tracking"  # where the experiment's MLflow run ids are kept
+SHARED = f"{R}/{SHARED_FOLDER}"  # shared stages: {SHARED}/<stage>/{data}/, data a stage key
+SHARING = Sharing.of(CONFIG, EXPERIMENTS)
+# The store the track job uploads to (a relative path for the default one, so that a move of
+# the checkout is not a new store).
+UPLOADS_TO = redact(
+    effective_tracking_uri(mlflow_settings(CONFIG).tracking_uri or f"sqlite:///{MLFLOW_STORE}")
+)
 
 
 wildcard_constraints:
@@ -34,23 +60,62 @@ wildcard_constraints:
     dataset="|".join(re.escape(name) for name in config["datasets"]),
     split="|".join(SPLITS),
     part=r"\d{5}",
+    data="|".join(re.escape(key) for key in sorted(SHARING.all_keys())),
+    sweep="|".join(re.escape(name) for name in sweep_names(config)) or "(?!)",
 
 
 def settings_for(rule):
     """The rule's settings from config.yaml, as the JSON its command takes."""
 
     def get_settings(wildcards):
-        return to_json(BY_RULE[rule].from_config(CONFIG, **dict(wildcards.items())))
+        given = dict(wildcards.items())
+        if "data" in given:  # a shared job takes its owner's settings
+            given["experiment"] = SHARING.owner(given.pop("data"))
+        return to_json(BY_RULE[rule].from_config(CONFIG, **given))
 
     return get_settings
 
 
+def owner(wildcards):
+    """The experiment whose settings a job takes: its own, or for a shared job (wildcard data)
+    the first experiment that uses it (every user has the same settings for it)."""
+    if "data" in wildcards.keys():
+        return SHARING.owner(wildcards.data)
+    return wildcards.experiment
+
+
+def shared(stage, pattern):
+    """Input function: `pattern`, an output of a shared stage, at the key this job's experiment
+    has for that stage."""
+
+    def get_shared(wildcards):
+        return pattern.format(**{**dict(wildcards.items()), "data": SHARING.keys[owner(wildcards)][stage]})
+
+    return get_shared
+
+
+def shared_tracking(stage):
+    """A shared stage's tracking folder: a link, made before any job, to the tracking folder of
+    the experiment whose live run tree the stage's run joins (snaketune.live)."""
+    return f"{SHARED}/{stage}/{{data}}/{TRACKING_LINK}"
+
+
 def get_final_outputs():
-    return [f"{R}/{name}/track/runs.json" for name in EXPERIMENTS]
+    runs = expand(rules.track_experiment.output.runs, experiment=list(EXPERIMENTS))
+    return [*runs, *expand(rules.summarize_sweep.output.table, sweep=sweep_names(config))]
+
+
+def get_sweep_outputs(pattern):
+    """Input function: `pattern` (an experiment's output) for every point of the sweep."""
+
+    def get_points(wildcards):
+        return [pattern.format(experiment=name) for name in sweep_points(config, wildcards.sweep)]
+
+    return get_points
 
 
 def dataset_folder(wildcards):
-    return f"{R}/datasets/{EXPERIMENTS[wildcards.experiment]['dataset']}/download"
+    return f"{R}/datasets/{EXPERIMENTS[owner(wildcards)]['dataset']}/download"
 
 
 def get_raw_dir(wildcards):
@@ -64,14 +129,14 @@ def get_download_manifest(wildcards):
 def tokenize_partitions(wildcards, output):
     """One output of every tokenize_partition job. With tokenize.partitions: auto their number
     depends on the splits' sizes, known once the plan_partitions checkpoint has run."""
-    partitions = EXPERIMENTS[wildcards.experiment]["tokenize"]["partitions"]
+    partitions = EXPERIMENTS[owner(wildcards)]["tokenize"]["partitions"]
     counts = fixed_partition_counts(partitions)
     planned = counts is None
     if planned:
-        plan = checkpoints.plan_partitions.get(experiment=wildcards.experiment).output.plan
+        plan = checkpoints.plan_partitions.get(data=wildcards.data).output.plan
         counts = planned_partition_counts(plan)
     splits, parts = zip(*partition_names(counts))
-    jobs = {"split": splits, "part": parts, "experiment": [wildcards.experiment] * len(parts)}
+    jobs = {"split": splits, "part": parts, "data": [wildcards.data] * len(parts)}
     if planned:
         outputs = rules.tokenize_partition.output
         check_incomplete([*expand(outputs.shards, zip, **jobs), *expand(outputs.manifest, zip, **jobs)])
@@ -114,13 +179,31 @@ def get_train_threads(wildcards, threads):
     return threads_per_process(threads, train_processes(wildcards))
 
 
+def check_gpus():
+    """Before any job: --resources gpu=N cannot promise more GPUs than the machine has."""
+    given = workflow.global_resources.get("gpu")
+    asked = given.value if given is not None else None
+    if not isinstance(asked, int) or not asked or not workflow.local_exec:
+        return  # no bound asked for, or a cluster's scheduler assigns the GPUs
+    devices = machine_devices()
+    if asked > len(devices):
+        raise_if_invalid(
+            [
+                f"--resources gpu={asked}: this machine has {len(devices)} GPU(s) {devices}; "
+                "give at most that many, or list its devices in config local_gpus"
+            ],
+            "resources",
+        )
+
+
 def check_local_sources():
     """Before any job: no local dataset file changed in place since it was verified."""
     manifest = rules.download_dataset.output.manifest
     sources = {}
     for name in {exp["dataset"] for exp in EXPERIMENTS.values()}:
         download = download_settings(CONFIG, name)
-        sources[name] = (download.url, download.sha256, manifest.format(dataset=name))
+        url = resolve_url(download.url, workflow.basedir)
+        sources[name] = (url, download.sha256, manifest.format(dataset=name))
     raise_if_invalid(changed_sources(sources), "a dataset file changed")
 
 
@@ -138,17 +221,31 @@ def say_how_training_continues():
 
 
 def record_invocation():
+    """Once per invocation, before any job: its command line, and where each experiment's
+    stages track their runs live."""
     write_invocation(R, sys.argv, config)
+    for name in EXPERIMENTS:
+        settings = BY_RULE["track_experiment"].from_config(CONFIG, experiment=name)
+        target = Target.of(settings, MLFLOW_STORE, MLFLOW_ARTIFACTS)
+        target.write(TRACKING.format(experiment=name))
+    link_shared_stages()
+
+
+def link_shared_stages():
+    tracking = lambda experiment: TRACKING.format(experiment=experiment)
+    for problem in link_all(R, SHARING, tracking):
+        print(f"snaketune: {problem}", file=sys.stderr)
 
 
 def print_summary():
     configured = mlflow_settings(CONFIG).tracking_uri
-    ui = redact(effective_tracking_uri(store_uri(configured, MLFLOW_STORE)))
-    if ui.startswith("sqlite:///"):
-        ui = f"mlflow ui --backend-store-uri {ui} --host 127.0.0.1 --port 5000"
-    else:
-        ui = f"open {ui} in a browser"
+    uri = redact(effective_tracking_uri(store_uri(configured, MLFLOW_STORE)))
     print(f"\nsnaketune: results are under {os.path.abspath(R)}/<experiment>/<stage>/")
     for name in EXPERIMENTS:
         print(f"  {name}: {R}/{name}/evaluate/metrics.json")
-    print(f"Browse the runs: {ui}\n")
+    runs = f"{R}/{next(iter(EXPERIMENTS))}/track/runs.json"
+    if uri.startswith("sqlite:///"):
+        print(f"Start the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        uri = "http://127.0.0.1:5000"
+    if os.path.exists(runs):
+        print(f"Browse the runs: {runs_table_url(uri, json.loads(open(runs).read()))}\n")

@@ -1,10 +1,10 @@
 rule evaluate_model:
     input:
         model=rules.train_model.output.model,
-        shards=rules.gather_shards.output.shards,
-        tokenize_manifest=rules.gather_shards.output.manifest,
-        train=rules.split_corpus.output.train,
-        test=rules.split_corpus.output.test,
+        shards=shared("tokenize", rules.gather_shards.output.shards),
+        tokenize_manifest=shared("tokenize", rules.gather_shards.output.manifest),
+        train=shared("split", rules.split_corpus.output.train),
+        test=shared("split", rules.split_corpus.output.test),
     output:
         metrics=report(
             f"{R}/{{experiment}}/evaluate/metrics.json",
@@ -22,6 +22,7 @@ rule evaluate_model:
         manifest=f"{R}/{{experiment}}/evaluate/manifest.json",
     params:
         settings=settings_for("evaluate_model"),
+        tracking=TRACKING,
     conda:
         "../../envs/train.yaml"
     log:

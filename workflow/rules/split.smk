@@ -1,17 +1,18 @@
 rule split_corpus:
     input:
-        corpus=rules.clean_corpus.output.corpus,
+        corpus=shared("clean", rules.clean_corpus.output.corpus),
     output:
-        train=f"{R}/{{experiment}}/split/train.parquet",
-        val=f"{R}/{{experiment}}/split/val.parquet",
-        test=f"{R}/{{experiment}}/split/test.parquet",
-        manifest=f"{R}/{{experiment}}/split/manifest.json",
+        train=f"{SHARED}/split/{{data}}/train.parquet",
+        val=f"{SHARED}/split/{{data}}/val.parquet",
+        test=f"{SHARED}/split/{{data}}/test.parquet",
+        manifest=f"{SHARED}/split/{{data}}/manifest.json",
     params:
         settings=settings_for("split_corpus"),
+        tracking=shared_tracking("split"),
     conda:
         "../../envs/data.yaml"
     log:
-        f"{R}/{{experiment}}/split/split.log",
+        f"{SHARED}/split/{{data}}/split.log",
     resources:
         mem_mb=4000,
         runtime=30,

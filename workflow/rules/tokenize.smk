@@ -4,19 +4,19 @@
 # of partitions depends on the splits' sizes, so the plan is a checkpoint.
 checkpoint plan_partitions:
     input:
-        train=rules.split_corpus.output.train,
-        val=rules.split_corpus.output.val,
-        test=rules.split_corpus.output.test,
-        tokenizer=rules.prepare_tokenizer.output.tokenizer,
+        train=shared("split", rules.split_corpus.output.train),
+        val=shared("split", rules.split_corpus.output.val),
+        test=shared("split", rules.split_corpus.output.test),
+        tokenizer=shared("tokenizer", rules.prepare_tokenizer.output.tokenizer),
     output:
-        plan=f"{R}/{{experiment}}/tokenize/plan.json",
-        encoder=f"{R}/{{experiment}}/tokenize/encoder.json",
+        plan=f"{SHARED}/tokenize/{{data}}/plan.json",
+        encoder=f"{SHARED}/tokenize/{{data}}/encoder.json",
     params:
         settings=settings_for("plan_partitions"),
     conda:
         "../../envs/data.yaml"
     log:
-        f"{R}/{{experiment}}/tokenize/plan.log",
+        f"{SHARED}/tokenize/{{data}}/plan.log",
     resources:
         mem_mb=2000,
         runtime=30,
@@ -28,19 +28,19 @@ checkpoint plan_partitions:
 # names are only a second way to reach the same files.
 rule tokenize_partition:
     input:
-        split_file=f"{R}/{{experiment}}/split/{{split}}.parquet",
+        split_file=shared("split", f"{SHARED}/split/{{data}}/{{split}}.parquet"),
         plan=rules.plan_partitions.output.plan,
         encoder=rules.plan_partitions.output.encoder,
     output:
-        shards=temp(directory(f"{R}/{{experiment}}/tokenize/parts/{{split}}/{{part}}")),
-        manifest=f"{R}/{{experiment}}/tokenize/parts/{{split}}/{{part}}.json",
+        shards=temp(directory(f"{SHARED}/tokenize/{{data}}/parts/{{split}}/{{part}}")),
+        manifest=f"{SHARED}/tokenize/{{data}}/parts/{{split}}/{{part}}.json",
     params:
         settings=settings_for("tokenize_partition"),
     conda:
         "../../envs/data.yaml"
     log:
-        f"{R}/{{experiment}}/tokenize/parts/{{split}}/{{part}}.log",
-    threads: 2
+        f"{SHARED}/tokenize/{{data}}/parts/{{split}}/{{part}}.log",
+    threads: lambda wildcards: partition_threads(wildcards.split)
     resources:
         mem_mb=2000,
         runtime=60,
@@ -52,20 +52,21 @@ rule gather_shards:
     input:
         part_shards=get_part_shards,
         part_manifests=get_part_manifests,
-        train=rules.split_corpus.output.train,
-        val=rules.split_corpus.output.val,
-        test=rules.split_corpus.output.test,
-        tokenizer=rules.prepare_tokenizer.output.tokenizer,
+        train=shared("split", rules.split_corpus.output.train),
+        val=shared("split", rules.split_corpus.output.val),
+        test=shared("split", rules.split_corpus.output.test),
+        tokenizer=shared("tokenizer", rules.prepare_tokenizer.output.tokenizer),
         plan=rules.plan_partitions.output.plan,
     output:
-        shards=directory(f"{R}/{{experiment}}/tokenize/shards"),
-        manifest=f"{R}/{{experiment}}/tokenize/manifest.json",
+        shards=directory(f"{SHARED}/tokenize/{{data}}/shards"),
+        manifest=f"{SHARED}/tokenize/{{data}}/manifest.json",
     params:
         settings=settings_for("gather_shards"),
+        tracking=shared_tracking("tokenize"),
     conda:
         "../../envs/data.yaml"
     log:
-        f"{R}/{{experiment}}/tokenize/tokenize.log",
+        f"{SHARED}/tokenize/{{data}}/tokenize.log",
     resources:
         mem_mb=2000,
         runtime=30,

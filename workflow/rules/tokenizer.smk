@@ -1,15 +1,16 @@
 rule prepare_tokenizer:
     input:
-        train=rules.split_corpus.output.train,
+        train=shared("split", rules.split_corpus.output.train),
     output:
-        tokenizer=directory(f"{R}/{{experiment}}/tokenizer/tokenizer"),
-        manifest=f"{R}/{{experiment}}/tokenizer/manifest.json",
+        tokenizer=directory(f"{SHARED}/tokenizer/{{data}}/tokenizer"),
+        manifest=f"{SHARED}/tokenizer/{{data}}/manifest.json",
     params:
         settings=settings_for("prepare_tokenizer"),
+        tracking=shared_tracking("tokenizer"),
     conda:
         "../../envs/data.yaml"
     log:
-        f"{R}/{{experiment}}/tokenizer/tokenizer.log",
+        f"{SHARED}/tokenizer/{{data}}/tokenizer.log",
     threads: 2
     resources:
         mem_mb=4000,

@@ -1,22 +1,29 @@
-# Mirrors results into MLflow. It only reads results/, so an MLflow outage fails this rule alone
-# and the next snakemake run uploads what is missing. Each stage's manifest says where its
+# The reconciler: makes MLflow agree with results/ after the stages logged live (snaketune.live),
+# creating the runs they could not and uploading what never arrived, exactly once. It reads the
+# results and writes only runs.json and the model card, so an MLflow outage fails this rule
+# alone and the next snakemake run uploads what is missing. Each stage's manifest says where its
 # outputs are, and its job definition which of them are artifacts. It also logs the trained
 # model (loading its weights to build a transformers pipeline) and registers a version of it.
 rule track_experiment:
     input:
         download=get_download_manifest,
-        clean=rules.clean_corpus.output.manifest,
-        split=rules.split_corpus.output.manifest,
-        tokenizer=rules.prepare_tokenizer.output.manifest,
-        tokenize=rules.gather_shards.output.manifest,
+        clean=shared("clean", rules.clean_corpus.output.manifest),
+        split=shared("split", rules.split_corpus.output.manifest),
+        tokenizer=shared("tokenizer", rules.prepare_tokenizer.output.manifest),
+        tokenize=shared("tokenize", rules.gather_shards.output.manifest),
         train=rules.train_model.output.manifest,
         evaluate=rules.evaluate_model.output.manifest,
     output:
         runs=f"{R}/{{experiment}}/track/runs.json",
+        model_card=f"{R}/{{experiment}}/track/model_card.md",
     params:
         settings=settings_for("track_experiment"),
         store=MLFLOW_STORE,
-        artifacts=f"{R}/mlartifacts",
+        artifacts=MLFLOW_ARTIFACTS,
+        tracking=TRACKING,
+        # A rerun trigger only: runs.json is complete for this store; another store (say
+        # MLFLOW_TRACKING_URI pointed at a new server) needs its own upload.
+        uploads_to=UPLOADS_TO,
         provenance=f"{R}/provenance.json",
     conda:
         "../../envs/track.yaml"

@@ -2,9 +2,9 @@
 # outputs, and the checkpoint must survive so that a rerun resumes instead of starting over.
 rule train_model:
     input:
-        shards=rules.gather_shards.output.shards,
-        tokenize_manifest=rules.gather_shards.output.manifest,
-        tokenizer=rules.prepare_tokenizer.output.tokenizer,
+        shards=shared("tokenize", rules.gather_shards.output.shards),
+        tokenize_manifest=shared("tokenize", rules.gather_shards.output.manifest),
+        tokenizer=shared("tokenizer", rules.prepare_tokenizer.output.tokenizer),
     output:
         model=directory(f"{R}/{{experiment}}/train/model"),
         history=f"{R}/{{experiment}}/train/history.jsonl",
@@ -18,6 +18,7 @@ rule train_model:
         system_metrics=f"{R}/{{experiment}}/train/system_metrics.jsonl",
     params:
         settings=settings_for("train_model"),
+        tracking=TRACKING,
         state_dir=f"{R}/{{experiment}}/train_state",
         launcher=get_train_launcher,
         threads_per_process=get_train_threads,
@@ -32,9 +33,13 @@ rule train_model:
         mem_mb=8000,
         runtime=240,
         gpu=0,
+        # Not a limit: which attempt this is, so that a retry of an error it would repeat
+        # stops at once (snaketune.attempts).
+        attempt=lambda wildcards, attempt: attempt,
     shell:
         shell_command(
             "train_model",
-            launcher="{params.launcher}",
-            env="OMP_NUM_THREADS={params.threads_per_process}",
+            # CUDA_VISIBLE_DEVICES: the job's own resources.gpu devices (snaketune.gpus).
+            launcher="python -m snaketune.gpus {resources.gpu} -- {params.launcher}",
+            env="OMP_NUM_THREADS={params.threads_per_process} SNAKETUNE_ATTEMPT={resources.attempt}",
         )

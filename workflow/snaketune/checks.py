@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.names import CAUSAL_LM
+from snaketune.settings import AUTO, FAST_ENCODER, HF_ENCODER
 
 CHECKPOINT_OWNS = ("n_layer", "n_embd", "n_head", "dropout")
 """Model keys a pretrained checkpoint decides for itself."""
@@ -28,8 +29,38 @@ def experiment_problems(exp: dict[str, Any], given: dict[str, Any], where: str) 
             *adapter_problems(given),
             *task_problems(exp, given),
             *context_problems(exp),
+            *memory_retry_problems(exp, given),
+            *encoder_problems(exp),
         ]
     ]
+
+
+def encoder_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
+    """The fast encoder makes causal_lm rows only (snaketune.tokenize.encoder)."""
+    if exp["task"] != CAUSAL_LM and exp["tokenize"]["encoder"] == FAST_ENCODER:
+        return [
+            (
+                "tokenize.encoder",
+                f"{FAST_ENCODER!r} encodes causal_lm text only: classification rows are truncated "
+                f"with the model's special tokens, which tokenizers does; use {AUTO!r} or "
+                f"{HF_ENCODER!r}",
+            )
+        ]
+    return []
+
+
+def memory_retry_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:
+    """Out-of-memory retries need one process: with several, the others would wait on it."""
+    if "memory_retries" in set_keys(given, "train") and exp["train"]["processes"] > 1:
+        return [
+            (
+                "train.memory_retries",
+                f"is for one process; with train.processes {exp['train']['processes']} an "
+                "out-of-memory step is an error at once (the other processes would wait on it): "
+                "remove memory_retries, or lower batch_size and raise grad_accum",
+            )
+        ]
+    return []
 
 
 def set_keys(given: dict[str, Any], section: str) -> set[str]:

@@ -15,10 +15,11 @@ import yaml
 
 from snaketune.checks import experiment_problems
 from snaketune.names import SEQUENCE_CLASSIFICATION
-from snaketune.settings import SECTIONS, ConfigView, DatasetSettings, SettingsError
+from snaketune.settings import SECTIONS, ConfigView, DatasetSettings, SettingsError, repository
+from snaketune.sweep import expand_sweeps
 from snaketune.tracking_uri import tracking_problems
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = repository()
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 PRESETS = REPO / "presets"
 
@@ -142,6 +143,7 @@ def validated(config: dict[str, Any], base_dir: Path = REPO) -> dict[str, Any]:
     the schema's defaults filled in, in place."""
     from snakemake.utils import validate  # fills the defaults, as the workflow needs them
 
+    raise_if_invalid(expand_sweeps(config), "sweeps")  # then each point is checked as written
     raise_if_invalid(schema_problems(config), "schema")
     given = copy.deepcopy(config)
     validate(config, str(SCHEMA))

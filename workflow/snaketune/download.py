@@ -25,7 +25,7 @@ from snaketune.errors import DownloadError
 from snaketune.fileio import atomic_dir, sha256_file
 from snaketune.hub import fetch_from_hub
 from snaketune.manifest import stage_manifest
-from snaketune.settings import URL_SCHEMES, DownloadSettings
+from snaketune.settings import URL_SCHEMES, DownloadSettings, repository, resolve_url
 from snaketune.sources import local_source, remember
 from snaketune.stages import DownloadPaths
 
@@ -55,7 +55,8 @@ def fetch(settings: DownloadSettings, partial_dir: Path) -> Path:
     elif parsed.scheme == "hf":
         source = fetch_from_hub(settings.url)  # a file in the hub's cache: read, never removed
     else:
-        source = Path(unquote(parsed.path) if parsed.scheme == "file" else settings.url)
+        local = resolve_url(settings.url, repository())
+        source = Path(unquote(parsed.path) if parsed.scheme == "file" else local)
         if not source.is_file():
             raise DownloadError(f"dataset file {source} does not exist (url: {settings.url})")
     actual = sha256_file(source)

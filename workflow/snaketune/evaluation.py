@@ -2,8 +2,9 @@
 on the device and in the precision training used (snaketune.devices).
 
 Causal LM: perplexity, word and byte perplexity, bits per byte and next-token accuracy over the
-test split's token stream (snaketune.perplexity), plus sampled continuations of the configured
-prompts (snaketune.generation). Classification: accuracy, macro-F1 and a confusion matrix from
+test split's token stream (snaketune.perplexity), beside a Kneser-Ney bigram's perplexity on the
+same stream (snaketune.ngram), plus sampled continuations of the configured prompts
+(snaketune.generation). Classification: accuracy, macro-F1 and a confusion matrix from
 the shipped `evaluate` modules, beside two baselines on the same split (majority class;
 bag-of-words logistic regression).
 """
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from snaketune import plots
+from snaketune import live, plots
 from snaketune.batches import TokenRows
 from snaketune.devices import Placement, place, to_device
 from snaketune.fileio import atomic_path, write_json
@@ -26,7 +27,8 @@ from snaketune.generation import generate
 from snaketune.manifest import stage_manifest
 from snaketune.metrics import load_metric
 from snaketune.models import load_trained
-from snaketune.names import CAUSAL_LM, TEST
+from snaketune.names import CAUSAL_LM, TEST, TRAIN
+from snaketune.ngram import bigram_baseline
 from snaketune.perplexity import count_words, score_lm, token_byte_lengths, word_perplexity
 from snaketune.settings import EvalJob, EvalSettings
 from snaketune.stages import EvaluatePaths
@@ -69,6 +71,10 @@ def evaluate_lm(
     if reason:
         metrics["word_perplexity_note"] = reason
     metrics["context_length"], metrics["stride"] = context, stride
+    train = TokenRows.open(data, TRAIN).stream()
+    metrics["baselines"] = {
+        "kneser_ney_bigram": bigram_baseline(train, stream, data.eos_token_id, data.vocab_size)
+    }
     metrics["protocol"] = (
         f"test split as one token stream ({len(stream)} tokens: documents joined with EOS), "
         f"after one EOS, in windows of context_length={context} tokens every stride={stride} "
@@ -221,6 +227,7 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob) -> dict:
         else:
             plots.confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], paths.plot)
         write_json(paths.metrics, metrics)
+        live.current().log(live.numeric_metrics(metrics, live.EVAL_PREFIX), step=0)
         record.counts = {"test_rows": len(test)}
     headline = {k: v for k, v in metrics.items() if not isinstance(v, dict | list)}
     log.info("metrics: %s", json.dumps(headline))

@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from snaketune import __version__
+from snaketune import __version__, live
 from snaketune.fileio import read_json, sha256_tree, write_json
 from snaketune.stages import INPUT, OUTPUT, Paths, is_list, path_fields, stage_of
 
@@ -65,11 +65,16 @@ class StageRecord:
         return digest
 
 
+TIMINGS = ("seconds", "started_at")
+"""Manifest entries that differ on every run of the same stage."""
+
+
 def manifest_digest(path: Path) -> str:
-    """sha256 of a stage's manifest without its `seconds`, which differ on every run: the same
+    """sha256 of a stage's manifest without its TIMINGS, which differ on every run: the same
     inputs then have the same digest, and so do the manifests that record them."""
     record = read_json(path)
-    record.pop("seconds", None)
+    for timing in TIMINGS:
+        record.pop(timing, None)
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -111,9 +116,16 @@ def stage_manifest(
             record.inputs[name] = {"path": str(path), "sha256": known[name]}
         else:
             record.add_input(name, path, paths.manifest.name)
-    started = time.perf_counter()
-    yield record
-    record.seconds = round(time.perf_counter() - started, 3)
+    key = live.run_key(record.inputs, record.params)
+    started_at, started = time.time(), time.perf_counter()
+    with live.tracking(live.StageStart(stage.folder, key, started_at, record.params)) as tracker:
+        yield record
+        record.seconds = round(time.perf_counter() - started, 3)
+        _write(paths, stage, record, key, started_at)
+        tracker.end("FINISHED", started_at + record.seconds)
+
+
+def _write(paths: Paths, stage, record: StageRecord, key: str, started_at: float) -> None:
     if not record.outputs:
         record.outputs = {name: sha256_tree(p) for name, p in digested(paths, OUTPUT).items()}
     write_json(
@@ -132,6 +144,8 @@ def stage_manifest(
                 if not is_list(f)
             },
             "seconds": record.seconds,
+            "started_at": round(started_at, 3),
+            "run_key": key,
             "versions": package_versions(),
             **record.extra,
         },

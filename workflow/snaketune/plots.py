@@ -1,8 +1,10 @@
-"""PNG figures for a reader of the results or the MLflow UI: loss curves and confusion matrices."""
+"""PNG figures for a reader of the results or the MLflow UI: loss curves, confusion matrices and
+sweeps."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from snaketune.fileio import atomic_path
 
@@ -68,5 +70,38 @@ def nll_by_position(values: list[float], out_path: Path) -> None:
     ax.set_title("test NLL by context position")
     fig.tight_layout()
     with atomic_path(out_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def sweep(
+    rows: list[dict[str, Any]], keys: list[str], metrics: list[str], out: Path, title: str
+) -> None:
+    """One panel per metric: the metric against the first swept key, one line per value of
+    the other swept keys."""
+    plt = _figure()
+    x_key, others = keys[0], keys[1:]
+    fig, axes = plt.subplots(
+        1, max(1, len(metrics)), figsize=(4.5 * max(1, len(metrics)), 3.6), dpi=100, squeeze=False
+    )
+    for ax, metric in zip(axes[0], metrics, strict=False):
+        groups: dict[tuple, list[dict[str, Any]]] = {}
+        for row in rows:
+            if metric in row and row.get(x_key) is not None:
+                groups.setdefault(tuple(row.get(k) for k in others), []).append(row)
+        for group, members in groups.items():
+            members.sort(key=lambda r: r[x_key])
+            label = ", ".join(f"{k}={v}" for k, v in zip(others, group, strict=True)) or None
+            ax.plot([r[x_key] for r in members], [r[metric] for r in members], "o-", label=label)
+        values = [r[x_key] for r in rows if isinstance(r.get(x_key), int | float)]
+        if values and min(values) > 0 and max(values) / min(values) >= 10:
+            ax.set_xscale("log")
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(metric)
+        if any(label for label in groups if label):
+            ax.legend(fontsize="small")
+    fig.suptitle(f"sweep {title}")
+    fig.tight_layout()
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)

@@ -6,8 +6,6 @@ the exact command in <results_dir>/provenance.json; the track stage copies it on
 
 from __future__ import annotations
 
-import hashlib
-import json
 import platform
 import shlex
 import subprocess
@@ -17,10 +15,7 @@ from typing import Any
 
 from snaketune.fileio import read_json, write_json
 from snaketune.manifest import package_versions
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+from snaketune.settings import config_hash
 
 
 def git_state() -> dict[str, str]:

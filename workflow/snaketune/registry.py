@@ -5,7 +5,8 @@ names the train and evaluate runs it came from.
 The model is logged as a transformers pipeline object, so its weights are loaded into memory
 here once: handing mlflow the checkpoint directory instead (which would skip that) fails with
 mlflow 3.17 and transformers 5 (an AttributeError in build_flavor_config_from_local_checkpoint).
-The logged model holds its own copy of the weights, beside the train run's raw `model` artifact.
+The logged model (`pipeline`) holds its own copy of the weights, beside the train run's raw
+`model` artifact folder.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ PIPELINE_TASKS = {CAUSAL_LM: "text-generation", SEQUENCE_CLASSIFICATION: "text-c
 # requirements imports optional packages (torchvision) that are not installed.
 SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors")
 TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
+LOGGED_MODEL_NAME = "pipeline"
+"""The logged model's name: not `model`, the train run's artifact folder of raw weights."""
+MAX_DESCRIPTION = 5000  # the SQL stores' limit on a model version's description
 MODEL_TAG = "snaketune.model"
 """Parent run tag holding the registered version, so a rerun reuses it instead of registering."""
 
@@ -109,7 +113,7 @@ def log_model(uri: str, run_id: str, model_dir: Path, task: str, config: dict[st
     with _tracking_uri(uri), mlflow.start_run(run_id=run_id):
         return mlflow.transformers.log_model(
             pipe,
-            name="model",
+            name=LOGGED_MODEL_NAME,
             pip_requirements=pip_requirements(),
             model_config=config or None,
             signature=request_signature(),
@@ -126,6 +130,8 @@ class VersionRecord:
     eval_metrics: dict[str, Any]
     run_ids: dict[str, str]
     """'parent', 'train' and 'evaluate' at least."""
+    card: str = ""
+    """The model card (snaketune.model_card), after the one-line summary."""
 
     def tags(self) -> dict[str, str]:
         """The headline (top-level, numeric) eval metrics, then the runs it came from."""
@@ -147,12 +153,14 @@ class VersionRecord:
         }
 
     def description(self) -> str:
-        return (
+        summary = (
             f"{self.experiment}: {self.config['task']} on {self.config.get('dataset', '?')}, "
             f"trained in run {self.run_ids['train']}, evaluated in run "
             f"{self.run_ids['evaluate']}. Evaluation protocol: "
             f"{self.eval_metrics.get('protocol', 'n/a')}"
         )
+        text = f"{summary}\n\n{self.card}" if self.card else summary
+        return text[:MAX_DESCRIPTION]
 
 
 def register(client, name: str, info, record: VersionRecord) -> RegisteredModel:
@@ -190,14 +198,30 @@ def linked_metrics(metrics: list, model_id: str | None, split) -> list:
     ]
 
 
-def delete_models_of(client, experiment_id: str, run_id: str) -> None:
-    """Remove what an upload cut short left in the registry for one of its runs."""
-    for version in client.search_model_versions(f"run_id = '{run_id}'"):
-        client.delete_model_version(version.name, version.version)
-    for model in client.search_logged_models(
+@dataclass(frozen=True)
+class LoggedModel:
+    """A model an earlier upload logged (what register needs of mlflow's ModelInfo)."""
+
+    model_id: str
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model_id}"
+
+
+def logged_model_of(client, experiment_id: str, run_id: str) -> LoggedModel | None:
+    """The model logged on the run, if an earlier upload logged one."""
+    models = client.search_logged_models(
         [experiment_id], filter_string=f"source_run_id = '{run_id}'"
-    ):
-        client.delete_logged_model(model.model_id)
+    )
+    return LoggedModel(models[0].model_id) if models else None
+
+
+def version_of(client, name: str, run_id: str) -> RegisteredModel | None:
+    """The version of `name` registered from the run, if an earlier upload registered one."""
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return RegisteredModel(name, str(version.version), version.model_id)
+    return None
 
 
 def recorded(tags: dict[str, str]) -> dict[str, str] | None:

@@ -35,6 +35,7 @@ FREE = (
     "deterministic",
     "keep_checkpoints",
     "keep_final_state",
+    "memory_retries",
 )
 """Train settings that change no step already taken."""
 
@@ -50,17 +51,18 @@ def fingerprint(job: TrainJob, data_digest: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def record_of(step: int, job: TrainJob, data_digest: str) -> dict[str, Any]:
+    return {
+        "step": step,
+        "max_steps": job.train.max_steps,
+        "trajectory": trajectory(job),
+        "data": data_digest,
+        "fingerprint": fingerprint(job, data_digest),
+    }
+
+
 def write_record(state_dir: Path, step: int, job: TrainJob, data_digest: str) -> None:
-    write_json(
-        Path(state_dir) / RECORD,
-        {
-            "step": step,
-            "max_steps": job.train.max_steps,
-            "trajectory": trajectory(job),
-            "data": data_digest,
-            "fingerprint": fingerprint(job, data_digest),
-        },
-    )
+    write_json(Path(state_dir) / RECORD, record_of(step, job, data_digest))
 
 
 def read_record(state_dir: Path) -> dict[str, Any] | None:

@@ -14,6 +14,7 @@ prefixes each field with its key in config.yaml.
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import os
 import types
@@ -29,6 +30,11 @@ FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
 TXT_DOCUMENTS = ("line", "paragraph", "heading")
 AUTO = "auto"
 LM_PACKINGS = ("across_documents", "per_document")
+HF_ENCODER = "hf"
+"""Hugging Face tokenizers, which reads every tokenizer.json."""
+FAST_ENCODER = "gigatoken"
+"""gigatoken, used when it gives the same ids (snaketune.tokenize.encoder)."""
+ENCODERS = (AUTO, HF_ENCODER, FAST_ENCODER)
 URL_SCHEMES = ("http", "https", "file", "hf")
 
 
@@ -299,9 +305,14 @@ class TokenizeSettings:
     snaketune.tokenize.plan)."""
     packing: str = "across_documents"
     """causal_lm: whether a row may span documents (see snaketune.tokenize.packing)."""
+    encoder: str = AUTO
+    """Which encoder turns text into ids: "auto" (gigatoken when it gives the ids tokenizers
+    gives on a sample of the train split, else tokenizers), "hf" or "gigatoken" (required)."""
 
     def __post_init__(self) -> None:
         problems = []
+        if self.encoder not in ENCODERS:
+            problems.append(("encoder", f"encoder {self.encoder!r} is not one of {ENCODERS}"))
         if self.partitions != AUTO and not (
             isinstance(self.partitions, int) and self.partitions >= 1
         ):
@@ -409,6 +420,9 @@ class TrainSettings:
     batch_size: int = 16
     """Rows per micro-batch, per process."""
     grad_accum: int = 1
+    memory_retries: int = 4
+    """A step that runs out of memory is taken again with a smaller micro-batch and more
+    micro-batches (the same batch per step) up to this many times (0: it is an error)."""
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -520,6 +534,52 @@ class TrackSettings:
     """Log the final model and register a version under this name; None logs no model."""
 
 
+SWEPT = "swept"
+"""The key the sweep expansion (snaketune.sweep) sets on each point's experiment entry:
+{"of": the sweep's name, "point": {dotted key: value}}."""
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    name: str
+    """The sweep: the name of the experiment entry that declared it."""
+    experiments: list[str]
+    """The points' experiment names, in config order (the order of the job's input lists)."""
+    values: dict[str, dict[str, Any]]
+    """Each point's experiment name -> its swept values by dotted key."""
+    mlflow_experiment: str
+    tracking_uri: str = ""
+
+
+def sweep_points(config: dict[str, Any], sweep: str) -> dict[str, dict[str, Any]]:
+    return {
+        exp["name"]: exp[SWEPT]["point"]
+        for exp in config["experiments"]
+        if exp.get(SWEPT, {}).get("of") == sweep
+    }
+
+
+def sweep_names(config: dict[str, Any]) -> list[str]:
+    names = [exp[SWEPT]["of"] for exp in config["experiments"] if exp.get(SWEPT)]
+    return list(dict.fromkeys(names))
+
+
+def sweep_settings(view: ConfigView, sweep: str) -> SweepSettings:
+    mlflow, points = mlflow_settings(view), sweep_points(view.config, sweep)
+    return SweepSettings(
+        name=sweep,
+        experiments=list(points),
+        values=points,
+        mlflow_experiment=mlflow.experiment_name,
+        tracking_uri=mlflow.tracking_uri,
+    )
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short digest of an experiment's resolved config: its identity in MLflow."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
 # --- JSON round trip (the rule's command line and the CLI) --------------------------------------
 
 
@@ -600,6 +660,17 @@ class ConfigView:
         return from_dict(cls, self.experiment(experiment)[key])
 
 
+REPOSITORY_VARIABLE = "SNAKETUNE_REPOSITORY"
+"""The workflow's repository, as the Snakefile found it (set for its jobs): relative dataset
+paths start there."""
+
+
+def repository() -> Path:
+    """Where a job resolves relative dataset paths: the running workflow's repository, else
+    this package's."""
+    return Path(os.environ.get(REPOSITORY_VARIABLE) or Path(__file__).resolve().parents[2])
+
+
 def resolve_url(url: str, base_dir: Path) -> str:
     """URLs stay as they are; a relative path is relative to base_dir, wherever snakemake runs."""
     if urlparse(url).scheme in URL_SCHEMES:
@@ -608,9 +679,11 @@ def resolve_url(url: str, base_dir: Path) -> str:
 
 
 def download_settings(view: ConfigView, dataset: str) -> DownloadSettings:
+    """The url as configured: a relative path is resolved by the job (repository()), so that
+    a moved or cloned checkout has the same download params and nothing to rerun."""
     ds = view.dataset(dataset)
     return DownloadSettings(
-        url=resolve_url(ds.url, view.base_dir),
+        url=ds.url,
         sha256=ds.sha256,
         max_unpacked_bytes=ds.max_unpacked_bytes,
     )

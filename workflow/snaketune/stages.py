@@ -162,9 +162,23 @@ class TrackPaths(Paths):
     train: Path = input_path("the train stage's manifest")
     evaluate: Path = input_path("the evaluate stage's manifest")
     runs: Path = output_path("the MLflow run ids")
+    model_card: Path = output_path("the model card, the model's README.md in MLflow")
     store: Path = state_path("the default SQLite store (no tracking URI configured)")
     artifacts: Path = state_path("artifact folder of an experiment created in a local store")
     provenance: Path = state_path("provenance.json of the snakemake invocation")
+    tracking: Path = state_path("the experiment's MLflow run ids, one file per run (live.RunIds)")
+
+
+@dataclass(frozen=True)
+class SweepPaths(Paths):
+    # Each is digested, one by one, into the manifest (snaketune.sweep).
+    metrics: list[Path] = input_path("every point's metrics.json, in sweep order", digest=False)
+    runs: list[Path] = input_path("every point's runs.json (its MLflow runs)", digest=False)
+    table: Path = output_path("one row per point: its swept values and metrics", artifact=True)
+    plot: Path = output_path("each eval metric against the swept keys", artifact=True)
+    manifest: Path = output_path("this job's manifest.json")
+    store: Path = state_path("the default SQLite store (no tracking URI configured)")
+    artifacts: Path = state_path("artifact folder of an experiment created in a local store")
 
 
 # --- the registry --------------------------------------------------------------------------------
@@ -253,6 +267,14 @@ STAGES = (
         st.TrackSettings,
         st.track_settings,
     ),
+    Stage(
+        "sweep",
+        "summarize_sweep",
+        "snaketune.sweep",
+        SweepPaths,
+        st.SweepSettings,
+        st.sweep_settings,
+    ),
 )
 BY_COMMAND = {stage.command: stage for stage in STAGES}
 BY_RULE = {stage.rule: stage for stage in STAGES}
@@ -263,6 +285,13 @@ TRACKED = tuple(f.name for f in path_fields(TrackPaths, INPUT))
 def tracked_stage(folder: str) -> Stage:
     """The stage whose manifest is <folder>/manifest.json (for tokenize, the gather)."""
     return next(s for s in reversed(STAGES) if s.folder == folder)
+
+
+# The download is shared by every experiment on its dataset, so it has no one parent run to live
+# under: the track job creates its run, with the download's own times.
+LIVE = tuple(tracked_stage(name).rule for name in TRACKED if name != "download")
+"""The rules whose jobs track their stage's run live (snaketune.live): they take
+params.tracking, the experiment's tracking folder."""
 
 
 # --- command lines -------------------------------------------------------------------------------
@@ -279,6 +308,8 @@ def shell_command(rule: str, launcher: str = "snaketune", env: str = "") -> str:
     paths = " ".join(
         f"{flag(f)} {{{f.metadata['role']}.{f.name}:q}}" for f in path_fields(stage.paths)
     )
+    if rule in LIVE:
+        env = f"SNAKETUNE_TRACKING={{params.tracking:q}} {env}".strip()
     prefix = f"{env} " if env else ""
     return (
         f"{prefix}{launcher} {stage.command} {paths} --settings {{params.settings:q}}"

@@ -1,14 +1,16 @@
 """System metrics sampled while the model trains: CPU, memory and, on CUDA, the GPU.
 
-Training makes no MLflow calls (an MLflow outage must never cost a training run), so a
-background thread writes samples to the train job's system_metrics file, and the track
-stage uploads them under MLflow's `system/...` names with their timestamps. Names follow
-MLflow's own system metrics monitor, so the UI groups them the same way.
+A background thread writes samples to the train job's system_metrics file and hands each to
+the stage's live tracker (snaketune.live, which sends it without the sampler ever waiting for
+the server); the track stage uploads whatever did not arrive, under MLflow's `system/...` names
+with their timestamps. Names follow MLflow's own system metrics monitor, so the UI groups them
+the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import threading
 import time
@@ -73,21 +75,25 @@ class Sampler:
         return row
 
 
-def write_sample(out: IO[str], sampler: Sampler) -> None:
-    out.write(json.dumps(sampler.sample()) + "\n")
-    out.flush()
-
-
 @contextlib.contextmanager
 def sample_system_metrics(
-    path: Path, device=None, interval_s: float = DEFAULT_INTERVAL_S
+    path: Path, device=None, tracker=None, interval_s: float = DEFAULT_INTERVAL_S
 ) -> Iterator[None]:
     """Sample every `interval_s` seconds while the block runs, and once when it ends (so even a
     short run has one sample, its CPU figure averaged over the whole block). The file appears
-    under its final name only if the block succeeds."""
+    under its final name only if the block succeeds; each sample also goes to the tracker (a
+    snaketune.live tracker) as it is taken."""
     with atomic_path(path) as tmp, tmp.open("w") as out:
         sampler = Sampler(device)
         stop = threading.Event()
+        taken = itertools.count()
+
+        def write_sample(out: IO[str], sampler: Sampler) -> None:
+            sample = sampler.sample()
+            out.write(json.dumps(sample) + "\n")
+            out.flush()
+            if tracker is not None:
+                tracker.log_sample(next(taken), sample)
 
         def loop() -> None:
             while not stop.wait(interval_s):

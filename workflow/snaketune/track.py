@@ -1,10 +1,13 @@
-"""Stage 8, track_experiment: mirror one experiment's results into MLflow.
+"""Stage 8, track_experiment: the reconciler between results/ and MLflow.
 
-Results on disk are the source of truth; this stage only reads them, so an MLflow outage never
-loses anything: the rule fails with a message, and the next `snakemake` run uploads what is
-missing. A parent run is keyed by a digest of every stage manifest; a finished run with the same
-key is reused and an unfinished one is replaced (with any model version it registered), so
-uploads and model versions happen exactly once.
+The stage jobs log live (snaketune.live): their runs exist while they work and their metrics
+arrive as they are measured, as far as the store answered. This job makes MLflow agree with the
+results, whatever live logging missed: it finds each stage's run (or creates it, with the stage's
+own start time), adds the params, counts, history points and artifacts it lacks (a point is
+identified by its key and step, so nothing arrives twice), logs and registers the model once,
+and ends every run FINISHED at its stage's own end time, the parent last: a FINISHED parent means
+the upload is complete. Results on disk are the source of truth and are only read here, so an
+MLflow outage fails this job alone, and the next `snakemake` run uploads what is missing.
 
 What lands where: the parent holds the config as params and the eval metrics; each stage's child
 run its manifest's params and counts and its artifacts; the train run the per-step history, the
@@ -16,24 +19,40 @@ registered as a version of the configured name (snaketune.registry).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import platform
-import re
-from collections.abc import Iterator
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snaketune import lineage, registry
+from snaketune import lineage, live, registry
 from snaketune.errors import TrackingError
-from snaketune.fileio import read_json, write_json
+from snaketune.fileio import atomic_path, read_json, sha256_file, write_json
+from snaketune.live import (
+    EVAL_PREFIX,
+    SWEEP_TAG,
+    Ledger,
+    RunIds,
+    as_params,
+    experiment_id_for,
+    history_values,
+    log_batched,
+    missing_params,
+    ms,
+    numeric_metrics,
+    sample_values,
+    store_lock,
+)
 from snaketune.manifest import package_versions, recorded_paths
-from snaketune.provenance import config_hash, git_state, invocation_tags
-from snaketune.settings import TrackSettings
+from snaketune.model_card import FILE_NAME as CARD_FILE_NAME
+from snaketune.model_card import model_card
+from snaketune.provenance import git_state, invocation_tags
+from snaketune.settings import SWEPT, TrackSettings, config_hash
 from snaketune.stages import (
     OUTPUT,
     TRACKED,
@@ -55,16 +74,13 @@ from snaketune.tracking_uri import (
 log = logging.getLogger(__name__)
 
 STAGES = TRACKED
-RUN_KEY_TAG = "snaketune.run_key"
-# Without it MLflow 3's UI guesses the experiment's kind and may open it on GenAI traces instead
-# of the runs table.
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-MAX_PARAM_LENGTH = 500  # MLflow's limit is larger, but long values are unreadable in the UI
-# MLflow refuses metric names with characters outside [/\w.\- :] and names that change under path
-# normalisation ('a//b', 'a/../b'). Class labels come from the user's data and end up in metric
-# names (eval.per_class.<label>.f1), so one label like 'billing & payments' would fail every retry
-# of the upload. Such characters, '/' included (which rules out the path cases), become '_'.
-_UNSAFE_IN_METRIC_NAME = re.compile(r"[^\w.\- :]")
+UPLOADED_TAG = "snaketune.uploaded"
+"""Set on a run once its artifacts (and, for the train run, its datasets) are uploaded."""
+CHILD_RUNS_TAG = "snaketune.child_runs"
+MODEL_CARD_TAG = "snaketune.model_card"
+"""The sha256 of the model card last logged on the train run."""
+SNAKEMAKE_MARKERS = (".snakemake_timestamp",)
+"""Files Snakemake keeps in output folders: bookkeeping, not artifacts."""
 
 
 @dataclass(frozen=True)
@@ -85,130 +101,17 @@ class StageFiles:
         return cls(name, Path(manifest), artifacts)
 
 
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for key, sub in value.items():
-            out.update(flatten(sub, f"{prefix}{key}."))
-        return out
-    return {prefix.rstrip("."): value}
-
-
-def as_params(config: dict[str, Any]) -> dict[str, str]:
-    params = {}
-    for key, value in flatten(config).items():
-        text = json.dumps(value) if isinstance(value, list | dict) else str(value)
-        if len(text) > MAX_PARAM_LENGTH:
-            text = text[: MAX_PARAM_LENGTH - 40] + "... (full value in config.json artifact)"
-        params[key] = text
-    return params
-
-
-def numeric_metrics(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Every finite-or-infinite number in a nested dict, keyed by its dotted path (with the
-    characters MLflow refuses in a metric name replaced by '_')."""
-    return {
-        _UNSAFE_IN_METRIC_NAME.sub("_", key): float(v)
-        for key, v in flatten(values, prefix).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-
-
-@contextlib.contextmanager
-def store_lock(uri: str) -> Iterator[None]:
-    """Serialize writers of one SQLite store (parallel jobs would hit 'database is locked')."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
-    lock_path = Path(uri[len("sqlite:///") :]).with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
-def run_key(settings: TrackSettings, stages: list[StageFiles]) -> str:
-    digest = hashlib.sha256(settings.experiment.encode())
-    for stage in stages:
-        digest.update(stage.manifest.read_bytes())
-    return digest.hexdigest()[:24]
-
-
-def find_parent(client, experiment_id: str, key: str, registry_used: bool = False):
-    runs = client.search_runs([experiment_id], f"tags.`{RUN_KEY_TAG}` = '{key}'")
-    for run in runs:
-        if run.info.status == "FINISHED":
-            return run
-        client.delete_run(run.info.run_id)  # an upload cut short: replace it
-        for child in client.search_runs(
-            [experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
-        ):
-            client.delete_run(child.info.run_id)
-            if registry_used:  # a version it registered goes too: the new upload registers one
-                registry.delete_models_of(client, experiment_id, child.info.run_id)
-    return None
-
-
-def experiment_id_for(client, name: str, uri: str, artifact_location: str | None) -> str:
-    from mlflow.exceptions import MlflowException
-    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
-
-    existing = client.get_experiment_by_name(name)
-    if existing is not None:
-        return existing.experiment_id
-    # A tracking server decides where artifacts go; a local store keeps them under results/.
-    remote = uri.startswith(("http://", "https://"))
-    location = None if remote else artifact_location
-    try:
-        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
-    except MlflowException as err:
-        # Another experiment's track job, running at the same time, created it first.
-        if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
-            raise
-        return client.get_experiment_by_name(name).experiment_id
-
-
-def log_stage(client, experiment_id: str, parent_id: str, stage: StageFiles, tags: dict) -> str:
-    from mlflow.entities import Metric, Param
-
-    manifest = read_json(stage.manifest)
-    run = client.create_run(
-        experiment_id,
-        run_name=stage.name,
-        tags={**tags, "mlflow.parentRunId": parent_id, "snaketune.stage": stage.name},
-    )
-    run_id = run.info.run_id
-    params = [Param(k, v) for k, v in as_params(manifest.get("params", {})).items()]
-    metrics = [Metric(k, v, 0, 0) for k, v in numeric_metrics(manifest.get("counts", {})).items()]
-    metrics.append(Metric("seconds", float(manifest.get("seconds", 0.0)), 0, 0))
-    _log_batched(client, run_id, params=params, metrics=metrics)
-    client.log_artifact(run_id, str(stage.manifest))
-    for artifact in stage.artifacts:
-        if artifact.is_dir():
-            client.log_artifacts(run_id, str(artifact), artifact_path=artifact.name)
-        elif artifact.exists():
-            client.log_artifact(run_id, str(artifact))
-    return run_id
-
-
-def _log_batched(client, run_id: str, params=(), metrics=()) -> None:
-    """MLflow accepts at most 100 params and 1000 metrics per log_batch call."""
-    params, metrics = list(params), list(metrics)
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i : i + 100])
-    for i in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[i : i + 1000])
-
-
-def history_metrics(history_path: Path) -> list:
+def history_metrics(history_path: Path, fallback_ms: int) -> list:
+    """The per-step history at the times its values were read (fallback_ms for rows written
+    before rows had a timestamp)."""
     from mlflow.entities import Metric
 
     out = []
     for line in Path(history_path).read_text().splitlines():
         row = json.loads(line)
-        for key, value in row.items():
-            if key != "step":
-                out.append(Metric(f"train.{key}", float(value), 0, int(row["step"])))
+        when = ms(row["timestamp"]) if "timestamp" in row else fallback_ms
+        for key, value in history_values(row).items():
+            out.append(Metric(key, float(value), when, int(row["step"])))
     return out
 
 
@@ -220,10 +123,9 @@ def sampled_metrics(samples_path: Path | None) -> list:
         return []
     out = []
     for step, row in enumerate(read_samples(samples_path)):
-        timestamp = int(row["timestamp"] * 1000)
-        for key, value in row.items():
-            if key not in ("timestamp", "elapsed_s"):
-                out.append(Metric(f"system/{key}", float(value), timestamp, step))
+        timestamp = ms(row["timestamp"])
+        for key, value in sample_values(row).items():
+            out.append(Metric(key, float(value), timestamp, step))
     return out
 
 
@@ -239,6 +141,8 @@ class UploadFiles:
     system_metrics: Path | None = None
     provenance: Path | None = None
     """provenance.json of the snakemake invocation (its command line becomes a tag)."""
+    model_card: Path | None = None
+    """The model card written from these files (snaketune.model_card)."""
 
     @classmethod
     def recorded(cls, paths: TrackPaths) -> UploadFiles:
@@ -253,6 +157,7 @@ class UploadFiles:
             train.model,
             train.system_metrics,
             paths.provenance,
+            paths.model_card,
         )
 
     def manifest(self, stage: str) -> dict[str, Any]:
@@ -264,16 +169,30 @@ class Store:
     client: Any
     uri: str
     experiment_id: str
+    ids: RunIds
+
+
+@dataclass(frozen=True)
+class StageTimes:
+    """When a stage ran, from its manifest: its MLflow run's start and end."""
+
+    started_ms: int
+    ended_ms: int
+
+    @classmethod
+    def of(cls, manifest: dict[str, Any]) -> StageTimes:
+        started = manifest.get("started_at", time.time() - manifest.get("seconds", 0.0))
+        return cls(ms(started), ms(started + manifest.get("seconds", 0.0)))
 
 
 def track_experiment(paths: TrackPaths, settings: TrackSettings) -> dict[str, str]:
-    """Mirror the experiment's stages (found through their manifests) into MLflow; write the run
-    ids to paths.runs."""
+    """Make MLflow agree with the experiment's stages (found through their manifests); write
+    the run ids to paths.runs."""
     files = UploadFiles.recorded(paths)
+    write_model_card(settings, files)
     artifacts = Path(paths.artifacts).resolve().as_uri()
-    return upload(
-        settings, files, store_uri(settings.tracking_uri, paths.store), artifacts, paths.runs
-    )
+    uri = store_uri(settings.tracking_uri, paths.store)
+    return upload(settings, files, uri, artifacts, paths.runs, paths.tracking)
 
 
 def upload(
@@ -282,7 +201,32 @@ def upload(
     configured_uri: str,
     artifacts: str,
     runs_path: Path,
+    tracking: Path,
 ) -> dict[str, str]:
+    with opened_store(configured_uri, settings.mlflow_experiment, artifacts) as (
+        client,
+        uri,
+        experiment_id,
+    ):
+        ids = RunIds(tracking, uri, config_hash(settings.config))
+        store = Store(client, uri, experiment_id, ids)
+        run_ids, model = reconcile(store, settings, files, run_tags(settings, files))
+    write_json(
+        runs_path,
+        {
+            "tracking_uri": redact(uri),
+            "experiment_id": experiment_id,
+            "runs": run_ids,
+            "model": model,
+        },
+    )
+    return run_ids
+
+
+@contextlib.contextmanager
+def opened_store(configured_uri: str, mlflow_experiment: str, artifacts: str):
+    """(client, uri, experiment id) of the store, under its lock; what MLflow raises inside
+    becomes a TrackingError that says what to do."""
     from mlflow import MlflowClient
 
     uri = effective_tracking_uri(configured_uri)
@@ -290,32 +234,11 @@ def upload(
     # MLflow's default is 7 retries with growing waits: minutes before a dead server is reported.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-    # MLflow's usage telemetry calls out to the internet from a thread that, when that fails (as
-    # offline), edits os.environ while this job's HTTP requests read it: an upload then fails at
-    # random with KeyError '_MLFLOW_TELEMETRY_SESSION_ID'. Off unless the user turned it on.
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    # MLflow prints "View run ... at: <tracking URI>" to stdout, which the track rule logs: a
-    # credential in the URI would land in the log.
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    key = run_key(settings, files.stages)
+    live.quiet_mlflow()
     with store_lock(uri):
         try:
             client = MlflowClient(tracking_uri=uri)
-            experiment_id = experiment_id_for(client, settings.mlflow_experiment, uri, artifacts)
-            registering = settings.registered_model_name is not None
-            parent = find_parent(client, experiment_id, key, registering)
-            if parent is not None:
-                log.info(
-                    "runs for %s are already in MLflow (%s)",
-                    settings.experiment,
-                    parent.info.run_id,
-                )
-                ids = json.loads(parent.data.tags.get("snaketune.child_runs", "{}"))
-                ids["parent"] = parent.info.run_id
-                model = registry.recorded(parent.data.tags)
-            else:
-                store = Store(client, uri, experiment_id)
-                ids, model = _upload(store, settings, files, run_tags(settings, files), key)
+            yield client, uri, experiment_id_for(client, mlflow_experiment, uri, artifacts)
         except Exception as err:
             # MLflow raises its own exceptions, except that an HTTP artifact store answering an
             # upload with an error status (a proxy's 413 for a large model, say) raises requests'
@@ -323,17 +246,31 @@ def upload(
             if not type(err).__module__.startswith(("mlflow", "requests")):
                 raise
             raise TrackingError(write_failed(uri, err)) from err
-    write_json(
-        runs_path,
-        {
-            "tracking_uri": redact(uri),
-            "experiment_id": experiment_id,
-            "run_key": key,
-            "runs": ids,
-            "model": model,
-        },
-    )
-    return ids
+
+
+def write_model_card(settings: TrackSettings, files: UploadFiles) -> None:
+    manifests = {stage.name: read_json(stage.manifest) for stage in files.stages}
+    card = model_card(settings.experiment, settings.config, manifests, read_json(files.metrics))
+    with atomic_path(files.model_card) as tmp:
+        tmp.write_text(card)
+
+
+def log_model_card(client, train_id: str, info, files: UploadFiles) -> None:
+    """The card as README.md in the train run's model folder and in the logged model, once per
+    version of the card."""
+    if files.model_card is None or files.model_dir is None:
+        return
+    card = Path(files.model_card)
+    digest = sha256_file(card)
+    if client.get_run(train_id).data.tags.get(MODEL_CARD_TAG) == digest:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        readme = Path(tmp) / CARD_FILE_NAME
+        shutil.copyfile(card, readme)
+        client.log_artifact(train_id, str(readme), artifact_path=Path(files.model_dir).name)
+        if info is not None:
+            client.log_model_artifact(info.model_id, str(readme))
+    client.set_tag(train_id, MODEL_CARD_TAG, digest)
 
 
 def run_tags(settings: TrackSettings, files: UploadFiles) -> dict[str, str]:
@@ -342,48 +279,125 @@ def run_tags(settings: TrackSettings, files: UploadFiles) -> dict[str, str]:
         **invocation_tags(files.provenance),
         "snaketune.experiment": settings.experiment,
         "snaketune.config_hash": config_hash(settings.config),
+        **({SWEEP_TAG: settings.config[SWEPT]["of"]} if settings.config.get(SWEPT) else {}),
         "host": platform.node(),
         "device": files.manifest("train").get("device", "unknown"),
         **{f"version.{k}": v for k, v in package_versions().items()},
     }
 
 
-def _upload(
-    store: Store, settings: TrackSettings, files: UploadFiles, tags: dict, key: str
-) -> tuple[dict[str, str], dict[str, str] | None]:
-    from mlflow.entities import Metric, Param
+def set_tags(client, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
 
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def reconcile(
+    store: Store, settings: TrackSettings, files: UploadFiles, tags: dict[str, str]
+) -> tuple[dict[str, str], dict[str, str] | None]:
+    """Every run of the experiment complete and FINISHED; the run ids and the model version."""
     client = store.client
-    parent = client.create_run(
-        store.experiment_id, run_name=settings.experiment, tags={**tags, RUN_KEY_TAG: key}
+    manifests = {stage.name: read_json(stage.manifest) for stage in files.stages}
+    times = {name: StageTimes.of(m) for name, m in manifests.items()}
+    first = min(t.started_ms for t in times.values())
+    parent_id = live.parent_run(
+        client, store.ids, store.experiment_id, settings.experiment, tags, first
     )
-    parent_id = parent.info.run_id
-    params = [Param(k, v) for k, v in as_params(settings.config).items()]
-    eval_values = read_json(files.metrics)
-    eval_metrics = [Metric(f"eval.{k}", v, 0, 0) for k, v in numeric_metrics(eval_values).items()]
-    _log_batched(client, parent_id, params=params, metrics=eval_metrics)
-    client.log_text(parent_id, json.dumps(settings.config, indent=2), "config.json")
+    complete_parent(client, parent_id, settings, files, tags)
     ids = {}
     for stage in files.stages:
-        ids[stage.name] = log_stage(client, store.experiment_id, parent_id, stage, tags)
+        ids[stage.name] = complete_stage(store, parent_id, stage, manifests[stage.name], tags)
+    remove_superseded(client, store.experiment_id, parent_id, ids)
+    ledgers = {name: Ledger(client, run_id, new_run=False) for name, run_id in ids.items()}
     # Before the history: mlflow copies the run's step-0 metrics (the train counts) onto the
     # logged model, and the system metrics' first sample is step 0 too.
     info = _log_model(store, settings, files, ids["train"])
-    train_metrics = history_metrics(files.history) + sampled_metrics(files.system_metrics)
-    _log_batched(client, ids["train"], metrics=train_metrics)
+    log_model_card(client, ids["train"], info, files)
+    fallback = times["train"].ended_ms
+    train_metrics = history_metrics(files.history, fallback) + sampled_metrics(files.system_metrics)
+    log_batched(client, ids["train"], metrics=ledgers["train"].missing(train_metrics))
     test_split = _log_datasets(client, settings, files, ids)
+    eval_values = read_json(files.metrics)
+    eval_metrics = eval_points(eval_values, times["evaluate"].ended_ms)
+    log_batched(client, parent_id, metrics=Ledger(client, parent_id, False).missing(eval_metrics))
     model_id = info.model_id if info is not None else None
     linked = registry.linked_metrics(eval_metrics, model_id, test_split)
-    _log_batched(client, ids["evaluate"], metrics=linked)
-    model = None
-    if info is not None:
-        model = _register(client, settings, info, eval_values, {"parent": parent_id, **ids})
+    log_batched(client, ids["evaluate"], metrics=ledgers["evaluate"].missing(linked))
+    model = registry.recorded(client.get_run(parent_id).data.tags)
+    if info is not None and model is None:
+        card = Path(files.model_card).read_text() if files.model_card else ""
+        run_ids = {"parent": parent_id, **ids}
+        model = _register(client, settings, info, eval_values, run_ids, card)
         client.set_tag(parent_id, registry.MODEL_TAG, json.dumps(model))
-    client.set_tag(parent_id, "snaketune.child_runs", json.dumps(ids))
-    for run_id in ids.values():
-        client.set_terminated(run_id)
-    client.set_terminated(parent_id)  # last: a FINISHED parent means the upload is complete
+    client.set_tag(parent_id, CHILD_RUNS_TAG, json.dumps(ids))
+    for name, run_id in ids.items():
+        client.set_terminated(run_id, "FINISHED", times[name].ended_ms)
+    last = max(t.ended_ms for t in times.values())
+    client.set_terminated(parent_id, "FINISHED", last)  # last: FINISHED means complete
     return {"parent": parent_id, **ids}, model
+
+
+def eval_points(values: dict[str, Any], measured_ms: int) -> list:
+    from mlflow.entities import Metric
+
+    return [Metric(k, v, measured_ms, 0) for k, v in numeric_metrics(values, EVAL_PREFIX).items()]
+
+
+def complete_parent(
+    client, parent_id: str, settings: TrackSettings, files: UploadFiles, tags: dict
+) -> None:
+    set_tags(client, parent_id, tags)
+    params = missing_params(client, parent_id, as_params(settings.config))
+    log_batched(client, parent_id, params=params)
+    if client.get_run(parent_id).data.tags.get(UPLOADED_TAG) is None:
+        client.log_text(parent_id, json.dumps(settings.config, indent=2), "config.json")
+        client.set_tag(parent_id, UPLOADED_TAG, "true")
+
+
+def complete_stage(store: Store, parent_id: str, stage: StageFiles, manifest: dict, tags) -> str:
+    """The stage's run (the live one, or a new one with the stage's start time) with its params,
+    counts and artifacts."""
+    from mlflow.entities import Metric
+
+    client, times = store.client, StageTimes.of(manifest)
+    key = manifest["run_key"]
+    run_id, new = live.stage_run(
+        client, store.ids, store.experiment_id, parent_id, stage.name, key, times.started_ms
+    )
+    set_tags(client, run_id, tags)
+    log_batched(
+        client, run_id, params=missing_params(client, run_id, as_params(manifest["params"]))
+    )
+    counts = numeric_metrics(manifest.get("counts", {}))
+    counts["seconds"] = float(manifest.get("seconds", 0.0))
+    points = [Metric(k, v, times.ended_ms, 0) for k, v in counts.items()]
+    log_batched(client, run_id, metrics=Ledger(client, run_id, new).missing(points))
+    if new or client.get_run(run_id).data.tags.get(UPLOADED_TAG) is None:
+        log_artifacts(client, run_id, stage)
+        client.set_tag(run_id, UPLOADED_TAG, "true")
+    return run_id
+
+
+def log_artifacts(client, run_id: str, stage: StageFiles) -> None:
+    client.log_artifact(run_id, str(stage.manifest))
+    for artifact in stage.artifacts:
+        if artifact.is_dir():
+            for path in sorted(artifact.rglob("*")):
+                if path.is_file() and path.name not in SNAKEMAKE_MARKERS:
+                    folder = path.parent.relative_to(artifact.parent).as_posix()
+                    client.log_artifact(run_id, str(path), artifact_path=folder)
+        elif artifact.exists():
+            client.log_artifact(run_id, str(artifact))
+
+
+def remove_superseded(client, experiment_id: str, parent_id: str, ids: dict[str, str]) -> None:
+    """Runs of this parent for a stage whose results have since been computed again (other
+    inputs or settings): the current ones replace them."""
+    current = set(ids.values())
+    children = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+    for child in children:
+        if child.info.run_id not in current:
+            client.delete_run(child.info.run_id)
 
 
 def _log_model(store: Store, settings: TrackSettings, files: UploadFiles, train_id: str):
@@ -392,16 +406,25 @@ def _log_model(store: Store, settings: TrackSettings, files: UploadFiles, train_
     if not registry.servable(files.model_dir):
         log.info("%s is not a transformers model; not registered", files.model_dir)
         return None
+    logged = registry.logged_model_of(store.client, store.experiment_id, train_id)
+    if logged is not None:  # an earlier upload, cut short after it logged the model
+        return logged
     task = settings.config["task"]
     config = registry.inference_config(task, settings.config.get("evaluate", {}))
     return registry.log_model(store.uri, train_id, files.model_dir, task, config)
 
 
-def _register(client, settings: TrackSettings, info, eval_values: dict, ids: dict) -> dict:
+def _register(
+    client, settings: TrackSettings, info, eval_values: dict, ids: dict, card: str
+) -> dict:
     record = registry.VersionRecord(
-        settings.experiment, settings.config, config_hash(settings.config), eval_values, ids
+        settings.experiment, settings.config, config_hash(settings.config), eval_values, ids, card
     )
-    return registry.register(client, settings.registered_model_name, info, record).as_dict()
+    name = settings.registered_model_name
+    version = registry.version_of(client, name, ids["train"])
+    if version is None:
+        version = registry.register(client, name, info, record)
+    return version.as_dict()
 
 
 def _log_datasets(client, settings: TrackSettings, files: UploadFiles, ids: dict[str, str]):
@@ -413,6 +436,6 @@ def _log_datasets(client, settings: TrackSettings, files: UploadFiles, ids: dict
     )
     for stage in lineage.RUN_SPLITS:
         inputs = lineage.dataset_inputs(datasets, stage)
-        if inputs and stage in ids:
+        if inputs and stage in ids and not client.get_run(ids[stage]).inputs.dataset_inputs:
             client.log_inputs(ids[stage], datasets=inputs)
     return datasets.get("test")

@@ -19,22 +19,21 @@ copied from pinned memory without waiting.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from snaketune import distributed, plots, resume
+from snaketune import attempts, distributed, live, plots, resume
 from snaketune.batches import IGNORED_LABEL, TokenRows, batch_indices
 from snaketune.checkpoint import (
     last_good,
@@ -71,6 +70,9 @@ class Progress:
     stopped_early: bool = False
     schedule: list[list] = field(default_factory=list)
     """The learning-rate plan: [start, end, lr at start] per part (see learning_rate)."""
+    memory_retries: list[dict] = field(default_factory=list)
+    """Each step that ran out of memory and was taken again with half the micro-batch: the
+    step, and batch_size and grad_accum before and after (see step_within_memory)."""
 
 
 # --- set-up ------------------------------------------------------------------------------------
@@ -157,10 +159,17 @@ class Run:
     world: distributed.World
     scaler: torch.amp.GradScaler | None = None
     label_names: list[str] = field(default_factory=list)
+    micro_batch: tuple[int, int] | None = None
+    """(batch_size, grad_accum) after an out-of-memory retry; None: the configured ones."""
 
     @property
     def settings(self) -> TrainSettings:
         return self.job.train
+
+    @property
+    def batch_shape(self) -> tuple[int, int]:
+        """Rows per micro-batch and micro-batches per step, as the steps take them now."""
+        return self.micro_batch or (self.settings.batch_size, self.settings.grad_accum)
 
     @property
     def device(self) -> torch.device:
@@ -178,15 +187,16 @@ def one_step(run: Run, step: int, schedule: list[list]) -> tuple[dict, torch.Ten
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     loss_sum, tokens = torch.zeros((), device=run.device), 0
-    for micro in range(s.grad_accum):
+    batch_size, grad_accum = run.batch_shape
+    for micro in range(grad_accum):
         index = batch_indices(
-            step, micro, s.batch_size, s.grad_accum, s.seed, len(run.train), world.size, world.rank
+            step, micro, batch_size, grad_accum, s.seed, len(run.train), world.size, world.rank
         )
         batch = run.train.batch(index)
         mask = batch.get("attention_mask")
         tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        with distributed.no_sync_unless(run.step_model, micro == s.grad_accum - 1):
-            loss = forward(run.step_model, batch, run.placement).loss / s.grad_accum
+        with distributed.no_sync_unless(run.step_model, micro == grad_accum - 1):
+            loss = forward(run.step_model, batch, run.placement).loss / grad_accum
             backward(run, loss)
         loss_sum += loss.detach().float()
     loss_sum = distributed.mean(loss_sum)
@@ -236,6 +246,7 @@ class Unread:
         """The rows with their loss, gradient norm and tokens/s (over the steps since the last
         read: the host's clock per step would time the queueing, not the GPU's work)."""
         values = torch.stack(self.readings).tolist()  # the one wait for the device
+        read_at = round(time.time(), 3)
         seconds = max(time.perf_counter() - self.started, 1e-9)
         tokens_per_s = sum(row.pop("tokens") for row in self.rows) / seconds
         rows = []
@@ -249,31 +260,79 @@ class Unread:
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "tokens_per_s": tokens_per_s,
+                    "timestamp": read_at,
                 }
             )
         self.rows, self.readings, self.started = [], [], time.perf_counter()
         return rows
 
 
-@contextlib.contextmanager
-def out_of_memory_advice(run: Run, step: int) -> Iterator[None]:
-    """A step that cannot allocate its activations becomes advice on the batch settings."""
-    try:
-        yield
-    except (RuntimeError, MemoryError) as err:  # CUDA, CPU (torch) and numpy say it differently
-        text = str(err) or type(err).__name__
-        if not isinstance(err, torch.OutOfMemoryError | MemoryError) and not any(
-            sign in text for sign in ("out of memory", "can't allocate memory")
-        ):
-            raise
-        s = run.settings
-        raise TrainingError(
-            f"out of memory at step {step + 1} on {run.device} with train.batch_size="
-            f"{s.batch_size} and train.grad_accum={s.grad_accum}: divide batch_size and multiply "
-            f"grad_accum by the same factor (the batch per step, {s.batch_size * s.grad_accum}, "
-            "stays the same), or lower tokenize.block_size / max_length; "
-            f"{last_good(run.state_dir)}. ({text.splitlines()[0]})"
-        ) from err
+def is_out_of_memory(err: BaseException) -> bool:
+    """CUDA, CPU (torch) and numpy say it differently."""
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        sign in text for sign in ("out of memory", "can't allocate memory")
+    )
+
+
+def step_within_memory(run: Run, step: int, progress: Progress) -> tuple[dict, torch.Tensor]:
+    """Step `step`; one that runs out of memory is taken again with a micro-batch smaller by its
+    smallest factor (half, for an even one) and as many times more micro-batches: the same
+    examples per step, so the same trajectory. Up to train.memory_retries times, each recorded
+    in progress.memory_retries. With several processes the others would wait for the one that
+    failed, so there it is an error at once."""
+    while True:
+        try:
+            return one_step(run, step, progress.schedule)
+        except (RuntimeError, MemoryError) as err:
+            if not is_out_of_memory(err):
+                raise
+            batch_size, grad_accum = run.batch_shape
+            retried = len(progress.memory_retries)
+            if batch_size == 1 or run.world.size > 1 or retried >= run.settings.memory_retries:
+                raise out_of_memory(run, step, err, retried) from err
+            run.optimizer.zero_grad(set_to_none=True)  # the partial step's gradients
+            del err
+            if run.device.type == "cuda":
+                torch.cuda.empty_cache()
+            factor = smallest_factor(batch_size)
+            run.micro_batch = (batch_size // factor, grad_accum * factor)
+            progress.memory_retries.append(
+                {
+                    "step": step + 1,
+                    "cause": "out of memory",
+                    "batch_size": [batch_size, run.micro_batch[0]],
+                    "grad_accum": [grad_accum, run.micro_batch[1]],
+                }
+            )
+            log.warning(
+                "out of memory at step %d: taking it again with batch_size %d x grad_accum %d "
+                "(was %d x %d)",
+                step + 1,
+                *run.micro_batch,
+                batch_size,
+                grad_accum,
+            )
+
+
+def smallest_factor(n: int) -> int:
+    return next(f for f in range(2, n + 1) if n % f == 0)
+
+
+def out_of_memory(run: Run, step: int, err: BaseException, retried: int) -> TrainingError:
+    """Advice on the batch settings for a step that cannot allocate its activations."""
+    text = str(err) or type(err).__name__
+    batch_size, grad_accum = run.batch_shape
+    after = f" (after {retried} retries with a smaller micro-batch)" if retried else ""
+    return TrainingError(
+        f"out of memory at step {step + 1} on {run.device} with train.batch_size="
+        f"{batch_size} and train.grad_accum={grad_accum}{after}: divide batch_size and "
+        f"multiply grad_accum by the same factor (the batch per step, {batch_size * grad_accum}, "
+        "stays the same), or lower tokenize.block_size / max_length; "
+        f"{last_good(run.state_dir)}. ({text.splitlines()[0]})"
+    )
 
 
 @torch.no_grad()
@@ -285,8 +344,9 @@ def validate(run: Run) -> dict[str, float]:
     rows = min(len(run.val), s.eval_rows)
     nll = torch.zeros((), dtype=torch.float64, device=run.device)
     targets, predicted = 0, []
-    for start in range(0, rows, s.batch_size):
-        batch = run.val.batch(np.arange(start, min(rows, start + s.batch_size)))
+    batch_size = run.batch_shape[0]
+    for start in range(0, rows, batch_size):
+        batch = run.val.batch(np.arange(start, min(rows, start + batch_size)))
         out = forward(model, batch, run.placement)
         if run.job.task == CAUSAL_LM:
             count = int((batch["labels"][:, 1:] != IGNORED_LABEL).sum())
@@ -372,8 +432,7 @@ def train_steps(run: Run, progress: Progress) -> Progress:
         mininterval=5,
         disable=not run.world.is_main,
     ):
-        with out_of_memory_advice(run, step):
-            row, reading = one_step(run, step, progress.schedule)
+        row, reading = step_within_memory(run, step, progress)
         unread.rows.append(row)
         unread.readings.append(reading)
         if not read_now(run, row["step"]):
@@ -383,6 +442,7 @@ def train_steps(run: Run, progress: Progress) -> Progress:
         progress.step, row = rows[-1]["step"], rows[-1]
         if progress.step % s.eval_every == 0 or progress.step == s.max_steps:
             evaluate_and_track_best(run, progress, row)
+        live.current().log_rows(rows)  # queued; never waits for the server
         # Asked of every process at once (SIGTERM may reach only some); a read point already
         # waited for the device.
         stopping = distributed.any_rank(stop.requested, run.device)
@@ -466,10 +526,16 @@ def resume_run(run: Run) -> Progress:
     """The progress to train from: the checkpoint's, when snaketune.resume says it continues."""
     run.state_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    plan = resume.plan(resume.read_record(run.state_dir), run.job, run.data_digest)
+    state = load_checkpoint(run.state_dir, resume.fingerprint(run.job, run.data_digest))
+    record = resume.read_record(run.state_dir)
+    if state is not None and (record is None or record["step"] != state["step"]):
+        # Killed between writing the checkpoint and its record: the checkpoint's fingerprint
+        # matched, so it is this run's; plan from what it holds, not from the stale record.
+        record = resume.record_of(state["step"], run.job, run.data_digest)
+        record["max_steps"] = state["schedule"][-1][1]  # the end it was training towards
+    plan = resume.plan(record, run.job, run.data_digest)
     if plan.message:
         log.warning("training %s", plan.message)
-    state = load_checkpoint(run.state_dir, resume.fingerprint(run.job, run.data_digest))
     if state is None or not plan.resume:
         return Progress(history=[], schedule=[[0, run.settings.max_steps, None]])
     run.model.load_state_dict(state["model"])
@@ -479,6 +545,9 @@ def resume_run(run: Run) -> Progress:
     set_rng_state(state["rng"])
     log.info("resumed from checkpoint at step %d", state["step"])
     progress = Progress(**{k: state[k] for k in asdict(Progress()) if k in state})
+    if progress.memory_retries:  # the micro-batch that fitted, not the one that did not
+        last = progress.memory_retries[-1]
+        run.micro_batch = (last["batch_size"][1], last["grad_accum"][1])
     progress.schedule = continued_schedule(progress.schedule, progress.step, run.settings)
     if progress.step < run.settings.max_steps:
         progress.stopped_early = False  # more steps asked for: patience counts from here
@@ -486,54 +555,70 @@ def resume_run(run: Run) -> Progress:
 
 
 def train_model(paths: TrainPaths, job: TrainJob) -> list[dict]:
-    data = TokenizedData.read(paths.tokenize_manifest, paths.shards)
     world = distributed.start()
     try:
-        run = prepare_run(data, paths.state_dir, job, world)
         if not world.is_main:  # other processes train; process 0 alone writes
+            data = TokenizedData.read(paths.tokenize_manifest, paths.shards)
+            run = prepare_run(data, paths.state_dir, job, world)
             return train_steps(run, resume_run(run)).history
-        with stage_manifest(paths, job, known={"shards": run.data_digest}) as record:
-            progress = resume_run(run)
-            resumed_from = progress.step
-            log.info(
-                "training %s (%d parameters) on %s x%d from step %d",
-                job.model.arch,
-                count_parameters(run.model),
-                run.placement.describe(),
-                world.size,
-                resumed_from,
-            )
-            with sample_system_metrics(paths.system_metrics, run.device):
-                progress = train_steps(run, progress)
-            last = resume.read_record(paths.state_dir)
-            if job.train.keep_final_state and (last or {}).get("step") != progress.step:
-                checkpoint(run, progress)  # before save_final, which merges LoRA adapters in
-            if job.train.early_stopping_patience and progress.best_step:
-                load_best(paths.state_dir, run.model)  # the best evaluated weights are the result
-            save_final(run.model, progress.history, paths)
-            record.counts = {
-                "parameters": count_parameters(run.model),
-                "steps": progress.step,
-                "resumed_from_step": resumed_from,
-                "train_rows": len(run.train),
-                "best_val_loss": progress.best_val if math.isfinite(progress.best_val) else None,
-                "best_step": progress.best_step,
-                "stopped_early": progress.stopped_early,
-                "processes": world.size,
-            }
-            record.extra.update(
-                {
-                    "device": str(run.device),
-                    "autocast": str(run.placement.autocast),
-                    "fingerprint": resume.fingerprint(job, run.data_digest),
-                    "schedule": progress.schedule,
-                }
-            )
-        if not job.train.keep_final_state:
-            shutil.rmtree(paths.state_dir, ignore_errors=True)
-        return progress.history
+        with attempts.attempt(paths.state_dir) as this_attempt:
+            return train_as_main(paths, job, world, this_attempt)
     finally:
         distributed.stop()
+
+
+def train_as_main(
+    paths: TrainPaths, job: TrainJob, world: distributed.World, this_attempt: dict
+) -> list[dict]:
+    data = TokenizedData.read(paths.tokenize_manifest, paths.shards)
+    run = prepare_run(data, paths.state_dir, job, world)
+    with stage_manifest(paths, job, known={"shards": run.data_digest}) as record:
+        progress = resume_run(run)
+        resumed_from = progress.step
+        log.info(
+            "training %s (%d parameters) on %s x%d from step %d",
+            job.model.arch,
+            count_parameters(run.model),
+            run.placement.describe(),
+            world.size,
+            resumed_from,
+        )
+        with sample_system_metrics(paths.system_metrics, run.device, live.current()):
+            progress = train_steps(run, progress)
+        last = resume.read_record(paths.state_dir)
+        if job.train.keep_final_state and (last or {}).get("step") != progress.step:
+            checkpoint(run, progress)  # before save_final, which merges LoRA adapters in
+        if job.train.early_stopping_patience and progress.best_step:
+            load_best(paths.state_dir, run.model)  # the best evaluated weights are the result
+        save_final(run.model, progress.history, paths)
+        record.counts = {
+            "parameters": count_parameters(run.model),
+            "steps": progress.step,
+            "resumed_from_step": resumed_from,
+            "train_rows": len(run.train),
+            "best_val_loss": progress.best_val if math.isfinite(progress.best_val) else None,
+            "best_step": progress.best_step,
+            "stopped_early": progress.stopped_early,
+            "processes": world.size,
+            "memory_retries": len(progress.memory_retries),
+        }
+        record.extra.update(
+            {
+                "device": str(run.device),
+                # The devices the job was given (snaketune.gpus, or SLURM); None: all.
+                "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                "autocast": str(run.placement.autocast),
+                "fingerprint": resume.fingerprint(job, run.data_digest),
+                "schedule": progress.schedule,
+                # What each out-of-memory retry changed (empty: none was needed).
+                "memory_retries": progress.memory_retries,
+                # Which attempt this was, and why the one before it stopped (attempts).
+                **this_attempt,
+            }
+        )
+    if not job.train.keep_final_state:
+        shutil.rmtree(paths.state_dir, ignore_errors=True)
+    return progress.history
 
 
 def model_positions(model) -> int | None:

@@ -19,7 +19,7 @@ from snaketune.tokenize.packing import PACKING, PartitionCounts
 from snaketune.tokenize.plan import split_plans
 from snaketune.tokenize.shards import ShardStats, shard_name, split_dir, token_dtype, write_arrays
 
-PLAN_FACTS = ("tokenizer_sha256", "pad_token_id", "eos_token_id", "vocab_size", "task")
+PLAN_FACTS = ("tokenizer_sha256", "pad_token_id", "eos_token_id", "vocab_size", "task", "encoder")
 
 
 @dataclass

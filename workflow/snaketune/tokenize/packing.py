@@ -1,4 +1,5 @@
-"""Rows from encodings, without Python work per token.
+"""Rows from Encoded batches (snaketune.tokenize.encoder): numpy and Arrow over whole batches,
+no Python work per document or token.
 
 Causal LM: every document ends with EOS. With packing "across_documents" (the default) a
 partition packs its documents into blocks of `block_size` tokens across document boundaries. A
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import chain
-from operator import attrgetter
 
 import numpy as np
 import pyarrow as pa
@@ -51,10 +50,9 @@ class PartitionCounts:
 def pack_blocks(encoded: Iterator[tuple], writer: ShardWriter, block: int) -> PartitionCounts:
     counts = PartitionCounts()
     carry = np.empty(0, dtype=np.int32)
-    for _, encodings in encoded:
-        counts.documents += len(encodings)
-        ids = np.fromiter(chain.from_iterable(map(attrgetter("ids"), encodings)), np.int32)
-        stream = np.concatenate([carry, ids])
+    for _, batch in encoded:
+        counts.documents += len(batch.lengths)
+        stream = np.concatenate([carry, batch.ids])
         n_blocks = len(stream) // block
         if n_blocks:
             offsets = pa.array(np.arange(0, n_blocks * block + 1, block, dtype=np.int32))
@@ -68,11 +66,9 @@ def pack_blocks(encoded: Iterator[tuple], writer: ShardWriter, block: int) -> Pa
 def pack_documents(encoded: Iterator[tuple], writer: ShardWriter, block: int) -> PartitionCounts:
     """Each document in rows of at most `block` tokens, in document order."""
     counts = PartitionCounts()
-    for _, encodings in encoded:
-        counts.documents += len(encodings)
-        docs = list(map(attrgetter("ids"), encodings))
-        lengths = np.fromiter(map(len, docs), np.int64, len(docs))
-        ids = np.fromiter(chain.from_iterable(docs), np.int32, int(lengths.sum()))
+    for _, batch in encoded:
+        counts.documents += len(batch.lengths)
+        ids, lengths = batch.ids, batch.lengths
         # Row k of a document starts k * block tokens after the document does.
         rows_per_doc = -(-lengths // block)
         doc_starts = np.cumsum(lengths) - lengths
@@ -98,9 +94,10 @@ def encode_examples(
         unknown = pc.unique(labels.filter(pc.is_null(label_ids))).to_pylist()
         if unknown:
             raise CorpusError(f"labels {unknown} in {split_name} never occur in the train split")
-        counts.documents += len(encodings)
-        counts.truncated += sum(map(bool, map(attrgetter("overflowing"), encodings)))
-        ids = pa.array(list(map(attrgetter("ids"), encodings)), pa.list_(pa.int32()))
+        counts.documents += len(encodings.lengths)
+        counts.truncated += encodings.truncated
+        offsets = pa.array(encodings.offsets().astype(np.int32))
+        ids = pa.ListArray.from_arrays(offsets, pa.array(encodings.ids))
         writer.write(
             pa.table({"doc_id": batch.column("doc_id"), "input_ids": ids, "label": label_ids})
         )

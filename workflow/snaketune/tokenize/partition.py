@@ -1,5 +1,5 @@
 """The tokenize_partition rule: one partition of a split's rows, streamed in record batches
-through the plan's Rust encoder and written as bounded Parquet shards as it goes. A job holds
+through the encoder the plan chose and written as bounded Parquet shards as it goes. A job holds
 two read batches and one row group of output at a time, so memory stays flat however large the
 split is."""
 
@@ -18,7 +18,7 @@ from snaketune.manifest import stage_manifest
 from snaketune.names import SEQUENCE_CLASSIFICATION
 from snaketune.settings import PartitionJob
 from snaketune.stages import PartitionPaths
-from snaketune.tokenize.encoder import encoded_batches
+from snaketune.tokenize.encoder import encoded_batches, encoder_from_plan
 from snaketune.tokenize.packing import (
     PartitionCounts,
     encode_examples,
@@ -61,19 +61,17 @@ def tokenize_rows(
     encoder_path: Path,
     out_dir: Path,
     job: PartitionJob,
-    label_names: list[str],
+    plan: dict,
 ) -> tuple[PartitionCounts, list[ShardStats]]:
-    from tokenizers import Tokenizer
-
     settings = job.tokenize
-    encoder = Tokenizer.from_file(str(encoder_path))
+    encoder = encoder_from_plan(plan, encoder_path)
     classify = job.task == SEQUENCE_CLASSIFICATION
     columns = ["doc_id", "text", "label"] if classify else ["text"]
     batches = read_row_range(split_file, *rows, columns, settings.read_batch_rows)
     encoded = encoded_batches(encoder, batches)
     writer = ShardWriter(out_dir, schema_for(job.task), settings.shard_rows)
     if classify:
-        counts = encode_examples(encoded, writer, label_names, Path(split_file).name)
+        counts = encode_examples(encoded, writer, plan["label_names"], Path(split_file).name)
     else:
         pack = pack_documents if settings.packing == "per_document" else pack_blocks
         counts = pack(encoded, writer, settings.block_size)
@@ -95,9 +93,8 @@ def tokenize_partition(paths: PartitionPaths, job: PartitionJob) -> PartitionCou
     rows = split_plan.ranges[job.part]
     with stage_manifest(paths, job, params={"rows": list(rows)}) as record:
         with atomic_dir(paths.shards) as tmp:
-            counts, shards = tokenize_rows(
-                paths.split_file, rows, paths.encoder, tmp, job, plan["label_names"]
-            )
+            counts, shards = tokenize_rows(paths.split_file, rows, paths.encoder, tmp, job, plan)
         record.counts = asdict(counts)
+        record.extra["encoder"] = plan["encoder"]["name"]
         record.extra["shards"] = [asdict(s) for s in shards]
     return counts

@@ -29,11 +29,17 @@ from snaketune.fileio import atomic_path, read_json, sha256_tree, write_json
 from snaketune.names import SEQUENCE_CLASSIFICATION, SPLITS, TEST, TRAIN, VAL
 from snaketune.settings import AUTO, TokenizeJob
 from snaketune.stages import PlanPaths
-from snaketune.tokenize.encoder import encoder_for
+from snaketune.tokenize.encoder import (
+    FAST_ENCODER_MAX_PARTITION_BYTES,
+    choose_encoder,
+    encoder_for,
+    tokenizer_facts,
+)
 
-# A minute or two of tokenizing on two cores: long enough to repay a cluster job's start-up,
-# short enough that a few gigabytes keep eight local cores busy.
-AUTO_PARTITION_BYTES = 256 * 2**20
+# Seconds of tokenizing with gigatoken, a minute or two with tokenizers, on two cores: long
+# enough to repay a cluster job's start-up, short enough that a few gigabytes keep eight local
+# cores busy, and within the text a job may encode with gigatoken (its cache grows with it).
+AUTO_PARTITION_BYTES = FAST_ENCODER_MAX_PARTITION_BYTES
 PARTITION_NAME_DIGITS = 5  # part names sort in row order up to 99,999 partitions
 
 
@@ -102,6 +108,12 @@ def planned_partition_counts(plan_path: Path) -> dict[str, int]:
     return {name: len(split.ranges) for name, split in split_plans(read_json(plan_path)).items()}
 
 
+def partition_threads(split: str) -> int:
+    """Cores of one partition job: two for the train split's; one for val's and test's, a
+    small share of the corpus each, so that they run beside each other."""
+    return 2 if split == TRAIN else 1
+
+
 def partition_name(index: int) -> str:
     return f"{index:0{PARTITION_NAME_DIGITS}d}"
 
@@ -109,6 +121,18 @@ def partition_name(index: int) -> str:
 def partition_names(counts: dict[str, int]) -> list[tuple[str, str]]:
     """(split, part) of every partition job, splits in the given order, parts in row order."""
     return [(split, partition_name(i)) for split, n in counts.items() for i in range(n)]
+
+
+def largest_partition_bytes(plans: dict[str, SplitPlan]) -> int:
+    """The most text one partition holds (its share of its split's text, by rows)."""
+    return max(
+        (
+            split.text_bytes * (end - start) // max(split.rows, 1)
+            for split in plans.values()
+            for start, end in split.ranges
+        ),
+        default=0,
+    )
 
 
 def label_vocabulary(train_split: Path) -> list[str]:
@@ -124,27 +148,34 @@ def label_vocabulary(train_split: Path) -> list[str]:
 
 
 def plan_partitions(paths: PlanPaths, job: TokenizeJob) -> dict:
-    """Write the plan every partition job follows (row ranges, label names, tokenizer facts) and
-    the Rust tokenizer they all run, so no partition job needs transformers."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
+    """Write the plan every partition job follows (row ranges, label names, tokenizer facts, the
+    encoder chosen and why) and the tokenizer they all run, so no partition job needs
+    transformers."""
+    tokenizer = tokenizer_facts(paths.tokenizer)
     splits = {name: getattr(paths, name) for name in SPLITS}
     classify = job.task == SEQUENCE_CLASSIFICATION
+    split_plan = plan_splits(splits, job.tokenize.partitions)
     plan = {
         "task": job.task,
         "partitions": job.tokenize.partitions,
-        "splits": {
-            name: asdict(split)
-            for name, split in plan_splits(splits, job.tokenize.partitions).items()
-        },
+        "splits": {name: asdict(split) for name, split in split_plan.items()},
         "label_names": label_vocabulary(paths.train) if classify else [],
         "tokenizer_sha256": sha256_tree(paths.tokenizer),
         "pad_token_id": tokenizer.pad_token_id,
         "eos_token_id": tokenizer.eos_token_id,
-        "vocab_size": len(tokenizer),
+        "vocab_size": tokenizer.vocab_size,
     }
+    encoder_json = encoder_for(tokenizer, job).to_str(pretty=True)
+    choice = choose_encoder(
+        job.tokenize.encoder,
+        job,
+        encoder_json,
+        tokenizer,
+        paths.train,
+        largest_partition_bytes(split_plan),
+    )
+    plan["encoder"] = asdict(choice)
     with atomic_path(paths.encoder) as tmp:
-        encoder_for(tokenizer, job).save(str(tmp))
+        tmp.write_text(encoder_json)
     write_json(paths.plan, plan)
     return plan

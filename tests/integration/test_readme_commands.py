@@ -1,0 +1,176 @@
+"""The README's server commands, run exactly as it prints them (its fenced bash blocks, by the
+command they hold), in a finished workdir with the repo's .venv: `mlflow ui`, `mlflow models
+serve` with the curl that asks it, and the basic-auth team server. They bind the ports the
+README names (5000, 5001) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.repo import REPO
+from tests.support.servers import stop
+
+pytestmark = pytest.mark.slow
+
+README = REPO / "README.md"
+START_S = 120
+
+
+def bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def block_with(needle: str) -> str:
+    (block,) = [b for b in bash_blocks() if needle in b]
+    return block
+
+
+def commands(block: str) -> list[str]:
+    """The block's commands: its lines, a trailing backslash joining a line to the next."""
+    return [c.strip() for c in re.split(r"(?<!\\)\n", block.strip()) if c.strip()]
+
+
+@pytest.fixture(scope="module")
+def workdir(finished_run) -> Path:
+    """The finished run's workdir, seen from the README's place: the repo's .venv beside it."""
+    results, _ = finished_run
+    venv = results.parent / ".venv"
+    if not venv.exists():
+        venv.symlink_to(REPO / ".venv")
+    return results.parent
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def start(command: str, cwd: Path, port: int, log: Path) -> subprocess.Popen:
+    if not port_free(port):
+        pytest.fail(f"port {port}, which the README's command binds, is taken on this machine")
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            ["bash", "-c", command],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, headers=None) -> None:
+    deadline = time.monotonic() + START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the README's command exited {process.returncode}:\n{log.read_text()}")
+        try:
+            if get(url, headers)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} did not answer within {START_S} s:\n{log.read_text()[-3000:]}")
+
+
+def test_the_mlflow_ui_command_opens_the_printed_runs_table(workdir, finished_run):
+    _, run = finished_run
+    (command,) = commands(block_with("mlflow ui"))
+    printed = [line for line in (run.stdout + run.stderr).splitlines() if "Browse the runs" in line]
+    url = printed[0].split("Browse the runs: ", 1)[1]
+    assert url.startswith("http://127.0.0.1:5000/#/experiments/")
+    assert url.endswith("/runs?workflowType=machine_learning")
+    log = workdir / "readme-ui.log"
+    process = start(command, workdir, 5000, log)
+    try:
+        wait_until_up("http://127.0.0.1:5000/health", process, log)
+        experiment_id = url.split("/experiments/")[1].split("/")[0]
+        status, body = get(
+            "http://127.0.0.1:5000/api/2.0/mlflow/experiments/get?experiment_id=" + experiment_id
+        )
+        assert status == 200 and json.loads(body)["experiment"]["experiment_id"] == experiment_id
+    finally:
+        stop(process)
+
+
+def test_the_serve_command_answers_the_printed_curl(workdir):
+    serve, ask = commands(block_with("mlflow models serve"))
+    log = workdir / "readme-serve.log"
+    process = start(serve, workdir, 5001, log)
+    try:
+        wait_until_up("http://127.0.0.1:5001/health", process, log)
+        answer = subprocess.run(
+            ["bash", "-c", ask], cwd=workdir, capture_output=True, text=True, timeout=120
+        )
+        assert answer.returncode == 0, answer.stderr
+        predictions = json.loads(answer.stdout)["predictions"]
+        assert len(predictions) == 1 and predictions[0]
+    finally:
+        stop(process)
+
+
+def test_the_team_server_command_starts_with_authentication(workdir):
+    block = block_with("--app-name basic-auth")
+    password = re.search(r"MLFLOW_AUTH_ADMIN_PASSWORD='([^']+)'", block)[1]
+    log = workdir / "readme-team-server.log"
+    process = start(block, workdir, 5000, log)
+    allowed = {"Host": "mlflow.example.org"}  # as the TLS proxy in front of it forwards
+    token = base64.b64encode(f"admin:{password}".encode()).decode()
+    admin = {**allowed, "Authorization": f"Basic {token}"}
+    try:
+        wait_until_up("http://127.0.0.1:5000/health", process, log, allowed)
+        search = "http://127.0.0.1:5000/api/2.0/mlflow/experiments/search?max_results=1"
+        assert get(search, admin)[0] == 200
+        assert get(search, allowed)[0] == 401  # no credentials, no runs
+    finally:
+        stop(process)
+
+
+def test_the_gpus_per_job_command_plans_one_gpu_per_train_job():
+    """In the repository, as on a machine with four GPUs (CUDA_VISIBLE_DEVICES lists them;
+    none needs to exist for the plan), with --dry-run added to the README's command."""
+    (command,) = commands(block_with("--resources gpu=4"))
+    machine = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    planned = subprocess.run(
+        f"{command} --dry-run --forceall --printshellcmds",
+        shell=True,
+        cwd=REPO,
+        env=machine,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    trains = [line for line in planned.stdout.splitlines() if " train --shards " in line]
+    assert len(trains) == 2 and all("python -m snaketune.gpus 1 -- " in t for t in trains)
+
+    too_many = subprocess.run(
+        f"{command} --dry-run",
+        shell=True,
+        cwd=REPO,
+        env={**machine, "CUDA_VISIBLE_DEVICES": "0,1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert too_many.returncode != 0
+    assert "--resources gpu=4: this machine has 2 GPU(s)" in too_many.stdout + too_many.stderr

@@ -1,0 +1,68 @@
+"""The MLflow UI as a reviewer sees it: a real headless Chromium (Debian's chromium and
+chromium-driver, installed by .ci/run) driven by selenium, with the waits the UI's pages need and
+screenshots kept under test-artifacts/ as the tests' evidence."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.support.repo import REPO
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1400,1000",
+]
+SCREENSHOTS = REPO / "test-artifacts" / "mlflow-ui"
+UI_WAIT_S = 90
+EXPANDER = "button[data-component-id*='runnamecellrenderer']"  # the run table's +/- button
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium and chromium-driver (see .ci/run)")
+        pytest.skip("needs Debian's chromium and chromium-driver: apt-get install them")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def text_once_it_shows(driver, *needles: str) -> str:
+    """Wait until the rendered page's text holds every needle; return that text."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    body = lambda: driver.find_element("tag name", "body").text  # noqa: E731
+    try:
+        WebDriverWait(driver, UI_WAIT_S).until(lambda _: all(n in body() for n in needles))
+    except TimeoutException:
+        missing = [n for n in needles if n not in body()]
+        pytest.fail(f"{driver.current_url} never showed {missing}; it said:\n{body()[:3000]}")
+    return body()
+
+
+def open_page(driver, url: str, *needles: str) -> str:
+    driver.get(url)
+    return text_once_it_shows(driver, *needles)

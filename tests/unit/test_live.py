@@ -1,0 +1,161 @@
+"""snaketune.live against a real SQLite store: the stage's run while it works, its end status,
+the same run for a rerun of the same computation, points never sent twice, and a stage that
+never waits for (nor fails because of) a store that does not answer."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Metric
+
+from snaketune import live
+from tests.support.mlflow_stores import new_store
+
+EXPERIMENT = "live-unit"
+
+
+def target_for(uri: str, tmp_path: Path) -> live.Target:
+    return live.Target("exp", EXPERIMENT, uri, str(tmp_path / "unused.db"), str(tmp_path), "cfg")
+
+
+@pytest.fixture
+def store(tmp_path, empty_store_db):
+    return new_store(tmp_path / "store", empty_store_db)
+
+
+@pytest.fixture
+def folder(tmp_path, store, monkeypatch) -> Path:
+    """A tracking folder with a target, named to the stage jobs as the rules name it."""
+    folder = tmp_path / "tracking"
+    folder.mkdir()
+    target_for(store.uri, tmp_path).write(folder)
+    monkeypatch.setenv(live.TRACKING_VARIABLE, str(folder))
+    monkeypatch.setattr(live, "LIVE_AFTER_S", 0.0)  # these stages last milliseconds
+    return folder
+
+
+def run_stage(key: str, rows: list[dict], fail: BaseException | None = None) -> str | None:
+    start = live.StageStart("train", key, time.time() - 5, {"lr": 0.1})
+    with live.tracking(start) as tracker:
+        tracker.log_rows(rows)
+        if fail is not None:
+            raise fail
+        tracker.end("FINISHED", start.started_at + 5)
+    return tracker.run_id
+
+
+def rows(steps) -> list[dict]:
+    return [{"step": s, "loss": 1.0 / s, "timestamp": 1790000000.0 + s} for s in steps]
+
+
+def test_the_first_writer_of_a_run_id_wins(tmp_path):
+    ids = live.RunIds(tmp_path, "sqlite:///x.db", "cfg")
+    assert ids.claim("train-abc", "first") == "first"
+    assert ids.claim("train-abc", "second") == "first"
+    assert ids.get("train-abc") == "first"
+    assert not [p for p in ids.folder.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_a_stage_run_is_finished_with_its_times_params_and_points(folder, store):
+    run_id = run_stage("k1", rows(range(1, 21)))
+    run = store.client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "train"
+    assert run.info.end_time - run.info.start_time == 5000
+    assert run.data.params["lr"] == "0.1"
+    assert run.data.tags[live.RUN_KEY_TAG] == "k1"
+    loss = store.client.get_metric_history(run_id, "train.loss")
+    assert sorted(m.step for m in loss) == list(range(1, 21))
+    assert {m.timestamp for m in loss} == {int((1790000000.0 + s) * 1000) for s in range(1, 21)}
+    parent = store.client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "RUNNING"  # the track job ends it, once everything is there
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(ValueError("bad"), "FAILED"), (SystemExit(1), "KILLED")]
+)
+def test_a_stage_that_fails_or_is_stopped_ends_its_run_so(folder, store, error, status):
+    with pytest.raises(type(error)):
+        run_stage("k2", rows(range(1, 3)), fail=error)
+    (run,) = [r for r in store.client.search_runs([exp_id(store)]) if r.info.run_name == "train"]
+    assert run.info.status == status
+    parent = store.client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == status  # the experiment stopped there
+
+
+def exp_id(store) -> str:
+    return store.client.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def test_a_rerun_of_the_same_computation_logs_into_the_same_run_once_per_step(folder, store):
+    first = run_stage("k3", rows(range(1, 11)))
+    again = run_stage("k3", rows(range(6, 21)))  # resumed from step 5: 6..10 come again
+    assert again == first
+    loss = store.client.get_metric_history(first, "train.loss")
+    assert sorted(m.step for m in loss) == list(range(1, 21))
+    other = run_stage("k4", rows(range(1, 3)))  # other inputs or settings: another run
+    assert other != first
+
+
+def test_points_already_there_are_not_sent_again(store):
+    run_id = store.client.create_run(store.client.create_experiment("ledger")).info.run_id
+    store.client.log_batch(run_id, metrics=[Metric("train.loss", 1.0, 0, 1)])
+    store.client.log_batch(run_id, metrics=[Metric("system/cpu", 5.0, 1000, 0)])
+    ledger = live.Ledger(store.client, run_id, new_run=False)
+    points = [
+        Metric("train.loss", 1.0, 0, 1),
+        Metric("train.loss", 0.5, 0, 2),
+        Metric("system/cpu", 5.0, 1000, 0),
+        Metric("system/cpu", 6.0, 2000, 0),  # sampled by time: a second sample is a new point
+    ]
+    assert [(m.key, m.step, m.timestamp) for m in ledger.missing(points)] == [
+        ("train.loss", 2, 0),
+        ("system/cpu", 0, 2000),
+    ]
+    assert ledger.missing(points) == []
+
+
+def test_a_store_that_does_not_answer_never_holds_up_or_fails_the_stage(tmp_path, monkeypatch):
+    folder = tmp_path / "tracking"
+    folder.mkdir()
+    target_for("http://127.0.0.1:9", tmp_path).write(folder)  # nothing listens on port 9
+    monkeypatch.setenv(live.TRACKING_VARIABLE, str(folder))
+    monkeypatch.setattr(live, "QUEUE_SIZE", 1000)
+    monkeypatch.setattr(live, "LIVE_AFTER_S", 0.0)
+    start = live.StageStart("train", "k5", time.time(), {})
+    started = time.perf_counter()
+    with live.tracking(start) as tracker:
+        for step in range(1, 2001):
+            tracker.log({"train.loss": 1.0}, step)
+        logged = time.perf_counter() - started
+        tracker.end("FINISHED")
+    assert logged < 1.0  # 2000 points queued or dropped without waiting for anyone
+    assert tracker.run_id is None and tracker.dropped >= 1000
+    assert time.perf_counter() - started < live.END_WAIT_S + 5
+
+
+def test_a_stage_done_before_live_after_s_never_connects(folder, store, monkeypatch):
+    monkeypatch.setattr(live, "LIVE_AFTER_S", 2.0)
+    started = time.perf_counter()
+    assert run_stage("k6", rows(range(1, 4))) is None
+    assert time.perf_counter() - started < 1.0  # the end did not wait for a connection
+    assert store.client.get_experiment_by_name(EXPERIMENT) is None  # the track job records it
+    with pytest.raises(ValueError):  # but a stage that stops early shows so at once
+        run_stage("k7", rows(range(1, 4)), fail=ValueError("bad"))
+    (failed,) = store.client.search_runs([exp_id(store)], "attributes.run_name = 'train'")
+    assert failed.info.status == "FAILED"
+    monkeypatch.setattr(live, "LIVE_AFTER_S", 0.0)
+    assert run_stage("k6", rows(range(1, 4))) is not None  # the same stage, connecting at once
+
+
+def test_outside_the_workflow_there_is_no_tracking(monkeypatch):
+    monkeypatch.delenv(live.TRACKING_VARIABLE, raising=False)
+    with live.tracking(live.StageStart("clean", "k", time.time(), {})) as tracker:
+        assert isinstance(tracker, live.Offline) and live.current() is tracker
+    assert isinstance(live.current(), live.Offline)
+
+
+def test_the_runs_table_url_opens_the_model_training_view():
+    url = live.runs_table_url("http://127.0.0.1:5000/", {"experiment_id": "7"})
+    assert url == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"

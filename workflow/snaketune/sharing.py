@@ -1,0 +1,118 @@
+"""Stages keyed by what they compute: one job per distinct clean, split, tokenizer and tokenize,
+shared by every experiment whose settings for that stage and everything upstream are the same.
+
+A shared stage's key is `<dataset>-<digest>`, the digest of the stage's name, its settings and
+its upstream stage's key (the download is keyed by the dataset's sha256), so two experiments
+share a stage exactly when they share all it is computed from, and a changed setting gives new
+keys from that stage down. Its outputs live under results/shared/<stage>/<key>/; each
+experiment keeps results/<experiment>/<stage> as a relative link to them, the place a user
+looks. Training, evaluation and tracking stay per experiment.
+
+This module imports nothing heavy: the workflow reads it when it builds the DAG.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snaketune import settings as st
+
+SHARED_FOLDER = "shared"
+"""results/<SHARED_FOLDER>/<stage>/<key>/: the outputs of a shared stage."""
+
+SHARED_STAGES: tuple[tuple[str, Callable[..., Any]], ...] = (
+    ("clean", st.clean_job),
+    ("split", st.split_settings),
+    ("tokenizer", st.tokenizer_settings),
+    ("tokenize", st.tokenize_job),
+)
+"""The shared stages in pipeline order, each with the settings that key it."""
+
+
+def stage_key(stage: str, dataset: str, upstream: str, settings: Any) -> str:
+    blob = json.dumps([stage, upstream, st.to_json(settings)])
+    return f"{dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def keys_of(view: st.ConfigView, experiment: str) -> dict[str, str]:
+    """The key of each shared stage of one experiment."""
+    dataset = view.experiment(experiment)["dataset"]
+    upstream = view.dataset(dataset).sha256  # what the download gives, wherever it comes from
+    keys = {}
+    for stage, settings_of in SHARED_STAGES:
+        upstream = keys[stage] = stage_key(stage, dataset, upstream, settings_of(view, experiment))
+    return keys
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """Every experiment's shared-stage keys, and for each key the experiments computing it."""
+
+    keys: dict[str, dict[str, str]]
+    """experiment -> stage -> key."""
+    owners: dict[str, str]
+    """key -> the first experiment (in config order) that uses it."""
+
+    @classmethod
+    def of(cls, view: st.ConfigView, experiments: Iterable[str]) -> Sharing:
+        keys = {name: keys_of(view, name) for name in experiments}
+        owners: dict[str, str] = {}
+        for name, stages in keys.items():
+            for key in stages.values():
+                owners.setdefault(key, name)
+        return cls(keys, owners)
+
+    def owner(self, key: str) -> str:
+        """The experiment whose settings the shared job takes (any user would give the same)."""
+        return self.owners[key]
+
+    def all_keys(self) -> set[str]:
+        return set(self.owners)
+
+
+def stage_dir(results: str | Path, stage: str, key: str) -> Path:
+    return Path(results) / SHARED_FOLDER / stage / key
+
+
+TRACKING_LINK = "tracking"
+"""<stage_dir>/tracking: a link to the owner's tracking folder, where the shared stage's live
+run joins the owner's run tree (snaketune.live)."""
+
+
+def link_all(results: str | Path, sharing: Sharing, tracking: Callable[[str], str]) -> list[str]:
+    """Point results/<experiment>/<stage> at the shared outputs it uses, and each shared
+    stage's tracking link at its owner's tracking folder (`tracking(experiment)`). The links
+    are relative, so a moved checkout keeps them. Returns a message per real folder of an
+    older layout in the way (left as it is)."""
+    problems = []
+    for experiment, keys in sharing.keys.items():
+        for stage, key in keys.items():
+            shared = stage_dir(results, stage, key)
+            view = Path(results) / experiment / stage
+            if view.exists() and not view.is_symlink():
+                problems.append(
+                    f"{view} is a folder of an earlier snaketune layout; the {stage} outputs "
+                    f"this experiment uses are in {shared}. Delete {view} to get a link there."
+                )
+            else:
+                relink(view, shared)
+            if sharing.owner(key) == experiment:
+                relink(shared / TRACKING_LINK, Path(tracking(experiment)))
+    return problems
+
+
+def relink(link: Path, target: Path) -> None:
+    """Make `link` a relative link to `target` (replacing another link there)."""
+    relative = os.path.relpath(target, link.parent)
+    if link.is_symlink():
+        if os.readlink(link) == relative:
+            return
+        link.unlink()
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(relative, target_is_directory=True)

@@ -24,11 +24,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from snaketune.live import LIVE_AFTER_VARIABLE
 from snaketune.resume import RECORD
 from tests.support.mlflow_stores import all_runs
 from tests.support.processes import kill_tree, paused, wait_for
 from tests.support.reliability import Relay, pipeline_config
-from tests.support.servers import free_port, serving, start_server, stop
+from tests.support.servers import crash, free_port, serving, start_server, stop
 from tests.support.ui import SCREENSHOTS, open_page, text_once_it_shows
 from tests.support.workflow import snakemake_command, stage_folder
 
@@ -80,7 +81,9 @@ def copy_of(prepared: Path, where: Path) -> Path:
 
 
 def start(workdir: Path, uri: str) -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # Senders connect at once: the checks below need training still running once its points
+    # are on the server, and a fast machine trains these 1,200 steps in a few seconds.
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, LIVE_AFTER_VARIABLE: "0"}
     return subprocess.Popen(
         workflow(workdir),
         stdout=subprocess.PIPE,
@@ -445,7 +448,10 @@ def outage(prepared, tmp_path_factory, request):
         pipeline = start(workdir, uri)
         if request.param == "lost mid-train":
             wait_for(lambda: live_train_run(client) or pipeline.poll() is not None, TIMEOUT_S, 0.2)
-            stop(process)
+            train = train_process(workdir)
+            assert train is not None, "training ended before the server could be lost"
+            with paused(train.pid):  # so that points are still to be sent once it is gone
+                crash(process)
         wait_for(train_manifest_or_end(workdir, pipeline), TIMEOUT_S, 0.2)
         # The workflow held while the server starts (seconds): its evaluate and track jobs
         # would otherwise find it still down on a fast machine, and the track job fails then.

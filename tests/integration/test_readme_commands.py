@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -114,6 +115,10 @@ def test_the_mlflow_ui_command_opens_the_printed_runs_table(workdir, finished_ru
 
 def test_the_serve_command_answers_the_printed_curl(workdir):
     serve, ask = commands(block_with("mlflow models serve"))
+    if shutil.which("curl") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install curl (tests/browser.sh does)")
+        pytest.skip("the README asks the served model with curl, which is not installed here")
     log = workdir / "readme-serve.log"
     process = start(serve, workdir, 5001, log)
     try:

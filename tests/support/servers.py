@@ -72,6 +72,13 @@ def stop(process: subprocess.Popen) -> None:
             continue
 
 
+def crash(process: subprocess.Popen) -> None:
+    """SIGKILL the server's process group: gone at once, as a crashed host is."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=15)
+
+
 def start_server(root: Path, port: int) -> tuple[Server, subprocess.Popen]:
     """`mlflow server` on 127.0.0.1:port with its store and artifacts under root; starting it
     again on the same root and port brings back the same server after an outage."""

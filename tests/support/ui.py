@@ -17,6 +17,7 @@ CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
     "--disable-gpu",
+    "--disable-dev-shm-usage",  # a container's /dev/shm may be 64 MB: pages crash in it
     "--no-first-run",
     "--disable-background-networking",
     "--disable-component-update",

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from snaketune.config import SCHEMA, cross_checks, schema_problems
+from snaketune.live import LIVE_AFTER_VARIABLE
 from snaketune.names import SPLITS, TASKS
 from snaketune.settings import (
     ENCODERS,
@@ -35,6 +36,12 @@ def test_cross_checks_find_missing_dataset_and_bad_ratios():
     problems = cross_checks(filled)
     assert any(p.startswith("experiments[0].dataset:") and "support-demo" in p for p in problems)
     assert any(p.startswith("experiments[1].split:") and "0.7" in p for p in problems)
+
+
+def test_a_bad_live_after_setting_in_the_environment_is_refused_with_the_config(monkeypatch):
+    monkeypatch.setenv(LIVE_AFTER_VARIABLE, "later")
+    problems = cross_checks(_with_defaults(config_with()))
+    assert [p for p in problems if p.startswith(f"{LIVE_AFTER_VARIABLE}='later' (environment)")]
 
 
 def test_heads_must_divide_embedding_size():

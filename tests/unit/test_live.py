@@ -159,3 +159,15 @@ def test_outside_the_workflow_there_is_no_tracking(monkeypatch):
 def test_the_runs_table_url_opens_the_model_training_view():
     url = live.runs_table_url("http://127.0.0.1:5000/", {"experiment_id": "7"})
     assert url == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+
+
+def test_the_environment_sets_how_long_a_stage_works_before_it_connects(monkeypatch):
+    monkeypatch.setenv(live.LIVE_AFTER_VARIABLE, "0.5")
+    assert live.live_after_s() == 0.5 and live.live_after_problem() is None
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv(live.LIVE_AFTER_VARIABLE, bad)
+        assert f"{live.LIVE_AFTER_VARIABLE}={bad!r}" in live.live_after_problem()
+        with pytest.raises(ValueError, match="expected seconds >= 0"):
+            live.live_after_s()
+    monkeypatch.delenv(live.LIVE_AFTER_VARIABLE)
+    assert live.live_after_s() == live.LIVE_AFTER_S

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from snaketune.checks import experiment_problems
+from snaketune.live import live_after_problem
 from snaketune.names import SEQUENCE_CLASSIFICATION
 from snaketune.settings import SECTIONS, ConfigView, DatasetSettings, SettingsError, repository
 from snaketune.sweep import expand_sweeps
@@ -93,6 +94,7 @@ def cross_checks(
     it, keys set that the run would ignore are refused too."""
     problems = dataset_problems(config["datasets"])
     problems += tracking_problems(config["mlflow"]["tracking_uri"])
+    problems += [problem] if (problem := live_after_problem()) else []
     datasets = config["datasets"]
     seen = set()
     for i, exp in enumerate(config["experiments"]):

@@ -66,7 +66,9 @@ RETRY_S = 10.0
 LIVE_AFTER_S = 3.0
 """How long a stage works before its sender connects. A stage done sooner never loads MLflow (a
 second or two of CPU per job, a thousand jobs in a sweep); the track job records its run from
-the manifest, with the same times. Runs worth watching take longer than this."""
+the manifest, with the same times. Runs worth watching take longer than this. The environment
+variable LIVE_AFTER_VARIABLE overrides it (0: connect at once, to watch short stages)."""
+LIVE_AFTER_VARIABLE = "SNAKETUNE_LIVE_AFTER_S"
 END_WAIT_S = 10.0
 """How long a finished stage waits for its last batch and its run's end to reach the server."""
 BATCH = 1000  # MLflow's most metrics per log_batch call
@@ -429,6 +431,7 @@ class Tracker:
 
     def __init__(self, target: Target, folder: Path, start: StageStart):
         self.target, self.folder, self.start = target, Path(folder), start
+        self.live_after_s = live_after_s()
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
         self.dropped = 0
         self.sent = 0
@@ -468,7 +471,7 @@ class Tracker:
             log.info(
                 "live tracking: the stage ended within %.0f s, before it connected; the track "
                 "job records its run",
-                LIVE_AFTER_S,
+                self.live_after_s,
             )
         else:
             log.info(
@@ -507,7 +510,7 @@ class Tracker:
         # default retries; the track job retries later with its own patience.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-        connection, pending, retry_at = None, [], time.monotonic() + LIVE_AFTER_S
+        connection, pending, retry_at = None, [], time.monotonic() + self.live_after_s
         tried = False
         while True:
             if connection is None and time.monotonic() >= retry_at:
@@ -613,3 +616,30 @@ def tracking(start: StageStart) -> Iterator[Tracker | Offline]:
         raise
     finally:
         _current = Offline()
+
+
+def live_after_s() -> float:
+    """LIVE_AFTER_S, or the seconds LIVE_AFTER_VARIABLE sets (checked before any job by
+    live_after_problem)."""
+    problem = live_after_problem()
+    if problem:
+        raise ValueError(problem)
+    value = os.environ.get(LIVE_AFTER_VARIABLE)
+    return LIVE_AFTER_S if value is None else float(value)
+
+
+def live_after_problem() -> str | None:
+    value = os.environ.get(LIVE_AFTER_VARIABLE)
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if seconds >= 0:
+        return None
+    return (
+        f"{LIVE_AFTER_VARIABLE}={value!r} (environment): expected seconds >= 0, how long a stage "
+        f"works before it connects to the tracking server; unset it for the default "
+        f"{LIVE_AFTER_S:g}"
+    )

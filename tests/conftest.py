@@ -42,6 +42,15 @@ def lm_per_document_data(lm_data, tmp_path_factory) -> dict[str, Path]:
     return {**lm_data, "shards": root / "shards", "tokenize_manifest": root / "manifest.json"}
 
 
+@pytest.fixture(scope="session", params=["across_documents", "per_document"])
+def qa_data(request, tmp_path_factory) -> dict[str, Path]:
+    """The demo corpus as instruction data (answers learned), tokenized with each packing."""
+    from tests.support.stage_data import prepare_stage_data
+
+    root = tmp_path_factory.mktemp(f"qa-{request.param}")
+    return prepare_stage_data(root, "causal_lm", 64, instruction=True, packing=request.param)
+
+
 @pytest.fixture(scope="session")
 def classification_data(tmp_path_factory) -> dict[str, Path]:
     from tests.support.stage_data import prepare_stage_data

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 
 from snaketune.manifest import TIMINGS
+from snaketune.names import INSTRUCTION_COLUMNS
 from tests.support.ui import EXPANDER, SCREENSHOTS, open_page, text_once_it_shows
 from tests.support.workflow import MLFLOW_EXPERIMENT, STAGES, run_in_new_workdir, snakemake
 
@@ -31,7 +32,9 @@ def test_every_stage_writes_outputs_and_a_manifest(finished_run):
             assert manifest["versions"]["torch"] and manifest["seconds"] >= 0
         for split in ("train", "val", "test"):
             frame = pd.read_parquet(results / experiment / "split" / f"{split}.parquet")
-            assert list(frame.columns) == ["doc_id", "text", "label"] and len(frame) > 0
+            # demo-lm is instruction data: each document's prompt and response too.
+            extra = list(INSTRUCTION_COLUMNS) if experiment == "demo-lm" else []
+            assert list(frame.columns) == ["doc_id", "text", "label", *extra] and len(frame) > 0
             shards = sorted(
                 (results / experiment / "tokenize" / "shards" / split).glob("*.parquet")
             )
@@ -53,12 +56,18 @@ def test_metrics_are_plausible(finished_run):
     lm = json.loads((results / "demo-lm" / "evaluate" / "metrics.json").read_text())
     assert math.isfinite(lm["perplexity"]) and 1 < lm["perplexity"] < 500  # vocab is 500
     assert 0 < lm["bits_per_byte"] < 8 and "stride" in lm["protocol"]
+    # The Q&A generator: its answers scored beside the retrieval baseline's, every test answer.
+    assert 1 < lm["answer_perplexity"] < 500 and lm["answers_cut_off"] == 0
+    assert lm["answered_examples"] == lm["answer_rows"] == lm["test_rows"]
+    for name in ("exact_match", "f1", "rouge_l"):
+        assert 0 <= lm[name] <= 1 and 0 <= lm["baselines"]["retrieval"][name] <= 1
+    answers = pd.read_csv(results / "demo-lm" / "evaluate" / "samples.csv", keep_default_na=False)
+    assert (answers["reference"] != "").sum() == lm["answered_examples"]
     intent = json.loads((results / "demo-intent" / "evaluate" / "metrics.json").read_text())
     assert intent["accuracy"] > intent["baselines"]["majority_class"]["accuracy"] + 0.2
     assert intent["baselines"]["bow_logistic_regression"]["accuracy"] > 0.5
     assert len(intent["confusion_matrix"]) == len(intent["label_names"]) == 8
-    samples = (results / "demo-intent" / "evaluate" / "samples.jsonl").read_text().splitlines()
-    first = json.loads(samples[0])
+    first = pd.read_csv(results / "demo-intent" / "evaluate" / "samples.csv").iloc[0]
     assert first["label"] in intent["label_names"] and first["predicted"] in intent["label_names"]
 
 
@@ -122,9 +131,10 @@ def test_html_report_holds_the_plots_and_tables(finished_run):
     built = snakemake(results.parent, "--report", str(report))
     assert built.returncode == 0, built.stderr[-2000:]
     html = report.read_text(errors="replace")
-    for name in ("loss_curve.png", "eval_plot.png", "metrics.json", "report.json"):
+    for name in ("loss_curve.png", "eval_plot.png", "metrics.json", "report.json", "samples.csv"):
         assert name in html
     assert "Training loss per step" in html  # a caption
+    assert "the retrieval baseline's answer" in html  # the samples table's caption
 
 
 def _without(data: dict, *keys: str) -> dict:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
@@ -294,8 +295,8 @@ def write_stage_files(
         fingerprint="33c43751ed6d804c",
     )
     metrics_path = write_json_file(exp / "evaluate" / "metrics.json", metrics)
-    samples = exp / "evaluate" / "samples.jsonl"
-    samples.write_text(json.dumps({"prompt": PROMPTS[0], "completion": " Sorry!"}) + "\n")
+    samples = exp / "evaluate" / "samples.csv"
+    pd.DataFrame([{"prompt": PROMPTS[0], "generated": " Sorry!"}]).to_csv(samples, index=False)
     evaluate = write_manifest(
         exp / "evaluate" / "manifest.json",
         "evaluate",

@@ -17,10 +17,15 @@ from snaketune.train import train_model
 TXT = ReadSettings(format="txt")
 
 
-def prepare_stage_data(root: Path, task: str, block_size: int = 32) -> dict:
+def prepare_stage_data(
+    root: Path, task: str, block_size: int = 32, instruction: bool = False, packing: str = ""
+) -> dict:
     """Run the real data stages (download → clean → split → tokenizer → tokenize) on the demo
     corpus with small settings; return the paths the train and evaluate stages take."""
-    prepared = prepare_data(demo_config(task, block_size), DEMO_EXPERIMENT, root)
+    config = demo_config(task, block_size, instruction=instruction)
+    if packing:
+        config["experiments"][0]["tokenize"]["packing"] = packing
+    prepared = prepare_data(config, DEMO_EXPERIMENT, root)
     return {f.name: getattr(prepared, f.name) for f in fields(PreparedData)}
 
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score
@@ -166,8 +167,8 @@ def test_lm_evaluation_writes_metrics_protocol_and_samples(lm_data, tmp_path):
     baseline = metrics["baselines"]["kneser_ney_bigram"]
     assert baseline["predicted_tokens"] == metrics["predicted_tokens"]
     assert 1 < baseline["perplexity"] < 0.5 * metrics["perplexity"]
-    (sample,) = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    assert sample["prompt"] == "Customer: hello\nAgent:" and isinstance(sample["completion"], str)
+    (sample,) = pd.read_csv(tmp_path / "samples.csv", keep_default_na=False).to_dict("records")
+    assert sample["prompt"] == "Customer: hello\nAgent:" and isinstance(sample["generated"], str)
 
 
 def test_per_document_test_rows_are_scored_as_one_stream_without_their_padding(

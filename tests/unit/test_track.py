@@ -297,7 +297,8 @@ def test_stage_artifacts_are_logged(tracked):
     assert artifact_paths(client, tracked.ids["evaluate"]) == {
         "manifest.json",
         "metrics.json",
-        "samples.jsonl",
+        "samples.csv",
+        "samples.json",  # the same rows as an MLflow table
     }
     assert artifact_paths(client, tracked.ids["download"]) == {"manifest.json"}
 
@@ -565,3 +566,23 @@ def test_the_model_card_names_the_data_its_digest_the_metrics_and_the_limits(tra
     assert "`billing`, `shipping`" in card  # the labels it can answer with
     logged = download(tracked.store.uri, tracked.ids["train"], "model/README.md", tmp_path)
     assert logged.read_text() == card
+
+
+def test_a_csv_artifact_is_also_an_mlflow_table_logged_once(tmp_path, empty_store_db):
+    import pandas as pd
+
+    from snaketune.track import log_table
+
+    store = new_store(tmp_path / "store", empty_store_db)
+    client = store.client
+    run_id = client.create_run(client.create_experiment("tables")).info.run_id
+    samples = tmp_path / "samples.csv"
+    rows = pd.DataFrame({"prompt": ["Q: a\nA:", "Q: b"], "generated": ["x", ""], "f1": [1.0, 0.5]})
+    rows.to_csv(samples, index=False)
+    log_table(client, run_id, samples)
+    log_table(client, run_id, samples)  # a retried upload appends nothing
+    logged = json.loads(
+        Path(client.download_artifacts(run_id, "samples.json", tmp_path)).read_text()
+    )
+    assert logged["columns"] == ["prompt", "generated", "f1"]
+    assert logged["data"] == [["Q: a\nA:", "x", 1.0], ["Q: b", "", 0.5]]

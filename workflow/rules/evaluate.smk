@@ -12,7 +12,12 @@ rule evaluate_model:
             category="Evaluation",
             labels={"experiment": "{experiment}", "file": "metrics"},
         ),
-        samples=f"{R}/{{experiment}}/evaluate/samples.jsonl",
+        samples=report(
+            f"{R}/{{experiment}}/evaluate/samples.csv",
+            caption="../report/samples.rst",
+            category="Evaluation",
+            labels={"experiment": "{experiment}", "file": "samples"},
+        ),
         plot=report(
             f"{R}/{{experiment}}/evaluate/eval_plot.png",
             caption="../report/eval_plot.rst",

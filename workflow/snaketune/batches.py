@@ -50,8 +50,19 @@ class TokenRows:
         """Causal LM rows with a token to predict: a per-document row of one token (a
         document's EOS cut off by the block size) has none, and a batch of only such rows would
         have no loss."""
-        keep = np.flatnonzero(self.lengths() >= 2)
+        predictable = self.lengths() >= 2
+        if self.arrays.targets is not None:  # instruction rows: a response token to predict
+            predictable &= self.target_counts() > 0
+        keep = np.flatnonzero(predictable)
         return self if len(keep) == len(self) else replace(self, rows=self.numbers(keep))
+
+    def target_counts(self) -> np.ndarray:
+        """Instruction rows: the targets of each row past its first token (which nothing
+        predicts)."""
+        offsets = np.asarray(self.arrays.offsets, dtype=np.int64)
+        cumulative = np.concatenate([[0], np.cumsum(self.arrays.targets, dtype=np.int64)])
+        counts = cumulative[offsets[1:]] - cumulative[offsets[:-1] + 1]
+        return counts if self.rows is None else counts[self.rows]
 
     def batch(self, index: np.ndarray) -> dict[str, torch.Tensor]:
         """The rows at `index`, padded to the longest of them; padding is masked (and, for the
@@ -67,7 +78,10 @@ class TokenRows:
         ids[~real] = self.pad_token_id
         input_ids = torch.from_numpy(ids)
         if self.task == CAUSAL_LM:
-            labels = input_ids.masked_fill(torch.from_numpy(~real), IGNORED_LABEL)
+            ignored = ~real
+            if self.arrays.targets is not None:  # instruction data: the response's tokens only
+                ignored |= self.arrays.targets[positions] == 0
+            labels = input_ids.masked_fill(torch.from_numpy(ignored), IGNORED_LABEL)
         else:
             labels = torch.from_numpy(self.arrays.labels[numbers].astype(np.int64))
         batch = {"input_ids": input_ids, "labels": labels}

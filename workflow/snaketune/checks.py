@@ -31,7 +31,23 @@ def experiment_problems(exp: dict[str, Any], given: dict[str, Any], where: str) 
             *context_problems(exp),
             *memory_retry_problems(exp, given),
             *encoder_problems(exp),
+            *decoding_problems(exp, given),
         ]
+    ]
+
+
+def decoding_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:
+    """Sampling settings mean nothing to greedy decoding."""
+    if exp["evaluate"]["decoding"] != "greedy":
+        return []
+    return [
+        (
+            f"evaluate.{key}",
+            "applies to decoding 'sample'; evaluate.decoding is 'greedy' (the most likely token "
+            f"each step): set decoding: sample, or remove {key}",
+        )
+        for key in ("temperature", "top_k")
+        if key in set_keys(given, "evaluate")
     ]
 
 

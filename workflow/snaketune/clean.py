@@ -24,8 +24,9 @@ import pandas as pd
 from snaketune.errors import CorpusError
 from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path, files_in, write_json
 from snaketune.manifest import stage_manifest
+from snaketune.names import INSTRUCTION_COLUMNS
 from snaketune.quality import quality_problem
-from snaketune.reading import compose_texts, read_records
+from snaketune.reading import compose_instruction, compose_texts, read_records
 from snaketune.settings import CleanJob, CleanSettings, inside_folder
 from snaketune.stages import CleanPaths
 
@@ -100,16 +101,41 @@ def label_class(value: str) -> str:
     return _BOOLEANS.get(text.casefold(), text)
 
 
+def response_separator(raw_response: str) -> str:
+    """The whitespace a response starts with, as cleaning leaves whitespace: a newline if it
+    holds one, else a space (none if there is none)."""
+    lead = raw_response[: len(raw_response) - len(raw_response.lstrip())]
+    return "\n" if "\n" in lead else (" " if lead else "")
+
+
 def clean_documents(
-    texts: pd.Series, labels: pd.Series | None, settings: CleanSettings, report: CleanReport
+    texts: pd.Series,
+    labels: pd.Series | None,
+    settings: CleanSettings,
+    report: CleanReport,
+    responses: pd.Series | None = None,
 ) -> pd.DataFrame:
+    """Cleaned documents (doc_id, text, label). Instruction data (`responses` given, `texts`
+    their prompts) also keeps each document's prompt and response, cleaned apart, the text
+    being the two end to end; the filters and the duplicate checks see that text."""
     removed: Counter[str] = Counter()
     seen: set[str] = set()
     forms: defaultdict[str, set[str]] = defaultdict(set)
     rows = []
     label_values = labels.tolist() if labels is not None else [None] * len(texts)
-    for raw_text, label in zip(texts.tolist(), label_values, strict=True):
+    response_values = responses.tolist() if responses is not None else [None] * len(texts)
+    for raw_text, label, raw_response in zip(
+        texts.tolist(), label_values, response_values, strict=True
+    ):
         text = clean_text(raw_text, settings, report)
+        parts = ()
+        if raw_response is not None:
+            body = clean_text(raw_response, settings, report)
+            if not body:
+                removed["empty_response"] += 1
+                continue
+            parts = (text, response_separator(raw_response) + body)
+            text = "".join(parts)
         if labels is not None and (label is None or pd.isna(label) or not str(label).strip()):
             removed["missing_label"] += 1
             continue
@@ -131,10 +157,11 @@ def clean_documents(
             removed["exact_duplicate"] += 1
             continue
         seen.add(doc_id)
-        rows.append((doc_id, text, label))
+        rows.append((doc_id, text, label, *parts))
     report.removed = dict(removed)
     report.label_forms = {k: sorted(v) for k, v in sorted(forms.items()) if len(v) > 1}
-    return pd.DataFrame(rows, columns=["doc_id", "text", "label"]).astype("string")
+    columns = ["doc_id", "text", "label", *(INSTRUCTION_COLUMNS if responses is not None else [])]
+    return pd.DataFrame(rows, columns=columns).astype("string")
 
 
 def clean_corpus(paths: CleanPaths, job: CleanJob) -> CleanReport:
@@ -143,9 +170,13 @@ def clean_corpus(paths: CleanPaths, job: CleanJob) -> CleanReport:
     with stage_manifest(paths, job) as record:
         frame, bad = read_records(source, read)
         report = CleanReport(input_records=len(frame), undecodable_bytes_replaced=bad)
-        texts = compose_texts(frame, read)
+        # Composed first: it names every missing column at once.
+        if read.instruction:
+            texts, responses = compose_instruction(frame, read)
+        else:
+            texts, responses = compose_texts(frame, read), None
         labels = frame[read.label_column] if read.label_column else None
-        docs = clean_documents(texts, labels, settings, report)
+        docs = clean_documents(texts, labels, settings, report, responses)
         report.output_records = len(docs)
         if read.label_column:
             report.labels = {str(k): int(v) for k, v in docs["label"].value_counts().items()}

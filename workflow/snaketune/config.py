@@ -16,7 +16,14 @@ import yaml
 from snaketune.checks import experiment_problems
 from snaketune.live import live_after_problem
 from snaketune.names import SEQUENCE_CLASSIFICATION
-from snaketune.settings import SECTIONS, ConfigView, DatasetSettings, SettingsError, repository
+from snaketune.settings import (
+    SECTIONS,
+    ConfigView,
+    DatasetSettings,
+    SettingsError,
+    read_settings_for,
+    repository,
+)
 from snaketune.sweep import expand_sweeps
 from snaketune.tracking_uri import tracking_problems
 
@@ -113,6 +120,7 @@ def cross_checks(
                 f"{where}.task: sequence_classification needs datasets."
                 f"{exp['dataset']}.label_column to be set"
             )
+        problems += read_problems(datasets[exp["dataset"]], exp, where)
         problems += settings_problems(ConfigView(config, base_dir), exp["name"], where)
         problems += experiment_problems(exp, given["experiments"][i] if given else {}, where)
     return problems
@@ -126,6 +134,18 @@ def dataset_problems(datasets: dict[str, Any]) -> list[str]:
         except SettingsError as err:
             problems += [f"datasets.{name}.{key}: {text}" for key, text in err.problems]
     return problems
+
+
+def read_problems(dataset: dict[str, Any], exp: dict[str, Any], where: str) -> list[str]:
+    """How the experiment reads its dataset (e.g. an instruction template without the
+    response), by the experiment's key; the dataset's own problems are dataset_problems'."""
+    try:
+        read_settings_for(DatasetSettings(**dataset), exp["task"], exp["text_template"])
+    except SettingsError as err:
+        if any(key != "text_template" for key, _ in err.problems):
+            return []  # reported by dataset_problems
+        return [f"{where}.{key}: {text}" for key, text in err.problems]
+    return []
 
 
 def settings_problems(view: ConfigView, experiment: str, where: str) -> list[str]:

@@ -23,13 +23,15 @@ from snaketune import live, plots
 from snaketune.batches import TokenRows
 from snaketune.devices import Placement, place, to_device
 from snaketune.fileio import atomic_path, write_json
-from snaketune.generation import generate
+from snaketune.generation import generate_many
 from snaketune.manifest import stage_manifest
 from snaketune.metrics import load_metric
 from snaketune.models import load_trained
-from snaketune.names import CAUSAL_LM, TEST, TRAIN
+from snaketune.names import CAUSAL_LM, INSTRUCTION_COLUMNS, TEST, TRAIN
 from snaketune.ngram import bigram_baseline
 from snaketune.perplexity import count_words, score_lm, token_byte_lengths, word_perplexity
+from snaketune.qa import answer_nll, evaluate_answers
+from snaketune.retrieval import MAX_TRAIN_EXAMPLES
 from snaketune.settings import EvalJob, EvalSettings
 from snaketune.stages import EvaluatePaths
 from snaketune.tokenize.shards import TokenizedData, read_shards
@@ -75,6 +77,18 @@ def evaluate_lm(
     metrics["baselines"] = {
         "kneser_ney_bigram": bigram_baseline(train, stream, data.eos_token_id, data.vocab_size)
     }
+    prompt_rows = prompt_samples(model, tokenizer, settings, context, placement)
+    if data.job.instruction:
+        answers, baseline, table = evaluate_answers(
+            model, tokenizer, *answer_splits(paths), settings, context, placement
+        )
+        metrics.update(answer_nll(model, test, settings.batch_size, placement))
+        metrics.update(answers)
+        metrics["baselines"]["retrieval"] = baseline
+        metrics["answer_protocol"] = answer_protocol(settings, metrics)
+        write_table(pd.concat([prompt_rows, table], ignore_index=True), paths.samples)
+    else:
+        write_table(prompt_rows, paths.samples)
     metrics["protocol"] = (
         f"test split as one token stream ({len(stream)} tokens: documents joined with EOS), "
         f"after one EOS, in windows of context_length={context} tokens every stride={stride} "
@@ -84,20 +98,67 @@ def evaluate_lm(
         "documents); byte_perplexity = exp(sum NLL / UTF-8 bytes of the documents); "
         "bits_per_byte = sum NLL in bits / those bytes (EOS is predicted and adds no byte)"
     )
-    write_samples(model, tokenizer, settings, context, placement, paths.samples)
     return metrics
 
 
-def write_samples(model, tokenizer, settings: EvalSettings, context: int, placement, out: Path):
-    rows = []
-    for prompt in settings.prompts:
-        completion, cut = generate(model, tokenizer, prompt, settings, context, placement)
-        row = {"prompt": prompt, "completion": completion}
-        if cut:
-            row["prompt_tokens_cut"] = cut  # from the left, to fit the context
-        rows.append(json.dumps(row))
+def answer_splits(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The train split's first examples (the retrieval baseline's index, bounded) and the test
+    split's, as prompt and response."""
+    columns = list(INSTRUCTION_COLUMNS)
+    return (
+        first_rows(paths.train, columns, MAX_TRAIN_EXAMPLES),
+        pd.read_parquet(paths.test, columns=columns),
+    )
+
+
+def first_rows(path: Path, columns: list[str], limit: int) -> pd.DataFrame:
+    """The first `limit` rows of a Parquet file, reading no row group past them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    batches, rows = [], 0
+    for batch in pq.ParquetFile(path).iter_batches(columns=columns):
+        batches.append(batch)
+        rows += batch.num_rows
+        if rows >= limit:
+            break
+    return pa.Table.from_batches(batches).slice(0, limit).to_pandas()
+
+
+def answer_protocol(settings: EvalSettings, metrics: dict) -> str:
+    sampling = (
+        f"top_k={settings.top_k} at temperature={settings.temperature}, seed {settings.seed}"
+        if settings.decoding == "sample"
+        else "the most likely token each step"
+    )
+    return (
+        f"answer_perplexity = exp(sum NLL / answer tokens) of the reference answers' "
+        f"{metrics['answer_tokens']} tokens (each ending with EOS) given their prompts, over the "
+        f"{metrics['answer_rows']} test examples, one per row; the prompts' tokens are context, "
+        f"not scored ({metrics['answers_cut_off']} examples whose prompt fills block_size have "
+        "no answer token left and are not counted). exact_match, f1 (token-level) and rouge_l "
+        "(LCS F-measure) of the answers "
+        f"generated for the first {metrics['answered_examples']} test prompts "
+        f"(decoding={settings.decoding}: {sampling}; at most max_new_tokens="
+        f"{settings.max_new_tokens}, ending at EOS), lower-cased, punctuation and articles "
+        "removed, against the reference answers; the retrieval baseline answers each prompt "
+        "with the answer of the most similar train prompt (bag-of-words cosine)"
+    )
+
+
+def prompt_samples(model, tokenizer, settings: EvalSettings, context: int, placement):
+    """The configured prompts' continuations (prompt tokens cut from the left to fit)."""
+    generated, cuts = generate_many(
+        model, tokenizer, settings.prompts, settings, context, placement, settings.batch_size
+    )
+    return pd.DataFrame(
+        {"prompt": settings.prompts, "generated": generated, "prompt_tokens_cut": cuts}
+    )
+
+
+def write_table(table: pd.DataFrame, out: Path) -> None:
     with atomic_path(out) as tmp:
-        tmp.write_text("".join(line + "\n" for line in rows))
+        table.to_csv(tmp, index=False)
 
 
 @torch.no_grad()
@@ -192,8 +253,7 @@ def write_predictions(
                 "predicted": label_names[int(predicted)],
             }
         )
-    with atomic_path(samples_path) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_table(pd.DataFrame(rows, columns=["text", "label", "predicted"]), samples_path)
 
 
 def evaluate_model(paths: EvaluatePaths, job: EvalJob) -> dict:

@@ -1,8 +1,10 @@
-"""Sampled continuations of prompts, on the evaluation device: top-k sampling at a temperature,
-seeded, so a rerun writes the same samples. GPT-2 generates through transformers' generate(),
-which keeps the attention keys and values of the tokens so far (no recomputation per token);
-the LSTM carries its hidden state from token to token. A prompt longer than the context is cut
-from the left, leaving room for the new tokens, and the sample says how many tokens it lost.
+"""Generated continuations of prompts, on the evaluation device, decoded as evaluate.decoding
+says: greedy (the most likely token each step) or top-k sampling at a temperature, seeded, so a
+rerun writes the same text. GPT-2 generates through transformers' generate(), which keeps the
+attention keys and values of the tokens so far (no recomputation per token), many prompts at
+once, left-padded; the LSTM carries its hidden state from token to token. A prompt longer than
+the context is cut from the left, leaving room for the new tokens, and the sample says how many
+tokens it lost. Generation ends at EOS or after max_new_tokens.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import torch
 
 from snaketune.devices import Placement
 from snaketune.settings import EvalSettings
+
+GREEDY = "greedy"
 
 
 def prompt_ids(tokenizer, prompt: str, context: int, new_tokens: int) -> tuple[list[int], int]:
@@ -21,31 +25,64 @@ def prompt_ids(tokenizer, prompt: str, context: int, new_tokens: int) -> tuple[l
     return ids[-keep:], max(0, len(ids) - keep)
 
 
-@torch.no_grad()
 def generate(model, tokenizer, prompt: str, settings: EvalSettings, context: int, placement):
     """(continuation, prompt tokens cut) of one prompt."""
-    ids, cut = prompt_ids(tokenizer, prompt, context, settings.max_new_tokens)
-    torch.manual_seed(settings.seed)
-    if hasattr(model, "generate"):
-        new = with_cache(model, tokenizer, ids, settings, placement)
-    else:
-        new = with_state(model, tokenizer, ids, settings, placement)
-    return tokenizer.decode(new, skip_special_tokens=True), cut
+    (text,), (cut,) = generate_many(model, tokenizer, [prompt], settings, context, placement)
+    return text, cut
 
 
-def with_cache(model, tokenizer, ids: list[int], settings: EvalSettings, placement: Placement):
-    inputs = torch.tensor([ids], device=placement.device)
+@torch.no_grad()
+def generate_many(
+    model,
+    tokenizer,
+    prompts: list[str],
+    settings: EvalSettings,
+    context: int,
+    placement: Placement,
+    batch_size: int = 1,
+) -> tuple[list[str], list[int]]:
+    """The continuations of `prompts`, `batch_size` at a time, and each prompt's tokens cut."""
+    texts, cuts = [], []
+    for start in range(0, len(prompts), batch_size):
+        cut_ids = [
+            prompt_ids(tokenizer, p, context, settings.max_new_tokens)
+            for p in prompts[start : start + batch_size]
+        ]
+        batch = [ids for ids, _ in cut_ids]
+        torch.manual_seed(settings.seed)
+        if hasattr(model, "generate"):
+            new = with_cache(model, tokenizer, batch, settings, placement)
+        else:
+            new = [with_state(model, tokenizer, ids, settings, placement) for ids in batch]
+        texts += [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+        cuts += [cut for _, cut in cut_ids]
+    return texts, cuts
+
+
+def with_cache(
+    model, tokenizer, batch: list[list[int]], settings: EvalSettings, placement: Placement
+) -> list[list[int]]:
+    """Each prompt's new tokens up to (not including) EOS; prompts left-padded to one width."""
+    width = max(map(len, batch))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    inputs = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+    sampling = {"do_sample": False}
+    if settings.decoding != GREEDY:
+        sampling = {"do_sample": True, "top_k": settings.top_k, "temperature": settings.temperature}
     out = model.generate(
-        input_ids=inputs,
-        attention_mask=torch.ones_like(inputs),
-        do_sample=True,
-        top_k=settings.top_k,
-        temperature=settings.temperature,
+        input_ids=inputs.to(placement.device),
+        attention_mask=mask.to(placement.device),
         max_new_tokens=settings.max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id,
+        **sampling,
     )
-    return out[0, len(ids) :].tolist()
+    return [until_eos(row, tokenizer.eos_token_id) for row in out[:, width:].tolist()]
+
+
+def until_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
+    return ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids
 
 
 def with_state(model, tokenizer, ids: list[int], settings: EvalSettings, placement: Placement):
@@ -53,7 +90,7 @@ def with_state(model, tokenizer, ids: list[int], settings: EvalSettings, placeme
     new: list[int] = []
     logits, state = model.next_token_logits(torch.tensor([ids], device=placement.device))
     for _ in range(settings.max_new_tokens):
-        next_id = sample(logits[0], settings)
+        next_id = pick(logits[0], settings)
         if next_id == tokenizer.eos_token_id:
             break
         new.append(next_id)
@@ -62,7 +99,9 @@ def with_state(model, tokenizer, ids: list[int], settings: EvalSettings, placeme
     return new
 
 
-def sample(logits: torch.Tensor, settings: EvalSettings) -> int:
+def pick(logits: torch.Tensor, settings: EvalSettings) -> int:
+    if settings.decoding == GREEDY:
+        return int(torch.argmax(logits))
     logits = logits.float() / max(settings.temperature, 1e-6)
     top = torch.topk(logits, min(settings.top_k, logits.numel()))
     choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1)

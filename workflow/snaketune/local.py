@@ -32,10 +32,18 @@ DEMO_DATASET = "support-demo"
 DEMO_EXPERIMENT = "demo-data"
 
 
-def demo_config(task: str, block_size: int = 32, vocab_size: int = 400) -> dict[str, Any]:
+def demo_config(
+    task: str, block_size: int = 32, vocab_size: int = 400, instruction: bool = False
+) -> dict[str, Any]:
     """One experiment on the shipped demo corpus (config.yaml's support-demo), small enough to
-    prepare in seconds: a BPE of `vocab_size`, rows of `block_size` (or 32) tokens."""
+    prepare in seconds: a BPE of `vocab_size`, rows of `block_size` (or 32) tokens. A causal LM
+    learns the whole text, or, with `instruction`, the answers only (the catalog's
+    prompt_column and response_column)."""
     catalog = yaml.safe_load((REPO / "config.yaml").read_text())["datasets"]
+    dataset = copy.deepcopy(catalog[DEMO_DATASET])
+    if not instruction:
+        dataset.pop("prompt_column", None)
+        dataset.pop("response_column", None)
     classify = task == SEQUENCE_CLASSIFICATION
     experiment = {
         "name": DEMO_EXPERIMENT,
@@ -47,7 +55,7 @@ def demo_config(task: str, block_size: int = 32, vocab_size: int = 400) -> dict[
         "tokenize": {"max_length": 32} if classify else {"block_size": block_size},
     }
     return {
-        "datasets": {DEMO_DATASET: copy.deepcopy(catalog[DEMO_DATASET])},
+        "datasets": {DEMO_DATASET: dataset},
         "experiments": [experiment],
     }
 
@@ -88,7 +96,7 @@ class PreparedData:
             train=self.splits["train"],
             test=self.splits["test"],
             metrics=out / "metrics.json",
-            samples=out / "samples.jsonl",
+            samples=out / "samples.csv",
             plot=out / "eval_plot.png",
             manifest=out / "manifest.json",
         )

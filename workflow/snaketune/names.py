@@ -13,3 +13,7 @@ TRAIN, VAL, TEST = SPLITS
 CAUSAL_LM = "causal_lm"
 SEQUENCE_CLASSIFICATION = "sequence_classification"
 TASKS = (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
+
+INSTRUCTION_COLUMNS = ("prompt", "response")
+"""Instruction data: the columns of each cleaned document's two parts (text is both)."""
+PROMPT, RESPONSE = INSTRUCTION_COLUMNS

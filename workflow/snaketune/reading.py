@@ -201,17 +201,34 @@ def starts_document(lines: list[str], i: int, unit: str) -> bool:
 # --- documents ---------------------------------------------------------------------------------
 
 
+def require_columns(frame: pd.DataFrame, needed: list[str]) -> None:
+    missing = sorted(set(needed) - set(frame.columns))
+    if missing:
+        raise CorpusError(
+            f"column(s) {missing} not found; the file has columns {list(frame.columns)}. "
+            "Set text_column / label_column / prompt_column / response_column / text_template "
+            "in the config."
+        )
+
+
+def compose_instruction(frame: pd.DataFrame, settings: ReadSettings) -> tuple[pd.Series, ...]:
+    """Instruction data: each record's prompt and response, the template's two parts filled in
+    (settings.ReadSettings.instruction)."""
+    template = settings.instruction
+    require_columns(frame, template.columns)
+    records = frame.fillna("").to_dict("records")
+    return tuple(
+        pd.Series([part.format(**row) for row in records], index=frame.index, dtype="string")
+        for part in (template.prompt, template.response)
+    )
+
+
 def compose_texts(frame: pd.DataFrame, settings: ReadSettings) -> pd.Series:
     """The document text of each record: the template filled in, or the text column."""
     needed = re.findall(r"{(\w+)}", settings.text_template or "") or [settings.text_column]
     if settings.label_column:
         needed = [*needed, settings.label_column]
-    missing = sorted(set(needed) - set(frame.columns))
-    if missing:
-        raise CorpusError(
-            f"column(s) {missing} not found; the file has columns {list(frame.columns)}. "
-            "Set text_column / label_column / text_template in the dataset's config."
-        )
+    require_columns(frame, needed)
     if not settings.text_template:
         return frame[settings.text_column].fillna("")
     filled = frame.fillna("")

@@ -17,6 +17,7 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import types
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -64,6 +65,10 @@ class DatasetSettings:
     member: str | None = None
     text_column: str = "text"
     label_column: str | None = None
+    prompt_column: str | None = None
+    """Instruction data: the column a model answers (see response_column)."""
+    response_column: str | None = None
+    """Instruction data: the answer's column. Set, a causal LM learns the answers only."""
     header: bool = True
     column_names: list[str] | None = None
     quoting: bool = True
@@ -107,6 +112,12 @@ class DatasetSettings:
             )
         if self.encoding is not None and self.format == "parquet":
             problems.append(("encoding", "is for text files; Parquet stores UTF-8"))
+        if self.format == "txt" and (self.prompt_column or self.response_column):
+            problems.append(
+                ("response_column", "instruction data needs records with columns; txt has none")
+            )
+        if self.prompt_column and not self.response_column:
+            problems.append(("prompt_column", "is for instruction data: set response_column too"))
         raise_problems(problems)
 
 
@@ -152,6 +163,10 @@ class ReadSettings:
     label_column: str | None = None
     text_template: str | None = None
     """A str.format template over the record's columns, e.g. 'Q: {question}\\nA: {answer}'."""
+    prompt_column: str | None = None
+    response_column: str | None = None
+    """Instruction data (causal LM): the template's {response_column} placeholder starts the
+    response, which alone is learned and scored (see `instruction`)."""
     header: bool = True
     """csv/tsv: whether the first line names the columns."""
     column_names: list[str] | None = None
@@ -163,6 +178,71 @@ class ReadSettings:
     top-level heading ' = Title = ' up to the next one (WikiText's articles)."""
     encoding: str | None = None
     """Text files' codec; None reads a byte-order mark (UTF-8/16/32), else UTF-8."""
+
+    def __post_init__(self) -> None:
+        if self.response_column:
+            self.instruction  # noqa: B018 (raises a SettingsError for a template that cannot work)
+
+    @property
+    def instruction(self) -> InstructionTemplate | None:
+        """How a record splits into prompt and response, for instruction data; else None."""
+        if not self.response_column:
+            return None
+        return instruction_template(self.text_template, self.prompt_column, self.response_column)
+
+
+DEFAULT_INSTRUCTION_TEMPLATE = "Question: {prompt}\nAnswer: {response}"
+"""Instruction data without a text_template: {prompt} and {response} stand for the dataset's
+prompt_column and response_column."""
+
+
+@dataclass(frozen=True)
+class InstructionTemplate:
+    """A record as prompt + response. The whitespace before the response placeholder belongs to
+    the response, as byte-level BPE attaches a space to the word after it: the prompt's and the
+    response's tokens, encoded apart, are then those of the whole text."""
+
+    prompt: str
+    """str.format template of the prompt (no trailing whitespace)."""
+    response: str
+    """str.format template of the response, starting with that whitespace."""
+
+    @property
+    def columns(self) -> list[str]:
+        return re.findall(r"{(\w+)}", self.prompt + self.response)
+
+
+def instruction_template(
+    text_template: str | None, prompt_column: str | None, response_column: str
+) -> InstructionTemplate:
+    placeholder = "{" + response_column + "}"
+    if not text_template:
+        if not prompt_column:
+            raise SettingsError(
+                [
+                    (
+                        "text_template",
+                        f"instruction data (response_column {response_column!r}) needs a "
+                        f"text_template with {placeholder}, or the dataset's prompt_column for "
+                        f"the default {DEFAULT_INSTRUCTION_TEMPLATE!r}",
+                    )
+                ]
+            )
+        text_template = DEFAULT_INSTRUCTION_TEMPLATE.format(
+            prompt="{" + prompt_column + "}", response=placeholder
+        )
+    head, found, tail = text_template.partition(placeholder)
+    problem = None
+    if not found:
+        problem = f"has no {placeholder}, the dataset's response_column: where does the answer go?"
+    elif placeholder in tail:
+        problem = f"holds {placeholder} twice; the response is one placeholder"
+    elif not head.strip():
+        problem = f"has nothing before {placeholder}: the response needs a prompt"
+    if problem:
+        raise SettingsError([("text_template", f"{text_template!r} {problem}")])
+    prompt = head.rstrip()
+    return InstructionTemplate(prompt=prompt, response=head[len(prompt) :] + placeholder + tail)
 
 
 @dataclass(frozen=True)
@@ -335,14 +415,20 @@ class TokenizeJob:
 
     task: str
     tokenize: TokenizeSettings = field(default_factory=TokenizeSettings)
+    instruction: bool = False
+    """Instruction data: rows of whole examples whose prompt tokens are no target (see
+    snaketune.tokenize.packing)."""
 
     def __post_init__(self) -> None:
         check_task(self.task)
 
     @property
     def layout(self) -> str:
-        """How the rows are made: the LM packing, or one row per classification example."""
-        return self.tokenize.packing if self.task == CAUSAL_LM else self.task
+        """How the rows are made: the LM packing (of instruction examples, for instruction
+        data), or one row per classification example."""
+        if self.task != CAUSAL_LM:
+            return self.task
+        return f"instruction_{self.tokenize.packing}" if self.instruction else self.tokenize.packing
 
 
 @dataclass(frozen=True)
@@ -482,11 +568,16 @@ class TrainJob:
 class EvalSettings:
     batch_size: int = 32
     prompts: list[str] = field(default_factory=list)
-    """causal_lm: prompts whose continuations go to samples.jsonl."""
+    """causal_lm: prompts whose continuations go to the samples table (samples.csv)."""
     max_new_tokens: int = 40
+    decoding: str = "greedy"
+    """How every generation picks tokens (the prompts', the test answers', the served model's):
+    "greedy" (the most likely token) or "sample" (top_k at temperature, seeded)."""
     temperature: float = 0.8
     top_k: int = 20
     seed: int = 1234
+    answer_examples: int = 200
+    """Instruction data: test examples whose answers are generated and scored (0: all)."""
     context_length: int = 0
     """causal_lm: tokens per scoring window; 0 means the training block size."""
     stride: int = 0
@@ -690,12 +781,16 @@ def download_settings(view: ConfigView, dataset: str) -> DownloadSettings:
 
 
 def read_settings_for(dataset: DatasetSettings, task: str, text_template: str | None):
-    """How an experiment reads its dataset: the label column only matters to classification."""
+    """How an experiment reads its dataset: the label column only matters to classification,
+    the prompt and response columns only to a causal LM."""
+    lm = task == CAUSAL_LM
     return ReadSettings(
         format=dataset.format,
         text_column=dataset.text_column,
         label_column=dataset.label_column if task == SEQUENCE_CLASSIFICATION else None,
         text_template=text_template,
+        prompt_column=dataset.prompt_column if lm else None,
+        response_column=dataset.response_column if lm else None,
         header=dataset.header,
         column_names=dataset.column_names,
         quoting=dataset.quoting,
@@ -723,12 +818,20 @@ def tokenizer_settings(view: ConfigView, experiment: str) -> TokenizerSettings:
 
 def tokenize_job(view: ConfigView, experiment: str) -> TokenizeJob:
     tokenize = view.section(TokenizeSettings, experiment, "tokenize")
-    return TokenizeJob(task=view.experiment(experiment)["task"], tokenize=tokenize)
+    task = view.experiment(experiment)["task"]
+    instruction = task == CAUSAL_LM and bool(view.dataset_of(experiment).response_column)
+    return TokenizeJob(task=task, tokenize=tokenize, instruction=instruction)
 
 
 def partition_job(view: ConfigView, experiment: str, split: str, part: str) -> PartitionJob:
     job = tokenize_job(view, experiment)
-    return PartitionJob(task=job.task, tokenize=job.tokenize, split=split, part=int(part))
+    return PartitionJob(
+        task=job.task,
+        tokenize=job.tokenize,
+        instruction=job.instruction,
+        split=split,
+        part=int(part),
+    )
 
 
 def train_job(view: ConfigView, experiment: str) -> TrainJob:

@@ -147,7 +147,11 @@ class EvaluatePaths(Paths):
     train: Path = input_path("the train split (baselines)")
     test: Path = input_path("the test split (texts of the samples)")
     metrics: Path = output_path("metrics with their protocol", artifact=True)
-    samples: Path = output_path("generations or predictions to read", artifact=True)
+    samples: Path = output_path(
+        "the samples table: generations (with the scored test answers of instruction data) or "
+        "predictions",
+        artifact=True,
+    )
     plot: Path = output_path("NLL by position or the confusion matrix", artifact=True)
     manifest: Path = output_path("this job's manifest.json")
 

@@ -378,6 +378,10 @@ def complete_stage(store: Store, parent_id: str, stage: StageFiles, manifest: di
     return run_id
 
 
+TABLE_SUFFIX = ".csv"
+"""Artifacts that are tables, logged also with log_table (see log_table)."""
+
+
 def log_artifacts(client, run_id: str, stage: StageFiles) -> None:
     client.log_artifact(run_id, str(stage.manifest))
     for artifact in stage.artifacts:
@@ -388,6 +392,18 @@ def log_artifacts(client, run_id: str, stage: StageFiles) -> None:
                     client.log_artifact(run_id, str(path), artifact_path=folder)
         elif artifact.exists():
             client.log_artifact(run_id, str(artifact))
+            if artifact.suffix == TABLE_SUFFIX:
+                log_table(client, run_id, artifact)
+
+
+def log_table(client, run_id: str, table: Path) -> None:
+    """A CSV artifact (the samples) again as an MLflow table, which the UI shows as one. Only
+    once: log_table appends to a table already there, and an upload may be a retry."""
+    import pandas as pd
+
+    name = f"{table.stem}.json"
+    if name not in {entry.path for entry in client.list_artifacts(run_id)}:
+        client.log_table(run_id, data=pd.read_csv(table, keep_default_na=False), artifact_file=name)
 
 
 def remove_superseded(client, experiment_id: str, parent_id: str, ids: dict[str, str]) -> None:

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from snaketune.errors import CorpusError
 from snaketune.fileio import read_json
-from snaketune.names import SEQUENCE_CLASSIFICATION
+from snaketune.names import INSTRUCTION_COLUMNS, SEQUENCE_CLASSIFICATION
 from snaketune.settings import FAST_ENCODER, HF_ENCODER, TokenizeJob
 
 PLAIN_TOKENIZER_CLASS = "TokenizersBackend"
@@ -134,9 +134,32 @@ class Encoded:
     """int64, one per document"""
     truncated: int = 0
     """Documents cut at max_length (classification)."""
+    targets: np.ndarray | None = None
+    """Instruction data: bool per token, true for the response's (the ones trained on)."""
 
     def offsets(self) -> np.ndarray:
         return np.concatenate([np.zeros(1, np.int64), np.cumsum(self.lengths)])
+
+
+def instruction_examples(prompts: Encoded, responses: Encoded) -> Encoded:
+    """Each example's prompt ids (without the EOS the encoder ends every text with), then its
+    response's ids (ending with it), with targets true for the response's. Encoding the two
+    apart gives the ids of the whole text: the response starts with the whitespace before it
+    (settings.InstructionTemplate), where a byte-level BPE pre-tokenizer splits anyway."""
+    prompt_lengths = prompts.lengths - 1
+    keep = np.ones(len(prompts.ids), dtype=bool)
+    keep[prompts.offsets()[1:] - 1] = False
+    lengths = prompt_lengths + responses.lengths
+    starts = np.cumsum(lengths) - lengths
+    within = np.arange(int(prompt_lengths.sum())) - np.repeat(
+        np.cumsum(prompt_lengths) - prompt_lengths, prompt_lengths
+    )
+    targets = np.ones(int(lengths.sum()), dtype=bool)
+    targets[np.repeat(starts, prompt_lengths) + within] = False
+    ids = np.empty(len(targets), dtype=np.int32)
+    ids[~targets] = prompts.ids[keep]
+    ids[targets] = responses.ids
+    return Encoded(ids, lengths, targets=targets)
 
 
 class HfEncoder:
@@ -345,11 +368,17 @@ def first_line(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
-def encoded_batches(encoder, batches: Iterator[pa.RecordBatch]) -> Iterator[tuple]:
-    """Each record batch with its Encoded. The next batch is encoded in a worker thread (both
-    encoders release the GIL) while the caller packs and writes the current one."""
+def encoded_batches(
+    encoder, batches: Iterator[pa.RecordBatch], instruction: bool = False
+) -> Iterator[tuple]:
+    """Each record batch with its Encoded: of its text, or of its instruction examples. The next
+    batch is encoded in a worker thread (both encoders release the GIL) while the caller packs
+    and writes the current one."""
 
     def encode(batch: pa.RecordBatch) -> Encoded:
+        if instruction:
+            prompts, responses = (batch.column(name) for name in INSTRUCTION_COLUMNS)
+            return instruction_examples(encoder.encode(prompts), encoder.encode(responses))
         return encoder.encode(batch.column("text"))
 
     with ThreadPoolExecutor(max_workers=1) as pool:

@@ -36,7 +36,9 @@ def tokenize_in_one_process(
                 shards=work / "parts" / split / part,
                 manifest=work / "parts" / split / f"{part}.json",
             )
-            partition = PartitionJob(job.task, job.tokenize, split=split, part=int(part))
+            partition = PartitionJob(
+                job.task, job.tokenize, job.instruction, split=split, part=int(part)
+            )
             tokenize_partition(paths, partition)
             parts.append(paths)
         gather = GatherPaths(

@@ -10,6 +10,16 @@ holds two documents: each document is cut into rows of at most `block_size` toke
 row may be shorter, counted as short_rows, and is padded only in the training batch), nothing is
 dropped, and the rows are the same for any number of partitions.
 Classification: one row per example, truncated to `max_length`, with an integer label.
+
+Instruction data (a causal LM trained on answers only): every example is its prompt's tokens
+then its response's, ending with EOS, and its rows carry `targets`, true for the response's
+tokens: the prompt's are context, never a target (their labels are -100 in training batches).
+No example is ever split across rows, so no response token loses its prompt: an example longer
+than `block_size` keeps its first block_size tokens (counted as truncated), and with
+"across_documents" whole examples are packed greedily, in order, into rows of at most
+block_size tokens (a row is closed when the next example does not fit; nothing is dropped).
+The val and test splits keep one example per row whatever the packing, so that each answer is
+scored given its own prompt and nothing before it.
 """
 
 from __future__ import annotations
@@ -32,6 +42,14 @@ PACKING = {
     "per_document": "each document, ending with EOS, cut into rows of at most block_size tokens; "
     "no row holds two documents, a document's last row may be shorter (short_rows, padded and "
     "masked in training batches) and nothing is dropped",
+    "instruction_per_document": "instruction examples (prompt then response, ending with EOS), "
+    "one per row, the first block_size tokens of longer ones kept (truncated); targets mark the "
+    "response's tokens, the only ones trained and scored",
+    "instruction_across_documents": "train: whole instruction examples (prompt then response, "
+    "ending with EOS) packed greedily into rows of at most block_size tokens, an example never "
+    "split across rows (longer ones keep their first block_size tokens, truncated); val and "
+    "test: one example per row; targets mark the response's tokens, the only ones trained and "
+    "scored",
     SEQUENCE_CLASSIFICATION: "one row per example, truncated to max_length",
 }
 """What the rows of each layout (snaketune.settings.TokenizeJob.layout) are, for the manifest."""
@@ -101,4 +119,97 @@ def encode_examples(
         writer.write(
             pa.table({"doc_id": batch.column("doc_id"), "input_ids": ids, "label": label_ids})
         )
+    return counts
+
+
+# --- instruction examples --------------------------------------------------------------------
+
+
+def cut_to_block(encoded, block: int):
+    """Each example's first `block` tokens; and how many examples were longer."""
+    lengths = encoded.lengths
+    over = lengths > block
+    if not over.any():
+        return encoded, 0
+    position = np.arange(len(encoded.ids)) - np.repeat(encoded.offsets()[:-1], lengths)
+    keep = position < np.repeat(np.minimum(lengths, block), lengths)
+    cut = type(encoded)(
+        encoded.ids[keep], np.minimum(lengths, block), targets=encoded.targets[keep]
+    )
+    return cut, int(over.sum())
+
+
+def example_rows(encoded, row_lengths: np.ndarray) -> pa.Table:
+    offsets = pa.array(np.concatenate([[0], np.cumsum(row_lengths)]).astype(np.int32))
+    return pa.table(
+        {
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(encoded.ids)),
+            "targets": pa.ListArray.from_arrays(offsets, pa.array(encoded.targets)),
+        }
+    )
+
+
+def pack_examples(encoded: Iterator[tuple], writer: ShardWriter, block: int) -> PartitionCounts:
+    """One instruction example per row (see the module docstring)."""
+    counts = PartitionCounts()
+    for _, batch in encoded:
+        counts.documents += len(batch.lengths)
+        batch, truncated = cut_to_block(batch, block)
+        counts.truncated += truncated
+        counts.short_rows += int(np.count_nonzero(batch.lengths < block))
+        if len(batch.lengths):
+            writer.write(example_rows(batch, batch.lengths))
+    return counts
+
+
+def greedy_rows(lengths: list[int], block: int, used: int) -> list[int]:
+    """The row of each example, whole examples in order into rows of at most `block` tokens, the
+    first row holding `used` tokens already. A loop over ints: sequential by nature, and a tiny
+    cost beside encoding (a million examples in about 0.2 s)."""
+    rows, row = [], 0
+    for n in lengths:
+        if used and used + n > block:
+            row, used = row + 1, 0
+        rows.append(row)
+        used += n
+    return rows
+
+
+def pack_whole_examples(
+    encoded: Iterator[tuple], writer: ShardWriter, block: int
+) -> PartitionCounts:
+    """Whole instruction examples packed into rows (see the module docstring); the open row is
+    carried from one batch to the next and written at the end."""
+    counts = PartitionCounts()
+    carry = None  # the open row: an Encoded of one "example"
+    for _, batch in encoded:
+        if not len(batch.lengths):
+            continue
+        counts.documents += len(batch.lengths)
+        batch, truncated = cut_to_block(batch, block)
+        counts.truncated += truncated
+        if carry is not None:
+            batch = type(batch)(
+                np.concatenate([carry.ids, batch.ids]),
+                np.concatenate([carry.lengths, batch.lengths]),
+                targets=np.concatenate([carry.targets, batch.targets]),
+            )
+        lengths = batch.lengths.tolist()
+        first = lengths[0] if carry is not None else 0
+        rows = np.asarray(greedy_rows(lengths[1:] if carry is not None else lengths, block, first))
+        if carry is not None:
+            rows = np.concatenate([[0], rows])
+        row_lengths = np.bincount(rows, weights=batch.lengths).astype(np.int64)
+        closed = row_lengths[:-1]
+        n_closed = int(closed.sum())
+        if len(closed):
+            head = type(batch)(batch.ids[:n_closed], closed, targets=batch.targets[:n_closed])
+            writer.write(example_rows(head, closed))
+            counts.short_rows += int(np.count_nonzero(closed < block))
+        carry = type(batch)(
+            batch.ids[n_closed:], row_lengths[-1:], targets=batch.targets[n_closed:]
+        )
+    if carry is not None and len(carry.ids):
+        writer.write(example_rows(carry, carry.lengths))
+        counts.short_rows += int(carry.lengths[0] < block)
     return counts

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_dir, read_json
 from snaketune.manifest import stage_manifest
-from snaketune.names import SEQUENCE_CLASSIFICATION
+from snaketune.names import INSTRUCTION_COLUMNS, SEQUENCE_CLASSIFICATION, TRAIN
 from snaketune.settings import PartitionJob
 from snaketune.stages import PartitionPaths
 from snaketune.tokenize.encoder import encoded_batches, encoder_from_plan
@@ -24,6 +24,8 @@ from snaketune.tokenize.packing import (
     encode_examples,
     pack_blocks,
     pack_documents,
+    pack_examples,
+    pack_whole_examples,
 )
 from snaketune.tokenize.plan import split_plans
 from snaketune.tokenize.shards import ShardStats, ShardWriter, schema_for
@@ -67,18 +69,27 @@ def tokenize_rows(
     encoder = encoder_from_plan(plan, encoder_path)
     classify = job.task == SEQUENCE_CLASSIFICATION
     columns = ["doc_id", "text", "label"] if classify else ["text"]
+    if job.instruction:
+        columns = list(INSTRUCTION_COLUMNS)
     batches = read_row_range(split_file, *rows, columns, settings.read_batch_rows)
-    encoded = encoded_batches(encoder, batches)
-    writer = ShardWriter(out_dir, schema_for(job.task), settings.shard_rows)
+    encoded = encoded_batches(encoder, batches, job.instruction)
+    writer = ShardWriter(out_dir, schema_for(job.task, job.instruction), settings.shard_rows)
     if classify:
         counts = encode_examples(encoded, writer, plan["label_names"], Path(split_file).name)
     else:
-        pack = pack_documents if settings.packing == "per_document" else pack_blocks
-        counts = pack(encoded, writer, settings.block_size)
+        counts = packing_of(job)(encoded, writer, settings.block_size)
     shards = writer.close()
     counts.rows = sum(s.rows for s in shards)
     counts.tokens = sum(s.tokens for s in shards)
     return counts, shards
+
+
+def packing_of(job: PartitionJob):
+    """The causal LM rows' packing function for this partition's split (packing's docstring)."""
+    per_document = job.tokenize.packing == "per_document"
+    if job.instruction:
+        return pack_examples if per_document or job.split != TRAIN else pack_whole_examples
+    return pack_documents if per_document else pack_blocks
 
 
 def tokenize_partition(paths: PartitionPaths, job: PartitionJob) -> PartitionCounts:

@@ -27,11 +27,12 @@ from snaketune.names import CAUSAL_LM
 from snaketune.settings import TokenizeJob, from_dict
 
 LM_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
+INSTRUCTION_SCHEMA = LM_SCHEMA.append(pa.field("targets", pa.list_(pa.bool_())))
 CLASSIFICATION_SCHEMA = pa.schema(
     [("doc_id", pa.string()), ("input_ids", pa.list_(pa.int32())), ("label", pa.int32())]
 )
 SHARD_GLOB = "shard-*.parquet"
-TOKENS, OFFSETS, LABELS = "tokens.bin", "offsets.bin", "labels.bin"
+TOKENS, OFFSETS, LABELS, TARGETS = "tokens.bin", "offsets.bin", "labels.bin", "targets.bin"
 ARRAY_BATCH_ROWS = 8192  # rows read from the shards at a time when the arrays are written
 
 
@@ -44,8 +45,10 @@ def split_dir(shards: Path, split: str) -> Path:
     return Path(shards) / split
 
 
-def schema_for(task: str) -> pa.Schema:
-    return LM_SCHEMA if task == CAUSAL_LM else CLASSIFICATION_SCHEMA
+def schema_for(task: str, instruction: bool = False) -> pa.Schema:
+    if task != CAUSAL_LM:
+        return CLASSIFICATION_SCHEMA
+    return INSTRUCTION_SCHEMA if instruction else LM_SCHEMA
 
 
 @dataclass
@@ -127,6 +130,7 @@ def write_arrays(split_folder: Path, shard_files: list[Path], dtype: str) -> int
         open(folder / TOKENS, "wb") as tokens,
         open(folder / OFFSETS, "wb") as offsets,
         open(folder / LABELS, "wb") as labels,
+        open(folder / TARGETS, "wb") as targets,
     ):
         written = 0
         offsets.write(np.zeros(1, np.int64).tobytes())
@@ -146,6 +150,11 @@ def write_arrays(split_folder: Path, shard_files: list[Path], dtype: str) -> int
                 written += int(starts[-1] - starts[0])
                 if "label" in batch.schema.names:
                     labels.write(batch.column("label").to_numpy().astype(np.int32).tobytes())
+                if "targets" in batch.schema.names:
+                    flags = batch.column("targets").flatten().to_numpy(zero_copy_only=False)
+                    targets.write(flags.astype(np.uint8).tobytes())
+    if (folder / TARGETS).stat().st_size == 0:  # rows without targets: every token is one
+        (folder / TARGETS).unlink()
     return written
 
 
@@ -156,6 +165,8 @@ class TokenArrays:
     tokens: np.ndarray
     offsets: np.ndarray
     labels: np.ndarray | None
+    targets: np.ndarray | None = None
+    """Instruction data: 1 for each token that is a training target (a response's), else 0."""
 
     @classmethod
     def open(cls, split_folder: Path, dtype: str) -> TokenArrays:
@@ -166,7 +177,8 @@ class TokenArrays:
                 "rerun the tokenize stage (snakemake -R gather_shards)"
             )
         labels = mapped(folder / LABELS, np.int32)
-        return cls(mapped(folder / TOKENS, dtype), mapped(folder / OFFSETS, np.int64), labels)
+        tokens, offsets = mapped(folder / TOKENS, dtype), mapped(folder / OFFSETS, np.int64)
+        return cls(tokens, offsets, labels, mapped(folder / TARGETS, np.uint8))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support.repo import REPO
 from tests.support.servers import stop
@@ -127,10 +128,36 @@ def test_the_serve_command_answers_the_printed_curl(workdir):
             ["bash", "-c", ask], cwd=workdir, capture_output=True, text=True, timeout=120
         )
         assert answer.returncode == 0, answer.stderr
-        predictions = json.loads(answer.stdout)["predictions"]
-        assert len(predictions) == 1 and predictions[0]
+        (served,) = json.loads(answer.stdout)["predictions"]
+        (question,) = json.loads(re.search(r"-d '(.*)'", ask)[1])["inputs"]
+        assert served.strip() == evaluation_answer(workdir, question)
     finally:
         stop(process)
+
+
+def evaluation_answer(workdir: Path, question: str) -> str:
+    """The answer the evaluate stage would give: the question in the experiment's template,
+    generated with its decoding settings (snaketune.generation, as evaluate_lm runs it)."""
+    from transformers import AutoTokenizer
+
+    from snaketune.config import validated
+    from snaketune.evaluation import CPU
+    from snaketune.generation import generate
+    from snaketune.models import load_trained
+    from snaketune.settings import ConfigView, clean_job, eval_job, tokenize_job
+
+    view = ConfigView(validated(yaml.safe_load((workdir / "config.yaml").read_text())), REPO)
+    template = clean_job(view, "demo-lm").read.instruction
+    assert template is not None and template.columns[0] == "question"
+    model_dir = workdir / "results" / "demo-lm" / "train" / "model"
+    model, tokenizer = (
+        load_trained(model_dir, "causal_lm"),
+        AutoTokenizer.from_pretrained(model_dir),
+    )
+    context = tokenize_job(view, "demo-lm").tokenize.block_size
+    settings = eval_job(view, "demo-lm").evaluate
+    prompt = template.prompt.format(question=question)
+    return generate(model.eval(), tokenizer, prompt, settings, context, CPU)[0].strip()
 
 
 def test_the_team_server_command_starts_with_authentication(workdir):

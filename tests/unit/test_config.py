@@ -4,6 +4,7 @@ in tests/reliability."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import MISSING, fields, is_dataclass
 
 import pytest
@@ -13,6 +14,7 @@ from snaketune.config import SCHEMA, cross_checks, schema_problems
 from snaketune.live import LIVE_AFTER_VARIABLE
 from snaketune.names import SPLITS, TASKS
 from snaketune.settings import (
+    DECODINGS,
     ENCODERS,
     FORMATS,
     LM_PACKINGS,
@@ -21,7 +23,7 @@ from snaketune.settings import (
     DatasetSettings,
     MlflowSettings,
 )
-from tests.support.repo import DEFAULT_CONFIG
+from tests.support.repo import DEFAULT_CONFIG, REPO
 from tests.support.workflow import config_with
 
 
@@ -115,6 +117,7 @@ def test_the_schema_allows_the_names_the_code_knows():
     assert [key for key in ratios if key in SPLITS] == list(SPLITS)
     assert EXPERIMENT_KEYS["tokenize"]["properties"]["packing"]["enum"] == list(LM_PACKINGS)
     assert EXPERIMENT_KEYS["tokenize"]["properties"]["encoder"]["enum"] == list(ENCODERS)
+    assert EXPERIMENT_KEYS["evaluate"]["properties"]["decoding"]["enum"] == list(DECODINGS)
     entry = SCHEMA_DOC["properties"]["datasets"]["additionalProperties"]["properties"]
     assert entry["format"]["enum"] == list(FORMATS)
     assert entry["txt_document"]["enum"] == list(TXT_DOCUMENTS)
@@ -152,3 +155,25 @@ def test_the_fast_encoder_asked_for_classification_is_refused_before_any_job():
     with pytest.raises(ConfigError, match=refused):
         validated(config)
     validated(with_classifier_encoder("auto")[0])  # auto picks tokenizers for classification
+
+
+def test_greedy_decoding_refuses_the_sampling_settings_it_would_ignore():
+    def problems(**keys) -> list[str]:
+        config = config_with(**keys)
+        given = copy.deepcopy(config)
+        return cross_checks(_with_defaults(config), REPO, given)
+
+    greedy = problems(experiments__0__evaluate__temperature=0.5)
+    assert [p for p in greedy if p.startswith("experiments[0].evaluate.temperature:")]
+    sampled = problems(
+        experiments__0__evaluate__temperature=0.5, experiments__0__evaluate__decoding="sample"
+    )
+    assert not [p for p in sampled if "temperature" in p]
+
+
+def test_the_demo_q_and_a_model_is_served_on_its_question_template():
+    from snaketune.settings import ConfigView, track_settings
+
+    view = ConfigView(_with_defaults(config_with()), REPO)
+    assert track_settings(view, "demo-lm").prompt_template == "Customer: {prompt}\nAgent:"
+    assert track_settings(view, "demo-intent").prompt_template is None

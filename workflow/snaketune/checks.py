@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.names import CAUSAL_LM
-from snaketune.settings import AUTO, FAST_ENCODER, HF_ENCODER
+from snaketune.settings import AUTO, FAST_ENCODER, GREEDY, HF_ENCODER
 
 CHECKPOINT_OWNS = ("n_layer", "n_embd", "n_head", "dropout")
 """Model keys a pretrained checkpoint decides for itself."""
@@ -38,7 +38,7 @@ def experiment_problems(exp: dict[str, Any], given: dict[str, Any], where: str) 
 
 def decoding_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:
     """Sampling settings mean nothing to greedy decoding."""
-    if exp["evaluate"]["decoding"] != "greedy":
+    if exp["evaluate"]["decoding"] != GREEDY:
         return []
     return [
         (

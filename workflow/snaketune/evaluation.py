@@ -32,7 +32,7 @@ from snaketune.ngram import bigram_baseline
 from snaketune.perplexity import count_words, score_lm, token_byte_lengths, word_perplexity
 from snaketune.qa import answer_nll, evaluate_answers
 from snaketune.retrieval import MAX_TRAIN_EXAMPLES
-from snaketune.settings import EvalJob, EvalSettings
+from snaketune.settings import SAMPLE, EvalJob, EvalSettings
 from snaketune.stages import EvaluatePaths
 from snaketune.tokenize.shards import TokenizedData, read_shards
 
@@ -128,7 +128,7 @@ def first_rows(path: Path, columns: list[str], limit: int) -> pd.DataFrame:
 def answer_protocol(settings: EvalSettings, metrics: dict) -> str:
     sampling = (
         f"top_k={settings.top_k} at temperature={settings.temperature}, seed {settings.seed}"
-        if settings.decoding == "sample"
+        if settings.decoding == SAMPLE
         else "the most likely token each step"
     )
     return (

@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 
 from snaketune.devices import Placement
-from snaketune.settings import EvalSettings
-
-GREEDY = "greedy"
+from snaketune.settings import GREEDY, EvalSettings
 
 
 def prompt_ids(tokenizer, prompt: str, context: int, new_tokens: int) -> tuple[list[int], int]:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION
+from snaketune.settings import GREEDY, EvalSettings
 
 PIPELINE_TASKS = {CAUSAL_LM: "text-generation", SEQUENCE_CLASSIFICATION: "text-classification"}
 # What `mlflow models serve` needs to load the pipeline. Given explicitly: mlflow's inference of
@@ -84,14 +85,28 @@ def _tracking_uri(uri: str) -> Iterator[None]:
 
 
 def inference_config(task: str, evaluate: dict[str, Any]) -> dict[str, Any]:
-    """What the served pipeline applies to every request: the generation length, and prompts
-    longer than the model's context cut from the left to leave room for it (the LM); texts cut
-    to the context (the classifier). The context is the tokenizer's model_max_length, which the
-    train stage sets to the model's positions."""
+    """What the served pipeline applies to every request: the evaluation's decoding and
+    generation length, and prompts longer than the model's context cut from the left to leave
+    room for it (the LM); texts cut to the context (the classifier). The context is the
+    tokenizer's model_max_length, which the train stage sets to the model's positions."""
     if task == CAUSAL_LM:
-        new_tokens = int(evaluate.get("max_new_tokens", 40))
-        return {"max_new_tokens": new_tokens, "handle_long_generation": "hole"}
+        settings = EvalSettings(**{k: v for k, v in evaluate.items() if k in DECODING_KEYS})
+        decoding = {"do_sample": False}
+        if settings.decoding != GREEDY:
+            decoding = {
+                "do_sample": True,
+                "top_k": settings.top_k,
+                "temperature": settings.temperature,
+            }
+        return {
+            "max_new_tokens": settings.max_new_tokens,
+            "handle_long_generation": "hole",
+            **decoding,
+        }
     return {"truncation": True}
+
+
+DECODING_KEYS = ("max_new_tokens", "decoding", "top_k", "temperature")
 
 
 def request_signature():
@@ -102,9 +117,17 @@ def request_signature():
     return ModelSignature(inputs=Schema([ColSpec(DataType.string)]))
 
 
-def log_model(uri: str, run_id: str, model_dir: Path, task: str, config: dict[str, Any]):
+def log_model(
+    uri: str,
+    run_id: str,
+    model_dir: Path,
+    task: str,
+    config: dict[str, Any],
+    prompt_template: str | None = None,
+):
     """Log the pipeline as the run's logged model 'model'; returns mlflow's ModelInfo
-    (model_id, model_uri)."""
+    (model_id, model_uri). With a prompt_template (instruction data) a request is a question
+    the model answers: the template around it, and only the generated answer back."""
     import mlflow
     from transformers import pipeline
 
@@ -116,6 +139,7 @@ def log_model(uri: str, run_id: str, model_dir: Path, task: str, config: dict[st
             name=LOGGED_MODEL_NAME,
             pip_requirements=pip_requirements(),
             model_config=config or None,
+            prompt_template=prompt_template,
             signature=request_signature(),
         )
 

@@ -37,6 +37,8 @@ FAST_ENCODER = "gigatoken"
 """gigatoken, used when it gives the same ids (snaketune.tokenize.encoder)."""
 ENCODERS = (AUTO, HF_ENCODER, FAST_ENCODER)
 URL_SCHEMES = ("http", "https", "file", "hf")
+GREEDY, SAMPLE = DECODINGS = ("greedy", "sample")
+"""evaluate.decoding: the most likely token each step, or top-k sampling at a temperature."""
 
 
 class SettingsError(ValueError):
@@ -570,7 +572,7 @@ class EvalSettings:
     prompts: list[str] = field(default_factory=list)
     """causal_lm: prompts whose continuations go to the samples table (samples.csv)."""
     max_new_tokens: int = 40
-    decoding: str = "greedy"
+    decoding: str = GREEDY
     """How every generation picks tokens (the prompts', the test answers', the served model's):
     "greedy" (the most likely token) or "sample" (top_k at temperature, seeded)."""
     temperature: float = 0.8
@@ -623,6 +625,9 @@ class TrackSettings:
     """The experiment's resolved config, logged as flattened params."""
     registered_model_name: str | None = None
     """Log the final model and register a version under this name; None logs no model."""
+    prompt_template: str | None = None
+    """Instruction data whose prompt is one column: the served model's template, `{prompt}`
+    standing for a request's text (a question), so that it answers as evaluated."""
 
 
 SWEPT = "swept"
@@ -872,7 +877,21 @@ def track_settings(view: ConfigView, experiment: str) -> TrackSettings:
         tracking_uri=mlflow.tracking_uri,
         config=exp,
         registered_model_name=registered_model_name(mlflow, exp),
+        prompt_template=serving_template(clean_job(view, experiment).read),
     )
+
+
+def serving_template(read: ReadSettings) -> str | None:
+    """The instruction prompt as MLflow's prompt_template (a request is the prompt column's
+    value); None when the data is not instruction data or its prompt takes other columns too,
+    which one request text cannot fill (such a model is served on whole prompts)."""
+    template = read.instruction
+    if template is None:
+        return None
+    placeholders = set(re.findall(r"{(\w+)}", template.prompt))
+    if len(placeholders) != 1:
+        return None
+    return template.prompt.replace("{" + placeholders.pop() + "}", "{prompt}")
 
 
 SECTIONS = {

@@ -427,7 +427,9 @@ def _log_model(store: Store, settings: TrackSettings, files: UploadFiles, train_
         return logged
     task = settings.config["task"]
     config = registry.inference_config(task, settings.config.get("evaluate", {}))
-    return registry.log_model(store.uri, train_id, files.model_dir, task, config)
+    return registry.log_model(
+        store.uri, train_id, files.model_dir, task, config, settings.prompt_template
+    )
 
 
 def _register(

@@ -32,10 +32,12 @@ PROMPTS = ["Customer: Where is my parcel?\nAgent:", "Customer: I was charged twi
 NEW_TOKENS = 6
 
 
-def register(store: Store, root: Path, data: dict, experiment: str, task: str) -> dict:
+def register(
+    store: Store, root: Path, data: dict, experiment: str, task: str, arch: str = "gpt2"
+) -> dict:
     """Track a tiny experiment of the task with registration on; the runs.json model entry."""
     inputs = write_stage_files(root / experiment)
-    write_tiny_model(data, inputs.model_dir, task)
+    write_tiny_model(data, inputs.model_dir, task, arch)
     config = {**CONFIG, "name": experiment, "task": task}
     config["evaluate"] = {**CONFIG["evaluate"], "max_new_tokens": NEW_TOKENS}
     settings = replace(
@@ -53,6 +55,7 @@ class Served:
     url: str
     model: dict
     label_names: list[str]
+    store_uri: str
 
 
 def serve(uri: str, model_uri: str, log_path: Path) -> tuple[str, subprocess.Popen]:
@@ -91,6 +94,16 @@ def served(tmp_path_factory, lm_data, classification_data):
         "intent": register(
             store, root / "results", classification_data, "demo-intent", "sequence_classification"
         ),
+        # The LSTM baseline, registered and served like GPT-2 (a pyfunc model), for both tasks.
+        "lstm-lm": register(store, root / "results", lm_data, "lstm-lm", "causal_lm", "lstm"),
+        "lstm-intent": register(
+            store,
+            root / "results",
+            classification_data,
+            "lstm-intent",
+            "sequence_classification",
+            "lstm",
+        ),
     }
     labels = json.loads(classification_data["tokenize_manifest"].read_text())["label_names"]
     servers = {}
@@ -101,7 +114,7 @@ def served(tmp_path_factory, lm_data, classification_data):
             # Loading the pipeline takes the server a while on a busy machine.
             wait_until_healthy(url, process, root / f"{name}.log", SERVE_TIMEOUT_S)
         yield {
-            name: Served(url, models[name], labels if name == "intent" else [])
+            name: Served(url, models[name], labels if name.endswith("intent") else [], store.uri)
             for name, (url, _) in servers.items()
         }
     finally:
@@ -109,9 +122,10 @@ def served(tmp_path_factory, lm_data, classification_data):
             stop(process)
 
 
-def test_causal_lm_version_generates_a_continuation_per_prompt(served):
-    lm = served["lm"]
-    assert lm.model["uri"] == "models:/serving.demo-lm/1"
+@pytest.mark.parametrize("name", ["lm", "lstm-lm"])
+def test_causal_lm_version_generates_a_continuation_per_prompt(served, name):
+    lm = served[name]
+    assert lm.model["uri"] == f"models:/serving.{'demo-lm' if name == 'lm' else name}/1"
     answer = invoke(lm.url, {"inputs": PROMPTS})
     predictions = answer["predictions"]
     assert len(predictions) == len(PROMPTS)
@@ -119,9 +133,32 @@ def test_causal_lm_version_generates_a_continuation_per_prompt(served):
         assert isinstance(text, str) and text.startswith(prompt) and len(text) > len(prompt)
 
 
-def test_classifier_version_labels_each_text_with_a_known_label(served):
-    intent = served["intent"]
-    assert intent.model["uri"] == "models:/serving.demo-intent/1"
+def test_the_served_lstm_generates_what_the_evaluation_generates(served, monkeypatch):
+    """The pyfunc model's greedy continuation is snaketune.generation's on the same weights."""
+    from mlflow.artifacts import download_artifacts
+    from transformers import AutoTokenizer
+
+    from snaketune.evaluation import CPU
+    from snaketune.generation import generate
+    from snaketune.models import LSTM_CONFIG, load_trained
+    from snaketune.settings import EvalSettings
+
+    lstm = served["lstm-lm"]
+    (text,) = invoke(lstm.url, {"inputs": PROMPTS[:1]})["predictions"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", lstm.store_uri)  # models:/ goes by it
+    logged = Path(download_artifacts(artifact_uri=lstm.model["uri"]))
+    (weights,) = {p.parent for p in logged.rglob(LSTM_CONFIG)}
+    model = load_trained(weights, "causal_lm").eval()
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    settings = EvalSettings(max_new_tokens=NEW_TOKENS)
+    expected, _ = generate(model, tokenizer, PROMPTS[0], settings, 32, CPU)
+    assert text == PROMPTS[0] + expected
+
+
+@pytest.mark.parametrize("name", ["intent", "lstm-intent"])
+def test_classifier_version_labels_each_text_with_a_known_label(served, name):
+    intent = served[name]
+    assert intent.model["uri"] == f"models:/serving.{'demo-intent' if name == 'intent' else name}/1"
     texts = ["Where is my parcel?", "I want my money back", "How do I reset my password?"]
     predictions = invoke(intent.url, {"inputs": texts})["predictions"]
     assert len(predictions) == len(texts)

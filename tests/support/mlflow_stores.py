@@ -345,16 +345,16 @@ def track(
     return track_experiment(inputs.paths(runs_path, artifacts), settings)
 
 
-def write_tiny_model(data: dict[str, Path], model_dir: Path, task: str) -> Path:
-    """A real (untrained) 1-layer GPT-2 saved as the train stage saves it, with the tokenizer
-    from `data` (the lm_data or classification_data fixture)."""
+def write_tiny_model(data: dict[str, Path], model_dir: Path, task: str, arch: str = "gpt2") -> Path:
+    """A real (untrained) 1-layer GPT-2 (or LSTM) saved as the train stage saves it, with the
+    tokenizer from `data` (the lm_data or classification_data fixture)."""
     from snaketune.models import build_model
     from snaketune.settings import ModelSettings
     from snaketune.train import limit_tokenizer_length, model_positions
 
     info = json.loads(data["tokenize_manifest"].read_text())
     model = build_model(
-        ModelSettings(n_layer=1, n_embd=16, n_head=2, dropout=0.0),
+        ModelSettings(arch=arch, n_layer=1, n_embd=16, n_head=2, dropout=0.0),
         task,
         info["vocab_size"],
         64,

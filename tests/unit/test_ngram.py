@@ -38,6 +38,15 @@ def test_the_perplexity_of_a_stream_is_its_tokens_mean():
     assert result["predicted_tokens"] == 2
 
 
+def test_answers_alone_are_scored_where_the_mask_says(monkeypatch):
+    monkeypatch.setattr(ngram, "CHUNK_TOKENS", 2)  # the mask follows the stream across chunks
+    test, answers = np.array([1, 3, 2, 1, 3]), np.array([0, 1, 0, 0, 1], dtype=np.uint8)
+    result = bigram_baseline(TRAIN, test, EOS, VOCAB, answers)
+    # Tokens 3 (after 1) and 3 (after 1): P(3 | 1) twice.
+    assert result["answer_perplexity"] == pytest.approx(1 / probability(3, 1))
+    assert result["answer_tokens"] == 2 and result["predicted_tokens"] == 5
+
+
 def test_every_context_gives_a_distribution_that_sums_to_one():
     for v in range(VOCAB):
         assert sum(probability(w, v) for w in range(VOCAB)) == pytest.approx(1.0)

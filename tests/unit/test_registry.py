@@ -46,11 +46,15 @@ def test_pip_requirements_pin_the_installed_versions_without_local_tags():
     assert all("+" not in r for r in requirements)  # torch's '+cpu' is not on PyPI
 
 
-def test_an_lstm_model_is_kept_as_an_artifact_and_not_registered(store, tmp_path):
+def test_a_folder_of_no_known_model_is_kept_as_an_artifact_and_not_registered(store, tmp_path):
+    """Neither a transformers config nor the LSTM's (which is served as a pyfunc model: see
+    tests/integration/test_serving.py)."""
     inputs = write_stage_files(tmp_path / "results")
     (inputs.model_dir / "config.json").unlink()
-    (inputs.model_dir / "snaketune_lstm.json").write_text("{}")
     assert not servable(inputs.model_dir)
+    (inputs.model_dir / "snaketune_lstm.json").write_text("{}")
+    assert servable(inputs.model_dir)
+    (inputs.model_dir / "snaketune_lstm.json").unlink()
     settings = settings_for(store.uri, NAME)
     runs_path = tmp_path / "runs.json"
     track(settings, inputs, runs_path, store.artifact_dir)

@@ -75,7 +75,9 @@ def evaluate_lm(
     metrics["context_length"], metrics["stride"] = context, stride
     train = TokenRows.open(data, TRAIN).stream()
     metrics["baselines"] = {
-        "kneser_ney_bigram": bigram_baseline(train, stream, data.eos_token_id, data.vocab_size)
+        "kneser_ney_bigram": bigram_baseline(
+            train, stream, data.eos_token_id, data.vocab_size, test.arrays.targets
+        )
     }
     prompt_rows = prompt_samples(model, tokenizer, settings, context, placement)
     if data.job.instruction:

@@ -31,6 +31,8 @@ class LstmConfig:
     dropout: float
     pad_token_id: int
     num_labels: int = 0
+    label_names: list[str] | None = None
+    """Classification: the class of each output, as a transformers config's id2label."""
 
 
 class LstmModel(nn.Module):
@@ -114,6 +116,7 @@ def build_model(
                 settings.dropout,
                 pad_token_id,
                 len(label_names),
+                list(label_names) or None,
             )
         )
     labels = (

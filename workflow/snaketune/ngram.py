@@ -70,12 +70,15 @@ def count_bigrams(stream: np.ndarray, start_token: int, vocab: int) -> BigramCou
     return BigramCounts(vocab, codes, counts)
 
 
-def kneser_ney_nll(counts: BigramCounts, stream: np.ndarray, start_token: int) -> float:
-    """Sum of -ln P(w | v) over every token of the stream (the first after start_token)."""
+def kneser_ney_nll(
+    counts: BigramCounts, stream: np.ndarray, start_token: int, scored: np.ndarray | None = None
+) -> float:
+    """Sum of -ln P(w | v) over every token of the stream (the first after start_token), or over
+    the tokens `scored` marks (a 0/1 array as long as the stream: instruction data's answers)."""
     contexts, successors = counts.context_counts(), counts.successors()
     continuation = counts.continuation()
     total = 0.0
-    for codes in bigrams(stream, start_token, counts.vocab):
+    for index, codes in enumerate(bigrams(stream, start_token, counts.vocab)):
         previous, following = codes // counts.vocab, codes % counts.vocab
         at = np.searchsorted(counts.codes, codes)
         at_clipped = np.minimum(at, len(counts.codes) - 1)
@@ -89,18 +92,37 @@ def kneser_ney_nll(counts: BigramCounts, stream: np.ndarray, start_token: int) -
             + DISCOUNT * successors[previous] / safe * continuation[following]
         )
         probability = np.where(known, interpolated, continuation[following])
-        total += float(-np.log(probability).sum())
+        nll = -np.log(probability)
+        if scored is not None:
+            begin = index * CHUNK_TOKENS
+            nll = nll[np.asarray(scored[begin : begin + len(codes)], dtype=bool)]
+        total += float(nll.sum())
     return total
 
 
-def bigram_baseline(train: np.ndarray, test: np.ndarray, start_token: int, vocab: int) -> dict:
-    """The baseline's perplexity on the test stream, as the evaluate stage reports it."""
+def bigram_baseline(
+    train: np.ndarray,
+    test: np.ndarray,
+    start_token: int,
+    vocab: int,
+    answers: np.ndarray | None = None,
+) -> dict:
+    """The baseline's perplexity on the test stream, as the evaluate stage reports it; with
+    `answers` (instruction data: 1 for each answer token of the test stream) also on the
+    answers alone, as the model's answer_perplexity is."""
     if len(test) == 0 or len(train) == 0:
         return {"skipped": "the train or the test split has no tokens"}
-    nll = kneser_ney_nll(count_bigrams(train, start_token, vocab), test, start_token)
-    return {
+    counts = count_bigrams(train, start_token, vocab)
+    nll = kneser_ney_nll(counts, test, start_token)
+    out = {
         "perplexity": math.exp(nll / len(test)),
         "predicted_tokens": len(test),
         "discount": DISCOUNT,
         "method": "interpolated Kneser-Ney bigram over token ids, counted on the train split",
     }
+    if answers is not None and (answer_tokens := int(np.count_nonzero(answers))):
+        answer_nll = kneser_ney_nll(counts, test, start_token, answers)
+        out.update(
+            answer_perplexity=math.exp(answer_nll / answer_tokens), answer_tokens=answer_tokens
+        )
+    return out

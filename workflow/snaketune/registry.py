@@ -55,13 +55,15 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in SERVING_PACKAGES]
 
 
-def servable(model_dir: Path) -> bool:
-    """Only transformers models make a pipeline; the LSTM baseline stays a plain artifact."""
+def is_lstm(model_dir: Path) -> bool:
     from snaketune.models import LSTM_CONFIG
 
-    return (Path(model_dir) / "config.json").exists() and not (
-        Path(model_dir) / LSTM_CONFIG
-    ).exists()
+    return (Path(model_dir) / LSTM_CONFIG).exists()
+
+
+def servable(model_dir: Path) -> bool:
+    """A transformers model (logged as a pipeline) or the LSTM baseline (a pyfunc model)."""
+    return is_lstm(model_dir) or (Path(model_dir) / "config.json").exists()
 
 
 @contextlib.contextmanager
@@ -122,13 +124,31 @@ def log_model(
     run_id: str,
     model_dir: Path,
     task: str,
-    config: dict[str, Any],
+    evaluate: dict[str, Any],
     prompt_template: str | None = None,
+    context: int = 0,
 ):
-    """Log the pipeline as the run's logged model 'model'; returns mlflow's ModelInfo
-    (model_id, model_uri). With a prompt_template (instruction data) a request is a question
-    the model answers: the template around it, and only the generated answer back."""
+    """Log the model as the run's logged model 'pipeline' (a transformers pipeline; the LSTM
+    as a pyfunc model, snaketune.serving); returns mlflow's ModelInfo (model_id, model_uri).
+    Requests are decoded as the evaluation decodes (`evaluate`). With a prompt_template
+    (instruction data) a request is a question the model answers: the template around it, and
+    only the generated answer back. `context` is the LSTM's: the tokens a prompt or text is cut
+    to (its training rows' length)."""
     import mlflow
+
+    if is_lstm(model_dir):
+        from snaketune.serving import log_lstm
+
+        lstm = {
+            "task": task,
+            "prompt_template": prompt_template,
+            "context": context,
+            "decoding": {k: v for k, v in evaluate.items() if k in DECODING_KEYS},
+        }
+        with _tracking_uri(uri), mlflow.start_run(run_id=run_id):
+            return log_lstm(
+                model_dir, lstm, LOGGED_MODEL_NAME, pip_requirements(), request_signature()
+            )
     from transformers import pipeline
 
     pipe = pipeline(PIPELINE_TASKS[task], model=str(model_dir), device="cpu")
@@ -138,7 +158,7 @@ def log_model(
             pipe,
             name=LOGGED_MODEL_NAME,
             pip_requirements=pip_requirements(),
-            model_config=config or None,
+            model_config=inference_config(task, evaluate),
             prompt_template=prompt_template,
             signature=request_signature(),
         )

@@ -51,6 +51,7 @@ from snaketune.live import (
 from snaketune.manifest import package_versions, recorded_paths
 from snaketune.model_card import FILE_NAME as CARD_FILE_NAME
 from snaketune.model_card import model_card
+from snaketune.names import CAUSAL_LM
 from snaketune.provenance import git_state, invocation_tags
 from snaketune.settings import SWEPT, TrackSettings, config_hash
 from snaketune.stages import (
@@ -425,10 +426,16 @@ def _log_model(store: Store, settings: TrackSettings, files: UploadFiles, train_
     logged = registry.logged_model_of(store.client, store.experiment_id, train_id)
     if logged is not None:  # an earlier upload, cut short after it logged the model
         return logged
-    task = settings.config["task"]
-    config = registry.inference_config(task, settings.config.get("evaluate", {}))
+    task, config = settings.config["task"], settings.config
+    rows = files.manifest("tokenize").get("params", {}).get("tokenize", {})
     return registry.log_model(
-        store.uri, train_id, files.model_dir, task, config, settings.prompt_template
+        store.uri,
+        train_id,
+        files.model_dir,
+        task,
+        config.get("evaluate", {}),
+        settings.prompt_template,
+        context=rows.get("block_size" if task == CAUSAL_LM else "max_length", 0),
     )
 
 

@@ -42,13 +42,33 @@ def lm_per_document_data(lm_data, tmp_path_factory) -> dict[str, Path]:
     return {**lm_data, "shards": root / "shards", "tokenize_manifest": root / "manifest.json"}
 
 
-@pytest.fixture(scope="session", params=["across_documents", "per_document"])
-def qa_data(request, tmp_path_factory) -> dict[str, Path]:
-    """The demo corpus as instruction data (answers learned), tokenized with each packing."""
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""A chat template of the kind instruction-tuned tokenizers carry."""
+
+
+@pytest.fixture(scope="session", params=["across_documents", "per_document", "chat_template"])
+def qa_data(request, tmp_path_factory, lm_data) -> dict[str, Path]:
+    """The demo corpus as instruction data (answers learned): with the demo's template and each
+    packing, and (chat_template) without a template, through a pretrained tokenizer's chat
+    template (lm_data's BPE, given one)."""
+    from transformers import AutoTokenizer
+
     from tests.support.stage_data import prepare_stage_data
 
     root = tmp_path_factory.mktemp(f"qa-{request.param}")
-    return prepare_stage_data(root, "causal_lm", 64, instruction=True, packing=request.param)
+    if request.param != "chat_template":
+        return prepare_stage_data(root, "causal_lm", 64, instruction=True, packing=request.param)
+    chat = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
+    chat.chat_template = CHAT_TEMPLATE
+    chat.save_pretrained(root / "chat-tokenizer")
+    experiment = {
+        "text_template": None,
+        "tokenizer": {"kind": "pretrained", "name_or_path": str(root / "chat-tokenizer")},
+    }
+    return prepare_stage_data(root, "causal_lm", 64, instruction=True, experiment=experiment)
 
 
 @pytest.fixture(scope="session")

@@ -18,13 +18,20 @@ TXT = ReadSettings(format="txt")
 
 
 def prepare_stage_data(
-    root: Path, task: str, block_size: int = 32, instruction: bool = False, packing: str = ""
+    root: Path,
+    task: str,
+    block_size: int = 32,
+    instruction: bool = False,
+    packing: str = "",
+    experiment: dict | None = None,
 ) -> dict:
     """Run the real data stages (download → clean → split → tokenizer → tokenize) on the demo
-    corpus with small settings; return the paths the train and evaluate stages take."""
+    corpus with small settings (`experiment`: keys of the experiment entry replaced); return
+    the paths the train and evaluate stages take."""
     config = demo_config(task, block_size, instruction=instruction)
     if packing:
         config["experiments"][0]["tokenize"]["packing"] = packing
+    config["experiments"][0].update(experiment or {})
     prepared = prepare_data(config, DEMO_EXPERIMENT, root)
     return {f.name: getattr(prepared, f.name) for f in fields(PreparedData)}
 

@@ -169,11 +169,3 @@ def test_greedy_decoding_refuses_the_sampling_settings_it_would_ignore():
         experiments__0__evaluate__temperature=0.5, experiments__0__evaluate__decoding="sample"
     )
     assert not [p for p in sampled if "temperature" in p]
-
-
-def test_the_demo_q_and_a_model_is_served_on_its_question_template():
-    from snaketune.settings import ConfigView, track_settings
-
-    view = ConfigView(_with_defaults(config_with()), REPO)
-    assert track_settings(view, "demo-lm").prompt_template == "Customer: {prompt}\nAgent:"
-    assert track_settings(view, "demo-intent").prompt_template is None

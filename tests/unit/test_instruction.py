@@ -4,6 +4,8 @@ against an independent encoding of the split's texts and an independent NLL."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -56,6 +58,24 @@ def test_the_config_check_names_the_experiments_template():
 
     problems = cross_checks(_with_defaults(config))
     assert [p for p in problems if p.startswith("experiments[0].text_template:")], problems
+
+
+def test_the_clean_stage_records_how_the_examples_were_composed(qa_data):
+    manifest = json.loads(qa_data["manifests"]["clean"].read_text())
+    instruction = manifest["instruction"]
+    train = pd.read_parquet(qa_data["splits"]["train"])
+    if instruction["format"] == "chat_template":
+        assert instruction["serving_template"] == "<|user|>{prompt}\n<|assistant|>"
+        assert train["prompt"].str.startswith("<|user|>").all()
+        assert train["prompt"].str.endswith("\n<|assistant|>").all()
+        assert train["response"].str.endswith("\n").all()
+    else:
+        assert instruction == {
+            "format": "text_template",
+            "serving_template": "Customer: {prompt}\nAgent:",
+        }
+        assert train["prompt"].str.startswith("Customer: ").all()
+        assert train["response"].str.startswith(" ").all()
 
 
 # --- examples and rows --------------------------------------------------------------------------

@@ -101,13 +101,6 @@ def label_class(value: str) -> str:
     return _BOOLEANS.get(text.casefold(), text)
 
 
-def response_separator(raw_response: str) -> str:
-    """The whitespace a response starts with, as cleaning leaves whitespace: a newline if it
-    holds one, else a space (none if there is none)."""
-    lead = raw_response[: len(raw_response) - len(raw_response.lstrip())]
-    return "\n" if "\n" in lead else (" " if lead else "")
-
-
 def clean_documents(
     texts: pd.Series,
     labels: pd.Series | None,
@@ -116,8 +109,9 @@ def clean_documents(
     responses: pd.Series | None = None,
 ) -> pd.DataFrame:
     """Cleaned documents (doc_id, text, label). Instruction data (`responses` given, `texts`
-    their prompts) also keeps each document's prompt and response, cleaned apart, the text
-    being the two end to end; the filters and the duplicate checks see that text."""
+    their prompts, both composed from fields cleaned already: snaketune.reading) also keeps
+    each document's prompt and response, the text being the two end to end; the filters and the
+    duplicate checks see that text."""
     removed: Counter[str] = Counter()
     seen: set[str] = set()
     forms: defaultdict[str, set[str]] = defaultdict(set)
@@ -127,14 +121,14 @@ def clean_documents(
     for raw_text, label, raw_response in zip(
         texts.tolist(), label_values, response_values, strict=True
     ):
-        text = clean_text(raw_text, settings, report)
         parts = ()
-        if raw_response is not None:
-            body = clean_text(raw_response, settings, report)
-            if not body:
+        if raw_response is None:
+            text = clean_text(raw_text, settings, report)
+        else:
+            if not raw_response.strip():
                 removed["empty_response"] += 1
                 continue
-            parts = (text, response_separator(raw_response) + body)
+            parts = (raw_text, raw_response)
             text = "".join(parts)
         if labels is not None and (label is None or pd.isna(label) or not str(label).strip()):
             removed["missing_label"] += 1
@@ -172,7 +166,12 @@ def clean_corpus(paths: CleanPaths, job: CleanJob) -> CleanReport:
         report = CleanReport(input_records=len(frame), undecodable_bytes_replaced=bad)
         # Composed first: it names every missing column at once.
         if read.instruction:
-            texts, responses = compose_instruction(frame, read)
+            composed = compose_instruction(frame, read, lambda v: clean_text(v, settings, report))
+            texts, responses = composed.prompts, composed.responses
+            record.extra["instruction"] = {
+                "format": composed.format,
+                "serving_template": composed.serving_template,
+            }
         else:
             texts, responses = compose_texts(frame, read), None
         labels = frame[read.label_column] if read.label_column else None

@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -211,15 +212,92 @@ def require_columns(frame: pd.DataFrame, needed: list[str]) -> None:
         )
 
 
-def compose_instruction(frame: pd.DataFrame, settings: ReadSettings) -> tuple[pd.Series, ...]:
-    """Instruction data: each record's prompt and response, the template's two parts filled in
-    (settings.ReadSettings.instruction)."""
+PROMPT_MARKER = "\x00prompt\x00"
+"""Stands for a request's text while a prompt template for serving is rendered."""
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """Instruction data composed: each record's prompt and response, and the prompt as MLflow's
+    prompt_template (`{prompt}` for a request's text), or None where a request cannot fill it."""
+
+    prompts: pd.Series
+    responses: pd.Series
+    format: str
+    """"text_template", or "chat_template" (the tokenizer's)."""
+    serving_template: str | None
+
+
+def compose_instruction(frame: pd.DataFrame, settings: ReadSettings, clean) -> Instructions:
+    """Instruction data: each record's fields cleaned (`clean`, str -> str), then composed as
+    the tokenizer's chat template renders a user turn and the assistant's answer (when the
+    experiment gives no text_template and its pretrained tokenizer has one), or as the
+    template's two parts (settings.ReadSettings.instruction)."""
     template = settings.instruction
     require_columns(frame, template.columns)
-    records = frame.fillna("").to_dict("records")
-    return tuple(
+    fields = frame[template.columns].fillna("").astype(str).map(clean)
+    records = fields.to_dict("records")
+    chat = chat_tokenizer(settings)
+    if chat is not None:
+        return chat_instructions(chat, records, settings, frame.index)
+    parts = [
         pd.Series([part.format(**row) for row in records], index=frame.index, dtype="string")
         for part in (template.prompt, template.response)
+    ]
+    names = set(re.findall(r"{(\w+)}", template.prompt))
+    serving = (
+        template.prompt.replace("{" + names.pop() + "}", "{prompt}") if len(names) == 1 else None
+    )
+    return Instructions(*parts, "text_template", serving)
+
+
+def chat_tokenizer(settings: ReadSettings):
+    """The pretrained tokenizer whose chat template composes the examples, or None."""
+    if settings.text_template or not settings.chat_tokenizer:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(settings.chat_tokenizer)
+    except (OSError, ValueError) as err:
+        raise CorpusError(
+            f"tokenizer {settings.chat_tokenizer!r}, whose chat template would compose the "
+            f"instruction examples, cannot be loaded ({err}); download it, or set the "
+            "experiment's text_template"
+        ) from err
+    return tokenizer if tokenizer.chat_template else None
+
+
+def chat_instructions(
+    tokenizer, records: list[dict], settings: ReadSettings, index
+) -> Instructions:
+    """Each record as the chat template renders [user: prompt] with the generation prompt, and
+    the rest of [user: prompt, assistant: response] as its response."""
+    user, answer = settings.prompt_column, settings.response_column
+    prompts, responses = [], []
+    for row in records:
+        turns = [{"role": "user", "content": row[user]}]
+        prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template(
+            [*turns, {"role": "assistant", "content": row[answer]}], tokenize=False
+        )
+        if not whole.startswith(prompt):
+            raise CorpusError(
+                f"the chat template of {settings.chat_tokenizer!r} renders a conversation that "
+                "does not start with its own generation prompt, so the answer cannot be told "
+                "from the prompt; set the experiment's text_template"
+            )
+        prompts.append(prompt)
+        responses.append(whole[len(prompt) :])
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT_MARKER}], tokenize=False, add_generation_prompt=True
+    )
+    serving = rendered.replace("{", "{{").replace("}", "}}").replace(PROMPT_MARKER, "{prompt}")
+    return Instructions(
+        pd.Series(prompts, index=index, dtype="string"),
+        pd.Series(responses, index=index, dtype="string"),
+        "chat_template",
+        serving,
     )
 
 

@@ -169,6 +169,9 @@ class ReadSettings:
     response_column: str | None = None
     """Instruction data (causal LM): the template's {response_column} placeholder starts the
     response, which alone is learned and scored (see `instruction`)."""
+    chat_tokenizer: str | None = None
+    """Instruction data without a text_template: the pretrained tokenizer whose chat template,
+    if it has one, composes each example (snaketune.reading.compose_instruction)."""
     header: bool = True
     """csv/tsv: whether the first line names the columns."""
     column_names: list[str] | None = None
@@ -625,9 +628,6 @@ class TrackSettings:
     """The experiment's resolved config, logged as flattened params."""
     registered_model_name: str | None = None
     """Log the final model and register a version under this name; None logs no model."""
-    prompt_template: str | None = None
-    """Instruction data whose prompt is one column: the served model's template, `{prompt}`
-    standing for a request's text (a question), so that it answers as evaluated."""
 
 
 SWEPT = "swept"
@@ -785,10 +785,21 @@ def download_settings(view: ConfigView, dataset: str) -> DownloadSettings:
     )
 
 
-def read_settings_for(dataset: DatasetSettings, task: str, text_template: str | None):
+def read_settings_for(
+    dataset: DatasetSettings,
+    task: str,
+    text_template: str | None,
+    tokenizer: TokenizerSettings | None = None,
+):
     """How an experiment reads its dataset: the label column only matters to classification,
-    the prompt and response columns only to a causal LM."""
+    the prompt and response columns only to a causal LM, a pretrained tokenizer's chat template
+    only to instruction data without a text_template."""
     lm = task == CAUSAL_LM
+    chat = (
+        tokenizer.name_or_path
+        if lm and dataset.response_column and not text_template and tokenizer
+        else None
+    )
     return ReadSettings(
         format=dataset.format,
         text_column=dataset.text_column,
@@ -796,6 +807,7 @@ def read_settings_for(dataset: DatasetSettings, task: str, text_template: str | 
         text_template=text_template,
         prompt_column=dataset.prompt_column if lm else None,
         response_column=dataset.response_column if lm else None,
+        chat_tokenizer=chat,
         header=dataset.header,
         column_names=dataset.column_names,
         quoting=dataset.quoting,
@@ -807,7 +819,9 @@ def read_settings_for(dataset: DatasetSettings, task: str, text_template: str | 
 def clean_job(view: ConfigView, experiment: str) -> CleanJob:
     exp, dataset = view.experiment(experiment), view.dataset_of(experiment)
     return CleanJob(
-        read=read_settings_for(dataset, exp["task"], exp["text_template"]),
+        read=read_settings_for(
+            dataset, exp["task"], exp["text_template"], tokenizer_settings(view, experiment)
+        ),
         clean=view.section(CleanSettings, experiment, "clean"),
         member=dataset.member,
     )
@@ -877,21 +891,7 @@ def track_settings(view: ConfigView, experiment: str) -> TrackSettings:
         tracking_uri=mlflow.tracking_uri,
         config=exp,
         registered_model_name=registered_model_name(mlflow, exp),
-        prompt_template=serving_template(clean_job(view, experiment).read),
     )
-
-
-def serving_template(read: ReadSettings) -> str | None:
-    """The instruction prompt as MLflow's prompt_template (a request is the prompt column's
-    value); None when the data is not instruction data or its prompt takes other columns too,
-    which one request text cannot fill (such a model is served on whole prompts)."""
-    template = read.instruction
-    if template is None:
-        return None
-    placeholders = set(re.findall(r"{(\w+)}", template.prompt))
-    if len(placeholders) != 1:
-        return None
-    return template.prompt.replace("{" + placeholders.pop() + "}", "{prompt}")
 
 
 SECTIONS = {

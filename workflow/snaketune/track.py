@@ -434,7 +434,7 @@ def _log_model(store: Store, settings: TrackSettings, files: UploadFiles, train_
         files.model_dir,
         task,
         config.get("evaluate", {}),
-        settings.prompt_template,
+        files.manifest("clean").get("instruction", {}).get("serving_template"),
         context=rows.get("block_size" if task == CAUSAL_LM else "max_length", 0),
     )
 

@@ -15,7 +15,14 @@ from snaketune.batches import IGNORED_LABEL
 from snaketune.config import cross_checks
 from snaketune.evaluation import CPU
 from snaketune.models import build_model
-from snaketune.settings import ModelSettings, SettingsError, TokenizeJob, instruction_template
+from snaketune.settings import (
+    CleanSettings,
+    ModelSettings,
+    ReadSettings,
+    SettingsError,
+    TokenizeJob,
+    instruction_template,
+)
 from snaketune.tokenize.encoder import Encoded, instruction_examples
 from snaketune.tokenize.packing import pack_examples, pack_whole_examples
 from snaketune.tokenize.shards import INSTRUCTION_SCHEMA, ShardWriter, TokenizedData, read_shards
@@ -232,3 +239,100 @@ def test_the_training_loss_is_the_mean_nll_of_the_response_tokens_alone(qa_data)
     labels = batch["labels"][0, : len(expected[first])].tolist()
     wanted = zip(expected[first], flags[first], strict=True)
     assert labels == [t if f else IGNORED_LABEL for t, f in wanted]
+
+
+# --- conversations (a messages column) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(lm_data, tmp_path_factory) -> str:
+    from transformers import AutoTokenizer
+
+    from tests.conftest import CHAT_TEMPLATE
+
+    folder = tmp_path_factory.mktemp("chat-tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def conversations_file(*conversations) -> bytes:
+    return "".join(json.dumps({"messages": c}) + "\n" for c in conversations).encode()
+
+
+def turn(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def test_a_conversation_is_learned_on_its_last_answer_with_the_turns_before_as_prompt(
+    chat_tokenizer, tmp_path
+):
+    from tests.support.stage_data import run_clean
+
+    read = ReadSettings(format="jsonl", messages_column="messages", chat_tokenizer=chat_tokenizer)
+    data = conversations_file(
+        [turn("user", "Hi <b>there</b>"), turn("assistant", "Hello!"), turn("user", "Refund?")]
+        + [turn("assistant", "Sure, within 30 days.")],
+        [turn("system", "Be brief."), turn("user", "Where is it?"), turn("assistant", "Shipped.")],
+    )
+    _, docs = run_clean(tmp_path, "chats.jsonl", data, read, CleanSettings(strip_html=True))
+    assert docs["prompt"].tolist() == [
+        "<|user|>Hi there\n<|assistant|>Hello!\n<|user|>Refund?\n<|assistant|>",
+        "<|system|>Be brief.\n<|user|>Where is it?\n<|assistant|>",
+    ]
+    assert docs["response"].tolist() == ["Sure, within 30 days.\n", "Shipped.\n"]
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["instruction"]["serving_template"] == "<|user|>{prompt}\n<|assistant|>"
+
+
+@pytest.mark.parametrize(
+    ("conversation", "says"),
+    [
+        (
+            [turn("user", "Hi"), turn("assistant", "Hello"), turn("user", "Bye")],
+            "ends with a 'user'",
+        ),
+        ("just text", "is not a list of"),
+        ([{"role": "user"}], "is not a list of"),
+    ],
+)
+def test_conversations_that_cannot_be_learned_are_refused_by_record(
+    chat_tokenizer, tmp_path, conversation, says
+):
+    from snaketune.errors import CorpusError
+    from tests.support.stage_data import run_clean
+
+    read = ReadSettings(format="jsonl", messages_column="messages", chat_tokenizer=chat_tokenizer)
+    data = conversations_file([turn("user", "Hi"), turn("assistant", "Hello")], conversation)
+    with pytest.raises(CorpusError, match=f"record 2 of column 'messages' {says}"):
+        run_clean(tmp_path, "chats.jsonl", data, read)
+
+
+def test_a_messages_column_needs_a_pretrained_tokenizer_and_no_template():
+    config = config_with()
+    dataset = config["datasets"]["support-demo"]
+    del dataset["prompt_column"], dataset["response_column"]
+    dataset["messages_column"] = "turns"
+    from tests.unit.test_config import _with_defaults
+
+    problems = cross_checks(_with_defaults(config))
+    assert [p for p in problems if p.startswith("experiments[0].text_template:")], problems
+    config["experiments"][0]["text_template"] = None
+    problems = cross_checks(_with_defaults(config))
+    assert [p for p in problems if p.startswith("experiments[0].tokenizer.kind:")], problems
+
+
+def test_conversations_read_from_parquet_as_from_jsonl(chat_tokenizer, tmp_path):
+    from tests.support.stage_data import run_clean
+
+    chats = [[turn("user", "Where is it?"), turn("assistant", "Shipped.")]]
+    parquet = tmp_path / "chats.parquet"
+    pd.DataFrame({"messages": chats, "n": [1]}).to_parquet(parquet)
+    read = ReadSettings(format="parquet", messages_column="messages", chat_tokenizer=chat_tokenizer)
+    (tmp_path / "p").mkdir()
+    (tmp_path / "j").mkdir()
+    _, from_parquet = run_clean(tmp_path / "p", "chats.parquet", parquet.read_bytes(), read)
+    jsonl = ReadSettings(format="jsonl", messages_column="messages", chat_tokenizer=chat_tokenizer)
+    _, from_jsonl = run_clean(tmp_path / "j", "chats.jsonl", conversations_file(*chats), jsonl)
+    assert from_parquet[["prompt", "response"]].equals(from_jsonl[["prompt", "response"]])

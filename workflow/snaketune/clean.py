@@ -165,7 +165,7 @@ def clean_corpus(paths: CleanPaths, job: CleanJob) -> CleanReport:
         frame, bad = read_records(source, read)
         report = CleanReport(input_records=len(frame), undecodable_bytes_replaced=bad)
         # Composed first: it names every missing column at once.
-        if read.instruction:
+        if read.is_instruction:
             composed = compose_instruction(frame, read, lambda v: clean_text(v, settings, report))
             texts, responses = composed.prompts, composed.responses
             record.extra["instruction"] = {

@@ -21,6 +21,7 @@ from snaketune.settings import (
     ConfigView,
     DatasetSettings,
     SettingsError,
+    TokenizerSettings,
     read_settings_for,
     repository,
 )
@@ -140,10 +141,15 @@ def read_problems(dataset: dict[str, Any], exp: dict[str, Any], where: str) -> l
     """How the experiment reads its dataset (e.g. an instruction template without the
     response), by the experiment's key; the dataset's own problems are dataset_problems'."""
     try:
-        read_settings_for(DatasetSettings(**dataset), exp["task"], exp["text_template"])
+        dataset_settings, tokenizer = (
+            DatasetSettings(**dataset),
+            TokenizerSettings(**exp["tokenizer"]),
+        )
+    except SettingsError:
+        return []  # reported by dataset_problems and settings_problems
+    try:
+        read_settings_for(dataset_settings, exp["task"], exp["text_template"], tokenizer)
     except SettingsError as err:
-        if any(key != "text_template" for key, _ in err.problems):
-            return []  # reported by dataset_problems
         return [f"{where}.{key}: {text}" for key, text in err.problems]
     return []
 

@@ -127,9 +127,28 @@ def parquet_records(path: Path) -> pd.DataFrame:
     import pyarrow
 
     try:
-        return pd.read_parquet(path).astype("string")
+        frame = pd.read_parquet(path)
     except (pyarrow.ArrowException, OSError) as err:
         raise CorpusError(f"{path} is not a readable Parquet file ({err})") from err
+    nested = [
+        c
+        for c in frame.columns
+        if frame[c].dtype == object and frame[c].map(lambda v: hasattr(v, "tolist")).any()
+    ]
+    for column in nested:  # lists of structs (a conversation's turns) as JSON, as in jsonl
+        frame[column] = frame[column].map(lambda v: as_text(plain(v)))
+    return frame.astype("string")
+
+
+def plain(value):
+    """Arrow's nested values, as pandas gives them (numpy arrays of dicts), as lists."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
 
 
 def jsonl_records(path: Path, text: str) -> pd.DataFrame:
@@ -149,8 +168,14 @@ def jsonl_records(path: Path, text: str) -> pd.DataFrame:
                 f"{path}, line {number}: a JSON {type(row).__name__} where a JSON object was "
                 'expected; a jsonl file holds one object per line, e.g. {"text": "..."}'
             )
-        rows.append(row)
+        rows.append({k: as_text(v) for k, v in row.items()})
     return pd.DataFrame(rows).astype("string")
+
+
+def as_text(value):
+    """A record's value as the string columns hold it: lists and objects (a conversation's
+    turns) as JSON, which snaketune.reading.cleaned_turns reads back."""
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, list | dict) else value
 
 
 def delimited_records(path: Path, text: str, settings: ReadSettings) -> pd.DataFrame:
@@ -233,13 +258,20 @@ def compose_instruction(frame: pd.DataFrame, settings: ReadSettings, clean) -> I
     the tokenizer's chat template renders a user turn and the assistant's answer (when the
     experiment gives no text_template and its pretrained tokenizer has one), or as the
     template's two parts (settings.ReadSettings.instruction)."""
+    if settings.messages_column:
+        return message_instructions(frame, settings, clean)
     template = settings.instruction
     require_columns(frame, template.columns)
     fields = frame[template.columns].fillna("").astype(str).map(clean)
     records = fields.to_dict("records")
     chat = chat_tokenizer(settings)
     if chat is not None:
-        return chat_instructions(chat, records, settings, frame.index)
+        user, answer = settings.prompt_column, settings.response_column
+        conversations = [
+            [{"role": "user", "content": r[user]}, {"role": "assistant", "content": r[answer]}]
+            for r in records
+        ]
+        return chat_instructions(chat, conversations, settings, frame.index)
     parts = [
         pd.Series([part.format(**row) for row in records], index=frame.index, dtype="string")
         for part in (template.prompt, template.response)
@@ -268,19 +300,55 @@ def chat_tokenizer(settings: ReadSettings):
     return tokenizer if tokenizer.chat_template else None
 
 
-def chat_instructions(
-    tokenizer, records: list[dict], settings: ReadSettings, index
-) -> Instructions:
-    """Each record as the chat template renders [user: prompt] with the generation prompt, and
-    the rest of [user: prompt, assistant: response] as its response."""
-    user, answer = settings.prompt_column, settings.response_column
-    prompts, responses = [], []
-    for row in records:
-        turns = [{"role": "user", "content": row[user]}]
-        prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        whole = tokenizer.apply_chat_template(
-            [*turns, {"role": "assistant", "content": row[answer]}], tokenize=False
+def message_instructions(frame: pd.DataFrame, settings: ReadSettings, clean) -> Instructions:
+    """A messages column: each record's conversation (role/content turns, the last the
+    assistant's answer, which alone is learned), its contents cleaned, composed by the chat
+    template."""
+    column = settings.messages_column
+    require_columns(frame, [column])
+    chat = chat_tokenizer(settings)
+    if chat is None:
+        raise CorpusError(
+            f"tokenizer {settings.chat_tokenizer!r} has no chat template, which the "
+            f"conversations of column {column!r} need; use a tokenizer that has one"
         )
+    conversations = [
+        cleaned_turns(value, clean, f"record {number} of column {column!r}")
+        for number, value in enumerate(frame[column].tolist(), start=1)
+    ]
+    return chat_instructions(chat, conversations, settings, frame.index)
+
+
+def cleaned_turns(value, clean, where: str) -> list[dict[str, str]]:
+    """A conversation as the chat template takes it, checked: role/content turns, the last the
+    assistant's."""
+    try:
+        turns = json.loads(value) if isinstance(value, str) else None
+    except json.JSONDecodeError:
+        turns = None
+    if not turns or not all(isinstance(t, dict) and {"role", "content"} <= set(t) for t in turns):
+        raise CorpusError(
+            f"{where} is not a list of {{'role': ..., 'content': ...}} turns: {str(value)[:80]!r}"
+        )
+    if turns[-1]["role"] != "assistant":
+        raise CorpusError(
+            f"{where} ends with a {turns[-1]['role']!r} turn; its last turn is the answer a "
+            "model learns, the assistant's"
+        )
+    return [{"role": str(t["role"]), "content": clean(str(t["content"] or ""))} for t in turns]
+
+
+def chat_instructions(
+    tokenizer, conversations: list[list[dict]], settings: ReadSettings, index
+) -> Instructions:
+    """Each conversation as the chat template renders it: all turns but the last, with the
+    generation prompt, are the prompt; the rest of the whole conversation is the response."""
+    prompts, responses = [], []
+    for turns in conversations:
+        prompt = tokenizer.apply_chat_template(
+            turns[:-1], tokenize=False, add_generation_prompt=True
+        )
+        whole = tokenizer.apply_chat_template(turns, tokenize=False)
         if not whole.startswith(prompt):
             raise CorpusError(
                 f"the chat template of {settings.chat_tokenizer!r} renders a conversation that "

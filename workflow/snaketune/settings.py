@@ -71,6 +71,9 @@ class DatasetSettings:
     """Instruction data: the column a model answers (see response_column)."""
     response_column: str | None = None
     """Instruction data: the answer's column. Set, a causal LM learns the answers only."""
+    messages_column: str | None = None
+    """Instruction data as conversations: lists of role/content turns, the last the assistant's
+    answer (composed by a pretrained tokenizer's chat template)."""
     header: bool = True
     column_names: list[str] | None = None
     quoting: bool = True
@@ -120,7 +123,21 @@ class DatasetSettings:
             )
         if self.prompt_column and not self.response_column:
             problems.append(("prompt_column", "is for instruction data: set response_column too"))
+        if self.messages_column and (self.prompt_column or self.response_column):
+            problems.append(
+                (
+                    "messages_column",
+                    "holds whole conversations; prompt_column and response_column are the other "
+                    "way to give instruction data: set one or the other",
+                )
+            )
+        if self.format == "txt" and self.messages_column:
+            problems.append(("messages_column", "needs records with columns; txt has none"))
         raise_problems(problems)
+
+    @property
+    def instruction_data(self) -> bool:
+        return bool(self.response_column or self.messages_column)
 
 
 def inside_folder(relative: str) -> bool:
@@ -169,6 +186,7 @@ class ReadSettings:
     response_column: str | None = None
     """Instruction data (causal LM): the template's {response_column} placeholder starts the
     response, which alone is learned and scored (see `instruction`)."""
+    messages_column: str | None = None
     chat_tokenizer: str | None = None
     """Instruction data without a text_template: the pretrained tokenizer whose chat template,
     if it has one, composes each example (snaketune.reading.compose_instruction)."""
@@ -185,12 +203,39 @@ class ReadSettings:
     """Text files' codec; None reads a byte-order mark (UTF-8/16/32), else UTF-8."""
 
     def __post_init__(self) -> None:
+        if self.messages_column and self.text_template:
+            raise SettingsError(
+                [
+                    (
+                        "text_template",
+                        f"is not used with the dataset's messages_column "
+                        f"{self.messages_column!r} (conversations, composed by the tokenizer's "
+                        "chat template): remove it",
+                    )
+                ]
+            )
+        if self.messages_column and not self.chat_tokenizer:
+            raise SettingsError(
+                [
+                    (
+                        "tokenizer.kind",
+                        f"the dataset's messages_column {self.messages_column!r} holds "
+                        "conversations, which a pretrained tokenizer's chat template composes: "
+                        "set tokenizer.kind: pretrained and a name_or_path that has one",
+                    )
+                ]
+            )
         if self.response_column:
             self.instruction  # noqa: B018 (raises a SettingsError for a template that cannot work)
 
     @property
+    def is_instruction(self) -> bool:
+        return bool(self.response_column or self.messages_column)
+
+    @property
     def instruction(self) -> InstructionTemplate | None:
-        """How a record splits into prompt and response, for instruction data; else None."""
+        """How a record splits into prompt and response, for prompt and response columns;
+        else None (conversations are split by the chat template)."""
         if not self.response_column:
             return None
         return instruction_template(self.text_template, self.prompt_column, self.response_column)
@@ -797,7 +842,7 @@ def read_settings_for(
     lm = task == CAUSAL_LM
     chat = (
         tokenizer.name_or_path
-        if lm and dataset.response_column and not text_template and tokenizer
+        if lm and dataset.instruction_data and not text_template and tokenizer
         else None
     )
     return ReadSettings(
@@ -807,6 +852,7 @@ def read_settings_for(
         text_template=text_template,
         prompt_column=dataset.prompt_column if lm else None,
         response_column=dataset.response_column if lm else None,
+        messages_column=dataset.messages_column if lm else None,
         chat_tokenizer=chat,
         header=dataset.header,
         column_names=dataset.column_names,
@@ -838,7 +884,7 @@ def tokenizer_settings(view: ConfigView, experiment: str) -> TokenizerSettings:
 def tokenize_job(view: ConfigView, experiment: str) -> TokenizeJob:
     tokenize = view.section(TokenizeSettings, experiment, "tokenize")
     task = view.experiment(experiment)["task"]
-    instruction = task == CAUSAL_LM and bool(view.dataset_of(experiment).response_column)
+    instruction = task == CAUSAL_LM and view.dataset_of(experiment).instruction_data
     return TokenizeJob(task=task, tokenize=tokenize, instruction=instruction)
 
 

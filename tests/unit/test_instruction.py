@@ -201,7 +201,8 @@ def test_the_rows_are_the_splits_examples_with_the_responses_marked(qa_data, spl
     assert arrays.targets.tolist() == [t for r in targets for t in r]
 
 
-def test_the_training_loss_is_the_mean_nll_of_the_response_tokens_alone(qa_data):
+@pytest.mark.parametrize("arch", ["gpt2", "lstm"])
+def test_the_training_loss_is_the_mean_nll_of_the_response_tokens_alone(qa_data, arch):
     info = TokenizedData.read(qa_data["tokenize_manifest"], qa_data["shards"])
     assert info.job == TokenizeJob("causal_lm", info.job.tokenize, instruction=True)
     rows = rows_of(qa_data, "train").with_targets()
@@ -209,7 +210,7 @@ def test_the_training_loss_is_the_mean_nll_of_the_response_tokens_alone(qa_data)
     batch = rows.batch(index)
     torch.manual_seed(0)
     model = build_model(
-        ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.0),
+        ModelSettings(arch=arch, n_layer=1, n_embd=32, n_head=2, dropout=0.0),
         "causal_lm",
         info.vocab_size,
         info.block_size,

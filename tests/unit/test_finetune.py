@@ -196,14 +196,59 @@ def test_bert_classifier_fine_tunes_from_a_local_checkpoint(classification_data,
     assert accuracy > 0.5  # chance is 1/8; about 0.85 when it learns
 
 
-def _torchrun_train(data: dict, out: Path, settings: TrainSettings, processes: int):
-    job = TrainJob(task="causal_lm", model=TINY, train=settings)
+def _torchrun_command(
+    data: dict, out: Path, settings: TrainSettings, processes: int, model=TINY
+) -> list[str]:
+    job = TrainJob(task="causal_lm", model=model, train=settings)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     launcher = [torchrun, "--standalone", f"--nproc_per_node={processes}", "-m", "snaketune.cli"]
-    command = [*launcher, *train_cli_args(data, out, job)]
+    return [*launcher, *train_cli_args(data, out, job)]
+
+
+def _torchrun_train(data: dict, out: Path, settings: TrainSettings, processes: int, model=TINY):
+    command = _torchrun_command(data, out, settings, processes, model)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_ddp_run_with_dropout_killed_and_resumed_ends_as_the_uninterrupted_one(lm_data, tmp_path):
+    """Each process draws its own dropout masks, and each one's random state is in the
+    checkpoint: the resumed run is the uninterrupted one, weight for weight."""
+    import time
+
+    from safetensors.torch import load_file
+
+    from tests.support.processes import kill_tree
+
+    dropout = replace(TINY, dropout=0.2)
+    # Steps of a tiny model take a millisecond or two: many, so that the kill lands mid-run.
+    settings = replace(QUICK, max_steps=300, eval_every=100, checkpoint_every=10, batch_size=4)
+    settings = replace(settings, processes=2)
+    _torchrun_train(lm_data, tmp_path / "straight", settings, 2, dropout)
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(
+        _torchrun_command(lm_data, killed, settings, 2, dropout),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    record = killed / "state" / "checkpoint.json"
+    deadline = time.monotonic() + 300
+    while not record.exists() and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    kill_tree(job.pid)  # the launcher and both processes (in sessions of their own)
+    job.wait()
+    assert not (killed / "model").exists(), "training finished before it could be killed"
+    _torchrun_train(lm_data, killed, settings, 2, dropout)
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert 0 < manifest["counts"]["resumed_from_step"] < settings.max_steps
+    straight = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    resumed = load_file(killed / "model" / "model.safetensors")
+    for name in straight:
+        torch.testing.assert_close(straight[name], resumed[name], rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow

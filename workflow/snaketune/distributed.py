@@ -80,3 +80,23 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def gathered(value, world: World) -> list:
+    """Every process's `value` (a picklable object), in rank order, on every process."""
+    if world.size == 1:
+        return [value]
+    out = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
+
+
+def process_seed(seed: int, rank: int) -> int:
+    """Each process's seed: the configured one for process 0 (one process trains as before),
+    an independent one derived from (seed, rank) for the others, so that their dropout masks
+    differ and each can be restored on its own."""
+    if rank == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])

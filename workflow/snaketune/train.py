@@ -39,6 +39,7 @@ from snaketune.checkpoint import (
     last_good,
     load_best,
     load_checkpoint,
+    rng_state,
     save_best,
     save_checkpoint,
     set_rng_state,
@@ -391,6 +392,8 @@ def evaluate_and_track_best(run: Run, progress: Progress, row: dict) -> None:
 
 
 def checkpoint(run: Run, progress: Progress) -> None:
+    # Every process's random state (dropout), so that a resumed run draws what each would have.
+    states = distributed.gathered(rng_state(), run.world)
     if run.world.is_main:
         state = asdict(progress)
         state.update(
@@ -398,6 +401,7 @@ def checkpoint(run: Run, progress: Progress) -> None:
             model=run.model.state_dict(),
             optimizer=run.optimizer.state_dict(),
             scaler=run.scaler.state_dict() if run.scaler else {},
+            rng_per_process=states if run.world.size > 1 else [],
         )
         save_checkpoint(run.state_dir, state, run.settings.keep_checkpoints)
         resume.write_record(run.state_dir, progress.step, run.job, run.data_digest)
@@ -503,7 +507,9 @@ def prepare_run(
     )
     check_positions(model, context, model_settings)
     model = apply_lora(model, model_settings, job.task).to(placement.device)
-    step_model = distributed.wrap(model, world, placement.device)
+    step_model = distributed.wrap(model, world, placement.device)  # rank 0's weights everywhere
+    if world.size > 1:
+        seed_everything(distributed.process_seed(settings.seed, world.rank))
     if settings.compile:
         step_model = torch.compile(step_model)
     return Run(
@@ -542,7 +548,7 @@ def resume_run(run: Run) -> Progress:
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state["rng"])
+    restore_rng(state, run.world)
     log.info("resumed from checkpoint at step %d", state["step"])
     progress = Progress(**{k: state[k] for k in asdict(Progress()) if k in state})
     if progress.memory_retries:  # the micro-batch that fitted, not the one that did not
@@ -552,6 +558,23 @@ def resume_run(run: Run) -> Progress:
     if progress.step < run.settings.max_steps:
         progress.stopped_early = False  # more steps asked for: patience counts from here
     return progress
+
+
+def restore_rng(state: dict, world: distributed.World) -> None:
+    """This process's random state from the checkpoint (process 0's for one process)."""
+    per_process = state.get("rng_per_process") or []
+    if world.size > 1 and len(per_process) == world.size:
+        set_rng_state(per_process[world.rank])
+        return
+    set_rng_state(state["rng"])
+    if world.size > 1:
+        log.warning(
+            "the checkpoint holds the random state of %d process(es), not of these %d: the "
+            "other processes' dropout continues from process 0's state, so the run is no longer "
+            "the uninterrupted one",
+            max(len(per_process), 1),
+            world.size,
+        )
 
 
 def train_model(paths: TrainPaths, job: TrainJob) -> list[dict]:

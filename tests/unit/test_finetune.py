@@ -213,6 +213,34 @@ def _torchrun_train(data: dict, out: Path, settings: TrainSettings, processes: i
 
 
 @pytest.mark.slow
+def test_two_nodes_of_one_process_match_one_process_with_twice_the_batch(lm_data, tmp_path):
+    """Two torchrun agents (nnodes=2) joined by a c10d rendezvous on 127.0.0.1, as
+    snaketune.launch starts them off SLURM."""
+    settings = replace(QUICK, max_steps=12, eval_every=6, checkpoint_every=6)
+    nodes = replace(settings, batch_size=4, nodes=2)
+    job = TrainJob(task="causal_lm", model=TINY, train=nodes)
+    command = [
+        sys.executable,
+        "-m",
+        "snaketune.launch",
+        "2",
+        "1",
+        *train_cli_args(lm_data, tmp_path / "nodes", job),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("SLURM_JOB_ID", None)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = run_training(
+        lm_data, tmp_path / "single", "causal_lm", TINY, replace(settings, batch_size=8)
+    )
+    history = (tmp_path / "nodes" / "history.jsonl").read_text().splitlines()
+    two = [json.loads(x)["loss"] for x in history]
+    assert two == pytest.approx([r["loss"] for r in single], abs=1e-4)
+    assert counts(tmp_path / "nodes")["processes"] == 2
+
+
+@pytest.mark.slow
 def test_a_ddp_run_with_dropout_killed_and_resumed_ends_as_the_uninterrupted_one(lm_data, tmp_path):
     """Each process draws its own dropout masks, and each one's random state is in the
     checkpoint: the resumed run is the uninterrupted one, weight for weight."""

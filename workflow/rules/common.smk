@@ -172,7 +172,8 @@ def train_processes(wildcards):
 
 
 def get_train_launcher(wildcards):
-    return train_launcher(train_processes(wildcards))
+    nodes = EXPERIMENTS[wildcards.experiment]["train"]["nodes"]
+    return train_launcher(train_processes(wildcards), nodes)
 
 
 def get_train_threads(wildcards, threads):

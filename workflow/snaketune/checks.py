@@ -67,7 +67,8 @@ def encoder_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
 
 def memory_retry_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:
     """Out-of-memory retries need one process: with several, the others would wait on it."""
-    if "memory_retries" in set_keys(given, "train") and exp["train"]["processes"] > 1:
+    train = exp["train"]
+    if "memory_retries" in set_keys(given, "train") and train["processes"] * train["nodes"] > 1:
         return [
             (
                 "train.memory_retries",

@@ -579,7 +579,9 @@ class TrainSettings:
     compile: bool = False
     """torch.compile the model (worth it on GPUs; slow to start on CPU)."""
     processes: int = 1
-    """Processes launched by torchrun (DDP: NCCL on GPUs, gloo on CPU)."""
+    """Processes launched by torchrun (DDP: NCCL on GPUs, gloo on CPU), per node."""
+    nodes: int = 1
+    """Nodes, one torchrun agent each, joined by a c10d rendezvous (snaketune.launch)."""
     seed: int = 1234
     device: str = "auto"
     """'auto' uses CUDA when present, else CPU."""

@@ -325,8 +325,11 @@ def stage_of(paths: Paths) -> Stage:
     return next(s for s in STAGES if type(paths) is s.paths)
 
 
-def train_launcher(processes: int) -> str:
-    """The command that starts training: the CLI itself, or torchrun (DDP) on one node."""
+def train_launcher(processes: int, nodes: int = 1) -> str:
+    """The command that starts training: the CLI itself, torchrun (DDP) on one node, or one
+    torchrun agent per node (snaketune.launch)."""
+    if nodes > 1:
+        return f"python -m snaketune.launch {nodes} {processes}"
     if processes == 1:
         return "snaketune"
     return f"torchrun --standalone --nproc_per_node={processes} -m snaketune.cli"

@@ -1,0 +1,37 @@
+"""snaketune.launch's commands: one torchrun agent per node with a c10d rendezvous, by srun
+inside a SLURM job (its first node the rendezvous), by this process elsewhere (the two-node run
+itself: tests/unit/test_finetune.py)."""
+
+from __future__ import annotations
+
+from snaketune import launch
+from snaketune.stages import train_launcher
+
+
+def test_the_train_rule_launches_one_agent_per_node_only_for_several_nodes():
+    assert train_launcher(1) == "snaketune"
+    assert train_launcher(4).startswith("torchrun --standalone --nproc_per_node=4")
+    assert train_launcher(2, nodes=3) == "python -m snaketune.launch 3 2"
+
+
+def test_inside_a_slurm_job_srun_starts_an_agent_per_task(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "417")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    assert launch.in_slurm_job(2) and not launch.in_slurm_job(3)
+    command = launch.slurm_command(2, 4, ["train", "--settings", "{}"], "gpu-node-07")
+    assert command[:4] == ["srun", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    agent = command[4:]
+    assert agent[0].endswith("torchrun")
+    assert agent[1:6] == [
+        "--nnodes=2",
+        "--nproc_per_node=4",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=gpu-node-07:{launch.RENDEZVOUS_PORT}",
+        "--rdzv_id=417",
+    ]
+    assert agent[6:] == ["-m", "snaketune.cli", "train", "--settings", "{}"]
+
+
+def test_outside_slurm_the_agents_run_here(monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert not launch.in_slurm_job(2)

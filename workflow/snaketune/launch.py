@@ -1,0 +1,105 @@
+"""Training on several nodes (train.nodes > 1): one torchrun agent per node, joined by torchrun's
+c10d rendezvous, each starting train.processes training processes; the training code is the
+one-node code (process 0 alone writes outputs).
+
+    python -m snaketune.launch NODES PROCESSES train <the train CLI's arguments>
+
+Inside a SLURM job of NODES tasks (the train rule asks for them under profiles/slurm) srun starts
+the agents, one per task, and the rendezvous is on the allocation's first node
+(`scontrol show hostnames $SLURM_JOB_NODELIST`), port RENDEZVOUS_PORT, id the job id; every
+agent reaches it there. Elsewhere the NODES agents run on this machine over 127.0.0.1 (a free
+port): the same rendezvous, for a workstation and the tests. A SIGTERM (a requeue) reaches
+every agent, which passes it to its processes; the exit status is the worst agent's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+
+RENDEZVOUS_PORT = 29400
+"""torchrun's default c10d port, on the first node of a SLURM allocation."""
+
+
+def agent_command(nodes: int, processes: int, endpoint: str, run_id: str, args: list[str]):
+    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return [
+        torchrun,
+        f"--nnodes={nodes}",
+        f"--nproc_per_node={processes}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={endpoint}",
+        f"--rdzv_id={run_id}",
+        "-m",
+        "snaketune.cli",
+        *args,
+    ]
+
+
+def in_slurm_job(nodes: int) -> bool:
+    return (
+        bool(os.environ.get("SLURM_JOB_ID")) and int(os.environ.get("SLURM_NTASKS", "1")) >= nodes
+    )
+
+
+def first_node() -> str:
+    shown = subprocess.run(
+        ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return shown.stdout.split()[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_here(nodes: int, processes: int, args: list[str]) -> int:
+    """The agents as children of this process, on 127.0.0.1."""
+    endpoint, run_id = f"127.0.0.1:{free_port()}", uuid.uuid4().hex
+    agents = [
+        subprocess.Popen(agent_command(nodes, processes, endpoint, run_id, args))
+        for _ in range(nodes)
+    ]
+
+    def forward(signum, _frame):
+        for agent in agents:
+            if agent.poll() is None:
+                agent.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [agent.wait() for agent in agents]
+    failed = [code for code in codes if code != 0]
+    if not failed:
+        return 0
+    return failed[0] if failed[0] > 0 else 128 - failed[0]  # killed by signal N: 128 + N
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    nodes, processes, args = int(argv[0]), int(argv[1]), argv[2:]
+    if in_slurm_job(nodes):
+        command = slurm_command(nodes, processes, args, first_node())
+        os.execvp(command[0], command)
+    return run_here(nodes, processes, args)
+
+
+def slurm_command(nodes: int, processes: int, args: list[str], head: str) -> list[str]:
+    """srun starting one agent per task, the rendezvous on the allocation's first node."""
+    endpoint = f"{head}:{RENDEZVOUS_PORT}"
+    agent = agent_command(nodes, processes, endpoint, os.environ["SLURM_JOB_ID"], args)
+    return ["srun", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *agent]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

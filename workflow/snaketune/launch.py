@@ -66,8 +66,12 @@ def free_port() -> int:
 def run_here(nodes: int, processes: int, args: list[str]) -> int:
     """The agents as children of this process, on 127.0.0.1."""
     endpoint, run_id = f"127.0.0.1:{free_port()}", uuid.uuid4().hex
+    # The job's threads per process (OMP_NUM_THREADS, set by the train rule for one node's
+    # processes) shared by the agents, which all run here.
+    threads = max(1, int(os.environ.get("OMP_NUM_THREADS", "1")) // nodes)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     agents = [
-        subprocess.Popen(agent_command(nodes, processes, endpoint, run_id, args))
+        subprocess.Popen(agent_command(nodes, processes, endpoint, run_id, args), env=env)
         for _ in range(nodes)
     ]
 

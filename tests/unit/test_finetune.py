@@ -300,3 +300,27 @@ def test_two_ddp_processes_match_one_process_with_twice_the_batch(lm_data, tmp_p
             "state",
         ]
     )  # the state: the final checkpoint, kept so that a larger max_steps continues
+
+
+def test_gradient_checkpointing_trains_the_same_steps(lm_data, tmp_path):
+    """Activations recomputed in the backward pass (with the same dropout masks) give the
+    losses of keeping them."""
+    settings = replace(QUICK, max_steps=6, eval_every=3, checkpoint_every=3)
+    dropout = replace(TINY, dropout=0.1)
+    kept = run_training(lm_data, tmp_path / "kept", "causal_lm", dropout, settings)
+    recomputed = run_training(
+        lm_data,
+        tmp_path / "recomputed",
+        "causal_lm",
+        replace(dropout, gradient_checkpointing=True),
+        settings,
+    )
+    for name, on in (("kept", False), ("recomputed", True)):
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert manifest["activation_checkpointing"] is on
+    model = load_trained(tmp_path / "recomputed" / "model", "causal_lm")
+    assert not model.is_activation_checkpointing  # a training setting: the saved model is plain
+    assert [r["loss"] for r in recomputed] == pytest.approx([r["loss"] for r in kept], abs=1e-6)
+    assert [r["grad_norm"] for r in recomputed] == pytest.approx(
+        [r["grad_norm"] for r in kept], rel=1e-5
+    )

@@ -511,9 +511,16 @@ class ModelSettings:
     lora_dropout: float = 0.05
     lora_target_modules: list[str] = field(default_factory=list)
     """Module names to adapt; empty uses peft's default for the architecture."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: less
+    memory for longer contexts or larger batches, about a third more compute (transformers)."""
 
     def __post_init__(self) -> None:
         problems = []
+        if self.arch == "lstm" and self.gradient_checkpointing:
+            problems.append(
+                ("gradient_checkpointing", "is a transformer setting; model.arch is 'lstm'")
+            )
         if self.arch == "gpt2" and self.n_embd % self.n_head:
             problems.append(
                 ("n_embd", f"{self.n_embd} is not divisible by model.n_head={self.n_head}")

@@ -506,6 +506,10 @@ def prepare_run(
         placement.device.type,
     )
     check_positions(model, context, model_settings)
+    if model_settings.gradient_checkpointing:
+        # Non-reentrant: the recomputation sees the same dropout masks (the RNG state is
+        # replayed) and works with LoRA's frozen inputs.
+        model.activation_checkpointing_enable({"use_reentrant": False})
     model = apply_lora(model, model_settings, job.task).to(placement.device)
     step_model = distributed.wrap(model, world, placement.device)  # rank 0's weights everywhere
     if world.size > 1:
@@ -631,6 +635,10 @@ def train_as_main(
                 # The devices the job was given (snaketune.gpus, or SLURM); None: all.
                 "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
                 "autocast": str(run.placement.autocast),
+                # Activations recomputed in the backward pass (model.gradient_checkpointing).
+                "activation_checkpointing": bool(
+                    getattr(run.model, "is_activation_checkpointing", False)
+                ),
                 "fingerprint": resume.fingerprint(job, run.data_digest),
                 "schedule": progress.schedule,
                 # What each out-of-memory retry changed (empty: none was needed).

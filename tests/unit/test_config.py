@@ -169,3 +169,25 @@ def test_greedy_decoding_refuses_the_sampling_settings_it_would_ignore():
         experiments__0__evaluate__temperature=0.5, experiments__0__evaluate__decoding="sample"
     )
     assert not [p for p in sampled if "temperature" in p]
+
+
+@pytest.mark.parametrize(
+    ("train", "model", "key"),
+    [
+        ({"strategy": "fsdp"}, {}, "train.processes"),
+        ({"strategy": "fsdp", "processes": 2}, {"arch": "lstm"}, "model.arch"),
+        ({"strategy": "fsdp", "nodes": 2}, {"lora_rank": 4}, "model.lora_rank"),
+        ({"strategy": "fsdp", "processes": 2, "early_stopping_patience": 2}, {}, "train.early"),
+    ],
+)
+def test_fsdp_settings_that_cannot_work_are_refused_by_key(train, model, key):
+    from snaketune.config import ConfigError, validated
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["experiments"][0]["train"].update(train)
+    config["experiments"][0]["model"].update(model)
+    with pytest.raises(ConfigError, match=rf"experiments\[0\]\.{key}"):
+        validated(config)
+    fine = copy.deepcopy(DEFAULT_CONFIG)
+    fine["experiments"][0]["train"].update(strategy="fsdp", processes=2)
+    validated(fine)  # shards over two processes

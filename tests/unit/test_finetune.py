@@ -240,8 +240,37 @@ def test_two_nodes_of_one_process_match_one_process_with_twice_the_batch(lm_data
     assert counts(tmp_path / "nodes")["processes"] == 2
 
 
+def history_of(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "history.jsonl").read_text().splitlines()]
+
+
 @pytest.mark.slow
-def test_a_ddp_run_with_dropout_killed_and_resumed_ends_as_the_uninterrupted_one(lm_data, tmp_path):
+def test_fsdp_trains_like_one_process_with_the_whole_batch_and_saves_a_plain_model(
+    lm_data, tmp_path
+):
+    """FSDP2 over 2 processes (gloo on the CPU) with batch B: the steps of one process with
+    2B, as DDP's are (test_two_ddp_processes_match_one_process_with_twice_the_batch)."""
+    settings = replace(QUICK, max_steps=12, eval_every=6, checkpoint_every=6)
+    fsdp_settings = replace(settings, batch_size=4, processes=2, strategy="fsdp")
+    _torchrun_train(lm_data, tmp_path / "fsdp", fsdp_settings, 2)
+    single = run_training(
+        lm_data, tmp_path / "single", "causal_lm", TINY, replace(settings, batch_size=8)
+    )
+    fsdp = history_of(tmp_path / "fsdp")
+    assert [r["loss"] for r in fsdp] == pytest.approx([r["loss"] for r in single], abs=1e-4)
+    model = load_trained(tmp_path / "fsdp" / "model", "causal_lm")  # whole, not shards
+    reference = load_trained(tmp_path / "single" / "model", "causal_lm")
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), reference.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_multi_process_run_with_dropout_killed_and_resumed_ends_as_the_uninterrupted_one(
+    lm_data, tmp_path, strategy
+):
     """Each process draws its own dropout masks, and each one's random state is in the
     checkpoint: the resumed run is the uninterrupted one, weight for weight."""
     import time
@@ -253,7 +282,7 @@ def test_a_ddp_run_with_dropout_killed_and_resumed_ends_as_the_uninterrupted_one
     dropout = replace(TINY, dropout=0.2)
     # Steps of a tiny model take a millisecond or two: many, so that the kill lands mid-run.
     settings = replace(QUICK, max_steps=300, eval_every=100, checkpoint_every=10, batch_size=4)
-    settings = replace(settings, processes=2)
+    settings = replace(settings, processes=2, strategy=strategy)
     _torchrun_train(lm_data, tmp_path / "straight", settings, 2, dropout)
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -32,8 +32,34 @@ def experiment_problems(exp: dict[str, Any], given: dict[str, Any], where: str) 
             *memory_retry_problems(exp, given),
             *encoder_problems(exp),
             *decoding_problems(exp, given),
+            *strategy_problems(exp),
         ]
     ]
+
+
+def strategy_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
+    """FSDP shards transformer blocks over several processes, and only what was tested."""
+    train, model = exp["train"], exp["model"]
+    if train["strategy"] != "fsdp":
+        return []
+    cannot = {
+        "train.processes": (
+            "fsdp shards over several processes; with processes x nodes = 1 it would do "
+            "nothing: use ddp, or more processes",
+            train["processes"] * train["nodes"] == 1,
+        ),
+        "model.arch": (
+            "fsdp shards transformer blocks; the LSTM has none",
+            model["arch"] == "lstm",
+        ),
+        "model.lora_rank": ("LoRA with fsdp is not supported: use ddp", model["lora_rank"] > 0),
+        "train.compile": ("torch.compile with fsdp is not supported: use ddp", train["compile"]),
+        "train.early_stopping_patience": (
+            "early stopping keeps the best weights whole, which fsdp does not: use ddp",
+            train["early_stopping_patience"] > 0,
+        ),
+    }
+    return [(key, text) for key, (text, refused) in cannot.items() if refused]
 
 
 def decoding_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:

@@ -43,13 +43,84 @@ def stop() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+FSDP = "fsdp"
+
+
+def wrap(
+    model: torch.nn.Module, world: World, device: torch.device, strategy: str = "ddp"
+) -> torch.nn.Module:
+    """The model a step runs: itself (one process), DDP's wrapper (every process holds the
+    whole model), or, for FSDP, the model sharded in place with PyTorch's FSDP2 `fully_shard`:
+    each transformer block, then the rest, so parameters, gradients and optimizer state are
+    split over the processes and a block's parameters are gathered only while it runs."""
     if world.size == 1:
+        return model
+    if strategy == FSDP:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in transformer_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model (GPT-2's transformer.h, BERT's
+    encoder.layer, ...): the modules named in its _no_split_modules."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights on the CPU (a collective: every process calls it when sharded)."""
+    if not sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    if not sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_state(model: torch.nn.Module, optimizer, model_state: dict, optimizer_state: dict):
+    """A checkpoint's whole weights and optimizer state into the model (each process takes
+    its shards when it is sharded)."""
+    if not sharded(model):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def local(value: torch.Tensor) -> torch.Tensor:
+    """A reduced DTensor (FSDP's gradient norm) as the plain tensor every process holds."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 def no_sync_unless(model: torch.nn.Module, last_micro_batch: bool):

@@ -589,6 +589,9 @@ class TrainSettings:
     """Processes launched by torchrun (DDP: NCCL on GPUs, gloo on CPU), per node."""
     nodes: int = 1
     """Nodes, one torchrun agent each, joined by a c10d rendezvous (snaketune.launch)."""
+    strategy: str = "ddp"
+    """With several processes: "ddp" (each holds the whole model) or "fsdp" (PyTorch's FSDP2:
+    parameters, gradients and optimizer state sharded over the processes)."""
     seed: int = 1234
     device: str = "auto"
     """'auto' uses CUDA when present, else CPU."""

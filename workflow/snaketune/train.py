@@ -203,7 +203,9 @@ def one_step(run: Run, step: int, schedule: list[list]) -> tuple[dict, torch.Ten
     loss_sum = distributed.mean(loss_sum)
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
+    grad_norm = distributed.local(
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), s.grad_clip)
+    )
     reading = torch.stack([loss_sum, grad_norm.float()])
     update(run, reading)
     row = {"step": step + 1, "lr": lr, "tokens": tokens * world.size}
@@ -392,14 +394,17 @@ def evaluate_and_track_best(run: Run, progress: Progress, row: dict) -> None:
 
 
 def checkpoint(run: Run, progress: Progress) -> None:
-    # Every process's random state (dropout), so that a resumed run draws what each would have.
+    # Every process's random state (dropout), so that a resumed run draws what each would have;
+    # the whole model and optimizer state, gathered from the shards under FSDP.
     states = distributed.gathered(rng_state(), run.world)
+    model_state = distributed.full_model_state(run.model)
+    optimizer_state = distributed.full_optimizer_state(run.model, run.optimizer)
     if run.world.is_main:
         state = asdict(progress)
         state.update(
             fingerprint=resume.fingerprint(run.job, run.data_digest),
-            model=run.model.state_dict(),
-            optimizer=run.optimizer.state_dict(),
+            model=model_state,
+            optimizer=optimizer_state,
             scaler=run.scaler.state_dict() if run.scaler else {},
             rng_per_process=states if run.world.size > 1 else [],
         )
@@ -511,7 +516,8 @@ def prepare_run(
         # replayed) and works with LoRA's frozen inputs.
         model.activation_checkpointing_enable({"use_reentrant": False})
     model = apply_lora(model, model_settings, job.task).to(placement.device)
-    step_model = distributed.wrap(model, world, placement.device)  # rank 0's weights everywhere
+    # DDP: rank 0's weights everywhere; FSDP: every process starts from the same seed.
+    step_model = distributed.wrap(model, world, placement.device, settings.strategy)
     if world.size > 1:
         seed_everything(distributed.process_seed(settings.seed, world.rank))
     if settings.compile:
@@ -548,8 +554,7 @@ def resume_run(run: Run) -> Progress:
         log.warning("training %s", plan.message)
     if state is None or not plan.resume:
         return Progress(history=[], schedule=[[0, run.settings.max_steps, None]])
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    distributed.load_full_state(run.model, run.optimizer, state["model"], state["optimizer"])
     if run.scaler and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     restore_rng(state, run.world)
@@ -587,11 +592,22 @@ def train_model(paths: TrainPaths, job: TrainJob) -> list[dict]:
         if not world.is_main:  # other processes train; process 0 alone writes
             data = TokenizedData.read(paths.tokenize_manifest, paths.shards)
             run = prepare_run(data, paths.state_dir, job, world)
-            return train_steps(run, resume_run(run)).history
+            progress = train_steps(run, resume_run(run))
+            final_state(run, progress)  # its part of the last checkpoint and of the weights
+            return progress.history
         with attempts.attempt(paths.state_dir) as this_attempt:
             return train_as_main(paths, job, world, this_attempt)
     finally:
         distributed.stop()
+
+
+def final_state(run: Run, progress: Progress) -> dict:
+    """On every process (both are collectives): the last checkpoint, when the last step was not
+    one and the final state is kept, and the whole weights for process 0 to save."""
+    last = resume.read_record(run.state_dir)
+    if run.settings.keep_final_state and (last or {}).get("step") != progress.step:
+        checkpoint(run, progress)
+    return distributed.full_model_state(run.model)
 
 
 def train_as_main(
@@ -612,12 +628,11 @@ def train_as_main(
         )
         with sample_system_metrics(paths.system_metrics, run.device, live.current()):
             progress = train_steps(run, progress)
-        last = resume.read_record(paths.state_dir)
-        if job.train.keep_final_state and (last or {}).get("step") != progress.step:
-            checkpoint(run, progress)  # before save_final, which merges LoRA adapters in
+        weights = final_state(run, progress)  # before save_final, which merges LoRA in
         if job.train.early_stopping_patience and progress.best_step:
             load_best(paths.state_dir, run.model)  # the best evaluated weights are the result
-        save_final(run.model, progress.history, paths)
+            weights = None
+        save_final(run.model, progress.history, paths, weights)
         record.counts = {
             "parameters": count_parameters(run.model),
             "steps": progress.step,
@@ -669,10 +684,16 @@ def limit_tokenizer_length(model_dir: Path, positions: int | None) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_final(model, history: list[dict], paths: TrainPaths) -> None:
+def save_final(model, history: list[dict], paths: TrainPaths, weights: dict | None = None):
+    """The model (its whole `weights`, gathered from FSDP's shards, when given) as a plain
+    save_pretrained folder with the tokenizer, the history and the loss curve."""
     with atomic_dir(paths.model) as tmp:
-        plain = unwrap_for_saving(model).to("cpu")
-        plain.save_pretrained(tmp)
+        if weights is not None and distributed.sharded(model):
+            model.save_pretrained(tmp, state_dict=weights)
+            plain = model
+        else:
+            plain = unwrap_for_saving(model).to("cpu")
+            plain.save_pretrained(tmp)
         for item in Path(paths.tokenizer).iterdir():
             shutil.copy2(item, tmp / item.name)
         limit_tokenizer_length(tmp, model_positions(plain))

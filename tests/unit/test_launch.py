@@ -19,8 +19,8 @@ def test_inside_a_slurm_job_srun_starts_an_agent_per_task(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "2")
     assert launch.in_slurm_job(2) and not launch.in_slurm_job(3)
     command = launch.slurm_command(2, 4, ["train", "--settings", "{}"], "gpu-node-07")
-    assert command[:4] == ["srun", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    agent = command[4:]
+    assert command[:3] == ["srun", "--ntasks=2", "--kill-on-bad-exit=1"]
+    agent = command[3:]
     assert agent[0].endswith("torchrun")
     assert agent[1:6] == [
         "--nnodes=2",

@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
-from snaketune.errors import SnaketuneError
-from snaketune.settings import from_json
-from snaketune.stages import BY_COMMAND, STAGES, Paths, Stage, flag, is_list, path_fields
+# Bitwise-reproducible BLAS on the CPU: MKL's results otherwise depend on the memory alignment
+# of the arrays, which differs from one process to the next (a SLURM job and a local run of the
+# same training were seen 1e-6 apart). Strict conditional numerical reproducibility, set before
+# anything loads MKL; a value the user set wins.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+from snaketune.errors import SnaketuneError  # noqa: E402 (after the environment is set)
+from snaketune.settings import from_json  # noqa: E402
+from snaketune.stages import BY_COMMAND, STAGES, Paths, Stage, flag, is_list, path_fields  # noqa: E402
 
 # ValueError/OSError cover bad settings values and missing or unreadable files.
 USER_ERRORS = (SnaketuneError, ValueError, OSError)

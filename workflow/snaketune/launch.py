@@ -4,12 +4,13 @@ one-node code (process 0 alone writes outputs).
 
     python -m snaketune.launch NODES PROCESSES train <the train CLI's arguments>
 
-Inside a SLURM job of NODES tasks (the train rule asks for them under profiles/slurm) srun starts
-the agents, one per task, and the rendezvous is on the allocation's first node
-(`scontrol show hostnames $SLURM_JOB_NODELIST`), port RENDEZVOUS_PORT, id the job id; every
-agent reaches it there. Elsewhere the NODES agents run on this machine over 127.0.0.1 (a free
-port): the same rendezvous, for a workstation and the tests. A SIGTERM (a requeue) reaches
-every agent, which passes it to its processes; the exit status is the worst agent's.
+Inside a SLURM job of NODES tasks (one per node: sbatch --nodes=NODES --ntasks-per-node=1)
+srun starts the agents, one per task, and the rendezvous is on the allocation's first node
+(`scontrol show hostnames $SLURM_JOB_NODELIST`, at its NodeAddr), port RENDEZVOUS_PORT, id
+the job id; every agent reaches it there. Elsewhere the NODES agents run on this machine over
+127.0.0.1 (a free port): the same rendezvous, for a workstation and the tests. A SIGTERM (a
+requeue) reaches every agent, which passes it to its processes; the exit status is the worst
+agent's.
 """
 
 from __future__ import annotations
@@ -48,13 +49,20 @@ def in_slurm_job(nodes: int) -> bool:
 
 
 def first_node() -> str:
+    """The address of the allocation's first node, as SLURM reaches it (its NodeAddr; the
+    name where none is set)."""
     shown = subprocess.run(
         ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
         capture_output=True,
         text=True,
         check=True,
     )
-    return shown.stdout.split()[0]
+    name = shown.stdout.split()[0]
+    node = subprocess.run(
+        ["scontrol", "show", "node", "--oneliner", name], capture_output=True, text=True
+    )
+    fields = dict(f.split("=", 1) for f in node.stdout.split() if "=" in f)
+    return fields.get("NodeAddr") or name
 
 
 def free_port() -> int:
@@ -102,7 +110,9 @@ def slurm_command(nodes: int, processes: int, args: list[str], head: str) -> lis
     """srun starting one agent per task, the rendezvous on the allocation's first node."""
     endpoint = f"{head}:{RENDEZVOUS_PORT}"
     agent = agent_command(nodes, processes, endpoint, os.environ["SLURM_JOB_ID"], args)
-    return ["srun", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1", *agent]
+    # One agent per task; which node each task is on is the allocation's (sbatch --nodes=N
+    # --ntasks-per-node=1 puts one on each node).
+    return ["srun", f"--ntasks={nodes}", "--kill-on-bad-exit=1", *agent]
 
 
 if __name__ == "__main__":

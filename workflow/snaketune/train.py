@@ -26,6 +26,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -588,6 +589,15 @@ def restore_rng(state: dict, world: distributed.World) -> None:
 
 def train_model(paths: TrainPaths, job: TrainJob) -> list[dict]:
     world = distributed.start()
+    if world.size > 1:  # where each process runs: which agent (node) and which rendezvous
+        log.info(
+            "process %d of %d on %s: node rank %s, rendezvous %s",
+            world.rank,
+            world.size,
+            socket.gethostname(),
+            os.environ.get("GROUP_RANK", "?"),
+            os.environ.get("TORCHELASTIC_RUN_ID", "?"),
+        )
     try:
         if not world.is_main:  # other processes train; process 0 alone writes
             data = TokenizedData.read(paths.tokenize_manifest, paths.shards)

@@ -4,6 +4,8 @@ itself: tests/unit/test_finetune.py)."""
 
 from __future__ import annotations
 
+import pytest
+
 from snaketune import launch
 from snaketune.stages import train_launcher
 
@@ -17,7 +19,9 @@ def test_the_train_rule_launches_one_agent_per_node_only_for_several_nodes():
 def test_inside_a_slurm_job_srun_starts_an_agent_per_task(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "417")
     monkeypatch.setenv("SLURM_NTASKS", "2")
-    assert launch.in_slurm_job(2) and not launch.in_slurm_job(3)
+    assert launch.in_slurm_job(2)
+    with pytest.raises(SystemExit, match="train.nodes is 3, but SLURM job 417 has 2 task"):
+        launch.in_slurm_job(3)  # its agents would all run on one node
     command = launch.slurm_command(2, 4, ["train", "--settings", "{}"], "gpu-node-07")
     assert command[:3] == ["srun", "--ntasks=2", "--kill-on-bad-exit=1"]
     agent = command[3:]

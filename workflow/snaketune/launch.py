@@ -43,9 +43,19 @@ def agent_command(nodes: int, processes: int, endpoint: str, run_id: str, args: 
 
 
 def in_slurm_job(nodes: int) -> bool:
-    return (
-        bool(os.environ.get("SLURM_JOB_ID")) and int(os.environ.get("SLURM_NTASKS", "1")) >= nodes
-    )
+    """Inside a SLURM job with a task for every node; inside one with fewer, an error: its
+    agents would all run on one node."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return False
+    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if tasks < nodes:
+        raise SystemExit(
+            f"snaketune.launch: train.nodes is {nodes}, but SLURM job "
+            f"{os.environ['SLURM_JOB_ID']} has {tasks} task(s): submit it with --nodes={nodes} "
+            f"--ntasks-per-node=1 (with the profile: --set-resources train_model:nodes={nodes} "
+            f"train_model:tasks={nodes})"
+        )
+    return True
 
 
 def first_node() -> str:

@@ -191,3 +191,18 @@ def test_fsdp_settings_that_cannot_work_are_refused_by_key(train, model, key):
     fine = copy.deepcopy(DEFAULT_CONFIG)
     fine["experiments"][0]["train"].update(strategy="fsdp", processes=2)
     validated(fine)  # shards over two processes
+
+
+def test_answer_settings_the_run_would_ignore_are_refused():
+    from snaketune.config import ConfigError, validated
+
+    plain = copy.deepcopy(DEFAULT_CONFIG)
+    dataset = plain["datasets"]["support-demo"]
+    del dataset["prompt_column"], dataset["response_column"]
+    plain["experiments"][0]["evaluate"]["answer_examples"] = 10
+    with pytest.raises(ConfigError, match=r"experiments\[0\]\.evaluate\.answer_examples: scores"):
+        validated(plain)
+    classifier = copy.deepcopy(DEFAULT_CONFIG)
+    classifier["experiments"][1]["evaluate"] = {"decoding": "sample"}
+    with pytest.raises(ConfigError, match=r"experiments\[1\]\.evaluate\.decoding: is a causal_lm"):
+        validated(classifier)

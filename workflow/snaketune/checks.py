@@ -158,7 +158,16 @@ def task_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str,
     lm = exp["task"] == CAUSAL_LM
     unused = {
         "tokenize": {"max_length"} if lm else {"block_size", "packing"},
-        "evaluate": set() if lm else {"prompts", "context_length", "stride"},
+        "evaluate": set()
+        if lm
+        else {
+            "prompts",
+            "context_length",
+            "stride",
+            "max_new_tokens",
+            "decoding",
+            "answer_examples",
+        },
     }
     return [
         (f"{section}.{key}", f"is a {other} setting; this experiment's task is {exp['task']}")
@@ -229,3 +238,23 @@ def model_positions(name_or_path: str) -> int | None:
         config = Path(cached)
     values = json.loads(config.read_text())
     return next((int(values[k]) for k in POSITION_KEYS if isinstance(values.get(k), int)), None)
+
+
+def instruction_problems(
+    exp: dict[str, Any], given: dict[str, Any], dataset: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """Answers are generated and scored only for instruction data."""
+    instruction = dataset.get("response_column") or dataset.get("messages_column")
+    if (
+        exp["task"] != CAUSAL_LM
+        or instruction
+        or "answer_examples" not in set_keys(given, "evaluate")
+    ):
+        return []
+    return [
+        (
+            "evaluate.answer_examples",
+            f"scores generated answers of instruction data; dataset {exp['dataset']!r} names no "
+            "response_column or messages_column: set one, or remove answer_examples",
+        )
+    ]

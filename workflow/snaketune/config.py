@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from snaketune.checks import experiment_problems
+from snaketune.checks import experiment_problems, instruction_problems
 from snaketune.live import live_after_problem
 from snaketune.names import SEQUENCE_CLASSIFICATION
 from snaketune.settings import (
@@ -123,7 +123,12 @@ def cross_checks(
             )
         problems += read_problems(datasets[exp["dataset"]], exp, where)
         problems += settings_problems(ConfigView(config, base_dir), exp["name"], where)
-        problems += experiment_problems(exp, given["experiments"][i] if given else {}, where)
+        raw = given["experiments"][i] if given else {}
+        problems += experiment_problems(exp, raw, where)
+        problems += [
+            f"{where}.{key}: {text}"
+            for key, text in instruction_problems(exp, raw, datasets[exp["dataset"]])
+        ]
     return problems
 
 

@@ -27,12 +27,11 @@ from snaketune.generation import generate_many
 from snaketune.manifest import stage_manifest
 from snaketune.metrics import load_metric
 from snaketune.models import load_trained
-from snaketune.names import CAUSAL_LM, INSTRUCTION_COLUMNS, TEST, TRAIN
+from snaketune.names import CAUSAL_LM, TEST, TRAIN
 from snaketune.ngram import bigram_baseline
 from snaketune.perplexity import count_words, score_lm, token_byte_lengths, word_perplexity
-from snaketune.qa import answer_nll, evaluate_answers
-from snaketune.retrieval import MAX_TRAIN_EXAMPLES
-from snaketune.settings import SAMPLE, EvalJob, EvalSettings
+from snaketune.qa import answer_nll, answer_protocol, evaluate_answers
+from snaketune.settings import EvalJob, EvalSettings
 from snaketune.stages import EvaluatePaths
 from snaketune.tokenize.shards import TokenizedData, read_shards
 
@@ -82,7 +81,7 @@ def evaluate_lm(
     prompt_rows = prompt_samples(model, tokenizer, settings, context, placement)
     if data.job.instruction:
         answers, baseline, table = evaluate_answers(
-            model, tokenizer, *answer_splits(paths), settings, context, placement
+            model, tokenizer, paths.train, paths.test, settings, context, placement
         )
         metrics.update(answer_nll(model, test, settings.batch_size, placement))
         metrics.update(answers)
@@ -101,51 +100,6 @@ def evaluate_lm(
         "bits_per_byte = sum NLL in bits / those bytes (EOS is predicted and adds no byte)"
     )
     return metrics
-
-
-def answer_splits(paths) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The train split's first examples (the retrieval baseline's index, bounded) and the test
-    split's, as prompt and response."""
-    columns = list(INSTRUCTION_COLUMNS)
-    return (
-        first_rows(paths.train, columns, MAX_TRAIN_EXAMPLES),
-        pd.read_parquet(paths.test, columns=columns),
-    )
-
-
-def first_rows(path: Path, columns: list[str], limit: int) -> pd.DataFrame:
-    """The first `limit` rows of a Parquet file, reading no row group past them."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    batches, rows = [], 0
-    for batch in pq.ParquetFile(path).iter_batches(columns=columns):
-        batches.append(batch)
-        rows += batch.num_rows
-        if rows >= limit:
-            break
-    return pa.Table.from_batches(batches).slice(0, limit).to_pandas()
-
-
-def answer_protocol(settings: EvalSettings, metrics: dict) -> str:
-    sampling = (
-        f"top_k={settings.top_k} at temperature={settings.temperature}, seed {settings.seed}"
-        if settings.decoding == SAMPLE
-        else "the most likely token each step"
-    )
-    return (
-        f"answer_perplexity = exp(sum NLL / answer tokens) of the reference answers' "
-        f"{metrics['answer_tokens']} tokens (each ending with EOS) given their prompts, over the "
-        f"{metrics['answer_rows']} test examples, one per row; the prompts' tokens are context, "
-        f"not scored ({metrics['answers_cut_off']} examples whose prompt fills block_size have "
-        "no answer token left and are not counted). exact_match, f1 (token-level) and rouge_l "
-        "(LCS F-measure) of the answers "
-        f"generated for the first {metrics['answered_examples']} test prompts "
-        f"(decoding={settings.decoding}: {sampling}; at most max_new_tokens="
-        f"{settings.max_new_tokens}, ending at EOS), lower-cased, punctuation and articles "
-        "removed, against the reference answers; the retrieval baseline answers each prompt "
-        "with the answer of the most similar train prompt (bag-of-words cosine)"
-    )
 
 
 def prompt_samples(model, tokenizer, settings: EvalSettings, context: int, placement):

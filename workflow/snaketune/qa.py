@@ -13,6 +13,8 @@ The per-example rows go to the samples table for a reviewer.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import torch
@@ -23,10 +25,10 @@ from snaketune.batches import TokenRows
 from snaketune.devices import Placement, to_device
 from snaketune.generation import generate_many
 from snaketune.metrics import load_metric
-from snaketune.names import PROMPT, RESPONSE
+from snaketune.names import INSTRUCTION_COLUMNS, PROMPT, RESPONSE
 from snaketune.perplexity import perplexity
-from snaketune.retrieval import nearest_answers
-from snaketune.settings import EvalSettings
+from snaketune.retrieval import MAX_TRAIN_EXAMPLES, nearest_answers
+from snaketune.settings import SAMPLE, EvalSettings
 
 
 @torch.no_grad()
@@ -74,21 +76,35 @@ def means(scores: dict[str, list[float]]) -> dict[str, float]:
     return {name: float(np.mean(values)) if values else 0.0 for name, values in scores.items()}
 
 
-def examples_to_answer(test: pd.DataFrame, settings: EvalSettings) -> pd.DataFrame:
-    return test if settings.answer_examples == 0 else test.head(settings.answer_examples)
+def first_rows(path: Path, limit: int | None) -> pd.DataFrame:
+    """The prompt and response of a split's first `limit` examples (None: all), reading no row
+    group past them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    batches, rows = [], 0
+    for batch in pq.ParquetFile(path).iter_batches(columns=list(INSTRUCTION_COLUMNS)):
+        batches.append(batch)
+        rows += batch.num_rows
+        if limit is not None and rows >= limit:
+            break
+    table = pa.Table.from_batches(batches)
+    return (table if limit is None else table.slice(0, limit)).to_pandas()
 
 
 def evaluate_answers(
     model,
     tokenizer,
-    train: pd.DataFrame,
-    test: pd.DataFrame,
+    train_split: Path,
+    test_split: Path,
     settings: EvalSettings,
     context: int,
     placement: Placement,
 ) -> tuple[dict, dict, pd.DataFrame]:
-    """(the model's answer metrics, the retrieval baseline's, the per-example table)."""
-    chosen = examples_to_answer(test, settings)
+    """(the model's answer metrics, the retrieval baseline's, the per-example table). Only the
+    examples answered and the baseline's bounded index are read."""
+    train = first_rows(train_split, MAX_TRAIN_EXAMPLES)
+    chosen = first_rows(test_split, settings.answer_examples or None)
     prompts, references = chosen[PROMPT].tolist(), chosen[RESPONSE].str.strip().tolist()
     generated, cuts = generate_many(
         model, tokenizer, prompts, settings, context, placement, settings.batch_size
@@ -117,4 +133,25 @@ def evaluate_answers(
         {**means(model_scores), "answered_examples": len(chosen)},
         {**means(baseline_scores), "answered_examples": len(chosen)},
         table,
+    )
+
+
+def answer_protocol(settings: EvalSettings, metrics: dict) -> str:
+    sampling = (
+        f"top_k={settings.top_k} at temperature={settings.temperature}, seed {settings.seed}"
+        if settings.decoding == SAMPLE
+        else "the most likely token each step"
+    )
+    return (
+        f"answer_perplexity = exp(sum NLL / answer tokens) of the reference answers' "
+        f"{metrics['answer_tokens']} tokens (each ending with EOS) given their prompts, over the "
+        f"{metrics['answer_rows']} test examples, one per row; the prompts' tokens are context, "
+        f"not scored ({metrics['answers_cut_off']} examples whose prompt fills block_size have "
+        "no answer token left and are not counted). exact_match, f1 (token-level) and rouge_l "
+        "(LCS F-measure) of the answers "
+        f"generated for the first {metrics['answered_examples']} test prompts "
+        f"(decoding={settings.decoding}: {sampling}; at most max_new_tokens="
+        f"{settings.max_new_tokens}, ending at EOS), lower-cased, punctuation and articles "
+        "removed, against the reference answers; the retrieval baseline answers each prompt "
+        "with the answer of the most similar train prompt (bag-of-words cosine)"
     )

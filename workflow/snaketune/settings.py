@@ -136,7 +136,7 @@ class DatasetSettings:
         raise_problems(problems)
 
     @property
-    def instruction_data(self) -> bool:
+    def is_instruction(self) -> bool:
         return bool(self.response_column or self.messages_column)
 
 
@@ -854,7 +854,7 @@ def read_settings_for(
     lm = task == CAUSAL_LM
     chat = (
         tokenizer.name_or_path
-        if lm and dataset.instruction_data and not text_template and tokenizer
+        if lm and dataset.is_instruction and not text_template and tokenizer
         else None
     )
     return ReadSettings(
@@ -896,7 +896,7 @@ def tokenizer_settings(view: ConfigView, experiment: str) -> TokenizerSettings:
 def tokenize_job(view: ConfigView, experiment: str) -> TokenizeJob:
     tokenize = view.section(TokenizeSettings, experiment, "tokenize")
     task = view.experiment(experiment)["task"]
-    instruction = task == CAUSAL_LM and view.dataset_of(experiment).instruction_data
+    instruction = task == CAUSAL_LM and view.dataset_of(experiment).is_instruction
     return TokenizeJob(task=task, tokenize=tokenize, instruction=instruction)
 
 

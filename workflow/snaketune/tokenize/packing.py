@@ -162,11 +162,11 @@ def pack_examples(encoded: Iterator[tuple], writer: ShardWriter, block: int) -> 
     return counts
 
 
-def greedy_rows(lengths: list[int], block: int, used: int) -> list[int]:
-    """The row of each example, whole examples in order into rows of at most `block` tokens, the
-    first row holding `used` tokens already. A loop over ints: sequential by nature, and a tiny
-    cost beside encoding (a million examples in about 0.2 s)."""
-    rows, row = [], 0
+def greedy_rows(lengths: list[int], block: int) -> list[int]:
+    """The row of each example, whole examples in order into rows of at most `block` tokens. A
+    loop over ints: sequential by nature, and a tiny cost beside encoding (a million examples
+    in about 0.2 s)."""
+    rows, row, used = [], 0, 0
     for n in lengths:
         if used and used + n > block:
             row, used = row + 1, 0
@@ -175,41 +175,41 @@ def greedy_rows(lengths: list[int], block: int, used: int) -> list[int]:
     return rows
 
 
+def joined(first, second):
+    """Two Encoded batches of instruction examples as one."""
+    return type(first)(
+        np.concatenate([first.ids, second.ids]),
+        np.concatenate([first.lengths, second.lengths]),
+        targets=np.concatenate([first.targets, second.targets]),
+    )
+
+
 def pack_whole_examples(
     encoded: Iterator[tuple], writer: ShardWriter, block: int
 ) -> PartitionCounts:
-    """Whole instruction examples packed into rows (see the module docstring); the open row is
-    carried from one batch to the next and written at the end."""
+    """Whole instruction examples packed into rows (see the module docstring). The examples of
+    the last, open row wait for the next batch, and are written at the end."""
     counts = PartitionCounts()
-    carry = None  # the open row: an Encoded of one "example"
+    open_row = None  # the examples of the row still open
     for _, batch in encoded:
-        if not len(batch.lengths):
-            continue
         counts.documents += len(batch.lengths)
         batch, truncated = cut_to_block(batch, block)
         counts.truncated += truncated
-        if carry is not None:
-            batch = type(batch)(
-                np.concatenate([carry.ids, batch.ids]),
-                np.concatenate([carry.lengths, batch.lengths]),
-                targets=np.concatenate([carry.targets, batch.targets]),
-            )
-        lengths = batch.lengths.tolist()
-        first = lengths[0] if carry is not None else 0
-        rows = np.asarray(greedy_rows(lengths[1:] if carry is not None else lengths, block, first))
-        if carry is not None:
-            rows = np.concatenate([[0], rows])
+        batch = batch if open_row is None else joined(open_row, batch)
+        if not len(batch.lengths):
+            continue
+        rows = np.asarray(greedy_rows(batch.lengths.tolist(), block))
         row_lengths = np.bincount(rows, weights=batch.lengths).astype(np.int64)
-        closed = row_lengths[:-1]
-        n_closed = int(closed.sum())
+        closed, waiting = row_lengths[:-1], int(np.count_nonzero(rows == rows[-1]))
+        tokens = int(closed.sum())
         if len(closed):
-            head = type(batch)(batch.ids[:n_closed], closed, targets=batch.targets[:n_closed])
+            head = type(batch)(batch.ids[:tokens], closed, targets=batch.targets[:tokens])
             writer.write(example_rows(head, closed))
             counts.short_rows += int(np.count_nonzero(closed < block))
-        carry = type(batch)(
-            batch.ids[n_closed:], row_lengths[-1:], targets=batch.targets[n_closed:]
+        open_row = type(batch)(
+            batch.ids[tokens:], batch.lengths[-waiting:], targets=batch.targets[tokens:]
         )
-    if carry is not None and len(carry.ids):
-        writer.write(example_rows(carry, carry.lengths))
-        counts.short_rows += int(carry.lengths[0] < block)
+    if open_row is not None and len(open_row.ids):
+        writer.write(example_rows(open_row, np.array([len(open_row.ids)])))
+        counts.short_rows += int(len(open_row.ids) < block)
     return counts

@@ -20,7 +20,13 @@ import yaml
 
 from snaketune.sharing import SHARED_FOLDER, SHARED_STAGES
 from tests.support.repo import REPO
-from tests.support.workflow import MLFLOW_EXPERIMENT, STAGES, stage_folder, tiny_config
+from tests.support.workflow import (
+    MLFLOW_EXPERIMENT,
+    STAGES,
+    same_to_rounding,
+    stage_folder,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -226,22 +232,6 @@ def test_every_output_and_mlflow_run_is_written(slurm_run):
         assert sorted(r.info.run_name for r in children) == sorted(STAGES)
         runs_json = json.loads((results / name / "track" / "runs.json").read_text())
         assert runs_json["runs"]["parent"] == parent.info.run_id
-
-
-def same_to_rounding(ours, theirs, where) -> None:
-    """JSON values equal, numbers to a relative 1e-5."""
-    if isinstance(ours, dict):
-        assert ours.keys() == theirs.keys(), where
-        for key in ours:
-            same_to_rounding(ours[key], theirs[key], f"{where}: {key}")
-    elif isinstance(ours, list):
-        assert len(ours) == len(theirs), where
-        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
-            same_to_rounding(a, b, f"{where}[{i}]")
-    elif isinstance(ours, float):
-        assert ours == pytest.approx(theirs, rel=1e-5), where
-    else:
-        assert ours == theirs, where
 
 
 def test_cluster_outputs_match_a_local_run(slurm_run, finished_run):

@@ -7,6 +7,7 @@ import functools
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from snaketune.stages import TRACKED
@@ -127,3 +128,19 @@ def run_in_new_workdir(tmp_path_factory) -> tuple[Path, subprocess.CompletedProc
     run = snakemake(workdir)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return workdir / "results", run
+
+
+def same_to_rounding(ours, theirs, where) -> None:
+    """JSON values equal, numbers to a relative 1e-5."""
+    if isinstance(ours, dict):
+        assert ours.keys() == theirs.keys(), where
+        for key in ours:
+            same_to_rounding(ours[key], theirs[key], f"{where}: {key}")
+    elif isinstance(ours, list):
+        assert len(ours) == len(theirs), where
+        for i, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+            same_to_rounding(a, b, f"{where}[{i}]")
+    elif isinstance(ours, float):
+        assert ours == pytest.approx(theirs, rel=1e-5), where
+    else:
+        assert ours == theirs, where

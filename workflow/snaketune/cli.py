@@ -12,9 +12,13 @@ from pathlib import Path
 
 # Bitwise-reproducible BLAS on the CPU: MKL's results otherwise depend on the memory alignment
 # of the arrays, which differs from one process to the next (a SLURM job and a local run of the
-# same training were seen 1e-6 apart). Strict conditional numerical reproducibility, set before
-# anything loads MKL; a value the user set wins.
-os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# same training were seen 1e-6 apart). Strict conditional numerical reproducibility, and the
+# fixed thread count that MKL's reproducibility conditions ask for (with dynamic threads it may
+# use fewer threads on a busy machine, and sum in another order), set before anything loads
+# MKL; a value the user set wins.
+REPRODUCIBLE_BLAS = {"MKL_CBWR": "AUTO,STRICT", "MKL_DYNAMIC": "FALSE", "OMP_DYNAMIC": "FALSE"}
+for _name, _value in REPRODUCIBLE_BLAS.items():
+    os.environ.setdefault(_name, _value)
 
 from snaketune.errors import SnaketuneError  # noqa: E402 (after the environment is set)
 from snaketune.settings import from_json  # noqa: E402

@@ -87,6 +87,48 @@ def job_resources(slurm_log: Path) -> dict[str, str]:
     return dict(item.split("=", 1) for item in line.group(1).split(", "))
 
 
+def test_the_profile_gives_train_nodes_a_task_per_node_that_the_launcher_starts(
+    slurm_run, tmp_path
+):
+    """train.nodes 2 under the profile: the train job asks SLURM for 2 nodes and a task on
+    each, SLURM runs its command as it is (not inside `srun -n1`, which would leave one task),
+    and the launcher's srun starts a torchrun agent per task, which rendezvous. This cluster has
+    one node, so `--set-resources train_model:nodes=1` stands it in for the two; the tasks
+    are the rule's own, and GPUs are asked for per node (gres), as the README says."""
+    workdir, _ = slurm_run
+    moved = tmp_path / "nodes"
+    shutil.copytree(workdir, moved, symlinks=True)  # its data stages are done: train alone runs
+    config = yaml.safe_load((moved / "config.yaml").read_text())
+    lm = next(e for e in config["experiments"] if e["name"] == "demo-lm")
+    lm["train"]["nodes"] = 2
+    (moved / "config.yaml").write_text(yaml.safe_dump(config))
+    shutil.rmtree(moved / "results" / "demo-lm" / "train_state")  # a checkpoint of 1 process
+    target = "results/demo-lm/train/manifest.json"
+    asked = run_with_profile(moved, dict(os.environ), "--dry-run", target)
+    assert "nodes=2, tasks=2, tasks_per_gpu=0, mpi=srun" in asked, asked[-3000:]
+    output = run_with_profile(
+        moved,
+        dict(os.environ),
+        # GPUs per node as the README asks for them (this cluster's are fake: it trains on CPU).
+        *("--set-resources", "train_model:nodes=1", "train_model:gres=gpu:1"),
+        *("--set-threads", "train_model=1"),
+        *("--verbose", target),
+    )
+    sbatch = [line for line in output.splitlines() if "sbatch call:" in line]
+    assert len(sbatch) == 1, output[-5000:]  # the train job alone
+    for flag in ("--nodes=1", "--ntasks=2", "--cpus-per-task=1"):
+        assert f" {flag} " in f"{sbatch[0]} ", sbatch[0]
+    assert "gpu:1" in sbatch[0] and "--ntasks-per-gpu" not in sbatch[0], sbatch[0]
+    log = (moved / "results" / "demo-lm" / "train" / "train.log").read_text()
+    job_id = re.search(r"rendezvous (\d+)", log)
+    assert job_id, log[-3000:]
+    for rank in (0, 1):  # one process under each agent, both in the job's rendezvous
+        assert f"process {rank} of 2 on " in log, log[-3000:]
+        assert f"node rank {rank}, rendezvous {job_id.group(1)}" in log, log[-3000:]
+    manifest = json.loads((moved / target).read_text())
+    assert manifest["counts"]["processes"] == 2
+
+
 @pytest.fixture(scope="module")
 def slurm_run(tmp_path_factory):
     problem = cluster_problem()
@@ -99,18 +141,24 @@ def slurm_run(tmp_path_factory):
     records.mkdir()
     hook = workdir / "record-job.sh"
     hook.write_text(RECORD_HOOK)
+    env = {**os.environ, "BASH_ENV": str(hook), "SNAKETUNE_JOB_RECORDS": str(records)}
+    output = run_with_profile(workdir, env, "--set-resources", "train_model:gpu=1")
+    return workdir, output
+
+
+def run_with_profile(workdir: Path, env: dict[str, str], *args: str) -> str:
+    """snakemake --profile profiles/slurm in `workdir`, to the end; its output."""
     command = [
         *("timeout", "-k", "20", "480"),  # a hung Snakemake ignores SIGTERM
         str(Path(sys.executable).with_name("snakemake")),
         *("--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir)),
         *("--configfile", str(workdir / "config.yaml")),
         *("--profile", str(REPO / "profiles" / "slurm")),
-        *("--set-resources", "train_model:gpu=1"),
         "--slurm-keep-successful-logs",
         # Poll sooner than the profile does: these jobs take seconds, not minutes.
         *("--slurm-init-seconds-before-status-checks", "2"),
+        *args,
     ]
-    env = {**os.environ, "BASH_ENV": str(hook), "SNAKETUNE_JOB_RECORDS": str(records)}
     run = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=540)
     output = run.stdout + run.stderr
     if run.returncode != 0:
@@ -118,7 +166,7 @@ def slurm_run(tmp_path_factory):
         if run_id:  # after a timeout, leave no job of this run behind in the queue
             subprocess.run(["scancel", "--name", run_id.group(1)], timeout=60)
     assert run.returncode == 0, output[-5000:]
-    return workdir, output
+    return output
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,11 @@ def test_the_train_rule_launches_one_agent_per_node_only_for_several_nodes():
     assert train_launcher(2, nodes=3) == "python -m snaketune.launch 3 2"
 
 
-def test_inside_a_slurm_job_srun_starts_an_agent_per_task(monkeypatch):
-    monkeypatch.setenv("SLURM_JOB_ID", "417")
-    monkeypatch.setenv("SLURM_NTASKS", "2")
-    assert launch.in_slurm_job(2)
+def test_inside_a_slurm_job_srun_starts_an_agent_per_task():
+    launch.check_tasks(2, "417", 2)
     with pytest.raises(SystemExit, match="train.nodes is 3, but SLURM job 417 has 2 task"):
-        launch.in_slurm_job(3)  # its agents would all run on one node
-    command = launch.slurm_command(2, 4, ["train", "--settings", "{}"], "gpu-node-07")
+        launch.check_tasks(3, "417", 2)  # its agents would all run on one node
+    command = launch.slurm_command(2, 4, ["train", "--settings", "{}"], "gpu-node-07", "417")
     assert command[:3] == ["srun", "--ntasks=2", "--kill-on-bad-exit=1"]
     agent = command[3:]
     assert agent[0].endswith("torchrun")
@@ -34,8 +32,3 @@ def test_inside_a_slurm_job_srun_starts_an_agent_per_task(monkeypatch):
         "--rdzv_id=417",
     ]
     assert agent[6:] == ["-m", "snaketune.cli", "train", "--settings", "{}"]
-
-
-def test_outside_slurm_the_agents_run_here(monkeypatch):
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert not launch.in_slurm_job(2)

@@ -25,7 +25,13 @@ from snaketune.settings import (
     to_json,
 )
 from snaketune.sources import changed_sources
-from snaketune.stages import BY_RULE, shell_command, threads_per_process, train_launcher
+from snaketune.stages import (
+    BY_RULE,
+    shell_command,
+    slurm_shape,
+    threads_per_process,
+    train_launcher,
+)
 from snaketune.tokenize.plan import (
     fixed_partition_counts,
     partition_names,
@@ -174,6 +180,13 @@ def train_processes(wildcards):
 def get_train_launcher(wildcards):
     nodes = EXPERIMENTS[wildcards.experiment]["train"]["nodes"]
     return train_launcher(train_processes(wildcards), nodes)
+
+
+def train_shape(resource):
+    """One of the train job's SLURM_SHAPE resources, from its experiment's train.nodes."""
+    return lambda wildcards: slurm_shape(EXPERIMENTS[wildcards.experiment]["train"]["nodes"])[
+        resource
+    ]
 
 
 def get_train_threads(wildcards, threads):

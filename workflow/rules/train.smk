@@ -36,6 +36,11 @@ rule train_model:
         # Not a limit: which attempt this is, so that a retry of an error it would repeat
         # stops at once (snaketune.attempts).
         attempt=lambda wildcards, attempt: attempt,
+        # train.nodes > 1: N nodes under the SLURM profile, a task (a torchrun agent) on each.
+        nodes=train_shape("nodes"),
+        tasks=train_shape("tasks"),
+        tasks_per_gpu=train_shape("tasks_per_gpu"),
+        mpi=train_shape("mpi"),
     shell:
         shell_command(
             "train_model",

@@ -4,10 +4,11 @@ one-node code (process 0 alone writes outputs).
 
     python -m snaketune.launch NODES PROCESSES train <the train CLI's arguments>
 
-Inside a SLURM job of NODES tasks (one per node: sbatch --nodes=NODES --ntasks-per-node=1)
-srun starts the agents, one per task, and the rendezvous is on the allocation's first node
-(`scontrol show hostnames $SLURM_JOB_NODELIST`, at its NodeAddr), port RENDEZVOUS_PORT, id
-the job id; every agent reaches it there. Elsewhere the NODES agents run on this machine over
+Inside a SLURM job of NODES tasks (one per node: sbatch --nodes=NODES --ntasks-per-node=1,
+which the train rule asks the SLURM profile for) srun starts the agents, one per task, and the
+rendezvous is on the allocation's first node (its NodeAddr, from `scontrol show job` and
+`scontrol show hostnames`), port RENDEZVOUS_PORT, id the job id; every agent reaches it
+there. Elsewhere the NODES agents run on this machine over
 127.0.0.1 (a free port): the same rendezvous, for a workstation and the tests. A SIGTERM (a
 requeue) reaches every agent, which passes it to its processes; the exit status is the worst
 agent's.
@@ -42,30 +43,30 @@ def agent_command(nodes: int, processes: int, endpoint: str, run_id: str, args: 
     ]
 
 
-def in_slurm_job(nodes: int) -> bool:
-    """Inside a SLURM job with a task for every node; inside one with fewer, an error: its
-    agents would all run on one node."""
-    if not os.environ.get("SLURM_JOB_ID"):
-        return False
-    tasks = int(os.environ.get("SLURM_NTASKS", "1"))
+def slurm_job(job_id: str) -> dict[str, str]:
+    """SLURM's record of the job (`scontrol show job`): its task count and node list, which a
+    job step's environment may lack (the SLURM executor plugin's job step keeps only
+    SLURM_JOB_ID of the SLURM_* variables)."""
+    command = ["scontrol", "show", "job", "--oneliner", job_id]
+    shown = subprocess.run(command, capture_output=True, text=True, check=True)
+    return dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f)
+
+
+def check_tasks(nodes: int, job_id: str, tasks: int) -> None:
+    """A SLURM job with fewer tasks than nodes would run all its agents on one node."""
     if tasks < nodes:
         raise SystemExit(
-            f"snaketune.launch: train.nodes is {nodes}, but SLURM job "
-            f"{os.environ['SLURM_JOB_ID']} has {tasks} task(s): submit it with --nodes={nodes} "
-            f"--ntasks-per-node=1 (with the profile: --set-resources train_model:nodes={nodes} "
-            f"train_model:tasks={nodes})"
+            f"snaketune.launch: train.nodes is {nodes}, but SLURM job {job_id} has {tasks} "
+            f"task(s): submit it with --nodes={nodes} --ntasks-per-node=1 (the profile asks for "
+            f"that itself, unless --set-resources gave train_model fewer tasks)"
         )
-    return True
 
 
-def first_node() -> str:
+def first_node(node_list: str) -> str:
     """The address of the allocation's first node, as SLURM reaches it (its NodeAddr; the
     name where none is set)."""
     shown = subprocess.run(
-        ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-        capture_output=True,
-        text=True,
-        check=True,
+        ["scontrol", "show", "hostnames", node_list], capture_output=True, text=True, check=True
     )
     name = shown.stdout.split()[0]
     node = subprocess.run(
@@ -110,16 +111,19 @@ def run_here(nodes: int, processes: int, args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     nodes, processes, args = int(argv[0]), int(argv[1]), argv[2:]
-    if in_slurm_job(nodes):
-        command = slurm_command(nodes, processes, args, first_node())
-        os.execvp(command[0], command)
-    return run_here(nodes, processes, args)
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        return run_here(nodes, processes, args)
+    job = slurm_job(job_id)
+    check_tasks(nodes, job_id, int(job["NumTasks"]))
+    command = slurm_command(nodes, processes, args, first_node(job["NodeList"]), job_id)
+    os.execvp(command[0], command)
 
 
-def slurm_command(nodes: int, processes: int, args: list[str], head: str) -> list[str]:
+def slurm_command(nodes: int, processes: int, args: list[str], head: str, job_id: str) -> list[str]:
     """srun starting one agent per task, the rendezvous on the allocation's first node."""
     endpoint = f"{head}:{RENDEZVOUS_PORT}"
-    agent = agent_command(nodes, processes, endpoint, os.environ["SLURM_JOB_ID"], args)
+    agent = agent_command(nodes, processes, endpoint, job_id, args)
     # One agent per task; which node each task is on is the allocation's (sbatch --nodes=N
     # --ntasks-per-node=1 puts one on each node).
     return ["srun", f"--ntasks={nodes}", "--kill-on-bad-exit=1", *agent]

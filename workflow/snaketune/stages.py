@@ -335,6 +335,22 @@ def train_launcher(processes: int, nodes: int = 1) -> str:
     return f"torchrun --standalone --nproc_per_node={processes} -m snaketune.cli"
 
 
+SLURM_SHAPE = ("nodes", "tasks", "tasks_per_gpu", "mpi")
+"""The train job's resources that give it its nodes under the SLURM profile (the SLURM
+executor plugin's names)."""
+
+
+def slurm_shape(nodes: int) -> dict[str, int | str | None]:
+    """The SLURM_SHAPE resources for train.nodes: N nodes and a task on each, each task a
+    torchrun agent that snaketune.launch starts with its own srun. `mpi` tells the plugin so
+    (its job step then runs the command as it is, not inside `srun -n1`), and tasks_per_gpu 0
+    keeps it from turning `tasks` into --ntasks-per-gpu on a GPU job. One node asks for none of
+    them (None: Snakemake drops the resource), as every other job."""
+    if nodes == 1:
+        return dict.fromkeys(SLURM_SHAPE)
+    return {"nodes": nodes, "tasks": nodes, "tasks_per_gpu": 0, "mpi": "srun"}
+
+
 def threads_per_process(threads: int, processes: int) -> int:
     """A job's threads shared among its training processes."""
     return max(1, threads // processes)

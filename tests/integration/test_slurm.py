@@ -23,7 +23,7 @@ from tests.support.repo import REPO
 from tests.support.workflow import (
     MLFLOW_EXPERIMENT,
     STAGES,
-    same_to_rounding,
+    same_metrics,
     stage_folder,
     tiny_config,
 )
@@ -299,7 +299,7 @@ def test_cluster_outputs_match_a_local_run(slurm_run, finished_run):
             if path.suffix == ".parquet":
                 assert path.read_bytes() == twin.read_bytes(), where
             elif path.name == "metrics.json":
-                same_to_rounding(json.loads(path.read_text()), json.loads(twin.read_text()), where)
+                same_metrics(json.loads(path.read_text()), json.loads(twin.read_text()), where)
             elif path.name == "history.jsonl":
                 ours, theirs = (
                     [json.loads(line)["loss"] for line in p.read_text().splitlines()]

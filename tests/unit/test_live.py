@@ -171,3 +171,26 @@ def test_the_environment_sets_how_long_a_stage_works_before_it_connects(monkeypa
             live.live_after_s()
     monkeypatch.delenv(live.LIVE_AFTER_VARIABLE)
     assert live.live_after_s() == live.LIVE_AFTER_S
+
+
+def test_a_new_sqlite_store_is_made_only_under_the_store_lock(tmp_path):
+    """Two jobs making one new SQLite store at once collide in its migrations ("table
+    _alembic_tmp_tags already exists", seen in a sweep: a track job and a training's live
+    sender), so the sender makes its client, which creates the store, under the store's lock."""
+    import threading
+
+    db = tmp_path / "new" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    folder = tmp_path / "tracking"
+    folder.mkdir()
+    start = live.StageStart("train", "k-new", time.time(), {})
+    connected = []
+    worker = threading.Thread(
+        target=lambda: connected.append(live._Connection(target_for(uri, tmp_path), folder, start))
+    )
+    with live.store_lock(uri):
+        worker.start()
+        worker.join(timeout=5)
+        assert worker.is_alive() and not db.exists()  # waiting for the lock, the store unmade
+    worker.join(timeout=120)
+    assert connected and db.exists()

@@ -382,8 +382,10 @@ class _Connection:
         from mlflow import MlflowClient
 
         self.uri = target.uri()
-        self.client = MlflowClient(tracking_uri=self.uri)
         with store_lock(self.uri):
+            # Under the lock: a client's first use of a new SQLite store creates its tables,
+            # and two jobs doing that at once collide ("table _alembic_tmp_tags already exists").
+            self.client = MlflowClient(tracking_uri=self.uri)
             experiment_id = experiment_id_for(
                 self.client, target.mlflow_experiment, self.uri, Path(target.artifacts).as_uri()
             )

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from snaketune.launch import scontrol_record
 from snaketune.sharing import SHARED_FOLDER, SHARED_STAGES
 from tests.support.repo import REPO
 from tests.support.workflow import (
@@ -70,14 +71,7 @@ def cluster_problem() -> str | None:
 
 
 def scontrol_job(job_id: str) -> dict[str, str]:
-    shown = subprocess.run(
-        ["scontrol", "--details", "--oneliner", "show", "job", job_id],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    return dict(field.split("=", 1) for field in shown.split() if "=" in field)
+    return scontrol_record("--details", "show", "job", job_id)
 
 
 def job_resources(slurm_log: Path) -> dict[str, str]:

@@ -241,10 +241,9 @@ def model_positions(name_or_path: str) -> int | None:
 
 
 def instruction_problems(
-    exp: dict[str, Any], given: dict[str, Any], dataset: dict[str, Any]
+    exp: dict[str, Any], given: dict[str, Any], instruction: bool
 ) -> list[tuple[str, str]]:
     """Answers are generated and scored only for instruction data."""
-    instruction = dataset.get("response_column") or dataset.get("messages_column")
     if (
         exp["task"] != CAUSAL_LM
         or instruction

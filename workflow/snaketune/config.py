@@ -104,6 +104,7 @@ def cross_checks(
     problems += tracking_problems(config["mlflow"]["tracking_uri"])
     problems += [problem] if (problem := live_after_problem()) else []
     datasets = config["datasets"]
+    view = ConfigView(config, base_dir)
     seen = set()
     for i, exp in enumerate(config["experiments"]):
         where = f"experiments[{i}]"
@@ -122,14 +123,23 @@ def cross_checks(
                 f"{exp['dataset']}.label_column to be set"
             )
         problems += read_problems(datasets[exp["dataset"]], exp, where)
-        problems += settings_problems(ConfigView(config, base_dir), exp["name"], where)
+        problems += settings_problems(view, exp["name"], where)
         raw = given["experiments"][i] if given else {}
         problems += experiment_problems(exp, raw, where)
         problems += [
             f"{where}.{key}: {text}"
-            for key, text in instruction_problems(exp, raw, datasets[exp["dataset"]])
+            for key, text in instruction_problems(exp, raw, is_instruction(view, exp["name"]))
         ]
     return problems
+
+
+def is_instruction(view: ConfigView, experiment: str) -> bool:
+    """DatasetSettings.is_instruction of the experiment's dataset; a dataset that its settings
+    refuse counts as instruction data here, so that only its own problems are reported."""
+    try:
+        return view.dataset_of(experiment).is_instruction
+    except SettingsError:
+        return True
 
 
 def dataset_problems(datasets: dict[str, Any]) -> list[str]:

@@ -43,13 +43,19 @@ def agent_command(nodes: int, processes: int, endpoint: str, run_id: str, args: 
     ]
 
 
-def slurm_job(job_id: str) -> dict[str, str]:
-    """SLURM's record of the job (`scontrol show job`): its task count and node list, which a
-    job step's environment may lack (the SLURM executor plugin's job step keeps only
-    SLURM_JOB_ID of the SLURM_* variables)."""
-    command = ["scontrol", "show", "job", "--oneliner", job_id]
-    shown = subprocess.run(command, capture_output=True, text=True, check=True)
+def scontrol_record(*args: str, check: bool = True) -> dict[str, str]:
+    """`scontrol --oneliner ARGS` (a `show` of one record) as {field: value}; unchecked, a
+    failed command gives {}."""
+    command = ["scontrol", "--oneliner", *args]
+    shown = subprocess.run(command, capture_output=True, text=True, timeout=60, check=check)
     return dict(f.split("=", 1) for f in shown.stdout.split() if "=" in f)
+
+
+def slurm_job(job_id: str) -> dict[str, str]:
+    """SLURM's record of the job: its task count and node list, which a job step's environment
+    may lack (the SLURM executor plugin's job step keeps only SLURM_JOB_ID of the SLURM_*
+    variables)."""
+    return scontrol_record("show", "job", job_id)
 
 
 def check_tasks(nodes: int, job_id: str, tasks: int) -> None:
@@ -69,11 +75,7 @@ def first_node(node_list: str) -> str:
         ["scontrol", "show", "hostnames", node_list], capture_output=True, text=True, check=True
     )
     name = shown.stdout.split()[0]
-    node = subprocess.run(
-        ["scontrol", "show", "node", "--oneliner", name], capture_output=True, text=True
-    )
-    fields = dict(f.split("=", 1) for f in node.stdout.split() if "=" in f)
-    return fields.get("NodeAddr") or name
+    return scontrol_record("show", "node", name, check=False).get("NodeAddr") or name
 
 
 def free_port() -> int:

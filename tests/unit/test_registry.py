@@ -1,4 +1,4 @@
-"""The final model in the Model Registry: logged with the transformers flavour on the train run,
+"""The final model in the Model Registry: logged as the served pyfunc model on the train run,
 registered once per upload with the eval metrics as tags, its metrics linked to the test split,
 and no new version when the track rule runs again."""
 
@@ -14,6 +14,7 @@ import pytest
 from snaketune.registry import MODEL_TAG, SERVING_PACKAGES, pip_requirements, servable
 from snaketune.settings import MlflowSettings, TrackSettings, registered_model_name
 from tests.support.mlflow_stores import (
+    EXPERIMENT,
     METRICS,
     MLFLOW_EXPERIMENT,
     SPLIT_SHA,
@@ -147,10 +148,26 @@ def test_logged_model_pins_its_requirements_and_answers(registered, monkeypatch)
     model_id = registered.model["model_id"]
     artifacts = registered.store.artifact_dir / "models" / model_id / "artifacts"
     assert (artifacts / "requirements.txt").read_text().split() == pip_requirements()
-    assert "transformers" in (artifacts / "MLmodel").read_text()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.store.uri)
-    answers = mlflow.pyfunc.load_model(registered.model["uri"]).predict(["Customer: hi"])
+    model = mlflow.pyfunc.load_model(registered.model["uri"])
+    answers = model.predict(["Customer: hi"])
     assert len(answers) == 1 and answers[0].startswith("Customer: hi")
+
+
+@pytest.mark.slow
+def test_logged_model_is_named_after_the_experiment_and_declares_its_params(
+    registered, monkeypatch
+):
+    """The generation params a request may send are in the model's signature (MLflow's UI and
+    `mlflow models predict` show them); the logged model is the experiment's, not `pipeline`."""
+    logged = registered.store.client.get_logged_model(registered.model["model_id"])
+    assert logged.name == EXPERIMENT
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registered.store.uri)  # models:/ goes by it
+    info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
+    params = {spec.name: spec.default for spec in info.signature.params.params}
+    assert params == dict.fromkeys(
+        ["max_new_tokens", "decoding", "do_sample", "temperature", "top_k"]
+    )
 
 
 @pytest.mark.slow

@@ -1,12 +1,10 @@
-"""The final model in MLflow's Model Registry: logged with the transformers flavour from the
-train stage's output, and registered as a version that carries the evaluation metrics and
-names the train and evaluate runs it came from.
+"""The final model in MLflow's Model Registry: logged from the train stage's output as a pyfunc
+model that checks its requests and answers as evaluation does (snaketune.serving), and
+registered as a version that carries the evaluation metrics and names the train and evaluate
+runs it came from.
 
-The model is logged as a transformers pipeline object, so its weights are loaded into memory
-here once: handing mlflow the checkpoint directory instead (which would skip that) fails with
-mlflow 3.17 and transformers 5 (an AttributeError in build_flavor_config_from_local_checkpoint).
-The logged model (`pipeline`) holds its own copy of the weights, beside the train run's raw
-`model` artifact folder.
+The logged model is named after the experiment and holds its own copy of the model folder,
+beside the train run's raw `model` artifact folder.
 """
 
 from __future__ import annotations
@@ -20,16 +18,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION
-from snaketune.settings import GREEDY, EvalSettings
-
-PIPELINE_TASKS = {CAUSAL_LM: "text-generation", SEQUENCE_CLASSIFICATION: "text-classification"}
-# What `mlflow models serve` needs to load the pipeline. Given explicitly: mlflow's inference of
+# What `mlflow models serve` needs to load the model. Given explicitly: mlflow's inference of
 # requirements imports optional packages (torchvision) that are not installed.
 SERVING_PACKAGES = ("mlflow", "torch", "transformers", "tokenizers", "safetensors")
 TRACKING_URI_VARIABLE = "MLFLOW_TRACKING_URI"
-LOGGED_MODEL_NAME = "pipeline"
-"""The logged model's name: not `model`, the train run's artifact folder of raw weights."""
 MAX_DESCRIPTION = 5000  # the SQL stores' limit on a model version's description
 MODEL_TAG = "snaketune.model"
 """Parent run tag holding the registered version, so a rerun reuses it instead of registering."""
@@ -62,7 +54,7 @@ def is_lstm(model_dir: Path) -> bool:
 
 
 def servable(model_dir: Path) -> bool:
-    """A transformers model (logged as a pipeline) or the LSTM baseline (a pyfunc model)."""
+    """A transformers model or the LSTM baseline (both served by snaketune.serving)."""
     return is_lstm(model_dir) or (Path(model_dir) / "config.json").exists()
 
 
@@ -86,39 +78,6 @@ def _tracking_uri(uri: str) -> Iterator[None]:
             os.environ[TRACKING_URI_VARIABLE] = previous_env
 
 
-def inference_config(task: str, evaluate: dict[str, Any]) -> dict[str, Any]:
-    """What the served pipeline applies to every request: the evaluation's decoding and
-    generation length, and prompts longer than the model's context cut from the left to leave
-    room for it (the LM); texts cut to the context (the classifier). The context is the
-    tokenizer's model_max_length, which the train stage sets to the model's positions."""
-    if task == CAUSAL_LM:
-        settings = EvalSettings(**{k: v for k, v in evaluate.items() if k in DECODING_KEYS})
-        decoding = {"do_sample": False}
-        if settings.decoding != GREEDY:
-            decoding = {
-                "do_sample": True,
-                "top_k": settings.top_k,
-                "temperature": settings.temperature,
-            }
-        return {
-            "max_new_tokens": settings.max_new_tokens,
-            "handle_long_generation": "hole",
-            **decoding,
-        }
-    return {"truncation": True}
-
-
-DECODING_KEYS = ("max_new_tokens", "decoding", "top_k", "temperature")
-
-
-def request_signature():
-    """Requests are a list of texts: anything else is refused with HTTP 400 and a message."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema
-
-    return ModelSignature(inputs=Schema([ColSpec(DataType.string)]))
-
-
 def log_model(
     uri: str,
     run_id: str,
@@ -127,41 +86,23 @@ def log_model(
     evaluate: dict[str, Any],
     prompt_template: str | None = None,
     context: int = 0,
+    *,
+    name: str,
 ):
-    """Log the model as the run's logged model 'pipeline' (a transformers pipeline; the LSTM
-    as a pyfunc model, snaketune.serving); returns mlflow's ModelInfo (model_id, model_uri).
-    Requests are decoded as the evaluation decodes (`evaluate`). With a prompt_template
-    (instruction data) a request is a question the model answers: the template around it, and
-    only the generated answer back. `context` is the LSTM's: the tokens a prompt or text is cut
-    to (its training rows' length)."""
+    """Log the model folder as the run's logged model `name` (the experiment's), a pyfunc model
+    that checks each request and answers it as evaluation does (snaketune.serving); returns
+    mlflow's ModelInfo (model_id, model_uri). Requests are decoded as the evaluation decodes
+    (`evaluate`). With a prompt_template (instruction data) a request is a question the model
+    answers: the template around it, and only the generated answer back. `context` is the
+    training rows' length, which prompts and texts are cut to."""
     import mlflow
 
-    if is_lstm(model_dir):
-        from snaketune.serving import log_lstm
+    from snaketune.serving import log_served, serving_config
 
-        lstm = {
-            "task": task,
-            "prompt_template": prompt_template,
-            "context": context,
-            "decoding": {k: v for k, v in evaluate.items() if k in DECODING_KEYS},
-        }
-        with _tracking_uri(uri), mlflow.start_run(run_id=run_id):
-            return log_lstm(
-                model_dir, lstm, LOGGED_MODEL_NAME, pip_requirements(), request_signature()
-            )
-    from transformers import pipeline
-
-    pipe = pipeline(PIPELINE_TASKS[task], model=str(model_dir), device="cpu")
+    config = serving_config(task, evaluate, prompt_template, context)
     # The active run puts the logged model in the run's experiment (else: the default one).
     with _tracking_uri(uri), mlflow.start_run(run_id=run_id):
-        return mlflow.transformers.log_model(
-            pipe,
-            name=LOGGED_MODEL_NAME,
-            pip_requirements=pip_requirements(),
-            model_config=inference_config(task, evaluate),
-            prompt_template=prompt_template,
-            signature=request_signature(),
-        )
+        return log_served(model_dir, config, name, pip_requirements())
 
 
 @dataclass(frozen=True)

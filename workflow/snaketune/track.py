@@ -436,6 +436,7 @@ def _log_model(store: Store, settings: TrackSettings, files: UploadFiles, train_
         config.get("evaluate", {}),
         files.manifest("clean").get("instruction", {}).get("serving_template"),
         context=rows.get("block_size" if task == CAUSAL_LM else "max_length", 0),
+        name=settings.experiment,
     )
 
 

@@ -37,3 +37,7 @@ onstart:
 
 onsuccess:
     print_summary()
+
+
+onerror:
+    print_failures()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snaketune.stages import BY_RULE, INPUT, OUTPUT, STATE, path_fields
+from snaketune.stages import BY_RULE, INPUT, INTERPRETER, OUTPUT, STATE, path_fields
 from tests.support.repo import DEFAULT_CONFIG, REPO
 from tests.support.workflow import config_with, snakemake_command, snakemake_with
 
@@ -64,12 +64,18 @@ def test_train_rule_launches_torchrun_for_several_processes(tmp_path: Path):
     assert len(commands) == 2
     ddp = [c for c in commands if "demo-lm" in c][0]
     single = [c for c in commands if "demo-intent" in c][0]
-    assert "torchrun --standalone --nproc_per_node=2 -m snaketune.cli train" in ddp
-    assert "OMP_NUM_THREADS=1 " in ddp  # the rule's 2 threads shared by 2 processes
-    assert "torchrun" not in single
+    # Every command runs the workflow's own interpreter (the rules' shell prefix sets it), not
+    # whatever PATH finds.
+    python = INTERPRETER
     assert (
-        "OMP_NUM_THREADS=2 SNAKETUNE_ATTEMPT=1 python -m snaketune.gpus 0 -- snaketune train"
-        in (single)
+        f"{python} -m torch.distributed.run --standalone --nproc_per_node=2 -m snaketune.cli train"
+        in ddp
+    )
+    assert "OMP_NUM_THREADS=1 " in ddp  # the rule's 2 threads shared by 2 processes
+    assert "torch.distributed.run" not in single
+    assert (
+        f"SNAKETUNE_ATTEMPT=1 {python} -m snaketune.gpus 0 -- {python} -m snaketune.cli train"
+        in single
     )
 
 

@@ -101,7 +101,7 @@ def finish(process: subprocess.Popen) -> str:
 def train_process(workdir: Path) -> psutil.Process | None:
     for proc in psutil.process_iter(["cmdline", "cwd"]):
         cmdline = proc.info["cmdline"] or []
-        if "train" in cmdline and any(a.endswith("snaketune") for a in cmdline[:2]):
+        if "train" in cmdline and "snaketune.cli" in cmdline[:3]:
             if proc.info["cwd"] == str(workdir):
                 return proc
     return None

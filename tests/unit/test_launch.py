@@ -4,6 +4,8 @@ itself: tests/unit/test_finetune.py)."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from snaketune import launch
@@ -11,9 +13,17 @@ from snaketune.stages import train_launcher
 
 
 def test_the_train_rule_launches_one_agent_per_node_only_for_several_nodes():
-    assert train_launcher(1) == "snaketune"
-    assert train_launcher(4).startswith("torchrun --standalone --nproc_per_node=4")
-    assert train_launcher(2, nodes=3) == "python -m snaketune.launch 3 2"
+    # What the workflow's own interpreter runs (stages.INTERPRETER before it): never a command
+    # looked up on PATH, which may lack the environment.
+    assert train_launcher(1) == "-m snaketune.cli"
+    assert train_launcher(4).startswith("-m torch.distributed.run --standalone --nproc_per_node=4")
+    assert train_launcher(2, nodes=3) == "-m snaketune.launch 3 2"
+
+
+def test_launch_without_its_arguments_prints_its_usage(capsys):
+    assert launch.main([]) == 2
+    assert launch.main(["two", "4", "train"]) == 2
+    assert capsys.readouterr().err.startswith("usage: python -m snaketune.launch NODES PROCESSES")
 
 
 def test_inside_a_slurm_job_srun_starts_an_agent_per_task():
@@ -23,7 +33,8 @@ def test_inside_a_slurm_job_srun_starts_an_agent_per_task():
     command = launch.slurm_command(2, 4, ["train", "--settings", "{}"], "gpu-node-07", "417")
     assert command[:3] == ["srun", "--ntasks=2", "--kill-on-bad-exit=1"]
     agent = command[3:]
-    assert agent[0].endswith("torchrun")
+    assert agent[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    agent = agent[2:]
     assert agent[1:6] == [
         "--nnodes=2",
         "--nproc_per_node=4",

@@ -1,12 +1,17 @@
 # Config validation, wildcard constraints and the get_<thing>(wildcards) helpers the rules use.
 # Every rule's shell command and settings come from its job definition in snaketune.stages:
-# shell_command("split_corpus") is `snaketune split --corpus {input.corpus:q} ... --settings
-# {params.settings:q} > {log:q} 2>&1`, one option per path the job takes, by its rule name.
+# shell_command("split_corpus") is `"$snaketune_python" -m snaketune.cli split --corpus
+# {input.corpus:q} ... --settings {params.settings:q} > {log:q} 2>&1 || ...`: one option per path
+# the job takes, by its rule name, and a failed job's message on the console (snaketune.joblog).
 import json
 import os
 import re
+import shlex
 import sys
 
+from snakemake.settings.types import DeploymentMethod
+
+from snaketune import joblog
 from snaketune.config import apply_preset, raise_if_invalid, validated
 from snaketune.gpus import DEVICES_VARIABLE, machine_devices
 from snaketune import resume
@@ -27,6 +32,8 @@ from snaketune.settings import (
 from snaketune.sources import changed_sources
 from snaketune.stages import (
     BY_RULE,
+    INTERPRETER,
+    interpreter_prefix,
     shell_command,
     slurm_shape,
     threads_per_process,
@@ -46,6 +53,13 @@ validated(config, workflow.basedir)  # every problem by key, before any job; def
 os.environ[REPOSITORY_VARIABLE] = str(workflow.basedir)  # the jobs' relative dataset paths
 if config["local_gpus"]:  # the devices snaketune.gpus hands out to local jobs
     os.environ[DEVICES_VARIABLE] = ",".join(str(device) for device in config["local_gpus"])
+# The interpreter of every job's command (snaketune.stages.INTERPRETER): this one, which loaded
+# the Snakefile and so has snaketune, whatever PATH the shell has; a conda environment's own
+# python where the rules run in their conda environments. (Snakemake formats the prefix: braces
+# are doubled.)
+IN_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+PYTHON = "python" if IN_CONDA else sys.executable
+shell.prefix(interpreter_prefix(PYTHON).replace("{", "{{").replace("}", "}}"))
 R = config["results_dir"]
 EXPERIMENTS = {exp["name"]: exp for exp in config["experiments"]}
 CONFIG = ConfigView(config, workflow.basedir)
@@ -237,6 +251,7 @@ def say_how_training_continues():
 def record_invocation():
     """Once per invocation, before any job: its command line, and where each experiment's
     stages track their runs live."""
+    joblog.clear()
     write_invocation(R, sys.argv, config)
     for name in EXPERIMENTS:
         settings = BY_RULE["track_experiment"].from_config(CONFIG, experiment=name)
@@ -251,6 +266,19 @@ def link_shared_stages():
         print(f"snaketune: {problem}", file=sys.stderr)
 
 
+def print_failures():
+    """At the end of a failed run: each failed job, its message and its log."""
+    print(joblog.summary(), file=sys.stderr)
+
+
+def sibling_command(name):
+    """A command of this environment, by a path that works from any shell (relative when it is
+    under the working directory, as the README writes .venv/bin/mlflow), whatever PATH holds."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    relative = os.path.relpath(path)
+    return relative if not relative.startswith("..") else path
+
+
 def print_summary():
     configured = mlflow_settings(CONFIG).tracking_uri
     uri = redact(effective_tracking_uri(store_uri(configured, MLFLOW_STORE)))
@@ -259,7 +287,8 @@ def print_summary():
         print(f"  {name}: {R}/{name}/evaluate/metrics.json")
     runs = f"{R}/{next(iter(EXPERIMENTS))}/track/runs.json"
     if uri.startswith("sqlite:///"):
-        print(f"Start the MLflow UI: mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        mlflow = shlex.quote(sibling_command("mlflow"))
+        print(f"Start the MLflow UI: {mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
         uri = "http://127.0.0.1:5000"
     if os.path.exists(runs):
         print(f"Browse the runs: {runs_table_url(uri, json.loads(open(runs).read()))}\n")

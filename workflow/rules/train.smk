@@ -45,6 +45,6 @@ rule train_model:
         shell_command(
             "train_model",
             # CUDA_VISIBLE_DEVICES: the job's own resources.gpu devices (snaketune.gpus).
-            launcher="python -m snaketune.gpus {resources.gpu} -- {params.launcher}",
+            launcher=f"{INTERPRETER} -m snaketune.gpus {{resources.gpu}} -- {INTERPRETER} {{params.launcher}}",
             env="OMP_NUM_THREADS={params.threads_per_process} SNAKETUNE_ATTEMPT={resources.attempt}",
         )

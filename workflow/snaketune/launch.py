@@ -17,7 +17,6 @@ agent's.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,9 +28,11 @@ RENDEZVOUS_PORT = 29400
 
 
 def agent_command(nodes: int, processes: int, endpoint: str, run_id: str, args: list[str]):
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+    # torchrun of this interpreter, which has snaketune (PATH may lack its environment).
     return [
-        torchrun,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
         f"--nnodes={nodes}",
         f"--nproc_per_node={processes}",
         "--rdzv_backend=c10d",
@@ -110,8 +111,14 @@ def run_here(nodes: int, processes: int, args: list[str]) -> int:
     return failed[0] if failed[0] > 0 else 128 - failed[0]  # killed by signal N: 128 + N
 
 
+USAGE = "usage: python -m snaketune.launch NODES PROCESSES train <the train CLI's arguments>"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 3 or not (argv[0].isdigit() and argv[1].isdigit()) or int(argv[0]) < 1:
+        print(f"{USAGE}\n(the train rule runs it for train.nodes > 1)", file=sys.stderr)
+        return 2
     nodes, processes, args = int(argv[0]), int(argv[1]), argv[2:]
     job_id = os.environ.get("SLURM_JOB_ID")
     if not job_id:

@@ -12,6 +12,7 @@ This module imports nothing heavy: the workflow reads it when it builds the DAG.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable, Iterator
 from dataclasses import Field, dataclass, field, fields
 from importlib import import_module
@@ -305,9 +306,24 @@ def flag(f: Field) -> str:
     return "--" + f.name.replace("_", "-")
 
 
-def shell_command(rule: str, launcher: str = "snaketune", env: str = "") -> str:
+INTERPRETER_VARIABLE = "snaketune_python"
+INTERPRETER = f'"${INTERPRETER_VARIABLE}"'
+"""The workflow's own interpreter in a rule's command: a shell variable that the rules' shell
+prefix sets (`interpreter_prefix`, common.smk). Whatever `snakemake` loaded the Snakefile can
+then run its jobs, from a shell whose PATH lacks its environment; and the rules' text stays the
+same wherever the checkout is (Snakemake reruns a job whose command text or params changed)."""
+CLI = f"{INTERPRETER} -m snaketune.cli"
+
+
+def interpreter_prefix(python: str) -> str:
+    """Snakemake's shell prefix for every rule: its default strict mode, then INTERPRETER."""
+    return f"set -euo pipefail; {INTERPRETER_VARIABLE}={shlex.quote(python)}; "
+
+
+def shell_command(rule: str, launcher: str = CLI, env: str = "") -> str:
     """The rule's shell command: every path by its input/output/params name, the settings from
-    params.settings, the log from log."""
+    params.settings, the output into the log; a failure's message on the console too
+    (snaketune.joblog)."""
     stage = BY_RULE[rule]
     paths = " ".join(
         f"{flag(f)} {{{f.metadata['role']}.{f.name}:q}}" for f in path_fields(stage.paths)
@@ -317,7 +333,7 @@ def shell_command(rule: str, launcher: str = "snaketune", env: str = "") -> str:
     prefix = f"{env} " if env else ""
     return (
         f"{prefix}{launcher} {stage.command} {paths} --settings {{params.settings:q}}"
-        " > {log:q} 2>&1"
+        f" > {{log:q}} 2>&1 || {INTERPRETER} -m snaketune.joblog {rule} {{log:q}} $?"
     )
 
 
@@ -326,13 +342,13 @@ def stage_of(paths: Paths) -> Stage:
 
 
 def train_launcher(processes: int, nodes: int = 1) -> str:
-    """The command that starts training: the CLI itself, torchrun (DDP) on one node, or one
-    torchrun agent per node (snaketune.launch)."""
+    """What the workflow's interpreter runs to start training (after INTERPRETER): the CLI itself,
+    torchrun (DDP) on one node, or one torchrun agent per node (snaketune.launch)."""
     if nodes > 1:
-        return f"python -m snaketune.launch {nodes} {processes}"
+        return f"-m snaketune.launch {nodes} {processes}"
     if processes == 1:
-        return "snaketune"
-    return f"torchrun --standalone --nproc_per_node={processes} -m snaketune.cli"
+        return "-m snaketune.cli"
+    return f"-m torch.distributed.run --standalone --nproc_per_node={processes} -m snaketune.cli"
 
 
 SLURM_SHAPE = ("nodes", "tasks", "tasks_per_gpu", "mpi")

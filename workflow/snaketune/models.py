@@ -1,6 +1,10 @@
 """The models the trainer can build: GPT-2 style transformers (from scratch or a pretrained
 path/hub id) and a small LSTM baseline, each for causal LM or sequence classification.
 
+A scratch GPT-2 for causal LM is snaketune.lean_gpt's module (the same numbers, saved as the
+same transformers GPT-2, and faster to train); with LoRA or a classifier head it is
+transformers' own model, which peft and the classification head are written for.
+
 Every model is called the same way, `model(input_ids=..., attention_mask=..., labels=...)`, and
 returns an object with `.loss` and `.logits`, so training and evaluation need no branches.
 """
@@ -140,9 +144,33 @@ def build_model(
             model.resize_token_embeddings(vocab_size)
         model.config.pad_token_id = pad_token_id
         return model
-    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+    config = gpt2_config(
+        settings, vocab_size, context, pad_token_id, eos_token_id, attention, **labels
+    )
+    if task == CAUSAL_LM and not settings.lora_rank:
+        from snaketune.lean_gpt import LeanGPT
 
-    config = GPT2Config(
+        return LeanGPT(config)
+    # peft's adapters and the classifier head are transformers' own models.
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(config) if task == CAUSAL_LM else GPT2ForSequenceClassification(config)
+
+
+def gpt2_config(
+    settings: ModelSettings,
+    vocab_size: int,
+    context: int,
+    pad_token_id: int,
+    eos_token_id: int | None,
+    attention: str,
+    **extra,
+):
+    """The GPT-2 a scratch model is (and saves as), with the model settings' sizes; `extra`:
+    a classifier's labels."""
+    from transformers import GPT2Config
+
+    return GPT2Config(
         vocab_size=vocab_size,
         n_positions=context,
         attn_implementation=attention,
@@ -155,9 +183,8 @@ def build_model(
         pad_token_id=pad_token_id,
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
-        **labels,
+        **extra,
     )
-    return GPT2LMHeadModel(config) if task == CAUSAL_LM else GPT2ForSequenceClassification(config)
 
 
 def _load_hf(name_or_path: str, task: str, trust_remote_code: bool, **kwargs):
@@ -211,4 +238,7 @@ def unwrap_for_saving(model: nn.Module) -> nn.Module:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """The saved model's parameters (the lean GPT's padded embedding rows are not saved)."""
+    if hasattr(model, "real_parameter_count"):
+        return model.real_parameter_count()
     return sum(p.numel() for p in model.parameters())

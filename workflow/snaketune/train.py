@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snaketune import attempts, distributed, live, plots, resume
+from snaketune import attempts, distributed, lean_gpt, live, plots, resume
 from snaketune.batches import IGNORED_LABEL, TokenRows, batch_indices
 from snaketune.checkpoint import (
     last_good,
@@ -555,7 +555,11 @@ def resume_run(run: Run) -> Progress:
         log.warning("training %s", plan.message)
     if state is None or not plan.resume:
         return Progress(history=[], schedule=[[0, run.settings.max_steps, None]])
-    distributed.load_full_state(run.model, run.optimizer, state["model"], state["optimizer"])
+    # A run that trained as transformers' GPT-2 before scratch GPT-2 became the lean module.
+    optimizer_state = lean_gpt.adopt_optimizer_state(
+        run.model, run.optimizer, state["model"], state["optimizer"]
+    )
+    distributed.load_full_state(run.model, run.optimizer, state["model"], optimizer_state)
     if run.scaler and state.get("scaler"):
         run.scaler.load_state_dict(state["scaler"])
     restore_rng(state, run.world)

@@ -56,13 +56,17 @@ class Served:
     model: dict
     label_names: list[str]
     store_uri: str
+    log: Path
+    """What the server wrote (stdout and stderr)."""
 
 
 def serve(uri: str, model_uri: str, log_path: Path) -> tuple[str, subprocess.Popen]:
     port = free_port()
     command = [str(MLFLOW), "models", "serve", "-m", model_uri, "--env-manager", "local"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
+    # The server runs `uvicorn` by name: the venv's bin first, as the README's command has it.
+    path = os.pathsep.join([str(MLFLOW.parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -114,7 +118,13 @@ def served(tmp_path_factory, lm_data, classification_data):
             # Loading the pipeline takes the server a while on a busy machine.
             wait_until_healthy(url, process, root / f"{name}.log", SERVE_TIMEOUT_S)
         yield {
-            name: Served(url, models[name], labels if name.endswith("intent") else [], store.uri)
+            name: Served(
+                url,
+                models[name],
+                labels if name.endswith("intent") else [],
+                store.uri,
+                root / f"{name}.log",
+            )
             for name, (url, _) in servers.items()
         }
     finally:
@@ -133,26 +143,81 @@ def test_causal_lm_version_generates_a_continuation_per_prompt(served, name):
         assert isinstance(text, str) and text.startswith(prompt) and len(text) > len(prompt)
 
 
-def test_the_served_lstm_generates_what_the_evaluation_generates(served, monkeypatch):
-    """The pyfunc model's greedy continuation is snaketune.generation's on the same weights."""
+def served_weights(served: Served, monkeypatch):
+    """(model, tokenizer) from the served version's own copy of the model folder."""
     from mlflow.artifacts import download_artifacts
     from transformers import AutoTokenizer
 
+    from snaketune.models import load_trained
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served.store_uri)  # models:/ goes by it
+    logged = Path(download_artifacts(artifact_uri=served.model["uri"]))
+    (weights,) = {p.parent for p in logged.rglob("tokenizer.json")}
+    return load_trained(weights, "causal_lm").eval(), AutoTokenizer.from_pretrained(weights)
+
+
+def evaluation_continuation(model, tokenizer, prompt: str, **settings) -> str:
+    """What evaluation generates for `prompt` (its context: the training rows, 32 tokens)."""
     from snaketune.evaluation import CPU
     from snaketune.generation import generate
-    from snaketune.models import LSTM_CONFIG, load_trained
     from snaketune.settings import EvalSettings
 
-    lstm = served["lstm-lm"]
-    (text,) = invoke(lstm.url, {"inputs": PROMPTS[:1]})["predictions"]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", lstm.store_uri)  # models:/ goes by it
-    logged = Path(download_artifacts(artifact_uri=lstm.model["uri"]))
-    (weights,) = {p.parent for p in logged.rglob(LSTM_CONFIG)}
-    model = load_trained(weights, "causal_lm").eval()
-    tokenizer = AutoTokenizer.from_pretrained(weights)
+    decoding = EvalSettings(**{"max_new_tokens": NEW_TOKENS, **settings})
+    return generate(model, tokenizer, prompt, decoding, CONFIG["tokenize"]["block_size"], CPU)[0]
+
+
+@pytest.mark.parametrize("name", ["lm", "lstm-lm"])
+def test_the_served_model_generates_what_the_evaluation_generates(served, monkeypatch, name):
+    """The pyfunc model's greedy continuation is snaketune.generation's on the same weights."""
+    model, tokenizer = served_weights(served[name], monkeypatch)
+    (text,) = invoke(served[name].url, {"inputs": PROMPTS[:1]})["predictions"]
+    assert text == PROMPTS[0] + evaluation_continuation(model, tokenizer, PROMPTS[0])
+
+
+def greedy_ids(model, tokenizer, prompt: str) -> list[int]:
+    """The token ids evaluation generates greedily for `prompt`, before they are decoded."""
+    from snaketune.evaluation import CPU
+    from snaketune.generation import prompt_ids, with_cache, with_state
+    from snaketune.settings import EvalSettings
+
     settings = EvalSettings(max_new_tokens=NEW_TOKENS)
-    expected, _ = generate(model, tokenizer, PROMPTS[0], settings, 32, CPU)
+    ids, _ = prompt_ids(tokenizer, prompt, CONFIG["tokenize"]["block_size"], NEW_TOKENS)
+    if hasattr(model, "generate"):
+        return with_cache(model, tokenizer, [ids], settings, CPU)[0]
+    return with_state(model, tokenizer, ids, settings, CPU)
+
+
+@pytest.mark.parametrize("name", ["lm", "lstm-lm"])
+def test_max_new_tokens_is_honoured(served, monkeypatch, name):
+    """Greedy tokens come one after the other: 2 new tokens are the first 2 of the 6 that
+    evaluation's max_new_tokens gives."""
+    model, tokenizer = served_weights(served[name], monkeypatch)
+    request = {"inputs": PROMPTS[:1], "params": {"max_new_tokens": 2}}
+    (text,) = invoke(served[name].url, request)["predictions"]
+    ids = greedy_ids(model, tokenizer, PROMPTS[0])
+    assert len(ids) > 2  # else 2 tokens could not be told from the evaluation's 6
+    assert text == PROMPTS[0] + tokenizer.decode(ids[:2], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"decoding": "sample", "temperature": 1.5, "top_k": 50},
+        {"do_sample": True, "top_k": 3, "max_new_tokens": 4},
+    ],
+    ids=["decoding-sample", "do_sample"],
+)
+def test_sampling_params_are_honoured(served, monkeypatch, params):
+    """Sampled as evaluation samples (seeded): the same continuation for the same settings."""
+    lm = served["lm"]
+    model, tokenizer = served_weights(lm, monkeypatch)
+    (text,) = invoke(lm.url, {"inputs": PROMPTS[:1], "params": params})["predictions"]
+    settings = {k: v for k, v in params.items() if k != "do_sample"} | {"decoding": "sample"}
+    expected = evaluation_continuation(model, tokenizer, PROMPTS[0], **settings)
     assert text == PROMPTS[0] + expected
+    length = settings.get("max_new_tokens", NEW_TOKENS)
+    greedy = evaluation_continuation(model, tokenizer, PROMPTS[0], max_new_tokens=length)
+    assert expected != greedy  # else sampling and greedy decoding could not be told apart
 
 
 @pytest.mark.parametrize("name", ["intent", "lstm-intent"])
@@ -183,6 +248,11 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left_not_refused(serve
     long_prompt = "Customer: where is my parcel? " * 60 + "\nAgent:"  # ~400 tokens, context 64
     (text,) = invoke(lm.url, {"inputs": [long_prompt]})["predictions"]
     assert text.startswith(long_prompt) and len(text) > len(long_prompt)
+    # transformers' tokenizer would log that a prompt past its 64 positions "will result in
+    # indexing errors": the cut prevents them, so the warning would only mislead.
+    log = lm.log.read_text()
+    assert "POST /invocations" in log  # the server logs its requests here
+    assert "indexing errors" not in log
 
 
 def test_a_text_longer_than_the_context_is_truncated_for_the_classifier(served):
@@ -201,3 +271,79 @@ def test_inputs_of_another_shape_get_a_400_with_a_message_and_no_stack_trace(ser
         status, body = invoke_refused(served[name].url, payload)
         assert status == 400 and body["message"].startswith("Invalid input")
         assert "stack_trace" not in body and "Traceback" not in json.dumps(body)
+
+
+# --- requests that are refused with HTTP 400 and a message saying what is expected -------------
+
+EXPECTED_TEXTS = 'expected texts: {"inputs": ["a text", ...]} (a list of non-blank strings)'
+LM_PARAMS = "its params are max_new_tokens, decoding, do_sample, temperature, top_k"
+REFUSED = {
+    "a-number": ("lm", {"inputs": 5}, [EXPECTED_TEXTS, "found int 5 as input 1"]),
+    "numbers": ("lm", {"inputs": [1, 2]}, [EXPECTED_TEXTS, "found int 1 as input 1"]),
+    "a-bare-list": ("lm", [1, 2], ["The input must be a JSON dictionary", "Received a list"]),
+    "an-empty-prompt": ("lm", {"inputs": [""]}, ["input 1 is empty: send a text to answer"]),
+    "a-blank-prompt": ("lstm-lm", {"inputs": ["ok", " \n"]}, ["input 2 is empty"]),
+    "an-empty-text": ("intent", {"inputs": [""]}, ["input 1 is empty"]),
+    "a-null": ("lstm-intent", {"inputs": [None]}, [EXPECTED_TEXTS, "found null as input 1"]),
+    "a-wrong-key": (
+        "lm",
+        {"texts": ["Where is my parcel?"]},
+        ["The input must be a JSON dictionary with exactly one of the input fields"],
+    ),
+    "a-conversation": (
+        "lm",
+        {"inputs": [{"role": "user", "content": "Where is my parcel?"}]},
+        [EXPECTED_TEXTS, "found a conversation of role/content turns, which is not taken"],
+    ),
+    "an-unknown-param": (
+        "lm",
+        {"inputs": ["x"], "params": {"max_tokens": 5}},
+        [f"unknown params ['max_tokens'] for this model: {LM_PARAMS}"],
+    ),
+    "a-param-to-a-classifier": (
+        "lstm-intent",
+        {"inputs": ["x"], "params": {"max_new_tokens": 5}},
+        ["unknown params ['max_new_tokens'] for this model: it takes no params"],
+    ),
+    "greedy-with-temperature": (
+        "lm",
+        {"inputs": ["x"], "params": {"temperature": 0.7}},
+        ["temperature apply to sampling; this request decodes greedily", '"decoding": "sample"'],
+    ),
+    "greedy-with-top-k": (
+        "lstm-lm",
+        {"inputs": ["x"], "params": {"do_sample": False, "top_k": 5}},
+        ["top_k apply to sampling; this request decodes greedily"],
+    ),
+    "no-new-tokens": (
+        "lm",
+        {"inputs": ["x"], "params": {"max_new_tokens": 0}},
+        ["max_new_tokens must be between 1 and 63; found 0"],  # 64 positions, 1 prompt token
+    ),
+    "absurd-new-tokens": (
+        "lstm-lm",
+        {"inputs": ["x"], "params": {"max_new_tokens": 1_000_000}},
+        ["max_new_tokens must be between 1 and 1024; found 1000000"],
+    ),
+    "zero-temperature": (
+        "lm",
+        {"inputs": ["x"], "params": {"decoding": "sample", "temperature": 0}},
+        ["temperature must be a number above 0; found 0"],
+    ),
+    "a-mistyped-param": (
+        "lm",
+        {"inputs": ["x"], "params": {"max_new_tokens": "many"}},
+        ["Invalid parameters found", "max_new_tokens"],  # MLflow's check of the ParamSchema
+    ),
+}
+
+
+@pytest.mark.parametrize(("name", "payload", "messages"), REFUSED.values(), ids=REFUSED.keys())
+def test_a_request_the_model_cannot_answer_gets_a_400_saying_what_is_expected(
+    served, name, payload, messages
+):
+    status, body = invoke_refused(served[name].url, payload)
+    assert status == 400
+    for message in messages:
+        assert message in body["message"]
+    assert "stack_trace" not in body and "Traceback" not in json.dumps(body)

@@ -17,7 +17,7 @@ composed the training examples: the model was evaluated on one user turn inside 
 so a request sends that turn's text and the template wraps it.
 
 Params (causal LMs only), each optional, the evaluation's setting where absent:
-`max_new_tokens` (1 to the context less one prompt token, at most MAX_NEW_TOKENS),
+`max_new_tokens` (1 to the model's positions less one prompt token, at most MAX_NEW_TOKENS),
 `decoding` ("greedy" or "sample") or `do_sample` (true: sample), `temperature` (> 0) and
 `top_k` (>= 1), which apply to sampling only. Anything else gets HTTP 400 with a message that
 says what was expected: a value that is not a non-blank string, another shape of input, a param
@@ -50,6 +50,8 @@ positions to bound it)."""
 DECODING_KEYS = ("max_new_tokens", "decoding", "top_k", "temperature", "seed", "context_length")
 """The evaluate settings the served model decodes with, as evaluation does."""
 SAMPLING_PARAMS = ("temperature", "top_k")
+SERVING_CONFIG = "serving"
+"""The model_config key holding what the served model is loaded with (serving_config)."""
 EXPECTED_INPUT = (
     'texts: {"inputs": ["a text", ...]} (a list of non-blank strings), or a table of one '
     "string column"
@@ -86,28 +88,35 @@ def request_texts(model_input) -> list[str]:
     """A request's texts, checked: the values of its one column, each a non-blank string."""
     if hasattr(model_input, "columns"):
         columns = [str(c) for c in model_input.columns]
+        # MLflow makes a list of {"role", "content"} turns a table and keeps its first column.
+        if "role" in columns:
+            raise refused(
+                f"expected {EXPECTED_INPUT}; found a conversation of role/content turns, which "
+                "is not taken: send the user's text (the model's template wraps it)"
+            )
         if len(columns) != 1:
-            hint = ""
-            if {"role", "content"} <= set(columns):
-                hint = "; a conversation of role/content turns is not taken: send the user's text"
-            raise refused(f"expected {EXPECTED_INPUT}; found columns {columns}{hint}")
+            raise refused(f"expected {EXPECTED_INPUT}; found columns {columns}")
         values = model_input.iloc[:, 0].tolist()
     else:
         values = list(model_input) if isinstance(model_input, list | tuple) else [model_input]
     for number, value in enumerate(values, start=1):
         if not isinstance(value, str):
-            raise refused(
-                f"expected {EXPECTED_INPUT}; found {type(value).__name__} {value!r:.60} as "
-                f"input {number}"
-            )
+            raise refused(f"expected {EXPECTED_INPUT}; found {described(value)} as input {number}")
         if not value.strip():
             raise refused(f"input {number} is empty: send a text to answer, not {value!r:.20}")
     return values
 
 
+def described(value) -> str:
+    # A JSON null reaches the model as None, or as NaN in a column of strings.
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "null"
+    return f"{type(value).__name__} {value!r:.60}"
+
+
 def request_settings(params: dict[str, Any] | None, base: EvalSettings, limit: int):
     """The evaluation's decoding (`base`) with a request's params, checked; `limit` is the
-    most new tokens the context leaves room for."""
+    most new tokens a request may ask for."""
     given = {key: value for key, value in (params or {}).items() if value is not None}
     decoding = sampling_choice(given, base.decoding)
     if decoding == GREEDY and (extra := [key for key in SAMPLING_PARAMS if key in given]):
@@ -116,7 +125,7 @@ def request_settings(params: dict[str, Any] | None, base: EvalSettings, limit: i
             'likely token each step): add "decoding": "sample" or remove them'
         )
     new_tokens = given.get("max_new_tokens", base.max_new_tokens)
-    if not 1 <= new_tokens <= limit:
+    if "max_new_tokens" in given and not 1 <= new_tokens <= limit:
         raise refused(f"max_new_tokens must be between 1 and {limit}; found {new_tokens}")
     temperature = given.get("temperature", base.temperature)
     if not (math.isfinite(temperature) and temperature > 0):
@@ -178,7 +187,7 @@ class ServedModel(mlflow.pyfunc.PythonModel):
         from snaketune.models import load_trained
 
         refuse_unknown_params()
-        config: dict[str, Any] = dict(context.model_config)
+        config: dict[str, Any] = dict(context.model_config[SERVING_CONFIG])
         folder = context.artifacts[MODEL_ARTIFACT]
         self.task, self.template = config["task"], config.get("prompt_template")
         self.settings = EvalSettings(**config["decoding"])
@@ -199,7 +208,8 @@ class ServedModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None) -> list:
         texts = request_texts(model_input)
         if self.task == CAUSAL_LM:
-            limit = min(MAX_NEW_TOKENS, self.context - 1)
+            # A prompt is cut to one token at least; the new ones must fit the positions.
+            limit = min(MAX_NEW_TOKENS, positions(self.model) - 1)
             return self.generate(texts, request_settings(params, self.settings, limit))
         return self.classify(texts)
 
@@ -270,6 +280,8 @@ def log_served(model_dir: Path, config: dict[str, Any], name: str, requirements)
         artifacts={MODEL_ARTIFACT: str(model_dir)},
         code_paths=[str(Path(snaketune.__file__).parent)],
         pip_requirements=requirements,
-        model_config=config,
+        # MLflow also logs a model_config as the run's params, flattened: under one key they
+        # read serving/task, serving/decoding/... and cannot collide with the train run's own.
+        model_config={SERVING_CONFIG: config},
         signature=signature(config["task"]),
     )

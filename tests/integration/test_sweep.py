@@ -118,3 +118,14 @@ def test_a_rerun_has_nothing_to_do(swept):
     workdir, _ = swept
     again = snakemake(workdir, "--dry-run")
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_results_hold_nothing_beside_the_experiments_that_an_experiment_could_be_named(swept):
+    """names.RESULTS_LAYOUT, which no experiment may be named, is what results_dir really holds
+    beside the experiments' folders (a sweep's run has every kind of entry)."""
+    from snaketune.names import RESULTS_LAYOUT
+
+    workdir, _ = swept
+    entries = {path.name for path in (workdir / "results").iterdir()}
+    assert entries - set(POINTS) <= set(RESULTS_LAYOUT)
+    assert {"datasets", "shared", "sweeps", "mlflow.db"} <= entries

@@ -15,7 +15,7 @@ import yaml
 
 from snaketune.checks import experiment_problems, instruction_problems
 from snaketune.live import live_after_problem
-from snaketune.names import SEQUENCE_CLASSIFICATION
+from snaketune.names import SEQUENCE_CLASSIFICATION, name_problem, quote_problem
 from snaketune.settings import (
     SECTIONS,
     ConfigView,
@@ -25,7 +25,7 @@ from snaketune.settings import (
     read_settings_for,
     repository,
 )
-from snaketune.sweep import expand_sweeps
+from snaketune.sweep import WRITTEN, as_written, expand_sweeps
 from snaketune.tracking_uri import tracking_problems
 
 REPO = repository()
@@ -102,6 +102,8 @@ def cross_checks(
     it, keys set that the run would ignore are refused too."""
     problems = dataset_problems(config["datasets"])
     problems += tracking_problems(config["mlflow"]["tracking_uri"])
+    if problem := quote_problem(config["mlflow"]["experiment_name"], "MLflow experiment name"):
+        problems.append(f"mlflow.experiment_name: {problem}")
     problems += [problem] if (problem := live_after_problem()) else []
     datasets = config["datasets"]
     view = ConfigView(config, base_dir)
@@ -111,6 +113,10 @@ def cross_checks(
         if exp["name"] in seen:
             problems.append(f"{where}.name: {exp['name']!r} is used by two experiments")
         seen.add(exp["name"])
+        if problem := name_problem(exp["name"], "experiment"):
+            problems.append(f"{where}.name: {problem}")
+        if problem := quote_problem(exp["registered_model_name"], "registered model name"):
+            problems.append(f"{where}.registered_model_name: {problem}")
         if exp["dataset"] not in datasets:
             problems.append(
                 f"{where}.dataset: {exp['dataset']!r} is not in datasets; "
@@ -187,11 +193,12 @@ def validated(config: dict[str, Any], base_dir: Path = REPO) -> dict[str, Any]:
     from snakemake.utils import validate  # fills the defaults, as the workflow needs them
 
     raise_if_invalid(expand_sweeps(config), "sweeps")  # then each point is checked as written
-    raise_if_invalid(schema_problems(config), "schema")
+    written = {WRITTEN: config.pop(WRITTEN, None)}
+    raise_if_invalid(as_written(schema_problems(config), written), "schema")
     given = copy.deepcopy(config)
     validate(config, str(SCHEMA))
     whole_numbers(config, yaml.safe_load(SCHEMA.read_text()))
-    raise_if_invalid(cross_checks(config, base_dir, given), "cross-checks")
+    raise_if_invalid(as_written(cross_checks(config, base_dir, given), written), "cross-checks")
     return config
 
 

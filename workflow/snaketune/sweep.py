@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.live import SWEEP_TAG
+from snaketune.names import name_problem
 from snaketune.settings import SECTIONS, SWEPT, SweepSettings
 from snaketune.stages import SweepPaths
 
@@ -44,7 +45,10 @@ _UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 def expand_sweeps(config: dict[str, Any]) -> list[str]:
     """Replace each experiment entry with a `sweep:` by one entry per point, in place; the
     problems of the sweeps as written, by key (nothing is replaced when there are any)."""
-    experiments, problems = [], []
+    experiments: list[Any] = []
+    written: list[str] = []  # where each experiment comes from, as the user wrote it
+    sweeps: dict[str, int] = {}
+    problems = []
     for i, exp in enumerate(config.get("experiments") or []):
         if isinstance(exp, dict) and SWEPT in exp:
             problems.append(
@@ -53,13 +57,71 @@ def expand_sweeps(config: dict[str, Any]) -> list[str]:
             )
         if not isinstance(exp, dict) or SWEEP not in exp:
             experiments.append(exp)
+            written.append(f"experiments[{i}]")
             continue
+        if problem := name_problem(exp.get("name"), "sweep"):
+            problems.append(f"experiments[{i}].name: {problem}")
+            continue
+        if exp["name"] in sweeps:  # one results/sweeps/<name> folder and summary run for both
+            problems.append(
+                f"experiments[{i}].name: sweep {exp['name']!r} is declared by "
+                f"experiments[{sweeps[exp['name']]}] too; give each sweep its own name"
+            )
+            continue
+        sweeps[exp["name"]] = i
         points, found = declared_points(exp[SWEEP], f"experiments[{i}].{SWEEP}")
         problems += found
         experiments += [point_experiment(exp, point) for point in points]
+        written += [f"experiments[{i}].{SWEEP} point {point_label(point)}" for point in points]
+    problems += repeated_names(experiments, written)
     if not problems:
         config["experiments"] = experiments
+        config[WRITTEN] = written
     return problems
+
+
+WRITTEN = "_written_as"
+"""The expanded config's key (removed before the schema sees it, by as_written) that says
+where each experiment was written."""
+
+
+def point_label(point: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{key}: {value!r}" for key, value in point.items()) + "}"
+
+
+def repeated_names(experiments: list[Any], written: list[str]) -> list[str]:
+    """Two experiments of one name (two entries, a point given twice, a point named as another
+    entry) would share one results folder: each named by where the user wrote it."""
+    first: dict[str, str] = {}
+    problems = []
+    for exp, where in zip(experiments, written, strict=True):
+        name = exp.get("name") if isinstance(exp, dict) else None
+        if not isinstance(name, str):
+            continue
+        if name not in first:
+            first[name] = where
+        elif first[name] == where:
+            problems.append(f"{where}: is given twice (in grid and points, or twice in points)")
+        else:
+            problems.append(
+                f"{where}: is named {name!r}, as {first[name]} is: each experiment needs its "
+                "own name (its results folder and MLflow runs)"
+            )
+    return problems
+
+
+def as_written(problems: list[str], config: dict[str, Any]) -> list[str]:
+    """Problems of the expanded experiments (`experiments[k]...`) named by where the user wrote
+    them: a sweep's point, not its place in the expanded list."""
+    written = config.get(WRITTEN)
+    if not written:
+        return problems
+
+    def where(match: re.Match) -> str:
+        index = int(match[1])
+        return written[index] if index < len(written) else match[0]
+
+    return [re.sub(r"^experiments\[(\d+)\]", where, problem) for problem in problems]
 
 
 def declared_points(sweep: Any, where: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -130,7 +192,7 @@ def point_name(sweep: str, point: dict[str, Any]) -> str:
 
 def summarize_sweep(paths: SweepPaths, settings: SweepSettings) -> list[dict[str, Any]]:
     """Write the sweep's table and plot, and log them to the sweep's MLflow run."""
-    from snaketune import plots
+    from snaketune import plots, tables
     from snaketune.fileio import read_json
     from snaketune.manifest import stage_manifest
     from snaketune.model_card import headline
@@ -151,6 +213,7 @@ def summarize_sweep(paths: SweepPaths, settings: SweepSettings) -> list[dict[str
                 }
             )
         write_table(rows, paths.table)
+        tables.csv_page(paths.table, paths.table_html, f"Sweep {settings.name}")
         keys = list(dict.fromkeys(k for e in settings.experiments for k in settings.values[e]))
         plots.sweep(rows, keys, plotted_metrics(rows), paths.plot, settings.name)
         record.counts = {"points": len(rows), "swept_keys": len(keys)}

@@ -21,6 +21,17 @@ def offline_environment():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def new_shell_path():
+    """Every command a test runs sees the PATH of a new shell where the venv is not activated
+    (`make test` puts it first): what the README and the console print must work from there."""
+    from tests.support.repo import without_venv
+
+    os.environ["PATH"] = without_venv(os.environ.get("PATH", ""))
+    os.environ.pop("VIRTUAL_ENV", None)
+    yield
+
+
 @pytest.fixture(scope="session")
 def lm_data(tmp_path_factory) -> dict[str, Path]:
     from tests.support.stage_data import prepare_stage_data

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.support.repo import REPO
-from tests.support.servers import stop
+from tests.support.servers import free_port, stop
 
 pytestmark = pytest.mark.slow
 
@@ -193,7 +193,7 @@ def test_the_gpus_per_job_command_plans_one_gpu_per_train_job():
     )
     assert planned.returncode == 0, planned.stderr[-3000:]
     trains = [line for line in planned.stdout.splitlines() if " train --shards " in line]
-    assert len(trains) == 2 and all("python -m snaketune.gpus 1 -- " in t for t in trains)
+    assert len(trains) == 2 and all(" -m snaketune.gpus 1 -- " in t for t in trains)
 
     too_many = subprocess.run(
         f"{command} --dry-run",
@@ -206,3 +206,115 @@ def test_the_gpus_per_job_command_plans_one_gpu_per_train_job():
     )
     assert too_many.returncode != 0
     assert "--resources gpu=4: this machine has 2 GPU(s)" in too_many.stdout + too_many.stderr
+
+
+# The README's `snakemake` commands, as printed, from a new shell (the tests' PATH lacks the venv:
+# tests/conftest.py), in a checkout of the repository where they run jobs for real.
+def inline_command(start: str) -> str:
+    """The README's command (fenced or inline code) that starts with `start`."""
+    found = {c for c in re.findall(r"`([^`\n]+)`", README.read_text()) if c.startswith(start)}
+    found |= {c for b in bash_blocks() for c in commands(b) if c.startswith(start)}
+    assert len(found) == 1, f"the README has {sorted(found)} for {start!r}"
+    return found.pop().split("    #")[0].strip()
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory) -> Path:
+    """A folder laid out as the repository (links to its files, its .venv, a copy of
+    config.yaml): where a user runs the README's commands."""
+    root = tmp_path_factory.mktemp("checkout")
+    for name in ("Snakefile", "workflow", "presets", "profiles", ".venv"):
+        (root / name).symlink_to(REPO / name)
+    shutil.copy(REPO / "config.yaml", root / "config.yaml")
+    return root
+
+
+def in_shell(
+    command: str, cwd: Path, timeout: int = 600, **env: str
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-c", command],
+        cwd=cwd,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def my_yaml() -> dict:
+    """A config of one's own, as the README says: only what differs from config.yaml (a sweep
+    of a tiny intent classifier)."""
+    from tests.support.workflow import TINY_MODEL
+
+    return {
+        "mlflow": {"experiment_name": "my-experiments"},
+        "experiments": [
+            {
+                "name": "intent",
+                "dataset": "support-demo",
+                "task": "sequence_classification",
+                "text_template": None,
+                "tokenizer": {"vocab_size": 400},
+                "model": TINY_MODEL,
+                "train": {"max_steps": 8, "batch_size": 16, "eval_every": 4, "warmup_steps": 2},
+                "sweep": {"grid": {"train.lr": [0.001, 0.003]}},
+            }
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def my_run(checkout) -> subprocess.CompletedProcess:
+    (checkout / "my.yaml").write_text(yaml.safe_dump(my_yaml()))
+    (_, command) = commands(block_with("--configfile my.yaml"))
+    run = in_shell(command, checkout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+def test_my_yaml_as_printed_runs_every_job_of_a_sweep(my_run, checkout):
+    assert "Nothing to be done" not in my_run.stdout + my_run.stderr
+    table = checkout / "results" / "sweeps" / "intent" / "table.csv"
+    assert len(table.read_text().splitlines()) == 3  # a header and two points
+
+
+def test_the_report_command_as_printed_builds_without_warnings(my_run, checkout):
+    report = in_shell(inline_command(".venv/bin/snakemake --report"), checkout)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert (checkout / "results" / "report.html").stat().st_size > 0
+    assert "WARNING" not in report.stdout + report.stderr
+
+
+def test_the_ui_command_the_run_prints_works_as_printed(my_run, checkout):
+    printed = (my_run.stdout + my_run.stderr).split("Start the MLflow UI: ", 1)[1].splitlines()[0]
+    assert printed.split()[0].endswith("/.venv/bin/mlflow")  # by path: PATH lacks the venv
+    port = free_port()
+    log = checkout / "printed-ui.log"
+    process = start(printed.replace("--port 5000", f"--port {port}"), checkout, port, log)
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/health", process, log)
+        status, body = get(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name"
+            "?experiment_name=my-experiments"
+        )
+        assert status == 200, body
+    finally:
+        stop(process)
+
+
+def test_a_preset_without_network_fails_with_the_downloads_message_on_the_console(checkout):
+    """As printed, where the dataset's host cannot be reached (a proxy on a closed loopback
+    port stands for no network): the job's own message and its log on the console, and again
+    in the summary at the end; no traceback."""
+    command = inline_command(".venv/bin/snakemake --cores 2 --config preset=")
+    closed = f"http://127.0.0.1:{free_port()}"
+    run = in_shell(command, checkout, timeout=300, https_proxy=closed, HTTPS_PROXY=closed)
+    console = run.stdout + run.stderr
+    assert run.returncode != 0
+    message = "snaketune download: error: could not download https://"
+    assert console.count(message) == 2, console[-4000:]  # where it failed, and in the summary
+    assert "Check the URL and your network" in console
+    log = "results/datasets/sms-spam/download/download.log"
+    assert f"log: {log}" in console and "snaketune: 1 job(s) failed:" in console
+    assert "Traceback" not in console

@@ -8,8 +8,6 @@ import math
 import shlex
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -211,9 +209,10 @@ def mlflow_ui(finished_run):
 
     results, run = finished_run
     printed = next(line for line in (run.stdout + run.stderr).splitlines() if "mlflow ui " in line)
-    command = shlex.split(printed[printed.index("mlflow ui ") :])
+    # As printed (its mlflow by path: the tests' PATH, like a new shell's, lacks the venv), on
+    # another port.
+    command = shlex.split(printed.split("Start the MLflow UI: ", 1)[1])
     port = free_port()
-    command[0] = str(Path(sys.executable).with_name("mlflow"))
     command[command.index("--port") + 1] = str(port)
     command += ["--workers", "1"]  # one server process starts faster on a busy machine
     log_path = results.parent / "mlflow-ui.log"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -14,3 +15,10 @@ DEFAULT_CONFIG = yaml.safe_load((REPO / "config.yaml").read_text())
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake")
 SNAKETUNE = str(BIN / "snaketune")
+
+
+def without_venv(path: str) -> str:
+    """A PATH without this venv's bin folder: a new shell's, where the venv is not activated."""
+    return os.pathsep.join(
+        p for p in path.split(os.pathsep) if p and Path(p).resolve() != BIN.resolve()
+    )

@@ -114,7 +114,7 @@ def described(value) -> str:
     return f"{type(value).__name__} {value!r:.60}"
 
 
-def request_settings(params: dict[str, Any] | None, base: EvalSettings, limit: int):
+def request_settings(params: dict[str, Any] | None, base: EvalSettings, limit: int) -> EvalSettings:
     """The evaluation's decoding (`base`) with a request's params, checked; `limit` is the
     most new tokens a request may ask for."""
     given = {key: value for key, value in (params or {}).items() if value is not None}

@@ -101,22 +101,48 @@ def test_words_and_bytes_are_those_of_the_documents(lm_data):
     for end in [*np.flatnonzero(stream == eos), len(stream)]:
         documents.append(tokenizer.decode(stream[start:end].tolist(), skip_special_tokens=True))
         start = end + 1
-    words, chars = count_words(tokenizer, stream, eos)
-    assert words == sum(len(d.split()) for d in documents)
-    assert chars == sum(len(d) for d in documents)
+    counted = count_words(tokenizer, stream, eos)
+    assert counted.words == sum(len(d.split()) for d in documents)
+    assert counted.chars == sum(len("".join(d.split())) for d in documents)
+    assert counted.unspaced_chars < counted.chars / 100  # English: words are short
     lengths = token_byte_lengths(tokenizer)
     assert int(lengths[stream].sum()) == sum(len(d.encode("utf-8")) for d in documents)
 
 
-def test_word_perplexity_is_null_without_whitespace_word_boundaries():
-    assert word_perplexity(10.0, 5, 30) == (pytest.approx(math.exp(2.0)), "")
-    value, reason = word_perplexity(10.0, 1, 400)  # e.g. Chinese: one "word" of 400 characters
+CHINESE_ANSWERS = [
+    "我们已经收到您的退款申请，款项将在三到五个工作日内退回到您的原支付账户，请耐心等待。",
+    "您可以在账户设置页面中点击修改密码，然后按照提示输入新的密码并确认即可完成操作。",
+]
+
+
+def test_word_perplexity_is_null_without_whitespace_word_boundaries(lm_data):
+    """Chinese answers in the default instruction template: the template's words ('Question:',
+    'Answer:') are pieces too, but most characters are still in pieces no word is as long as."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
+    texts = [f"Question: 退款要多久？\nAnswer: {answer}" for answer in CHINESE_ANSWERS]
+    eos = tokenizer.eos_token_id
+    stream = np.array([t for text in texts for t in [*tokenizer.encode(text), eos]], dtype=np.int64)
+    counted = count_words(tokenizer, stream, eos)
+    assert counted.words == 8  # what a chars-per-word rule saw as words of 11 characters
+    value, reason = word_perplexity(10.0, counted)
     assert value is None and "no whitespace word boundaries" in reason
+    english = count_words(tokenizer, stream_of(lm_data), eos)
+    assert word_perplexity(10.0, english)[0] == pytest.approx(math.exp(10.0 / english.words))
 
 
 def test_perplexity_overflow_is_reported_as_infinity():
     assert perplexity(10.0, 5) == pytest.approx(math.exp(2.0))
     assert perplexity(1e6, 10) == math.inf
+
+
+def test_nothing_scored_is_null_not_a_perfect_score():
+    """exp(0 / 0) read as 1.0, a perfect perplexity, from no token at all."""
+    assert perplexity(0.0, 0) is None
+    empty = score_lm(torch.nn.Identity(), np.array([], dtype=np.int64), 8, 7, 4, np.ones(1), CPU)
+    assert empty["perplexity"] is None and empty["next_token_accuracy"] is None
+    assert empty["bits_per_byte"] is None and "nothing was scored" in empty["perplexity_note"]
 
 
 def test_byte_lengths_cover_the_test_text(lm_data):

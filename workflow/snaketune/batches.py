@@ -56,6 +56,13 @@ class TokenRows:
         keep = np.flatnonzero(predictable)
         return self if len(keep) == len(self) else replace(self, rows=self.numbers(keep))
 
+    def last_tokens(self) -> np.ndarray:
+        """Each row's last token (instruction rows: an answer's EOS, unless block_size cut the
+        answer short)."""
+        offsets = np.asarray(self.arrays.offsets, dtype=np.int64)
+        ends = offsets[1:] if self.rows is None else offsets[1:][self.rows]
+        return np.asarray(self.arrays.tokens[ends - 1])
+
     def target_counts(self) -> np.ndarray:
         """Instruction rows: the targets of each row past its first token (which nothing
         predicts)."""

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from snaketune import live, plots
+from snaketune import live, plots, tables
 from snaketune.batches import TokenRows
 from snaketune.devices import Placement, place, to_device
 from snaketune.fileio import atomic_path, write_json
@@ -66,9 +66,9 @@ def evaluate_lm(
         placement,
         data.eos_token_id,
     )
-    words, chars = count_words(tokenizer, stream, data.eos_token_id)
-    metrics["words"] = words
-    metrics["word_perplexity"], reason = word_perplexity(metrics["nll_sum"], words, chars)
+    counted = count_words(tokenizer, stream, data.eos_token_id)
+    metrics["words"] = counted.words
+    metrics["word_perplexity"], reason = word_perplexity(metrics["nll_sum"], counted)
     if reason:
         metrics["word_perplexity_note"] = reason
     metrics["context_length"], metrics["stride"] = context, stride
@@ -83,7 +83,9 @@ def evaluate_lm(
         answers, baseline, table = evaluate_answers(
             model, tokenizer, paths.train, paths.test, settings, context, placement
         )
-        metrics.update(answer_nll(model, test, settings.batch_size, placement))
+        metrics.update(
+            answer_nll(model, test, settings.batch_size, placement, data.eos_token_id)
+        )
         metrics.update(answers)
         metrics["baselines"]["retrieval"] = baseline
         metrics["answer_protocol"] = answer_protocol(settings, metrics)
@@ -243,6 +245,8 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob) -> dict:
         else:
             plots.confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], paths.plot)
         write_json(paths.metrics, metrics)
+        tables.metrics_page(metrics, paths.metrics_html)
+        tables.csv_page(paths.samples, paths.samples_html, "Samples")
         live.current().log(live.numeric_metrics(metrics, live.EVAL_PREFIX), step=0)
         record.counts = {"test_rows": len(test)}
     headline = {k: v for k, v in metrics.items() if not isinstance(v, dict | list)}

@@ -27,13 +27,20 @@ import torch
 from snaketune.devices import Placement, to_device
 
 MAX_LOG_PERPLEXITY = 700.0  # exp(709) overflows float64; report inf beyond this
-MIN_CHARS_PER_WORD_WITHOUT_SPACES = 40.0
-"""Text whose "words" run this long has no whitespace word boundaries to count."""
 DECODE_CHUNK_TOKENS = 1 << 20
 
 
-def perplexity(nll_sum: float, count: int) -> float:
-    mean = nll_sum / max(count, 1)
+def ratio(numerator: float, denominator: int) -> float | None:
+    """A mean over `denominator` things; None (null in metrics.json) when there is none: a
+    number from nothing (0 / 0 reported as 0, or exp(0) = 1) would read as a result."""
+    return numerator / denominator if denominator else None
+
+
+def perplexity(nll_sum: float, count: int) -> float | None:
+    """exp(mean NLL), inf past float64's range; None when nothing was scored."""
+    mean = ratio(nll_sum, count)
+    if mean is None:
+        return None
     return math.exp(mean) if mean < MAX_LOG_PERPLEXITY else float("inf")
 
 
@@ -184,23 +191,42 @@ def score_lm(
     nll, tokens = float(sums.nll), int(sums.tokens)
     n_bytes = int(sums.bytes)
     mean_by_position = (sums.by_position / sums.count_by_position.clamp(min=1)).cpu()
-    return {
+    bits = ratio(nll / math.log(2), n_bytes)
+    scored = {
         "perplexity": perplexity(nll, tokens),
         "nll_sum": nll,
-        "nll_per_token": nll / max(tokens, 1),
-        "next_token_accuracy": int(sums.correct) / max(tokens, 1),
-        "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
+        "nll_per_token": ratio(nll, tokens),
+        "next_token_accuracy": ratio(int(sums.correct), tokens),
+        "bits_per_byte": bits,
         "byte_perplexity": perplexity(nll, n_bytes),
         "predicted_tokens": tokens,
         "scored_bytes": n_bytes,
         "nll_by_position": mean_by_position[1:].tolist(),
     }
+    if not tokens:
+        scored["perplexity_note"] = "the text has no token to predict: nothing was scored"
+    return scored
 
 
-def count_words(tokenizer, stream: np.ndarray, separator: int | None) -> tuple[int, int]:
-    """(words, characters) of the documents' text: each document decoded on its own (the
-    separator token, EOS, ends one), a chunk of the stream at a time."""
-    words = chars = 0
+LONG_PIECE = 20
+"""Characters of a whitespace-separated piece past which it is no word: text whose characters
+are mostly in such pieces (Chinese, Japanese, Thai, ...) has no whitespace word boundaries,
+however many short pieces a template adds around it."""
+
+
+@dataclass(frozen=True)
+class WordCount:
+    words: int
+    """Whitespace-separated pieces of the documents' text."""
+    chars: int
+    unspaced_chars: int
+    """Characters in pieces longer than LONG_PIECE."""
+
+
+def count_words(tokenizer, stream: np.ndarray, separator: int | None) -> WordCount:
+    """The words of the documents' text: each document decoded on its own (the separator
+    token, EOS, ends one), a chunk of the stream at a time."""
+    words = chars = unspaced = 0
     start = 0
     while start < len(stream):
         end = min(start + DECODE_CHUNK_TOKENS, len(stream))
@@ -211,17 +237,19 @@ def count_words(tokenizer, stream: np.ndarray, separator: int | None) -> tuple[i
             chunk = chunk[: end - start]
         splits = np.flatnonzero(chunk == separator) + 1 if separator is not None else []
         for document in np.split(chunk, splits):
-            text = tokenizer.decode(document.tolist(), skip_special_tokens=True)
-            words += len(text.split())
-            chars += len(text)
+            pieces = tokenizer.decode(document.tolist(), skip_special_tokens=True).split()
+            words += len(pieces)
+            chars += sum(map(len, pieces))
+            unspaced += sum(len(piece) for piece in pieces if len(piece) > LONG_PIECE)
         start = end
-    return words, chars
+    return WordCount(words, chars, unspaced)
 
 
-def word_perplexity(nll_sum: float, words: int, chars: int) -> tuple[float | None, str]:
-    if not words or chars / words > MIN_CHARS_PER_WORD_WITHOUT_SPACES:
+def word_perplexity(nll_sum: float, counted: WordCount) -> tuple[float | None, str]:
+    if not counted.words or counted.unspaced_chars * 2 > counted.chars:
         return None, (
-            f"no whitespace word boundaries in the text ({chars} characters in {words} "
-            "whitespace-separated pieces); word perplexity is not defined for it"
+            f"no whitespace word boundaries in the text ({counted.unspaced_chars} of its "
+            f"{counted.chars} non-space characters are in pieces longer than {LONG_PIECE} "
+            f"characters, of {counted.words} pieces); word perplexity is not defined for it"
         )
-    return perplexity(nll_sum, words), ""
+    return perplexity(nll_sum, counted.words), ""

@@ -32,8 +32,11 @@ from snaketune.settings import SAMPLE, EvalSettings
 
 
 @torch.no_grad()
-def answer_nll(model, rows: TokenRows, batch_size: int, placement: Placement) -> dict:
-    """Sum and count of the NLL of every target token (the answers') of `rows`."""
+def answer_nll(
+    model, rows: TokenRows, batch_size: int, placement: Placement, eos_token_id: int
+) -> dict:
+    """Sum and count of the NLL of every target token (the answers') of `rows`; the answer
+    perplexity is null, with the reason, when no answer token is left to score."""
     model.eval()
     examples = len(rows)
     rows = rows.with_targets()  # an example cut at block_size before its answer has none
@@ -53,13 +56,21 @@ def answer_nll(model, rows: TokenRows, batch_size: int, placement: Placement) ->
         nll += losses.sum(dtype=torch.float64)
         count += (targets != -100).sum()
     nll_sum, tokens = float(nll), int(count)
-    return {
+    scored = {
         "answer_perplexity": perplexity(nll_sum, tokens),
         "answer_nll_sum": nll_sum,
         "answer_tokens": tokens,
         "answer_rows": len(rows),
         "answers_cut_off": examples - len(rows),
+        # Cut at block_size inside the answer: scored without the EOS that ends the others.
+        "answers_cut_short": int(np.count_nonzero(rows.last_tokens() != eos_token_id)),
     }
+    if not tokens:
+        scored["answer_perplexity_note"] = (
+            f"no answer token to score: the prompts of all {examples} test examples fill "
+            "tokenize.block_size; raise it, or shorten the prompts"
+        )
+    return scored
 
 
 def answer_scores(predictions: list[str], references: list[str]) -> dict[str, list[float]]:
@@ -144,7 +155,8 @@ def answer_protocol(settings: EvalSettings, metrics: dict) -> str:
     )
     return (
         f"answer_perplexity = exp(sum NLL / answer tokens) of the reference answers' "
-        f"{metrics['answer_tokens']} tokens (each ending with EOS) given their prompts, over the "
+        f"{metrics['answer_tokens']} tokens (each answer ending with EOS, but the "
+        f"{metrics['answers_cut_short']} that block_size cut short) given their prompts, over the "
         f"{metrics['answer_rows']} test examples, one per row; the prompts' tokens are context, "
         f"not scored ({metrics['answers_cut_off']} examples whose prompt fills block_size have "
         "no answer token left and are not counted). exact_match, f1 (token-level) and rouge_l "

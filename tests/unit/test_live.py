@@ -156,9 +156,35 @@ def test_outside_the_workflow_there_is_no_tracking(monkeypatch):
     assert isinstance(live.current(), live.Offline)
 
 
-def test_the_runs_table_url_opens_the_model_training_view():
+def test_the_runs_table_url_opens_the_model_training_view_with_the_headline_columns():
+    """MLflow 3.17's UI takes its mode from the URL (workflowType) and a runs table's columns
+    from the saved view the viewStateShareKey names (an experiment tag the track job writes)."""
     url = live.runs_table_url("http://127.0.0.1:5000/", {"experiment_id": "7"})
-    assert url == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+    assert url == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={live.RUNS_VIEW}"
+    )
+
+
+def test_run_links_open_the_model_training_view_relative_to_the_ui():
+    assert live.run_link("7", "abc") == "#/experiments/7/runs/abc?workflowType=machine_learning"
+
+
+def test_a_views_columns_are_read_back_and_anything_else_has_none():
+    view = live.runs_view(["eval.perplexity", "eval.f1"], 1000)
+    assert live.view_metrics(view) == ["eval.perplexity", "eval.f1"]
+    for other in (None, "", "{}", '{"state": "[]"}', "not json"):
+        assert live.view_metrics(other) == []
+
+
+def test_counts_and_seconds_become_tags_of_single_values():
+    manifest = {"counts": {"steps": 300, "test": {"rows": 5}, "stopped_early": False}}
+    assert live.count_tags({**manifest, "seconds": 1.5}) == {
+        "counts.steps": "300",
+        "counts.test.rows": "5",
+        "counts.stopped_early": "False",
+        "counts.seconds": "1.5",
+    }
 
 
 def test_the_environment_sets_how_long_a_stage_works_before_it_connects(monkeypatch):

@@ -16,6 +16,7 @@ from mlflow.utils.validation import _validate_metric_name
 
 import snaketune
 from snaketune import live
+from snaketune import track as track_module
 from snaketune.errors import TrackingError
 from snaketune.live import (
     MAX_PARAM_LENGTH,
@@ -229,21 +230,39 @@ def test_full_config_is_a_parent_artifact(tracked, tmp_path):
 
 
 def test_child_params_and_counts_come_from_its_manifest(tracked):
+    """Counts and seconds are tags: single values, which as metrics would open the run's charts
+    with a bar chart each."""
     tokenize = tracked.run("tokenize").data
     assert tokenize.params == {"block_size": "32", "max_length": "32", "task": "causal_lm"}
-    assert tokenize.metrics == {
-        "train.documents": 2491.0,
-        "train.rows": 855.0,
-        "train.tokens": 109440.0,
-        "test.documents": 319.0,
-        "test.rows": 110.0,
-        "test.tokens": 14080.0,
-        "seconds": 2.25,
+    assert tokenize.metrics == {}
+    counts = {k: v for k, v in tokenize.tags.items() if k.startswith(live.COUNTS_PREFIX)}
+    assert counts == {
+        "counts.train.documents": "2491",
+        "counts.train.rows": "855",
+        "counts.train.tokens": "109440",
+        "counts.test.documents": "319",
+        "counts.test.rows": "110",
+        "counts.test.tokens": "14080",
+        "counts.seconds": "2.25",
     }
     clean = tracked.run("clean").data
     assert clean.params["clean.dedup"] == "True"
     assert clean.params["member"] == "None"
-    assert clean.metrics["pii_redacted.email"] == 104.0
+    assert clean.tags["counts.pii_redacted.email"] == "104" and clean.metrics == {}
+
+
+def test_a_count_that_changes_on_a_rerun_of_the_same_run_is_updated(tracked, tmp_path):
+    """A stage run again with the same inputs and settings logs into the same run: its counts
+    (seconds, retries) are tags, which take the new value, where a param would keep the old."""
+    client, run_id = tracked.store.client, tracked.ids["tokenize"]
+    store = track_module.Store(client, tracked.store.uri, "", None)
+    stage = next(s for s in tracked.inputs.stages if s.name == "tokenize")
+    manifest = {**json.loads(stage.manifest.read_text()), "seconds": 3.5}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(live, "stage_run", lambda *args: (run_id, False))
+        track_module.complete_stage(store, tracked.ids["parent"], stage, manifest, {})
+    assert client.get_run(run_id).data.tags["counts.seconds"] == "3.5"
+    client.set_tag(run_id, "counts.seconds", "2.25")  # as the other tests read it
 
 
 def test_train_child_has_the_per_step_history(tracked):
@@ -256,9 +275,11 @@ def test_train_child_has_the_per_step_history(tracked):
     assert [(m.step, m.value) for m in val] == [(3, 7.1), (5, 6.9)]
     metrics = tracked.run("train").data.metrics
     assert metrics["train.loss"] == 7.03  # the latest value is the last step's
-    assert metrics["parameters"] == 624384.0
-    assert metrics["seconds"] == 88.804
     assert "train.step" not in metrics
+    # The charts are the history and the system metrics: no single-value counts among them.
+    assert {key.split(".")[0].split("/")[0] for key in metrics} == {"train", "system"}
+    tags = tracked.run("train").data.tags
+    assert tags["counts.parameters"] == "624384" and tags["counts.seconds"] == "88.804"
 
 
 def test_eval_metrics_are_on_the_parent(tracked):
@@ -270,11 +291,44 @@ def test_eval_metrics_are_on_the_parent(tracked):
     assert metrics["eval.test_rows"] == 110.0
 
 
+def test_the_parent_run_has_a_description_of_the_task_data_metrics_and_stage_runs(tracked):
+    note = tracked.run("parent").data.tags["mlflow.note.content"]  # the UI's run description
+    assert note.startswith(f"A `{CONFIG['task']}` model trained by snaketune")
+    assert "| perplexity | 1.633 |" in note and "| accuracy | 0.889 |" in note
+    assert f"`{CONFIG['dataset']}` ({SPLIT_ROWS['train']} train" in note
+    experiment = tracked.store.client.get_experiment_by_name(MLFLOW_EXPERIMENT).experiment_id
+    link = f"#/experiments/{experiment}/runs/{tracked.ids['train']}?workflowType=machine_learning"
+    assert f"[train]({link})" in note
+
+
+def test_the_runs_table_view_shows_the_headline_metrics_as_columns(tracked):
+    experiment = tracked.store.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{live.RUNS_VIEW}"])
+    assert view["name"] == live.RUNS_VIEW_NAME and isinstance(view["createdAt"], int)
+    columns = json.loads(view["state"])["selectedColumns"]
+    assert columns == [
+        "attributes.`Models`",
+        "metrics.`eval.perplexity`",
+        "metrics.`eval.accuracy`",
+        "metrics.`eval.macro_f1`",
+    ]
+
+
+def test_another_tasks_upload_adds_its_columns_to_the_view_and_keeps_the_others(store):
+    client = store.client
+    experiment = client.create_experiment("views")
+    live.share_runs_view(client, experiment, ["eval.perplexity"])
+    live.share_runs_view(client, experiment, ["eval.accuracy", "eval.perplexity"])
+    tag = client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{live.RUNS_VIEW}"]
+    assert live.view_metrics(tag) == ["eval.perplexity", "eval.accuracy"]
+
+
 def test_eval_metrics_are_also_on_the_evaluate_child(tracked):
     metrics = tracked.run("evaluate").data.metrics
     assert EVAL_METRIC_NAMES <= set(metrics)
     assert metrics["eval.per_class.billing.f1"] == 0.88
-    assert metrics["test_rows"] == 110.0  # the manifest's counts
+    assert "test_rows" not in metrics  # the manifest's counts are tags
+    assert tracked.run("evaluate").data.tags["counts.test_rows"] == "110"
 
 
 def test_every_child_has_its_manifest_as_an_artifact(tracked, tmp_path):
@@ -559,7 +613,11 @@ def test_experiment_created_by_a_parallel_track_job_is_used(store):
 
 def test_the_model_card_names_the_data_its_digest_the_metrics_and_the_limits(tracked, tmp_path):
     card = tracked.runs_path.with_name("model_card.md").read_text()
-    assert card.startswith(f"# {EXPERIMENT}\n")
+    assert card.startswith(f"# {EXPERIMENT}\n\nA `{CONFIG['task']}` model")
+    # What the model is, then its metrics, then how they were measured and the data's details.
+    order = ["- Model: `gpt2` trained from scratch", "| perplexity | 1.633 |", "Protocol: "]
+    positions = [card.index(needle) for needle in [*order, "## Data"]]
+    assert positions == sorted(positions)
     for needle in (SPLIT_SHA["train"], SPLIT_SHA["test"], DOWNLOAD_URL, "perplexity | 1.633"):
         assert needle in card
     assert METRICS["protocol"] in card and "## Intended use and limits" in card

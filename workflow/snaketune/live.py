@@ -48,9 +48,14 @@ STAGE_TAG = "snaketune.stage"
 RUN_KEY_TAG = "snaketune.run_key"
 SWEEP_TAG = "snaketune.sweep"
 """On every MLflow run of a sweep's point, and on the sweep's own run: the sweep's name."""
-# Without it MLflow 3's UI guesses the experiment's kind and may open it on GenAI traces instead
-# of the runs table.
+# MLflow 3 UIs before 3.17 open an experiment by this tag (3.17 reads the URL: TRAINING_VIEW).
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+COUNTS_PREFIX = "counts."
+"""A stage manifest's counts (and its seconds) as tags of its run."""
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+"""Experiment tags holding the runs table's saved views (the UI's viewStateShareKey)."""
+RUNS_VIEW = "snaketune-headline"
+RUNS_VIEW_NAME = "snaketune: headline metrics"
 HISTORY_PREFIX = "train."
 """The training history's values (history.jsonl) as metrics of the train run."""
 EVAL_PREFIX = "eval."
@@ -132,11 +137,61 @@ def run_key(inputs: dict[str, dict], params: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def count_tags(manifest: dict[str, Any]) -> dict[str, str]:
+    """A stage's counts and duration as run tags: single values describing the run, which as
+    metrics would open its charts with a bar chart each; tags, not params, because a stage run
+    again with the same inputs and settings (same run) may count other seconds or retries."""
+    counts = {f"{COUNTS_PREFIX}{k}": v for k, v in flatten(manifest.get("counts", {})).items()}
+    counts[f"{COUNTS_PREFIX}seconds"] = float(manifest.get("seconds", 0.0))
+    return {k: str(v) for k, v in counts.items() if not isinstance(v, dict | list)}
+
+
+# MLflow 3.17's UI shows an experiment in its GenAI mode unless the page's URL says
+# workflowType=machine_learning (or the browser kept that choice from its sidebar switch): it
+# no longer reads the experiment's mlflow.experimentKind tag. Every link we make says it.
+TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A run's page in the UI's model-training mode, relative to the UI's address (a Markdown
+    description's link then works on whichever server shows it)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
+
+
 def runs_table_url(ui: str, runs: dict[str, Any]) -> str:
     """The MLflow UI's runs table of the experiment a track job's runs.json names, in its
-    model-training mode (else MLflow 3's UI may open in its GenAI mode, on traces)."""
+    model-training mode, with the headline metrics as columns (the saved view RUNS_VIEW)."""
     experiment = runs["experiment_id"]
-    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    view = f"viewStateShareKey={RUNS_VIEW}"
+    return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs?{TRAINING_VIEW}&{view}"
+
+
+def runs_view(metrics: list[str], now_ms: int) -> str:
+    """The saved view of the runs table (an experiment tag's value, in the envelope the 3.17 UI
+    lists under Views): these metrics as columns beside the registered models."""
+    columns = ["attributes.`Models`", *(f"metrics.`{m}`" for m in metrics)]
+    state = json.dumps({"selectedColumns": columns})
+    view = {"name": RUNS_VIEW_NAME, "createdAt": now_ms, "updatedAt": now_ms, "state": state}
+    return json.dumps(view)
+
+
+def view_metrics(view: str | None) -> list[str]:
+    """The metric columns of a saved view (none if there is no view or it is not ours)."""
+    try:
+        columns = json.loads(json.loads(view)["state"])["selectedColumns"]
+    except (TypeError, ValueError, KeyError):
+        return []
+    return [c[len("metrics.`") : -1] for c in columns if c.startswith("metrics.`")]
+
+
+def share_runs_view(client, experiment_id: str, metrics: list[str]) -> None:
+    """Add these metrics to the experiment's runs view (the experiments a store holds may have
+    other tasks: each track job adds its own columns and keeps the others')."""
+    tag = f"{SHARED_VIEW_PREFIX}{RUNS_VIEW}"
+    had = view_metrics(client.get_experiment(experiment_id).tags.get(tag))
+    columns = had + [m for m in metrics if m not in had]
+    if columns != had or not had:
+        client.set_experiment_tag(experiment_id, tag, runs_view(columns, ms(time.time())))
 
 
 def ms(seconds: float) -> int:

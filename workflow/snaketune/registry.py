@@ -153,18 +153,30 @@ def register(client, name: str, info, record: VersionRecord) -> RegisteredModel:
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+    about = (
+        f"`{record.config['task']}` models of experiment `{record.experiment}`, trained by "
+        f"snaketune on `{record.config.get('dataset', record.experiment)}`. Each version's "
+        "description is its model card: what it is, its test metrics beside the baselines, how "
+        "they were measured; its tags hold the headline metrics and the runs it came from."
+    )
     try:
-        client.create_registered_model(name)
+        client.create_registered_model(name, description=about)
     except MlflowException as err:  # registered by an earlier run: add a version to it
         if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
+        if not client.get_registered_model(name).description:
+            client.update_registered_model(name, description=about)
+    # The card first: the version page shows the description's opening, which should say what
+    # the model is (the card's title and summary), not how it was measured.
+    runs = f"Trained in run {record.run_ids['train']}, evaluated in {record.run_ids['evaluate']}."
+    description = f"{record.card}\n{runs}\n" if record.card else record.description()
     with _tracking_uri(client.tracking_uri):
         version = client.create_model_version(
             name,
             info.model_uri,
             run_id=record.run_ids["train"],
             tags=record.tags(),
-            description=record.description(),
+            description=description[:MAX_DESCRIPTION],
             model_id=info.model_id,
         )
     return RegisteredModel(name, str(version.version), info.model_id)

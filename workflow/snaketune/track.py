@@ -9,11 +9,13 @@ and ends every run FINISHED at its stage's own end time, the parent last: a FINI
 the upload is complete. Results on disk are the source of truth and are only read here, so an
 MLflow outage fails this job alone, and the next `snakemake` run uploads what is missing.
 
-What lands where: the parent holds the config as params and the eval metrics; each stage's child
-run its manifest's params and counts and its artifacts; the train run the per-step history, the
-system metrics sampled during training, its dataset inputs (train and val splits) and the logged
-model; the evaluate run the test split and the eval metrics, linked to that model. The model is
-registered as a version of the configured name (snaketune.registry).
+What lands where: the parent holds the config as params, the eval metrics and a description (task,
+data, headline metrics beside the baselines); each stage's child run its manifest's params, its
+counts and seconds as tags (single values, not metrics to chart) and its artifacts; the train run
+the per-step history, the system metrics sampled during training, its dataset inputs (train and
+val splits) and the logged model; the evaluate run the test split and the eval metrics, linked to
+that model. The model is registered as a version of the configured name (snaketune.registry),
+and the experiment gets a runs view with the headline metrics as columns (live.runs_table_url).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from snaketune.live import (
 )
 from snaketune.manifest import package_versions, recorded_paths
 from snaketune.model_card import FILE_NAME as CARD_FILE_NAME
-from snaketune.model_card import model_card
+from snaketune.model_card import HEADLINE, experiment_note, model_card
 from snaketune.names import CAUSAL_LM
 from snaketune.provenance import git_state, invocation_tags
 from snaketune.settings import SWEPT, TrackSettings, config_hash
@@ -78,6 +80,8 @@ STAGES = TRACKED
 UPLOADED_TAG = "snaketune.uploaded"
 """Set on a run once its artifacts (and, for the train run, its datasets) are uploaded."""
 CHILD_RUNS_TAG = "snaketune.child_runs"
+NOTE_TAG = "mlflow.note.content"
+"""A run's description in the MLflow UI (Markdown)."""
 MODEL_CARD_TAG = "snaketune.model_card"
 """The sha256 of the model card last logged on the train run."""
 SNAKEMAKE_MARKERS = (".snakemake_timestamp",)
@@ -310,8 +314,8 @@ def reconcile(
         ids[stage.name] = complete_stage(store, parent_id, stage, manifests[stage.name], tags)
     remove_superseded(client, store.experiment_id, parent_id, ids)
     ledgers = {name: Ledger(client, run_id, new_run=False) for name, run_id in ids.items()}
-    # Before the history: mlflow copies the run's step-0 metrics (the train counts) onto the
-    # logged model, and the system metrics' first sample is step 0 too.
+    # Before the history: mlflow copies the run's step-0 metrics onto the logged model, and the
+    # system metrics' first sample is step 0.
     info = _log_model(store, settings, files, ids["train"])
     log_model_card(client, ids["train"], info, files)
     fallback = times["train"].ended_ms
@@ -331,11 +335,30 @@ def reconcile(
         model = _register(client, settings, info, eval_values, run_ids, card)
         client.set_tag(parent_id, registry.MODEL_TAG, json.dumps(model))
     client.set_tag(parent_id, CHILD_RUNS_TAG, json.dumps(ids))
+    describe(store, settings, parent_id, manifests, eval_values, ids)
     for name, run_id in ids.items():
         client.set_terminated(run_id, "FINISHED", times[name].ended_ms)
     last = max(t.ended_ms for t in times.values())
     client.set_terminated(parent_id, "FINISHED", last)  # last: FINISHED means complete
     return {"parent": parent_id, **ids}, model
+
+
+def describe(
+    store: Store,
+    settings: TrackSettings,
+    parent_id: str,
+    manifests: dict[str, dict],
+    eval_values: dict[str, Any],
+    ids: dict[str, str],
+) -> None:
+    """The parent run's description (MLflow shows the note tag as the run's description) and
+    the experiment's runs view with this task's headline metrics as columns."""
+    links = {name: live.run_link(store.experiment_id, run_id) for name, run_id in ids.items()}
+    config = settings.config
+    note = experiment_note(settings.experiment, config, manifests, eval_values, links)
+    store.client.set_tag(parent_id, NOTE_TAG, note)
+    columns = [f"{EVAL_PREFIX}{name}" for name in HEADLINE if name in eval_values]
+    live.share_runs_view(store.client, store.experiment_id, columns)
 
 
 def eval_points(values: dict[str, Any], measured_ms: int) -> list:
@@ -357,22 +380,16 @@ def complete_parent(
 
 def complete_stage(store: Store, parent_id: str, stage: StageFiles, manifest: dict, tags) -> str:
     """The stage's run (the live one, or a new one with the stage's start time) with its params,
-    counts and artifacts."""
-    from mlflow.entities import Metric
-
+    counts (as tags) and artifacts."""
     client, times = store.client, StageTimes.of(manifest)
     key = manifest["run_key"]
     run_id, new = live.stage_run(
         client, store.ids, store.experiment_id, parent_id, stage.name, key, times.started_ms
     )
-    set_tags(client, run_id, tags)
+    set_tags(client, run_id, {**tags, **live.count_tags(manifest)})
     log_batched(
         client, run_id, params=missing_params(client, run_id, as_params(manifest["params"]))
     )
-    counts = numeric_metrics(manifest.get("counts", {}))
-    counts["seconds"] = float(manifest.get("seconds", 0.0))
-    points = [Metric(k, v, times.ended_ms, 0) for k, v in counts.items()]
-    log_batched(client, run_id, metrics=Ledger(client, run_id, new).missing(points))
     if new or client.get_run(run_id).data.tags.get(UPLOADED_TAG) is None:
         log_artifacts(client, run_id, stage)
         client.set_tag(run_id, UPLOADED_TAG, "true")

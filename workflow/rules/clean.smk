@@ -3,8 +3,9 @@ rule clean_corpus:
         raw=get_raw_dir,
     output:
         corpus=f"{SHARED}/clean/{{data}}/corpus.parquet",
-        report=report(
-            f"{SHARED}/clean/{{data}}/report.json",
+        report=f"{SHARED}/clean/{{data}}/report.json",
+        report_html=report(
+            f"{SHARED}/clean/{{data}}/report.html",
             caption="../report/clean_report.rst",
             category="Data",
             labels={"data": "{data}", "file": "cleaning report"},

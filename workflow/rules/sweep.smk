@@ -5,8 +5,9 @@ rule summarize_sweep:
         metrics=get_sweep_outputs(rules.evaluate_model.output.metrics),
         runs=get_sweep_outputs(rules.track_experiment.output.runs),
     output:
-        table=report(
-            f"{R}/sweeps/{{sweep}}/table.csv",
+        table=f"{R}/sweeps/{{sweep}}/table.csv",
+        table_html=report(
+            f"{R}/sweeps/{{sweep}}/table.html",
             caption="../report/sweep_table.rst",
             category="Sweeps",
             labels={"sweep": "{sweep}", "file": "comparison table"},

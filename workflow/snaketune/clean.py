@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from snaketune import tables
 from snaketune.errors import CorpusError
 from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path, files_in, write_json
 from snaketune.manifest import stage_manifest
@@ -184,6 +185,7 @@ def clean_corpus(paths: CleanPaths, job: CleanJob) -> CleanReport:
         with atomic_path(paths.corpus) as tmp:
             docs.to_parquet(tmp, index=False, row_group_size=PARQUET_ROW_GROUP_ROWS)
         write_json(paths.report, asdict(report))
+        tables.counts_page(asdict(report), paths.report_html, "What cleaning changed")
         record.counts = asdict(report)
     return report
 

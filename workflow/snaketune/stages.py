@@ -37,6 +37,14 @@ def output_path(doc: str, *, artifact: bool = False, digest: bool = True) -> Any
     return field(metadata={"role": OUTPUT, "doc": doc, "digest": digest, "artifact": artifact})
 
 
+def page_path(doc: str, *, of: str) -> Any:
+    """An HTML page of the output `of` for the Snakemake report, which shows HTML inline and
+    other files only as links (snaketune.tables). A caller that names no path gets `of`'s with
+    .html: pages come last, with a default, so calls that give the other paths stay as they are."""
+    metadata = {"role": OUTPUT, "doc": f"{doc} (the Snakemake report)", "digest": True}
+    return field(default=None, metadata={**metadata, "artifact": False, "beside": of})
+
+
 def state_path(doc: str) -> Any:
     return field(metadata={"role": STATE, "doc": doc, "digest": False})
 
@@ -48,6 +56,8 @@ class Paths:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and "beside" in f.metadata:
+                value = Path(getattr(self, f.metadata["beside"])).with_suffix(".html")
             typed = [Path(v) for v in value] if isinstance(value, list | tuple) else Path(value)
             object.__setattr__(self, f.name, typed)
 
@@ -75,6 +85,7 @@ class CleanPaths(Paths):
     corpus: Path = output_path("cleaned documents: doc_id, text, label")
     report: Path = output_path("what each filter removed or changed", artifact=True)
     manifest: Path = output_path("this job's manifest.json")
+    report_html: Path = page_path("the cleaning report as a table", of="report")
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,8 @@ class EvaluatePaths(Paths):
     )
     plot: Path = output_path("NLL by position or the confusion matrix", artifact=True)
     manifest: Path = output_path("this job's manifest.json")
+    metrics_html: Path = page_path("the metrics as tables", of="metrics")
+    samples_html: Path = page_path("the samples as a table", of="samples")
 
 
 @dataclass(frozen=True)
@@ -184,6 +197,7 @@ class SweepPaths(Paths):
     manifest: Path = output_path("this job's manifest.json")
     store: Path = state_path("the default SQLite store (no tracking URI configured)")
     artifacts: Path = state_path("artifact folder of an experiment created in a local store")
+    table_html: Path = page_path("the table as a page", of="table")
 
 
 # --- the registry --------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ include: "workflow/rules/sweep.smk"
 
 check_local_sources()
 check_gpus()
+check_cuda_here()
 say_how_training_continues()
 
 

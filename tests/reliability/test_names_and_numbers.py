@@ -119,3 +119,39 @@ def test_answers_cut_short_by_block_size_are_counted_not_said_to_end_with_eos():
     scored = answer_nll(tiny_model(), rows, 2, CPU, EOS)
     assert scored["answers_cut_short"] == 1 and scored["answer_tokens"] == 5
     assert scored["answer_perplexity"] is not None and "answer_perplexity_note" not in scored
+
+
+def test_prompts_that_fill_block_size_are_refused_by_the_tokenize_stage_not_in_training(
+    tmp_path,
+):
+    """The demo's Q&A with block_size 8: no prompt leaves room for an answer token. The
+    tokenize stage says so with what to do; the trainer used to fail with an IndexError."""
+    from snaketune.errors import CorpusError
+    from tests.support.stage_data import prepare_stage_data
+
+    with pytest.raises(CorpusError) as caught:
+        prepare_stage_data(
+            tmp_path,
+            "causal_lm",
+            8,
+            instruction=True,
+            experiment={"tokenizer": {"vocab_size": 300}},
+        )
+    assert "no training example has an answer token within tokenize.block_size=8" in str(
+        caught.value
+    )
+    assert "Raise tokenize.block_size" in str(caught.value)
+    assert not (tmp_path / "tokenize" / "shards").exists()  # nothing left under its name
+
+
+def test_train_device_cuda_on_a_machine_without_a_gpu_stops_before_any_job(tmp_path):
+    from snaketune.gpus import machine_devices
+
+    if machine_devices():
+        pytest.skip(f"this machine has GPUs {machine_devices()}: the refusal cannot happen")
+    config = config_with(experiments__1__train__device="cuda")
+    run = snakemake_with(tmp_path, config, "--cores", "1")
+    console = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "experiments[1].train.device: 'cuda', but this machine has no GPU" in console
+    assert not (tmp_path / "results").exists()

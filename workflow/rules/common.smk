@@ -224,6 +224,25 @@ def check_gpus():
         )
 
 
+def check_cuda_here():
+    """Before any job: train.device cuda where the jobs run on this machine and it has no GPU
+    (it would fail only after the data stages). A cluster's jobs run elsewhere; a cluster job's
+    own Snakemake (remote) does not check again."""
+    if not workflow.local_exec or workflow.remote_exec or workflow.subprocess_exec:
+        return
+    wanted = [i for i, exp in enumerate(config["experiments"]) if exp["train"]["device"] == "cuda"]
+    if wanted and not machine_devices():
+        raise_if_invalid(
+            [
+                f"experiments[{i}].train.device: 'cuda', but this machine has no GPU (none in "
+                "CUDA_VISIBLE_DEVICES, config local_gpus or nvidia-smi -L); use 'auto' (CUDA "
+                "when present) or 'cpu', or run under a cluster profile that gives GPUs"
+                for i in wanted
+            ],
+            "devices",
+        )
+
+
 def check_local_sources():
     """Before any job: no local dataset file changed in place since it was verified."""
     manifest = rules.download_dataset.output.manifest

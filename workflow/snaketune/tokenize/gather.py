@@ -12,12 +12,19 @@ from pathlib import Path
 from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_dir, read_json
 from snaketune.manifest import recorded_paths, stage_manifest
-from snaketune.names import SPLITS
+from snaketune.names import SPLITS, TRAIN
 from snaketune.settings import TokenizeJob
 from snaketune.stages import GatherPaths
 from snaketune.tokenize.packing import PACKING, PartitionCounts
 from snaketune.tokenize.plan import split_plans
-from snaketune.tokenize.shards import ShardStats, shard_name, split_dir, token_dtype, write_arrays
+from snaketune.tokenize.shards import (
+    ShardStats,
+    TokenArrays,
+    shard_name,
+    split_dir,
+    token_dtype,
+    write_arrays,
+)
 
 PLAN_FACTS = ("tokenizer_sha256", "pad_token_id", "eos_token_id", "vocab_size", "task", "encoder")
 
@@ -102,6 +109,8 @@ def gather_shards(paths: GatherPaths, job: TokenizeJob) -> dict[str, SplitStats]
                 if stats[name].rows == 0:
                     raise CorpusError(no_rows_message(getattr(paths, name).name, job))
                 write_arrays(out, [out / shard.file for shard in stats[name].shards], dtype)
+                if job.instruction and name == TRAIN:
+                    refuse_without_answers(out, dtype, job)
         record.counts = {
             name: {k: v for k, v in asdict(s).items() if k != "shards"} for name, s in stats.items()
         }
@@ -116,6 +125,18 @@ def gather_shards(paths: GatherPaths, job: TokenizeJob) -> dict[str, SplitStats]
             }
         )
     return stats
+
+
+def refuse_without_answers(split_folder: Path, dtype: str, job: TokenizeJob) -> None:
+    """Instruction data whose every training prompt fills block_size leaves no answer token to
+    learn: said here, before any training step, not as an error inside the trainer."""
+    targets = TokenArrays.open(split_folder, dtype).targets
+    if targets is not None and not targets.any():
+        raise CorpusError(
+            f"no training example has an answer token within tokenize.block_size="
+            f"{job.tokenize.block_size}: every prompt fills it, so there is nothing to learn. "
+            "Raise tokenize.block_size, or shorten the prompts (the template or the data)"
+        )
 
 
 def no_rows_message(split_file: str, job: TokenizeJob) -> str:

@@ -203,3 +203,13 @@ def test_an_upload_cut_short_after_registering_is_completed_with_its_version(
     models = client.search_logged_models([experiment.experiment_id])
     assert [m.source_run_id for m in models] == [ids["train"]]
     assert len(all_runs(client)) == len(ids)
+
+
+def test_a_sweep_points_name_becomes_a_name_mlflow_allows_for_a_logged_model():
+    from mlflow.utils.validation import _validate_logged_model_name
+
+    from snaketune.registry import logged_model_name
+
+    assert logged_model_name("demo-lm") == "demo-lm"
+    assert logged_model_name("lm.lr-0.001.n_layer-2") == "lm-lr-0-001-n_layer-2"
+    _validate_logged_model_name(logged_model_name("lm.lr-0.001"))  # raises on a refused name

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -102,7 +103,13 @@ def log_model(
     config = serving_config(task, evaluate, prompt_template, context)
     # The active run puts the logged model in the run's experiment (else: the default one).
     with _tracking_uri(uri), mlflow.start_run(run_id=run_id):
-        return log_served(model_dir, config, name, pip_requirements())
+        return log_served(model_dir, config, logged_model_name(name), pip_requirements())
+
+
+def logged_model_name(experiment: str) -> str:
+    """The experiment's name as MLflow allows a logged model's (no '.', as a sweep's points
+    have: `lm.lr-0.001` is logged as `lm-lr-0.001`)."""
+    return re.sub(r"[/:.%\"']", "-", experiment)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ from snaketune.settings import GREEDY, EvalSettings
 def prompt_ids(tokenizer, prompt: str, context: int, new_tokens: int) -> tuple[list[int], int]:
     """The prompt's ids, cut from the left to leave `new_tokens` of the context free; and how
     many were cut."""
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    # verbose=False: the prompt is cut below, so transformers' "longer than the maximum ...
+    # will result in indexing errors" warning would mislead whoever reads the log.
+    ids = tokenizer.encode(prompt, add_special_tokens=False, verbose=False)
     keep = max(1, context - new_tokens)
     return ids[-keep:], max(0, len(ids) - keep)
 

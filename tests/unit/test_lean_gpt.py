@@ -101,6 +101,27 @@ def test_right_padded_rows_need_no_attention_mask(lm_per_document_data):
     assert float(ours.loss) == pytest.approx(float(theirs.loss), abs=1e-5)
 
 
+def test_fsdp_shards_each_block_and_best_weights_of_either_layout_load(tmp_path):
+    from safetensors.torch import save_model
+
+    from snaketune.checkpoint import BEST_WEIGHTS, load_best
+    from snaketune.distributed import transformer_blocks
+
+    model = lean_model()
+    assert len(transformer_blocks(model)) == TINY.n_layer
+    hf = as_hf(lean_model())
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.add_(0.5)  # other weights than the lean model's
+    save_model(hf, str(tmp_path / BEST_WEIGHTS))  # kept from before the switch
+    load_best(tmp_path, model)
+    ids, _ = ids_and_labels()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval()(input_ids=ids).logits, hf.eval()(input_ids=ids).logits, rtol=0, atol=1e-5
+        )
+
+
 def test_scratch_gpt2_for_classification_or_lora_stays_transformers_model():
     classifier = build_model(TINY, "sequence_classification", 64, 16, 0, 0, ["neg", "pos"])
     lora = build_model(replace(TINY, lora_rank=4), "causal_lm", 64, 16, 0, 0, [])

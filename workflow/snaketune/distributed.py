@@ -70,7 +70,7 @@ def wrap(
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a transformers model (GPT-2's transformer.h, BERT's
-    encoder.layer, ...): the modules named in its _no_split_modules."""
+    encoder.layer, ...) or of the lean GPT: the modules named in its _no_split_modules."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     return [m for m in model.modules() if type(m).__name__ in names]
 

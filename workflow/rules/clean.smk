@@ -13,6 +13,7 @@ rule clean_corpus:
         manifest=f"{SHARED}/clean/{{data}}/manifest.json",
     params:
         settings=settings_for("clean_corpus"),
+        sources=sources_for("clean_corpus"),
         tracking=shared_tracking("clean"),
     conda:
         "../../envs/data.yaml"

@@ -29,7 +29,7 @@ from snaketune.settings import (
     sweep_points,
     to_json,
 )
-from snaketune.sources import changed_sources
+from snaketune.sources import FolderDigests, changed_sources, folder_sources
 from snaketune.stages import (
     BY_RULE,
     INTERPRETER,
@@ -94,6 +94,22 @@ def settings_for(rule):
         return to_json(BY_RULE[rule].from_config(CONFIG, **given))
 
     return get_settings
+
+
+FOLDERS = FolderDigests()  # the local folders' file digests, kept across invocations
+
+
+def sources_for(rule):
+    """The content digests of the local model and tokenizer folders the rule's settings name
+    (snaketune.sources): a param, so that an edit in place reruns the job and what follows."""
+    get_settings = settings_for(rule)
+
+    def get_sources(wildcards):
+        found = folder_sources(get_settings(wildcards), FOLDERS)
+        FOLDERS.save()
+        return found
+
+    return get_sources
 
 
 def owner(wildcards):

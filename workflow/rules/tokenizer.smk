@@ -6,6 +6,7 @@ rule prepare_tokenizer:
         manifest=f"{SHARED}/tokenizer/{{data}}/manifest.json",
     params:
         settings=settings_for("prepare_tokenizer"),
+        sources=sources_for("prepare_tokenizer"),
         tracking=shared_tracking("tokenizer"),
     conda:
         "../../envs/data.yaml"

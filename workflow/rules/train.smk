@@ -18,6 +18,7 @@ rule train_model:
         system_metrics=f"{R}/{{experiment}}/train/system_metrics.jsonl",
     params:
         settings=settings_for("train_model"),
+        sources=sources_for("train_model"),
         tracking=TRACKING,
         state_dir=f"{R}/{{experiment}}/train_state",
         launcher=get_train_launcher,

@@ -1,4 +1,5 @@
-"""Local dataset files (a path or a file:// URL) that change after they were verified.
+"""Local inputs that change in place: dataset files (a path or a file:// URL) after they were
+verified, and the local model and tokenizer folders that settings name.
 
 Snakemake decides what to rerun from its outputs, so a local file edited in place under the
 same name would go unnoticed: every result would look current while standing on the old data.
@@ -7,10 +8,18 @@ any job, `changed_sources` compares them with the file as it is now, hashes it o
 differ, and refuses to go on when the content no longer has the configured sha256. Nothing is
 deleted: the verified copy and everything built on it stay until the config names the new
 digest (which reruns the download) or the file is restored.
+
+A pretrained model or tokenizer folder (`name_or_path`, the chat template's tokenizer) has no
+digest in the config: its content digest is a param of the jobs that read it (`folder_sources`),
+so an edit in place (a new chat template, other weights) reruns them and everything after, as a
+changed setting would. Each file is hashed again only when its size or modification time
+changed (FOLDER_DIGESTS keeps the last ones), so gigabytes of weights are read once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -76,3 +85,63 @@ def changed_sources(sources: dict[str, tuple[str, str, Path]]) -> list[str]:
         for name, (url, sha256, manifest) in sources.items()
         if (problem := changed_source(manifest, url, sha256))
     ]
+
+
+WATCHED_KEYS = ("name_or_path", "chat_tokenizer")
+"""Settings whose value may name a local folder a job reads."""
+FOLDER_DIGESTS = Path(".snakemake") / "snaketune" / "folder-digests.json"
+"""Each watched file's identity and sha256, in the workflow's working directory."""
+
+
+def watched_folders(settings: Any) -> list[str]:
+    """The local folders a job's settings (their JSON form, nested) name under WATCHED_KEYS."""
+    found: list[str] = []
+    if isinstance(settings, dict):
+        for key, value in settings.items():
+            if key in WATCHED_KEYS and isinstance(value, str) and Path(value).expanduser().is_dir():
+                found.append(value)
+            else:
+                found += watched_folders(value)
+    elif isinstance(settings, list):
+        for value in settings:
+            found += watched_folders(value)
+    return sorted(set(found))
+
+
+class FolderDigests:
+    """Content digests of folders, each file hashed once per change of its size or mtime."""
+
+    def __init__(self, cache: Path = FOLDER_DIGESTS):
+        self.cache = cache
+        self.known: dict[str, list] = json.loads(cache.read_text()) if cache.exists() else {}
+        self.changed = False
+
+    def file_digest(self, path: Path) -> str:
+        stat = path.stat()
+        key, identity = str(path.resolve()), [stat.st_size, stat.st_mtime_ns]
+        if self.known.get(key, [None, None, None])[:2] != identity:
+            self.known[key] = [*identity, sha256_file(path)]
+            self.changed = True
+        return self.known[key][2]
+
+    def folder_digest(self, folder: str) -> str:
+        root = Path(folder).expanduser()
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        combined = hashlib.sha256()
+        for path in files:
+            combined.update(f"{path.relative_to(root)}\0{self.file_digest(path)}\n".encode())
+        return combined.hexdigest()
+
+    def save(self) -> None:
+        if self.changed:
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            write_json(self.cache, self.known)
+            self.changed = False
+
+
+def folder_sources(settings_json: str, digests: FolderDigests) -> dict[str, str]:
+    """{folder: content digest} of every local folder a job's settings name."""
+    return {
+        folder: digests.folder_digest(folder)
+        for folder in watched_folders(json.loads(settings_json))
+    }

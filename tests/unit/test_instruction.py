@@ -337,3 +337,43 @@ def test_conversations_read_from_parquet_as_from_jsonl(chat_tokenizer, tmp_path)
     jsonl = ReadSettings(format="jsonl", messages_column="messages", chat_tokenizer=chat_tokenizer)
     _, from_jsonl = run_clean(tmp_path / "j", "chats.jsonl", conversations_file(*chats), jsonl)
     assert from_parquet[["prompt", "response"]].equals(from_jsonl[["prompt", "response"]])
+
+
+def test_records_that_are_not_what_they_look_like_are_dropped_and_counted(tmp_path):
+    """No answer (only the end marker would be learned, and an empty generation would score as
+    exact), no prompt (learned as an answer to nothing; all such looked like duplicates), the
+    end-of-text token's text inside an answer (encoded as a real end of text; HTML stripping
+    took it for a tag): each is dropped and counted by its flaw in the cleaning report."""
+    from tests.support.stage_data import run_clean
+
+    read = ReadSettings(
+        format="jsonl", prompt_column="question", response_column="answer", text_column="question"
+    )
+    records = [
+        {"question": "Where is my parcel?", "answer": "It ships on Monday."},
+        {"question": "Can I pay by card?", "answer": ""},
+        {"question": "Can I pay later?", "answer": "<p> </p>"},  # blank once cleaned
+        {"answer": "We open at nine."},  # no prompt
+        {"question": "", "answer": "We close at five."},
+        {"question": "Refund?", "answer": "Yes.<|endoftext|>Anything else?"},
+    ]
+    data = "".join(json.dumps(r) + "\n" for r in records).encode()
+    report, docs = run_clean(tmp_path, "qa.jsonl", data, read, CleanSettings(strip_html=True))
+    assert docs["prompt"].tolist() == ["Question: Where is my parcel?\nAnswer:"]
+    assert report.removed == {"empty_response": 2, "empty_prompt": 2, "special_token_text": 1}
+
+
+def test_a_conversation_with_an_empty_answer_or_a_special_token_is_dropped_and_counted(
+    chat_tokenizer, tmp_path
+):
+    from tests.support.stage_data import run_clean
+
+    read = ReadSettings(format="jsonl", messages_column="messages", chat_tokenizer=chat_tokenizer)
+    data = conversations_file(
+        [turn("user", "Hi"), turn("assistant", "Hello")],
+        [turn("user", "Refund?"), turn("assistant", " ")],
+        [turn("user", "Status?"), turn("assistant", "Shipped<|endoftext|>")],
+    )
+    report, docs = run_clean(tmp_path, "chats.jsonl", data, read)
+    assert docs["response"].tolist() == ["Hello\n"]
+    assert report.removed == {"empty_response": 1, "special_token_text": 1}

@@ -27,7 +27,7 @@ from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path, files_in, writ
 from snaketune.manifest import stage_manifest
 from snaketune.names import INSTRUCTION_COLUMNS
 from snaketune.quality import quality_problem
-from snaketune.reading import compose_instruction, compose_texts, read_records
+from snaketune.reading import EMPTY_RESPONSE, compose_instruction, compose_texts, read_records
 from snaketune.settings import CleanJob, CleanSettings, inside_folder
 from snaketune.stages import CleanPaths
 
@@ -108,26 +108,32 @@ def clean_documents(
     settings: CleanSettings,
     report: CleanReport,
     responses: pd.Series | None = None,
+    flaws: pd.Series | None = None,
 ) -> pd.DataFrame:
     """Cleaned documents (doc_id, text, label). Instruction data (`responses` given, `texts`
     their prompts, both composed from fields cleaned already: snaketune.reading) also keeps
     each document's prompt and response, the text being the two end to end; the filters and the
-    duplicate checks see that text."""
+    duplicate checks see that text. A record with a flaw (reading.RECORD_FLAWS) is dropped and
+    counted by it."""
     removed: Counter[str] = Counter()
     seen: set[str] = set()
     forms: defaultdict[str, set[str]] = defaultdict(set)
     rows = []
     label_values = labels.tolist() if labels is not None else [None] * len(texts)
     response_values = responses.tolist() if responses is not None else [None] * len(texts)
-    for raw_text, label, raw_response in zip(
-        texts.tolist(), label_values, response_values, strict=True
+    flaw_values = flaws.tolist() if flaws is not None else [""] * len(texts)
+    for raw_text, label, raw_response, flaw in zip(
+        texts.tolist(), label_values, response_values, flaw_values, strict=True
     ):
         parts = ()
+        if flaw:
+            removed[flaw] += 1
+            continue
         if raw_response is None:
             text = clean_text(raw_text, settings, report)
         else:
             if not raw_response.strip():
-                removed["empty_response"] += 1
+                removed[EMPTY_RESPONSE] += 1
                 continue
             parts = (raw_text, raw_response)
             text = "".join(parts)
@@ -168,15 +174,15 @@ def clean_corpus(paths: CleanPaths, job: CleanJob) -> CleanReport:
         # Composed first: it names every missing column at once.
         if read.is_instruction:
             composed = compose_instruction(frame, read, lambda v: clean_text(v, settings, report))
-            texts, responses = composed.prompts, composed.responses
+            texts, responses, flaws = composed.prompts, composed.responses, composed.flaws
             record.extra["instruction"] = {
                 "format": composed.format,
                 "serving_template": composed.serving_template,
             }
         else:
-            texts, responses = compose_texts(frame, read), None
+            texts, responses, flaws = compose_texts(frame, read), None, None
         labels = frame[read.label_column] if read.label_column else None
-        docs = clean_documents(texts, labels, settings, report, responses)
+        docs = clean_documents(texts, labels, settings, report, responses, flaws)
         report.output_records = len(docs)
         if read.label_column:
             report.labels = {str(k): int(v) for k, v in docs["label"].value_counts().items()}

@@ -15,7 +15,7 @@ import csv
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -251,6 +251,42 @@ class Instructions:
     format: str
     """"text_template", or "chat_template" (the tokenizer's)."""
     serving_template: str | None
+    flaws: pd.Series | None = None
+    """Per record, why it cannot be learned as it looks (RECORD_FLAWS), or "": cleaning drops
+    and counts those records."""
+
+
+EMPTY_PROMPT, EMPTY_RESPONSE, SPECIAL_TOKEN_TEXT = (
+    "empty_prompt",
+    "empty_response",
+    "special_token_text",
+)
+RECORD_FLAWS = (EMPTY_PROMPT, EMPTY_RESPONSE, SPECIAL_TOKEN_TEXT)
+"""An example with no prompt (it would be learned as an answer to nothing, and all such look
+alike), with no answer (only the end marker would be learned, and an empty generation scored
+as exact), or whose fields hold a special token's text (the tokenizer would encode `<|endoftext|>`
+inside an answer as a real end of text, and HTML stripping would take it for a tag)."""
+
+
+def special_texts(chat) -> tuple[str, ...]:
+    """The special tokens' texts of the tokenizer the examples will be encoded with: the chat
+    template's pretrained tokenizer, else (None) the BPE the pipeline trains."""
+    from snaketune.tokenizer import EOS, PAD
+
+    specials = {EOS, PAD} if chat is None else set(chat.all_special_tokens)
+    return tuple(sorted(s for s in specials if s))
+
+
+def record_flaw(prompt: list[str], response: str, raw: list[str], specials) -> str:
+    """Why one example cannot be learned as it looks (cleaned prompt and response fields, the
+    raw fields), or ""."""
+    if any(special in value for value in raw for special in specials):
+        return SPECIAL_TOKEN_TEXT
+    if not response.strip():
+        return EMPTY_RESPONSE
+    if not any(value.strip() for value in prompt):
+        return EMPTY_PROMPT
+    return ""
 
 
 def compose_instruction(frame: pd.DataFrame, settings: ReadSettings, clean) -> Instructions:
@@ -262,25 +298,40 @@ def compose_instruction(frame: pd.DataFrame, settings: ReadSettings, clean) -> I
         return message_instructions(frame, settings, clean)
     template = settings.instruction
     require_columns(frame, template.columns)
-    fields = frame[template.columns].fillna("").astype(str).map(clean)
+    raw = frame[template.columns].fillna("").astype(str)
+    fields = raw.map(clean)
     records = fields.to_dict("records")
+    prompt_columns = re.findall(r"{(\w+)}", template.prompt)
+    (response_column,) = re.findall(r"{(\w+)}", template.response)
     chat = chat_tokenizer(settings)
+    specials = special_texts(chat)
+    flaws = pd.Series(
+        [
+            record_flaw(
+                [r[c] for c in prompt_columns], r[response_column], list(w.values()), specials
+            )
+            for r, w in zip(records, raw.to_dict("records"), strict=True)
+        ],
+        index=frame.index,
+        dtype="string",
+    )
     if chat is not None:
         user, answer = settings.prompt_column, settings.response_column
         conversations = [
             [{"role": "user", "content": r[user]}, {"role": "assistant", "content": r[answer]}]
             for r in records
         ]
-        return chat_instructions(chat, conversations, settings, frame.index)
+        composed = chat_instructions(chat, conversations, settings, frame.index)
+        return replace(composed, flaws=flaws)
     parts = [
         pd.Series([part.format(**row) for row in records], index=frame.index, dtype="string")
         for part in (template.prompt, template.response)
     ]
-    names = set(re.findall(r"{(\w+)}", template.prompt))
+    names = set(prompt_columns)
     serving = (
         template.prompt.replace("{" + names.pop() + "}", "{prompt}") if len(names) == 1 else None
     )
-    return Instructions(*parts, "text_template", serving)
+    return Instructions(*parts, "text_template", serving, flaws)
 
 
 def chat_tokenizer(settings: ReadSettings):
@@ -312,11 +363,26 @@ def message_instructions(frame: pd.DataFrame, settings: ReadSettings, clean) -> 
             f"tokenizer {settings.chat_tokenizer!r} has no chat template, which the "
             f"conversations of column {column!r} need; use a tokenizer that has one"
         )
+    values = frame[column].tolist()
     conversations = [
         cleaned_turns(value, clean, f"record {number} of column {column!r}")
-        for number, value in enumerate(frame[column].tolist(), start=1)
+        for number, value in enumerate(values, start=1)
     ]
-    return chat_instructions(chat, conversations, settings, frame.index)
+    specials = special_texts(chat)
+    flaws = pd.Series(
+        [
+            record_flaw(
+                [t["content"] for t in turns[:-1]],
+                turns[-1]["content"],
+                [str(value)],  # the raw conversation, before cleaning
+                specials,
+            )
+            for turns, value in zip(conversations, values, strict=True)
+        ],
+        index=frame.index,
+        dtype="string",
+    )
+    return replace(chat_instructions(chat, conversations, settings, frame.index), flaws=flaws)
 
 
 def cleaned_turns(value, clean, where: str) -> list[dict[str, str]]:

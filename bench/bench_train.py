@@ -6,7 +6,9 @@
    forward, backward, clip, fused AdamW with the same groups and schedule, save_pretrained): the
    limit for the steps themselves;
 3. reference: `transformers.Trainer` with matching settings (batch, AdamW betas and weight
-   decay, warmup + cosine, grad clipping, steps, fp32 on CPU), then save_model.
+   decay, warmup + cosine, grad clipping, steps, fp32 on CPU), then save_model, over
+   transformers' GPT2LMHeadModel with the same initial weights (ours and bare train the lean
+   GPT that scratch GPT-2 is, snaketune.lean_gpt).
 
 Prints per-step time (the steps alone) and whole-call time of each (the fastest of --repeats
 runs, interleaved), the ratios against the bare loop, our step against the bare step run in
@@ -82,6 +84,18 @@ def new_model(data, args):
         info.eos_token_id,
         [],
     )
+
+
+def as_transformers(model):
+    """GPT2LMHeadModel with the weights of the lean GPT that build_model made: what a user of
+    transformers.Trainer trains."""
+    from transformers import GPT2LMHeadModel
+
+    from snaketune.lean_gpt import to_hf_state
+
+    hf = GPT2LMHeadModel(model.config)
+    hf.load_state_dict(to_hf_state(model.state_dict(), model.config.vocab_size))
+    return hf
 
 
 class Phases:
@@ -236,7 +250,7 @@ def run_reference(data, out: Path, args) -> dict:
 
     started = time.perf_counter()
     rows = TokenRows.open(tokenized(data), TRAIN).with_targets()
-    model = new_model(data, args)
+    model = as_transformers(new_model(data, args))
     arguments = TrainingArguments(
         output_dir=str(out),
         max_steps=args.steps,

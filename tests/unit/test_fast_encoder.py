@@ -1,5 +1,6 @@
 """The tokenize stage's fast encoder: gigatoken where it gives tokenizers' ids, checked by the
-plan on a sample of the train split and on probe texts; tokenizers otherwise, with the reason
+plan on a sample of every split and on probe texts (the tokenizer's added and special tokens
+among them); tokenizers otherwise, with the reason
 in the plan and the manifest. The shards are byte-identical whichever encoder ran."""
 
 from __future__ import annotations
@@ -87,8 +88,26 @@ def test_the_plan_compares_a_sample_and_the_probes_and_records_why(lm_data, tmp_
     choice = manifest["encoder"]
     rows = pd.read_parquet(lm_data["splits"]["train"]).shape[0]
     assert choice["name"] == "gigatoken" and choice["version"]
-    assert choice["checked_documents"] > min(rows, 4096)  # the sample and the probes
+    assert choice["checked_documents"] > min(rows, 2048)  # the sample and the probes
     assert "gives tokenizers' ids on" in choice["reason"]
+    # Every split is encoded with it, so every split is sampled.
+    assert all(f" {split}" in choice["reason"] for split in ("train", "val", "test"))
+
+
+def test_an_added_token_read_differently_inside_words_falls_back_with_the_reason(lm_data, tmp_path):
+    """An added token that is a word of its own for tokenizers (single_word), which the sample
+    never holds glued inside a word: the probes of every added token find where gigatoken reads
+    it otherwise (the sample of the train split and the EOS probes alone did not)."""
+    folder = tmp_path / "added-token"
+    shutil.copytree(lm_data["tokenizer"], folder)
+    backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    backend.add_tokens([AddedToken("<|user|>", single_word=True, normalized=False)])
+    backend.save(str(folder / "tokenizer.json"))
+    _, manifest = tokenized(lm_data["splits"], folder, tmp_path / "out")
+    choice = manifest["encoder"]
+    assert choice["name"] == "hf", choice
+    assert "ids differ from tokenizers' on a probe text" in choice["reason"]
+    assert "<|user|>" in choice["reason"]
 
 
 def single_word_eos(lm_data, where: Path) -> Path:

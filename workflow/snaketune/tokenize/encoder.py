@@ -5,9 +5,9 @@ task's rows need (EOS after each LM document; the model's special tokens and tru
 classification). Hugging Face tokenizers runs it as written (HfEncoder). For causal LM text,
 gigatoken (FastEncoder: a BPE encoder an order of magnitude faster, reading the Arrow text
 buffers in place) runs the same tokenizer.json with EOS appended in numpy; the plan uses it only
-where it gives exactly tokenizers' ids on a sample of the train split and on probe texts
-(choose_encoder), and says which ran and why. Both yield the same Encoded batches, so the rows,
-and the shards, are the same whichever ran."""
+where it gives exactly tokenizers' ids on a sample of every split and on probe texts, the
+tokenizer's added and special tokens among them (choose_encoder), and says which ran and why.
+Both yield the same Encoded batches, so the rows, and the shards, are the same whichever ran."""
 
 from __future__ import annotations
 
@@ -257,16 +257,50 @@ class EncoderChoice:
     version: str | None = None
 
 
-def sample_texts(split_path: Path) -> pa.Array:
-    """Up to SAMPLE_DOCUMENTS texts and SAMPLE_BYTES of text (large strings), an equal share
-    from each of SAMPLE_GROUPS row groups spread evenly over the split."""
+SAMPLE_SHARES = {"train": 2, "val": 1, "test": 1}
+"""Each split's share of the sample: every split is encoded by the chosen encoder, so each is
+checked (a text only the test split holds must not get other ids there)."""
+MAX_TOKEN_PROBES = 512
+"""Added and special tokens probed (each alone, glued inside a word, between words)."""
+
+
+def sample_splits(splits: dict[str, Path]) -> tuple[pa.Array, list[str]]:
+    """Texts sampled from every split by SAMPLE_SHARES, and the split of each."""
+    total = sum(SAMPLE_SHARES[name] for name in splits)
+    arrays, names = [], []
+    for name, path in splits.items():
+        share = SAMPLE_SHARES[name] / total
+        texts = sample_texts(path, int(SAMPLE_DOCUMENTS * share), int(SAMPLE_BYTES * share))
+        arrays.append(texts)
+        names += [name] * len(texts)
+    return pa.concat_arrays(arrays) if arrays else pa.array([], pa.large_string()), names
+
+
+def token_probes(backend) -> list[str]:
+    """Texts holding the tokenizer's added and special tokens where a corpus may hold them:
+    alone, glued inside a word, between words (an encoder may match them differently)."""
+    added = sorted(
+        {t.content for t in backend.get_added_tokens_decoder().values() if t.content.strip()}
+    )
+    return [
+        text
+        for token in added[:MAX_TOKEN_PROBES]
+        for text in (token, f"in{token}side", f"a {token} b\n{token}{token}")
+    ]
+
+
+def sample_texts(
+    split_path: Path, documents: int = SAMPLE_DOCUMENTS, text_bytes: int = SAMPLE_BYTES
+) -> pa.Array:
+    """Up to `documents` texts and `text_bytes` of text (large strings), an equal share from
+    each of SAMPLE_GROUPS row groups spread evenly over the split."""
     parquet = pq.ParquetFile(split_path, pre_buffer=False)
     groups = parquet.metadata.num_row_groups
     if not groups:
         return pa.array([], pa.large_string())
     spread = max(SAMPLE_GROUPS - 1, 1)
     picked = sorted({round(i * (groups - 1) / spread) for i in range(SAMPLE_GROUPS)})
-    documents, text_bytes = SAMPLE_DOCUMENTS // len(picked), SAMPLE_BYTES // len(picked)
+    documents, text_bytes = max(1, documents // len(picked)), text_bytes // len(picked)
     chunks = []
     for group in picked:
         batch = next(parquet.iter_batches(documents, row_groups=[group], columns=["text"]))
@@ -296,12 +330,13 @@ def choose_encoder(
     job: TokenizeJob,
     encoder_json: str,
     tokenizer: TokenizerFacts,
-    train_split: Path,
+    splits: dict[str, Path],
     largest_partition_bytes: int,
 ) -> EncoderChoice:
-    """gigatoken where it reproduces tokenizers' ids on a sample of the train split and the
-    probes, EOS included, and no partition is too large for its cache; tokenizers otherwise,
-    with the reason. `setting` FAST_ENCODER makes a reason not to use it an error."""
+    """gigatoken where it reproduces tokenizers' ids on a sample of every split and the probes
+    (EOS and every added or special token included), and no partition is too large for its
+    cache; tokenizers otherwise, with the reason. `setting` FAST_ENCODER makes a reason not to
+    use it an error."""
     if setting == HF_ENCODER:
         return EncoderChoice(HF_ENCODER, "tokenize.encoder is 'hf'")
     if job.task == SEQUENCE_CLASSIFICATION:
@@ -310,7 +345,7 @@ def choose_encoder(
             "classification rows are truncated with the model's special tokens, which "
             "tokenizers does",
         )
-    checked, sample = 0, pa.array([], pa.large_string())
+    checked, sample, names = 0, pa.array([], pa.large_string()), []
     if largest_partition_bytes > FAST_ENCODER_MAX_PARTITION_BYTES:
         reason = (
             f"a partition holds {largest_partition_bytes / 2**20:,.0f} MiB of text, over the "
@@ -318,15 +353,17 @@ def choose_encoder(
             "bounded; tokenize.partitions: auto (or more partitions) keeps them under it"
         )
     else:
-        sample = sample_texts(train_split)  # read only when the check runs
-        reason, checked = fast_encoder_problem(encoder_json, tokenizer, sample)
+        sample, names = sample_splits(splits)  # read only when the check runs
+        reason, checked = fast_encoder_problem(encoder_json, tokenizer, sample, names)
     if reason is None:
         from importlib.metadata import version
 
+        by_split = ", ".join(f"{names.count(n)} {n}" for n in dict.fromkeys(names))
         return EncoderChoice(
             FAST_ENCODER,
-            f"gigatoken gives tokenizers' ids on {checked} documents ({len(sample)} sampled "
-            f"from the train split and {checked - len(sample)} probes)",
+            f"gigatoken gives tokenizers' ids on {checked} documents ({len(sample)} sampled: "
+            f"{by_split or 'none'}; and {checked - len(sample)} probes, the tokenizer's added "
+            "and special tokens among them)",
             checked,
             version("gigatoken"),
         )
@@ -339,7 +376,7 @@ def choose_encoder(
 
 
 def fast_encoder_problem(
-    encoder_json: str, tokenizer: TokenizerFacts, sample: pa.Array
+    encoder_json: str, tokenizer: TokenizerFacts, sample: pa.Array, names: list[str]
 ) -> tuple[str | None, int]:
     """Why gigatoken cannot stand in for tokenizers here (None: it can), and how many documents
     were compared."""
@@ -350,7 +387,12 @@ def fast_encoder_problem(
     except Exception as err:  # noqa: BLE001 - any refusal to load means: not this tokenizer
         return f"gigatoken cannot load this tokenizer ({first_line(err)})", 0
     eos = tokenizer.eos_token
-    probes = [*PROBES, f"the EOS token {eos} inside a text", f"glued{eos}to{eos}{eos}words"]
+    probes = [
+        *PROBES,
+        f"the EOS token {eos} inside a text",
+        f"glued{eos}to{eos}{eos}words",
+        *token_probes(tokenizer.backend),
+    ]
     texts = pa.concat_arrays([sample, pa.array(probes, pa.large_string())])
     try:
         other = fast.encode(texts)
@@ -359,7 +401,9 @@ def fast_encoder_problem(
     differs = first_difference(HfEncoder(encoder_json).encode(texts), other)
     if differs is None:
         return None, len(texts)
-    where = f"sampled train document {differs}" if differs < len(sample) else "a probe text"
+    where = (
+        f"sampled {names[differs]} document {differs}" if differs < len(sample) else "a probe text"
+    )
     text = texts[differs].as_py() if differs < len(texts) else ""
     return f"gigatoken's ids differ from tokenizers' on {where} ({text[:60]!r})", len(texts)
 

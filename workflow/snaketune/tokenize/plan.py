@@ -171,7 +171,7 @@ def plan_partitions(paths: PlanPaths, job: TokenizeJob) -> dict:
         job,
         encoder_json,
         tokenizer,
-        paths.train,
+        splits,
         largest_partition_bytes(split_plan),
     )
     plan["encoder"] = asdict(choice)

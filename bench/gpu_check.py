@@ -23,7 +23,7 @@ Without CUDA the same code runs a tiny shape on the CPU in fp32 in seconds (what
 figures say nothing about a GPU.
 
 Run: .venv/bin/python bench/gpu_check.py [--shape auto|gpt2-124m|tiny] [--steps N]
-     [--batches 16,32] [--budget-s 200] [--json PATH]
+     [--batches 16,32] [--budget-s 200] [--models lean,hf] [--compile-mode MODE] [--json PATH]
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ def train_settings(shape: Shape, cuda: bool):
 
 
 LEAN, HF = "lean GPT", "HF GPT-2"
+MODEL_OPTIONS = {LEAN: "lean", HF: "hf"}
 BARE, OURS = "bare torch loop", "ours: train_model"
 
 
@@ -164,7 +165,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_bare(data, shape: Shape, placement, name: str) -> float:
+def run_bare(data, shape: Shape, placement, name: str, mode: str = "default") -> float:
     from snaketune.batches import TokenRows
     from snaketune.names import TRAIN
     from snaketune.tokenize.shards import TokenizedData
@@ -177,7 +178,7 @@ def run_bare(data, shape: Shape, placement, name: str) -> float:
     model = model_builder(name)(*args, placement.device.type).to(placement.device).train()
     settings = train_settings(shape, placement.cuda)
     optimizer = make_optimizer(model, settings)
-    step_model = torch.compile(model) if placement.cuda else model
+    step_model = torch.compile(model, mode=mode) if placement.cuda else model
     rng = np.random.default_rng(1)
     skip = shape.steps // 4
     loss = torch.zeros((), device=placement.device)
@@ -280,22 +281,24 @@ def fresh_compile(placement) -> None:
         torch.cuda.empty_cache()
 
 
-def run_all(data, root: Path, shape: Shape, placement, batches, budget_s: float) -> list[Result]:
-    """Every (batch, model, loop), printing each as it ends; none started after budget_s."""
+def run_all(data, root: Path, shape: Shape, placement, batches, args) -> list[Result]:
+    """Every (batch, model, loop), printing each as it ends; none started after args.budget_s."""
     began = time.perf_counter()
+    models = [m for m in (LEAN, HF) if MODEL_OPTIONS[m] in args.models.split(",")]
     results = []
     for batch in batches:
         at_batch = replace(shape, batch=batch)
-        for name in (LEAN, HF):
+        for name in models:
             for loop in (BARE, OURS):
                 result = Result(name, loop, batch)
                 results.append(result)
-                if time.perf_counter() - began > budget_s:
+                if time.perf_counter() - began > args.budget_s:
                     continue
                 fresh_compile(placement)
                 started = time.perf_counter()
                 if loop == BARE:
-                    result.tokens_per_s = run_bare(data, at_batch, placement, name)
+                    mode = args.compile_mode
+                    result.tokens_per_s = run_bare(data, at_batch, placement, name, mode)
                 else:
                     out = root / f"ours-{len(results)}"
                     result.tokens_per_s = run_ours(data, out, at_batch, placement.cuda, name)
@@ -370,6 +373,12 @@ def targets(rows: list[dict]) -> str:
     return "; ".join(parts) or "no lean GPT run through our trainer"
 
 
+def compiled(cuda: bool, mode: str) -> str:
+    if not cuda:
+        return ""
+    return ", torch.compile" + ("" if mode == "default" else f" (bare loop: mode {mode})")
+
+
 def main() -> None:
     from snaketune.devices import place
 
@@ -378,6 +387,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=0, help="training steps (0: the shape's)")
     parser.add_argument("--batches", default="", help="comma-separated (default 16,32 on CUDA)")
     parser.add_argument("--budget-s", type=float, default=200, help="no run starts after this")
+    parser.add_argument("--models", default="lean,hf", help="which of lean,hf to train")
+    parser.add_argument(
+        "--compile-mode",
+        default="default",
+        help="torch.compile mode of the bare loop (ours compiles as train.compile does), to "
+        "try e.g. max-autotune-no-cudagraphs (minutes more to compile)",
+    )
     parser.add_argument("--json", type=Path, help="also write the table here as JSON")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -393,7 +409,7 @@ def main() -> None:
     published = published_peak(placement)
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_data(Path(tmp) / "data", shape)
-        results = run_all(data, Path(tmp), shape, placement, batches, args.budget_s)
+        results = run_all(data, Path(tmp), shape, placement, batches, args)
         fresh_compile(placement)
         torch.manual_seed(1)
         args_hf = (model_settings(shape), "causal_lm", shape.vocab, shape.context, 0, 0, [])
@@ -409,7 +425,7 @@ def main() -> None:
         f"shape: {shape.name} ({shape.layers} x {shape.width}, context {shape.context}, vocab "
         f"{shape.vocab:,}; the lean GPT pads it to {padded_vocab(shape.vocab):,}), "
         f"{shape.steps} steps (the first {shape.steps // 4} not timed), SDPA"
-        f"{', torch.compile' if cuda else ''}; {per_token / 1e6:,.1f} MFLOP per token",
+        f"{compiled(cuda, args.compile_mode)}; {per_token / 1e6:,.1f} MFLOP per token",
         f"matmul peak: {measured:.1f} TFLOP/s measured ({measured_how}); published dense bf16: "
         f"{f'{published:.1f} TFLOP/s' if published else 'not known for this device'}",
     ]

@@ -155,3 +155,27 @@ def test_train_device_cuda_on_a_machine_without_a_gpu_stops_before_any_job(tmp_p
     assert run.returncode != 0
     assert "experiments[1].train.device: 'cuda', but this machine has no GPU" in console
     assert not (tmp_path / "results").exists()
+
+
+def test_evaluation_windows_that_cannot_advance_stop_snakemake_before_any_job(tmp_path):
+    """A context of one token: its windows predict nothing, and the default stride (context - 1)
+    is 0, which ended the evaluate job in a traceback after training."""
+    config = config_with(experiments__0__evaluate__context_length=1)
+    run = snakemake_with(tmp_path, config, "--cores", "1")
+    console = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "experiments[0].evaluate.context_length: 1 leaves no token to predict" in console
+    assert not (tmp_path / "results").exists()
+
+
+def test_more_training_processes_on_gpus_than_the_machine_has_stop_before_any_job(
+    tmp_path, monkeypatch
+):
+    """As on a machine with one GPU (CUDA_VISIBLE_DEVICES lists it; none needs to exist)."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    config = config_with(experiments__0__train__processes=2)
+    run = snakemake_with(tmp_path, config, "--cores", "1")
+    console = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert "experiments[0].train.processes: 2 processes on 1 node(s)" in console
+    assert "it has 1 ['0']; give at most 1, or device: cpu" in console

@@ -241,22 +241,30 @@ def check_gpus():
 
 
 def check_cuda_here():
-    """Before any job: train.device cuda where the jobs run on this machine and it has no GPU
-    (it would fail only after the data stages). A cluster's jobs run elsewhere; a cluster job's
-    own Snakemake (remote) does not check again."""
+    """Before any job, where the jobs run on this machine: train.device cuda without a GPU, or
+    more training processes on GPUs than it has (each would fail only after the data stages).
+    A cluster's jobs run elsewhere; a cluster job's own Snakemake (remote) does not check
+    again."""
     if not workflow.local_exec or workflow.remote_exec or workflow.subprocess_exec:
         return
-    wanted = [i for i, exp in enumerate(config["experiments"]) if exp["train"]["device"] == "cuda"]
-    if wanted and not machine_devices():
-        raise_if_invalid(
-            [
+    devices = machine_devices()
+    problems = []
+    for i, exp in enumerate(config["experiments"]):
+        train = exp["train"]
+        on_gpus = train["device"] == "cuda" or (train["device"] == "auto" and devices)
+        if train["device"] == "cuda" and not devices:
+            problems.append(
                 f"experiments[{i}].train.device: 'cuda', but this machine has no GPU (none in "
                 "CUDA_VISIBLE_DEVICES, config local_gpus or nvidia-smi -L); use 'auto' (CUDA "
                 "when present) or 'cpu', or run under a cluster profile that gives GPUs"
-                for i in wanted
-            ],
-            "devices",
-        )
+            )
+        elif on_gpus and train["processes"] * train["nodes"] > len(devices):
+            problems.append(
+                f"experiments[{i}].train.processes: {train['processes']} processes on "
+                f"{train['nodes']} node(s) of this machine need a GPU each, and it has "
+                f"{len(devices)} {devices}; give at most {len(devices)}, or device: cpu"
+            )
+    raise_if_invalid(problems, "devices")
 
 
 def check_local_sources():

@@ -187,7 +187,15 @@ def context_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
         context = evaluate["context_length"] or tokenize["block_size"]
         if evaluate["context_length"]:
             asked["evaluate.context_length"] = context
-        if evaluate["stride"] >= context:
+        if context < 2:  # a window of one token predicts nothing and cannot advance
+            problems.append(
+                (
+                    "evaluate.context_length",
+                    f"{context} leaves no token to predict after another: give at least 2 (0 "
+                    "means tokenize.block_size)",
+                )
+            )
+        elif evaluate["stride"] >= context:
             problems.append(
                 (
                     "evaluate.stride",

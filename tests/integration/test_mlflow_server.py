@@ -326,10 +326,12 @@ def test_server_holds_per_step_history_data_counts_and_system_metrics(outage):
         cpu = outage.client.get_metric_history(train_id, "system/cpu_utilization_percentage")
         assert cpu and all(m.timestamp > 1e12 for m in cpu)  # wall-clock milliseconds
         assert "system/process_rss_megabytes" in children["train"].data.metrics
-        clean = children["clean"].data.metrics
-        assert clean["input_records"] > clean["output_records"] > 0
-        tokenize = children["tokenize"].data.metrics
-        assert tokenize["train.documents"] > 0 and tokenize["test.rows"] > 0
+        # Counts are tags of their stage's run (single values, not charts).
+        clean = children["clean"].data.tags
+        assert int(clean["counts.input_records"]) > int(clean["counts.output_records"]) > 0
+        tokenize = children["tokenize"].data.tags
+        assert int(tokenize["counts.train.documents"]) > 0 < int(tokenize["counts.test.rows"])
+        assert not children["clean"].data.metrics and not children["tokenize"].data.metrics
         eval_names = set(parent.data.metrics)
         assert {"eval.perplexity"} <= eval_names or {"eval.accuracy", "eval.macro_f1"} <= eval_names
 

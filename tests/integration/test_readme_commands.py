@@ -100,7 +100,7 @@ def test_the_mlflow_ui_command_opens_the_printed_runs_table(workdir, finished_ru
     printed = [line for line in (run.stdout + run.stderr).splitlines() if "Browse the runs" in line]
     url = printed[0].split("Browse the runs: ", 1)[1]
     assert url.startswith("http://127.0.0.1:5000/#/experiments/")
-    assert url.endswith("/runs?workflowType=machine_learning")
+    assert url.endswith("/runs?workflowType=machine_learning&viewStateShareKey=snaketune-headline")
     log = workdir / "readme-ui.log"
     process = start(command, workdir, 5000, log)
     try:

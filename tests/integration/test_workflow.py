@@ -14,7 +14,17 @@ import pytest
 
 from snaketune.manifest import TIMINGS
 from snaketune.names import INSTRUCTION_COLUMNS
-from tests.support.ui import EXPANDER, SCREENSHOTS, open_page, text_once_it_shows
+from tests.support.ui import (
+    EXPANDER,
+    GENAI_ONLY,
+    REPORT_SCREENSHOTS,
+    SCREENSHOTS,
+    in_training_view,
+    open_page,
+    report_item,
+    text_once_it_shows,
+    without_assistant,
+)
 from tests.support.workflow import (
     MLFLOW_EXPERIMENT,
     STAGES,
@@ -130,16 +140,33 @@ def test_a_moved_checkout_has_nothing_to_do(finished_run, tmp_path):
     assert shared.resolve().is_relative_to(moved)  # the experiment's links moved along
 
 
-def test_html_report_holds_the_plots_and_tables(finished_run):
+def test_html_report_shows_the_plots_and_tables_and_builds_without_warnings(finished_run, browser):
     results, _ = finished_run
     report = results.parent / "report.html"
     built = snakemake(results.parent, "--report", str(report))
     assert built.returncode == 0, built.stderr[-2000:]
+    assert "WARNING" not in built.stdout + built.stderr  # docutils' warnings on the captions
     html = report.read_text(errors="replace")
-    for name in ("loss_curve.png", "eval_plot.png", "metrics.json", "report.json", "samples.csv"):
+    for name in ("loss_curve.png", "eval_plot.png", "metrics.html", "report.html", "samples.html"):
         assert name in html
     assert "Training loss per step" in html  # a caption
     assert "the retrieval baseline's answer" in html  # the samples table's caption
+
+    # As a reader opens them: each table is shown in the report, not offered as a download.
+    REPORT_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    metrics = json.loads((results / "demo-lm" / "evaluate" / "metrics.json").read_text())
+    shown = report_item(browser, report, "Evaluation", ("demo-lm", "metrics"))
+    assert "metric this model kneser_ney_bigram retrieval" in shown  # a table's header row
+    assert f"perplexity {metrics['perplexity']:.4g}" in shown and metrics["protocol"] in shown
+    browser.save_screenshot(str(REPORT_SCREENSHOTS / "metrics.png"))
+    shown = report_item(browser, report, "Evaluation", ("demo-lm", "samples"))
+    assert "prompt generated" in shown and "Customer:" in shown
+    browser.save_screenshot(str(REPORT_SCREENSHOTS / "samples.png"))
+    shown = report_item(browser, report, "Evaluation", ("demo-intent", "metrics"))
+    assert "Confusion matrix" in shown and "accuracy" in shown
+    shown = report_item(browser, report, "Data", ("support-demo", "cleaning report"))
+    assert "input_records" in shown and "removed.exact_duplicate" in shown
+    browser.save_screenshot(str(REPORT_SCREENSHOTS / "cleaning.png"))
 
 
 def _without(data: dict, *keys: str) -> dict:
@@ -239,6 +266,9 @@ def test_mlflow_ui_shows_the_run_tree_a_metric_chart_and_the_artifacts(
 ):
     from mlflow import MlflowClient
 
+    from snaketune import live
+
+    results, run = finished_run
     client = MlflowClient(tracking_uri=mlflow_ui)
     experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
     runs = client.search_runs([experiment.experiment_id])
@@ -249,31 +279,73 @@ def test_mlflow_ui_shows_the_run_tree_a_metric_chart_and_the_artifacts(
         if r.info.run_name == "train" and r.data.tags.get("mlflow.parentRunId") == lm.info.run_id
     )
     base = f"{mlflow_ui}/#/experiments/{experiment.experiment_id}"
+    without_assistant(browser, mlflow_ui)
 
     # The printed URL (for the `mlflow ui` it printed, here on another port): the runs table in
-    # model-training mode, not MLflow 3's GenAI overview.
-    printed = printed_runs_table(finished_run[1]).replace("http://127.0.0.1:5000", mlflow_ui)
-    assert printed.startswith(f"{base}/runs")
-    table = open_page(browser, printed, "demo-lm", "demo-intent", f"{len(runs)} matching runs")
-    assert "Model training" in table and "Duration" in table
+    # model-training mode, not MLflow 3's GenAI overview, with the headline metrics as columns.
+    printed = printed_runs_table(run).replace("http://127.0.0.1:5000", mlflow_ui)
+    assert printed.startswith(f"{base}/runs?workflowType=machine_learning&viewStateShareKey=")
+    browser.set_window_size(2400, 1000)  # every column on screen (the grid draws only those)
+    columns = ("eval.perplexity", "eval.bits_per_byte", "eval.accuracy", "eval.macro_f1")
+    table = open_page(
+        browser, printed, "demo-lm", "demo-intent", f"{len(runs)} matching runs", *columns
+    )
+    assert in_training_view(table) and "Duration" in table
+    metrics = json.loads((results / "demo-lm" / "evaluate" / "metrics.json").read_text())
+    assert str(metrics["perplexity"])[:6] in table  # the parent row's value in its column
+    browser.save_screenshot(str(SCREENSHOTS / "runs-headline-metrics.png"))
     # Each parent row's expander shows its child runs, one per stage.
     for expander in browser.find_elements("css selector", EXPANDER):
         expander.click()
     open_rows = text_once_it_shows(browser, *(f"\n{stage}\n" for stage in STAGES))
     assert open_rows.count("\ntrain\n") == 2  # one train run per experiment
     browser.save_screenshot(str(SCREENSHOTS / "runs.png"))
+    browser.set_window_size(1400, 1000)
+
+    # The parent run's description: what was trained on what, its metrics beside the baselines,
+    # and links to its stage runs that open them in the model-training view.
+    parent_page = f"{mlflow_ui}/{live.run_link(experiment.experiment_id, lm.info.run_id)}"
+    open_page(browser, parent_page, "Description", "Show more")
+    browser.find_element("xpath", "//*[normalize-space(text())='Show more']").click()
+    parent = text_once_it_shows(browser, "this model", "Show less")
+    assert in_training_view(parent)
+    assert "A causal_lm model trained by snaketune" in parent and "kneser_ney_bigram" in parent
+    links = {a.get_attribute("href") for a in browser.find_elements("css selector", "a")}
+    assert f"{mlflow_ui}/{live.run_link(experiment.experiment_id, train.info.run_id)}" in links
+    browser.save_screenshot(str(SCREENSHOTS / "parent-description.png"))
 
     run_page = f"{base}/runs/{train.info.run_id}"
-    overview = open_page(browser, run_page, "Parent run", "train.max_steps")
+    view = "?workflowType=machine_learning"
+    overview = open_page(browser, run_page + view, "Parent run", "train.max_steps", "counts.steps")
+    assert in_training_view(overview) and GENAI_ONLY not in overview
     assert "Parent run\ndemo-lm" in overview
     assert "train.loss" in overview and "git.commit" in overview
+    browser.save_screenshot(str(SCREENSHOTS / "train-run.png"))
 
-    open_page(browser, f"{run_page}/model-metrics", "best_step")
-    search = browser.find_element("css selector", "input[placeholder='Search metric charts']")
-    search.send_keys("train.loss")
-    charts = text_once_it_shows(browser, "train (train.loss)")
-    assert "Step" in charts  # the chart's x axis: the per-step history, not a single value
-    browser.save_screenshot(str(SCREENSHOTS / "train-loss-chart.png"))
+    # The train run's charts: the history (no chart of a single count among them).
+    charts = open_page(browser, f"{run_page}/model-metrics{view}", "train (train.loss)")
+    for key in ("train.loss", "train.val_loss", "train.lr", "train.tokens_per_s"):
+        assert f"train ({key})" in charts
+    for count in ("best_step", "parameters", "processes", "seconds", "steps", "train_rows"):
+        assert f"\n{count}\n" not in charts and f"counts.{count}" not in charts
+    assert "Step" in charts  # the charts' x axis: the per-step history, not a single value
+    browser.save_screenshot(str(SCREENSHOTS / "train-charts.png"))
+    open_page(browser, f"{run_page}/system-metrics{view}", "cpu_utilization_percentage")
+    browser.save_screenshot(str(SCREENSHOTS / "train-system-metrics.png"))
 
-    open_page(browser, f"{run_page}/artifacts", "history.jsonl", "loss_curve.png", "manifest.json")
+    open_page(
+        browser, f"{run_page}/artifacts{view}", "history.jsonl", "loss_curve.png", "manifest.json"
+    )
     browser.save_screenshot(str(SCREENSHOTS / "train-artifacts.png"))
+
+    # The registered model says what it holds; its version's description is the model card,
+    # which opens with what the model is.
+    model = json.loads((results / "demo-lm" / "track" / "runs.json").read_text())["model"]
+    page = f"{mlflow_ui}/#/models/{model['name']}"
+    open_page(browser, page + view, "causal_lm models of experiment demo-lm")
+    browser.save_screenshot(str(SCREENSHOTS / "registered-model.png"))
+    card = open_page(
+        browser, f"{page}/versions/{model['version']}{view}", "Model: gpt2", "Protocol"
+    )
+    assert card.index("A causal_lm model trained by snaketune") < card.index("Protocol")
+    browser.save_screenshot(str(SCREENSHOTS / "model-version.png"))

@@ -67,3 +67,52 @@ def text_once_it_shows(driver, *needles: str) -> str:
 def open_page(driver, url: str, *needles: str) -> str:
     driver.get(url)
     return text_once_it_shows(driver, *needles)
+
+
+GENAI_ONLY = "Evaluation runs"
+"""A sidebar entry of MLflow 3.17's GenAI mode, absent from its model-training mode."""
+# The MLflow Assistant panel opens by itself on a browser's first visit and covers a third of
+# the page; these are the UI's own keys for "it opened once" and "it is closed".
+QUIET_ASSISTANT = {
+    "mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true",
+    "mlflow.assistant.panelOpen_v1": "false",
+}
+
+
+def without_assistant(driver, ui: str) -> None:
+    """Keep the assistant panel closed on every later page of the UI at `ui`."""
+    driver.get(ui)
+    for key, value in QUIET_ASSISTANT.items():
+        driver.execute_script("localStorage.setItem(arguments[0], arguments[1])", key, value)
+
+
+def in_training_view(text: str) -> bool:
+    """Whether a page's text is MLflow's model-training mode (runs, models) and not GenAI's."""
+    return "\nRuns\nModels\n" in text and GENAI_ONLY not in text
+
+
+REPORT_SCREENSHOTS = REPO / "test-artifacts" / "report"
+
+
+def report_item(driver, report: Path, category: str, labels: tuple[str, str]) -> str:
+    """Open a Snakemake report's result (its category, then the first row whose two labels start
+    with these) as a reader does, by its eye button; the text the report shows of it inline."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(report.as_uri())
+    wait = WebDriverWait(driver, UI_WAIT_S)
+    menu = f"//span[normalize-space(text())='{category}']"
+    wait.until(lambda d: d.find_elements("xpath", menu))[0].click()
+    cells = " and ".join(
+        f"td[{i + 1}][starts-with(normalize-space(), '{v}')]" for i, v in enumerate(labels)
+    )
+    row = wait.until(lambda d: d.find_elements("xpath", f"//tr[{cells}]"))[0]
+    row.find_element("css selector", "a[iconname='eye']").click()
+    frame = wait.until(lambda d: d.find_elements("tag name", "iframe"))[0]  # HTML: in a frame
+    driver.switch_to.frame(frame)
+    try:
+        body = lambda: driver.find_element("tag name", "body").text  # noqa: E731
+        wait.until(lambda _: body().strip())
+        return body()
+    finally:
+        driver.switch_to.default_content()

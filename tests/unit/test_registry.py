@@ -126,6 +126,16 @@ def test_model_version_carries_the_eval_metrics_and_its_runs(registered):
 
 
 @pytest.mark.slow
+def test_the_registered_model_and_its_version_open_with_what_the_model_is(registered):
+    client = registered.store.client
+    about = client.get_registered_model(NAME).description
+    assert about.startswith("`causal_lm` models of experiment")
+    version = client.get_model_version(NAME, "1")
+    card = registered.runs_path.with_name("model_card.md").read_text()
+    assert version.description.startswith(card)  # the card's title and summary first
+
+
+@pytest.mark.slow
 def test_the_logged_model_holds_the_model_card_as_its_readme(registered, tmp_path):
     client = registered.store.client
     names = {a.path for a in client.list_logged_model_artifacts(registered.model["model_id"])}

@@ -24,6 +24,7 @@ check_local_sources()
 check_gpus()
 check_cuda_here()
 say_how_training_continues()
+restore_links()
 
 
 rule all:

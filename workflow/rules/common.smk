@@ -303,9 +303,17 @@ def record_invocation():
     link_shared_stages()
 
 
-def link_shared_stages():
+def restore_links():
+    """When the workflow is read (onstart comes only when there are jobs to run): the links to
+    shared outputs that exist, so that one deleted by hand comes back and a folder of an older
+    layout is reported also when there is nothing else to do."""
+    if not (workflow.remote_exec or workflow.subprocess_exec):
+        link_shared_stages(existing_only=True)
+
+
+def link_shared_stages(existing_only=False):
     tracking = lambda experiment: TRACKING.format(experiment=experiment)
-    for problem in link_all(R, SHARING, tracking):
+    for problem in link_all(R, SHARING, tracking, existing_only):
         print(f"snaketune: {problem}", file=sys.stderr)
 
 

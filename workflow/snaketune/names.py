@@ -22,9 +22,11 @@ INSTRUCTION_COLUMNS = ("prompt", "response")
 """Instruction data: the columns of each cleaned document's two parts (text is both)."""
 PROMPT, RESPONSE = INSTRUCTION_COLUMNS
 
+SHARED_FOLDER = "shared"
+"""results/<SHARED_FOLDER>/<stage>/<key>/: the outputs of a shared stage (snaketune.sharing)."""
 RESULTS_LAYOUT = (
     "datasets",  # datasets/<dataset>/download
-    "shared",  # shared/<stage>/<key>: the shared data stages (snaketune.sharing)
+    SHARED_FOLDER,
     "sweeps",  # sweeps/<sweep>: a sweep's table and plot
     "mlartifacts",  # the default SQLite store's artifacts
     "mlflow.db",

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from snaketune import settings as st
+from snaketune.names import SHARED_FOLDER
 
-SHARED_FOLDER = "shared"
-"""results/<SHARED_FOLDER>/<stage>/<key>/: the outputs of a shared stage."""
 
 SHARED_STAGES: tuple[tuple[str, Callable[..., Any]], ...] = (
     ("clean", st.clean_job),
@@ -85,15 +84,23 @@ TRACKING_LINK = "tracking"
 run joins the owner's run tree (snaketune.live)."""
 
 
-def link_all(results: str | Path, sharing: Sharing, tracking: Callable[[str], str]) -> list[str]:
+def link_all(
+    results: str | Path,
+    sharing: Sharing,
+    tracking: Callable[[str], str],
+    existing_only: bool = False,
+) -> list[str]:
     """Point results/<experiment>/<stage> at the shared outputs it uses, and each shared
-    stage's tracking link at its owner's tracking folder (`tracking(experiment)`). The links
-    are relative, so a moved checkout keeps them. Returns a message per real folder of an
-    older layout in the way (left as it is)."""
+    stage's tracking link at its owner's tracking folder (`tracking(experiment)`); with
+    existing_only, only where those outputs exist (links deleted by hand come back, and nothing
+    is made for outputs yet to come). The links are relative, so a moved checkout keeps them.
+    Returns a message per real folder of an older layout in the way (left as it is)."""
     problems = []
     for experiment, keys in sharing.keys.items():
         for stage, key in keys.items():
             shared = stage_dir(results, stage, key)
+            if existing_only and not shared.is_dir():
+                continue
             view = Path(results) / experiment / stage
             if view.exists() and not view.is_symlink():
                 problems.append(

@@ -24,7 +24,6 @@ from typing import Any
 from snaketune import settings as st
 from snaketune.names import SHARED_FOLDER
 
-
 SHARED_STAGES: tuple[tuple[str, Callable[..., Any]], ...] = (
     ("clean", st.clean_job),
     ("split", st.split_settings),

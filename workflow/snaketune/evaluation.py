@@ -83,9 +83,7 @@ def evaluate_lm(
         answers, baseline, table = evaluate_answers(
             model, tokenizer, paths.train, paths.test, settings, context, placement
         )
-        metrics.update(
-            answer_nll(model, test, settings.batch_size, placement, data.eos_token_id)
-        )
+        metrics.update(answer_nll(model, test, settings.batch_size, placement, data.eos_token_id))
         metrics.update(answers)
         metrics["baselines"]["retrieval"] = baseline
         metrics["answer_protocol"] = answer_protocol(settings, metrics)

@@ -370,3 +370,20 @@ def test_rows_read_together_keep_every_step_and_share_the_window_s_throughput(cp
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
     assert len({r["tokens_per_s"] for r in rows}) == 1 and not unread.rows
+
+
+def test_the_plan_before_any_job_compares_where_the_data_will_come_from():
+    """Before any job the data's digest is unknown, but its folder is keyed by everything the
+    data is computed from: another folder means other data, and the plan says so."""
+    from snaketune import resume
+    from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+
+    job = TrainJob("causal_lm", ModelSettings(), TrainSettings(max_steps=20))
+    record = resume.record_of(10, job, "digest", "results/shared/tokenize/demo-aaa/shards")
+    more = TrainJob("causal_lm", ModelSettings(), TrainSettings(max_steps=30))
+    same = resume.plan(record, more, None, "results/shared/tokenize/demo-aaa/shards/")
+    assert same.resume and "continues the checkpoint at step 10" in same.message
+    other = resume.plan(record, more, None, "results/shared/tokenize/demo-bbb/shards")
+    assert not other.resume and "the tokenized data (a change upstream" in other.message
+    assert resume.plan_without_state((20, 20), job).message == ""
+    assert "kept no state" in resume.plan_without_state((20, 20), more).message

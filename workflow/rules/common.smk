@@ -286,9 +286,23 @@ def say_how_training_continues():
     for name in EXPERIMENTS:
         state = state_dir.format(experiment=name)
         job = BY_RULE["train_model"].from_config(CONFIG, experiment=name)
-        plan = resume.plan(resume.read_record(state), job, None)
+        shards = rules.gather_shards.output.shards.format(data=SHARING.keys[name]["tokenize"])
+        record = resume.read_record(state)
+        plan = resume.plan(record, job, None, shards)
+        if record is None:  # nothing kept to continue from: only a finished model, if any
+            plan = resume.plan_without_state(
+                finished_train(rules.train_model.output.manifest.format(experiment=name)), job
+            )
         if plan.message:
             print(f"snaketune: {name}: training {plan.message} ({state})", file=sys.stderr)
+
+
+def finished_train(manifest):
+    """(max_steps, steps) of the train stage's manifest, or None."""
+    if not os.path.exists(manifest):
+        return None
+    recorded = json.loads(open(manifest).read())
+    return recorded["params"]["train"]["max_steps"], recorded["counts"]["steps"]
 
 
 def record_invocation():

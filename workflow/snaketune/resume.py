@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,18 +52,23 @@ def fingerprint(job: TrainJob, data_digest: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def record_of(step: int, job: TrainJob, data_digest: str) -> dict[str, Any]:
+def record_of(step: int, job: TrainJob, data_digest: str, data_folder: str = "") -> dict[str, Any]:
     return {
         "step": step,
         "max_steps": job.train.max_steps,
         "trajectory": trajectory(job),
         "data": data_digest,
+        # Where the shards were: the workflow, before any job, knows only where they will be
+        # (a shared stage's folder is keyed by all it is computed from), not their digest.
+        "data_folder": os.path.normpath(data_folder) if data_folder else "",
         "fingerprint": fingerprint(job, data_digest),
     }
 
 
-def write_record(state_dir: Path, step: int, job: TrainJob, data_digest: str) -> None:
-    write_json(Path(state_dir) / RECORD, record_of(step, job, data_digest))
+def write_record(
+    state_dir: Path, step: int, job: TrainJob, data_digest: str, data_folder: str = ""
+) -> None:
+    write_json(Path(state_dir) / RECORD, record_of(step, job, data_digest, data_folder))
 
 
 def read_record(state_dir: Path) -> dict[str, Any] | None:
@@ -86,15 +92,26 @@ def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')} {old!r} -> {new!r}"]
 
 
-def plan(record: dict[str, Any] | None, job: TrainJob, data_digest: str | None) -> Plan:
-    """What a checkpoint described by `record` means for `job` (data_digest None: not
-    compared, as before any job, where the data may still be rebuilt)."""
+def plan(
+    record: dict[str, Any] | None,
+    job: TrainJob,
+    data_digest: str | None,
+    data_folder: str | None = None,
+) -> Plan:
+    """What a checkpoint described by `record` means for `job`. data_digest None: not compared,
+    as before any job, where the data may still be rebuilt; there the data's folder is (a
+    shared stage's, keyed by everything the data is computed from)."""
     if record is None:
         return Plan(False, "")
     where = f"the checkpoint at step {record['step']}"
     changed = changed_keys(record["trajectory"], trajectory(job))
     if data_digest is not None and record["data"] != data_digest:
         changed.append("the tokenized data")
+    elif data_folder and record.get("data_folder") not in ("", None, os.path.normpath(data_folder)):
+        changed.append(
+            f"the tokenized data (a change upstream: {record['data_folder']} -> "
+            f"{os.path.normpath(data_folder)})"
+        )
     if changed:
         return Plan(False, f"starts again from step 0: {'; '.join(changed)} since {where}")
     steps = job.train.max_steps
@@ -111,3 +128,17 @@ def plan(record: dict[str, Any] | None, job: TrainJob, data_digest: str | None) 
             "learning rate decays from its value there to the new end",
         )
     return Plan(True, "")
+
+
+def plan_without_state(finished: tuple[int, int] | None, job: TrainJob) -> Plan:
+    """No checkpoint kept (train.keep_final_state false, or deleted), but a finished model
+    trained towards `finished` = (max_steps, steps taken): a new max_steps trains again from
+    step 0, and says so."""
+    if finished is None or finished[0] == job.train.max_steps:
+        return Plan(False, "")
+    return Plan(
+        False,
+        f"starts again from step 0 to train.max_steps {job.train.max_steps}: the finished run "
+        f"({finished[1]} steps) kept no state to continue from (train.keep_final_state was "
+        "false, or its state was deleted)",
+    )

@@ -163,6 +163,8 @@ class Run:
     label_names: list[str] = field(default_factory=list)
     micro_batch: tuple[int, int] | None = None
     """(batch_size, grad_accum) after an out-of-memory retry; None: the configured ones."""
+    data_folder: str = ""
+    """The shards' folder, as the job was given it (snaketune.resume records it)."""
 
     @property
     def settings(self) -> TrainSettings:
@@ -410,7 +412,7 @@ def checkpoint(run: Run, progress: Progress) -> None:
             rng_per_process=states if run.world.size > 1 else [],
         )
         save_checkpoint(run.state_dir, state, run.settings.keep_checkpoints)
-        resume.write_record(run.state_dir, progress.step, run.job, run.data_digest)
+        resume.write_record(run.state_dir, progress.step, run.job, run.data_digest, run.data_folder)
     distributed.barrier()
 
 
@@ -532,6 +534,7 @@ def prepare_run(
         job=job,
         state_dir=state_dir,
         data_digest=sha256_tree(data.shards),
+        data_folder=str(data.shards),
         placement=placement,
         world=world,
         scaler=torch.amp.GradScaler("cuda") if placement.scaled else None,
@@ -548,7 +551,7 @@ def resume_run(run: Run) -> Progress:
     if state is not None and (record is None or record["step"] != state["step"]):
         # Killed between writing the checkpoint and its record: the checkpoint's fingerprint
         # matched, so it is this run's; plan from what it holds, not from the stale record.
-        record = resume.record_of(state["step"], run.job, run.data_digest)
+        record = resume.record_of(state["step"], run.job, run.data_digest, run.data_folder)
         record["max_steps"] = state["schedule"][-1][1]  # the end it was training towards
     plan = resume.plan(record, run.job, run.data_digest)
     if plan.message:

@@ -34,6 +34,7 @@ def stream_of(data: dict) -> np.ndarray:
 
 
 def tiny_lm(info: dict, context: int):
+    """A scratch GPT-2 as evaluation loads it: the transformers model the trainer saves."""
     torch.manual_seed(0)
     model = build_model(
         ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.0),
@@ -44,7 +45,7 @@ def tiny_lm(info: dict, context: int):
         info["eos_token_id"],
         [],
     )
-    return model.eval()
+    return model.to_hf().eval()
 
 
 def reference_nll(model, tokens: list[int], context: int, stride: int) -> tuple[float, int]:

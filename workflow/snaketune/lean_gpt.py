@@ -180,12 +180,17 @@ class LeanGPT(nn.Module):
     def save_pretrained(self, out_dir: Path, state_dict: dict | None = None) -> None:
         """A transformers GPT-2 folder (config.json with the real vocabulary, model.safetensors
         in GPT2LMHeadModel's layout); `state_dict`: whole weights gathered from FSDP shards."""
+        self.to_hf(state_dict).save_pretrained(out_dir)
+
+    def to_hf(self, state_dict: dict | None = None):
+        """The GPT2LMHeadModel it saves as, with its weights (or `state_dict`'s): the model
+        evaluation, generation and serving load."""
         from transformers import GPT2LMHeadModel
 
         state = state_dict if state_dict is not None else self.state_dict()
         hf = GPT2LMHeadModel(self.config)
         hf.load_state_dict(to_hf_state(state, self.config.vocab_size))
-        hf.save_pretrained(out_dir)
+        return hf
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Weights in either layout: this module's, or GPT2LMHeadModel's (a checkpoint or best

@@ -3,10 +3,13 @@ comes back on the next run, even one with nothing else to do."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import pytest
 
+from snaketune.live import HISTORY_PREFIX
 from tests.support.reliability import EXPERIMENT, run_snakemake, workdir_with
 
 pytestmark = pytest.mark.slow
@@ -26,3 +29,28 @@ def test_an_experiment_link_deleted_by_hand_comes_back_on_a_run_with_nothing_to_
     for stage, link in links.items():
         assert link.is_symlink() and os.readlink(link) == targets[stage]
         assert (link / "manifest.json").exists()
+
+
+def test_a_store_that_lost_its_runs_gets_them_again_from_a_forced_track_job(
+    interrupted_pipeline, tmp_path
+):
+    """The store came back empty at the same URI (here: the default SQLite store deleted): the
+    runs recorded under results/<experiment>/tracking/ are no longer there. The track job
+    forgets them and uploads the results on disk to new runs; it used to fail on 'run not
+    found' on every try."""
+    from mlflow import MlflowClient
+
+    workdir = workdir_with(interrupted_pipeline.results, tmp_path, [EXPERIMENT])
+    results = workdir / "results"
+    (results / "mlflow.db").unlink()
+    shutil.rmtree(results / "mlartifacts", ignore_errors=True)
+    run = run_snakemake(workdir, "--cores", "1", "--forcerun", "track_experiment")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    runs = json.loads((results / EXPERIMENT / "track" / "runs.json").read_text())["runs"]
+    client = MlflowClient(f"sqlite:///{results / 'mlflow.db'}")
+    for name, run_id in runs.items():
+        got = client.get_run(run_id)
+        assert got.info.status == "FINISHED", name
+    train = client.get_run(runs["train"])
+    loss = f"{HISTORY_PREFIX}loss"
+    assert client.get_metric_history(train.info.run_id, loss), "the history uploaded again"

@@ -258,6 +258,11 @@ class RunIds:
         path = self.path(name)
         return read_json(path)["run_id"] if path.exists() else None
 
+    def forget(self, name: str, run_id: str) -> None:
+        """Drop the record of a run the store no longer has (unless another job replaced it)."""
+        if self.get(name) == run_id:
+            self.path(name).unlink(missing_ok=True)
+
     def claim(self, name: str, run_id: str) -> str:
         """Record run_id under name unless another job recorded one first; the recorded id."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -271,6 +276,18 @@ class RunIds:
         finally:
             tmp.unlink()
         return self.get(name)
+
+
+def store_has_run(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
 
 
 def stage_name(stage: str, key: str) -> str:
@@ -324,10 +341,14 @@ def experiment_id_for(client, name: str, uri: str, artifact_location: str | None
 
 
 def found_or_created(client, ids: RunIds, name: str, create) -> tuple[str, bool]:
-    """The run recorded under name, or a new one from create(); and whether it is new."""
+    """The run recorded under name, or a new one from create(); and whether it is new. A
+    recorded run the store no longer has (a server that came back empty at the same URI) is
+    forgotten and made again: the results on disk are uploaded to the new run."""
     recorded = ids.get(name)
-    if recorded is not None:
+    if recorded is not None and store_has_run(client, recorded):
         return recorded, False
+    if recorded is not None:
+        ids.forget(name, recorded)
     run_id = create()
     winner = ids.claim(name, run_id)
     if winner != run_id:  # a parallel job created it too: keep the recorded one

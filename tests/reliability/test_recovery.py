@@ -54,3 +54,16 @@ def test_a_store_that_lost_its_runs_gets_them_again_from_a_forced_track_job(
     train = client.get_run(runs["train"])
     loss = f"{HISTORY_PREFIX}loss"
     assert client.get_metric_history(train.info.run_id, loss), "the history uploaded again"
+
+
+def test_a_shared_stage_folder_deleted_by_hand_is_made_again_by_the_next_run(
+    interrupted_pipeline, tmp_path
+):
+    workdir = workdir_with(interrupted_pipeline.results, tmp_path, [EXPERIMENT])
+    link = workdir / "results" / EXPERIMENT / "split"
+    shared = link.resolve()
+    shutil.rmtree(shared)
+    run = run_snakemake(workdir, "--cores", "2")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "split_corpus" in run.stdout + run.stderr
+    assert (shared / "manifest.json").exists() and link.resolve() == shared

@@ -37,6 +37,7 @@ from snaketune.stages import (
     shell_command,
     slurm_shape,
     threads_per_process,
+    tracked_stage,
     train_launcher,
 )
 from snaketune.tokenize.plan import (
@@ -138,7 +139,20 @@ def shared_tracking(stage):
 
 def get_final_outputs():
     runs = expand(rules.track_experiment.output.runs, experiment=list(EXPERIMENTS))
-    return [*runs, *expand(rules.summarize_sweep.output.table, sweep=sweep_names(config))]
+    sweeps = expand(rules.summarize_sweep.output.table, sweep=sweep_names(config))
+    return [*runs, *sweeps, *shared_manifests()]
+
+
+def shared_manifests():
+    """Every shared stage's manifest: targets too, so that a shared folder deleted by hand is
+    made again (Snakemake reruns no job for an intermediate output gone missing under results
+    that are up to date), and what was built on it after it."""
+    manifests = set()
+    for keys in SHARING.keys.values():
+        for stage, key in keys.items():
+            job_rule = getattr(rules, tracked_stage(stage).rule)
+            manifests.add(job_rule.output.manifest.format(data=key))
+    return sorted(manifests)
 
 
 def get_sweep_outputs(pattern):

@@ -352,10 +352,13 @@ def print_failures():
 
 def sibling_command(name):
     """A command of this environment, by a path that works from any shell (relative when it is
-    under the working directory, as the README writes .venv/bin/mlflow), whatever PATH holds."""
+    under the working directory, as the README writes .venv/bin/mlflow), whatever PATH holds;
+    where the package's script is not beside the interpreter, the module through it."""
     path = os.path.join(os.path.dirname(sys.executable), name)
+    if not os.path.exists(path):
+        return f"{shlex.quote(sys.executable)} -m {name}"
     relative = os.path.relpath(path)
-    return relative if not relative.startswith("..") else path
+    return shlex.quote(relative if not relative.startswith("..") else path)
 
 
 def print_summary():
@@ -366,7 +369,7 @@ def print_summary():
         print(f"  {name}: {R}/{name}/evaluate/metrics.json")
     runs = f"{R}/{next(iter(EXPERIMENTS))}/track/runs.json"
     if uri.startswith("sqlite:///"):
-        mlflow = shlex.quote(sibling_command("mlflow"))
+        mlflow = sibling_command("mlflow")
         print(f"Start the MLflow UI: {mlflow} ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
         uri = "http://127.0.0.1:5000"
     if os.path.exists(runs):

@@ -43,14 +43,23 @@ def commands(block: str) -> list[str]:
     return [c.strip() for c in re.split(r"(?<!\\)\n", block.strip()) if c.strip()]
 
 
+REPOSITORY_LAYOUT = ("Snakefile", "workflow", "presets", "profiles", ".venv")
+"""What a folder needs to run the README's commands as a clone does: links to the repo's."""
+
+
+def lay_out_as_repository(root: Path) -> Path:
+    for name in REPOSITORY_LAYOUT:
+        if not (root / name).exists():
+            (root / name).symlink_to(REPO / name)
+    return root
+
+
 @pytest.fixture(scope="module")
 def workdir(finished_run) -> Path:
-    """The finished run's workdir, seen from the README's place: the repo's .venv beside it."""
+    """The finished run of the default config (made tiny), seen from the README's place: the
+    repo's Snakefile, workflow and .venv beside its config.yaml and results."""
     results, _ = finished_run
-    venv = results.parent / ".venv"
-    if not venv.exists():
-        venv.symlink_to(REPO / ".venv")
-    return results.parent
+    return lay_out_as_repository(results.parent)
 
 
 def port_free(port: int) -> bool:
@@ -222,9 +231,7 @@ def inline_command(start: str) -> str:
 def checkout(tmp_path_factory) -> Path:
     """A folder laid out as the repository (links to its files, its .venv, a copy of
     config.yaml): where a user runs the README's commands."""
-    root = tmp_path_factory.mktemp("checkout")
-    for name in ("Snakefile", "workflow", "presets", "profiles", ".venv"):
-        (root / name).symlink_to(REPO / name)
+    root = lay_out_as_repository(tmp_path_factory.mktemp("checkout"))
     shutil.copy(REPO / "config.yaml", root / "config.yaml")
     return root
 
@@ -279,10 +286,11 @@ def test_my_yaml_as_printed_runs_every_job_of_a_sweep(my_run, checkout):
     assert len(table.read_text().splitlines()) == 3  # a header and two points
 
 
-def test_the_report_command_as_printed_builds_without_warnings(my_run, checkout):
-    report = in_shell(inline_command(".venv/bin/snakemake --report"), checkout)
+def test_the_report_command_as_printed_builds_without_warnings(workdir):
+    """On a finished run of the default config, as after `make demo`."""
+    report = in_shell(inline_command(".venv/bin/snakemake --report"), workdir)
     assert report.returncode == 0, report.stderr[-3000:]
-    assert (checkout / "results" / "report.html").stat().st_size > 0
+    assert (workdir / "results" / "report.html").stat().st_size > 0
     assert "WARNING" not in report.stdout + report.stderr
 
 

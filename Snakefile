@@ -22,7 +22,6 @@ include: "workflow/rules/sweep.smk"
 
 check_local_sources()
 check_gpus()
-check_cuda_here()
 say_how_training_continues()
 restore_links()
 
@@ -34,6 +33,7 @@ rule all:
 
 
 onstart:
+    check_cuda_here()
     record_invocation()
 
 

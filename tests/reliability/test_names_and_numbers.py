@@ -153,7 +153,9 @@ def test_train_device_cuda_on_a_machine_without_a_gpu_stops_before_any_job(tmp_p
     run = snakemake_with(tmp_path, config, "--cores", "1")
     console = run.stdout + run.stderr
     assert run.returncode != 0
-    assert "experiments[1].train.device: 'cuda', but this machine has no GPU" in console
+    assert (
+        "experiment 'demo-intent': train.device is 'cuda', but this machine has no GPU" in console
+    )
     assert not (tmp_path / "results").exists()
 
 
@@ -177,5 +179,5 @@ def test_more_training_processes_on_gpus_than_the_machine_has_stop_before_any_jo
     run = snakemake_with(tmp_path, config, "--cores", "1")
     console = run.stdout + run.stderr
     assert run.returncode != 0
-    assert "experiments[0].train.processes: 2 processes on 1 node(s)" in console
+    assert "experiment 'demo-lm': train.processes 2 processes on 1 node(s)" in console
     assert "it has 1 ['0']; give at most 1, or device: cpu" in console

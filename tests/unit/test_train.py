@@ -387,3 +387,28 @@ def test_the_plan_before_any_job_compares_where_the_data_will_come_from():
     assert not other.resume and "the tokenized data (a change upstream" in other.message
     assert resume.plan_without_state((20, 20), job).message == ""
     assert "kept no state" in resume.plan_without_state((20, 20), more).message
+
+
+def test_a_local_base_model_edited_in_place_starts_the_run_again(tmp_path):
+    """The workflow reruns the train job when a local pretrained folder changes (its digest is
+    a param); the checkpoint must not then continue on the old base weights."""
+    from snaketune import resume
+    from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+    from snaketune.sources import FolderDigests, model_source_digest
+
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights v1")
+    model = ModelSettings(init="pretrained", name_or_path=str(folder))
+    digests = FolderDigests(tmp_path / "digests.json")
+    before = model_source_digest(model, digests)
+    assert before and model_source_digest(ModelSettings(), digests) == ""  # built here
+    job = TrainJob("causal_lm", model, TrainSettings(max_steps=20))
+    record = resume.record_of(20, job, "data", "shards", before)
+    (folder / "model.safetensors").write_bytes(b"weights v2")
+    after = model_source_digest(model, digests)
+    assert after != before
+    assert resume.fingerprint(job, "data", after) != resume.fingerprint(job, "data", before)
+    plan = resume.plan(record, job, "data", model_source=after)
+    assert not plan.resume and "the content of the local model folder" in plan.message
+    assert resume.plan(record, job, "data", model_source=before).resume

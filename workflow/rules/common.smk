@@ -29,7 +29,12 @@ from snaketune.settings import (
     sweep_points,
     to_json,
 )
-from snaketune.sources import FolderDigests, changed_sources, folder_sources
+from snaketune.sources import (
+    FolderDigests,
+    changed_sources,
+    folder_sources,
+    model_source_digest,
+)
 from snaketune.stages import (
     BY_RULE,
     INTERPRETER,
@@ -56,10 +61,13 @@ if config["local_gpus"]:  # the devices snaketune.gpus hands out to local jobs
     os.environ[DEVICES_VARIABLE] = ",".join(str(device) for device in config["local_gpus"])
 # The interpreter of every job's command (snaketune.stages.INTERPRETER): this one, which loaded
 # the Snakefile and so has snaketune, whatever PATH the shell has; a conda environment's own
-# python where the rules run in their conda environments. (Snakemake formats the prefix: braces
+# python where the rules run in their conda environments or containers (whose paths are not this
+# machine's). (Snakemake formats the prefix: braces
 # are doubled.)
-IN_CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-PYTHON = "python" if IN_CONDA else sys.executable
+IN_ENVIRONMENT = {DeploymentMethod.CONDA, DeploymentMethod.APPTAINER} & set(
+    workflow.deployment_settings.deployment_method
+)
+PYTHON = "python" if IN_ENVIRONMENT else sys.executable
 shell.prefix(interpreter_prefix(PYTHON).replace("{", "{{").replace("}", "}}"))
 R = config["results_dir"]
 EXPERIMENTS = {exp["name"]: exp for exp in config["experiments"]}
@@ -255,26 +263,28 @@ def check_gpus():
 
 
 def check_cuda_here():
-    """Before any job, where the jobs run on this machine: train.device cuda without a GPU, or
-    more training processes on GPUs than it has (each would fail only after the data stages).
-    A cluster's jobs run elsewhere; a cluster job's own Snakemake (remote) does not check
-    again."""
+    """Before any job (onstart: a run with jobs to execute, so a dry run or a report made on
+    another machine is not refused), where the jobs run on this machine: train.device cuda
+    without a GPU, or more training processes on GPUs than it has (each would fail only after
+    the data stages). A cluster's jobs run elsewhere; a cluster job's own Snakemake (remote)
+    does not check again."""
     if not workflow.local_exec or workflow.remote_exec or workflow.subprocess_exec:
         return
     devices = machine_devices()
     problems = []
-    for i, exp in enumerate(config["experiments"]):
+    for exp in config["experiments"]:
         train = exp["train"]
         on_gpus = train["device"] == "cuda" or (train["device"] == "auto" and devices)
         if train["device"] == "cuda" and not devices:
             problems.append(
-                f"experiments[{i}].train.device: 'cuda', but this machine has no GPU (none in "
-                "CUDA_VISIBLE_DEVICES, config local_gpus or nvidia-smi -L); use 'auto' (CUDA "
-                "when present) or 'cpu', or run under a cluster profile that gives GPUs"
+                f"experiment {exp['name']!r}: train.device is 'cuda', but this machine has no "
+                "GPU (none in CUDA_VISIBLE_DEVICES, config local_gpus or nvidia-smi -L); use "
+                "'auto' (CUDA when present) or 'cpu', or run under a cluster profile that gives "
+                "GPUs"
             )
         elif on_gpus and train["processes"] * train["nodes"] > len(devices):
             problems.append(
-                f"experiments[{i}].train.processes: {train['processes']} processes on "
+                f"experiment {exp['name']!r}: train.processes {train['processes']} processes on "
                 f"{train['nodes']} node(s) of this machine need a GPU each, and it has "
                 f"{len(devices)} {devices}; give at most {len(devices)}, or device: cpu"
             )
@@ -302,13 +312,14 @@ def say_how_training_continues():
         job = BY_RULE["train_model"].from_config(CONFIG, experiment=name)
         shards = rules.gather_shards.output.shards.format(data=SHARING.keys[name]["tokenize"])
         record = resume.read_record(state)
-        plan = resume.plan(record, job, None, shards)
+        plan = resume.plan(record, job, None, shards, model_source_digest(job.model, FOLDERS))
         if record is None:  # nothing kept to continue from: only a finished model, if any
             plan = resume.plan_without_state(
                 finished_train(rules.train_model.output.manifest.format(experiment=name)), job
             )
         if plan.message:
             print(f"snaketune: {name}: training {plan.message} ({state})", file=sys.stderr)
+    FOLDERS.save()
 
 
 def finished_train(manifest):
@@ -347,7 +358,9 @@ def link_shared_stages(existing_only=False):
 
 def print_failures():
     """At the end of a failed run: each failed job, its message and its log."""
-    print(joblog.summary(), file=sys.stderr)
+    summary = joblog.summary()
+    if summary:
+        print(summary, file=sys.stderr)
 
 
 def sibling_command(name):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import sys
 from dataclasses import asdict, dataclass
@@ -85,7 +86,9 @@ def report(rule: str, log: str, status: int) -> Failure:
     print(f"  log: {log}\n", file=sys.stderr)
     try:
         FAILURES.mkdir(parents=True, exist_ok=True)
-        record_path(log).write_text(json.dumps(asdict(failure)))
+        temporary = record_path(log).with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(asdict(failure)))
+        temporary.replace(record_path(log))  # whole or not at all: a killed job leaves no half
     except OSError:
         pass  # the console already has the message; the summary just lacks this job
     return failure
@@ -106,7 +109,10 @@ def failures(workdir: Path = Path()) -> list[Failure]:
     (the log is newer than the record: a later attempt rewrote it)."""
     found = []
     for path in sorted((workdir / FAILURES).glob("*.json")):
-        failure = Failure(**json.loads(path.read_text()))
+        try:
+            failure = Failure(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue  # not one of ours, or unreadable: the console had the message already
         log = workdir / failure.log
         if log.exists() and log.stat().st_mtime > path.stat().st_mtime + 1:
             continue

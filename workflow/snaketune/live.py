@@ -282,12 +282,12 @@ def store_has_run(client, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
         raise
-    return True
+    return run.info.lifecycle_stage != "deleted"  # deleted in the UI: logging to it fails
 
 
 def stage_name(stage: str, key: str) -> str:

@@ -47,28 +47,40 @@ def trajectory(job: TrainJob) -> dict[str, Any]:
     return {"task": job.task, "model": asdict(job.model), "train": train}
 
 
-def fingerprint(job: TrainJob, data_digest: str) -> str:
-    blob = json.dumps([trajectory(job), data_digest], sort_keys=True)
+def fingerprint(job: TrainJob, data_digest: str, model_source: str = "") -> str:
+    """The run's identity: its trajectory, its data and (a local pretrained folder) its base
+    model's content."""
+    parts = [trajectory(job), data_digest, *([model_source] if model_source else [])]
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def record_of(step: int, job: TrainJob, data_digest: str, data_folder: str = "") -> dict[str, Any]:
+def record_of(
+    step: int, job: TrainJob, data_digest: str, data_folder: str = "", model_source: str = ""
+) -> dict[str, Any]:
     return {
         "step": step,
         "max_steps": job.train.max_steps,
         "trajectory": trajectory(job),
         "data": data_digest,
+        "model_source": model_source,
         # Where the shards were: the workflow, before any job, knows only where they will be
         # (a shared stage's folder is keyed by all it is computed from), not their digest.
-        "data_folder": os.path.normpath(data_folder) if data_folder else "",
-        "fingerprint": fingerprint(job, data_digest),
+        "data_folder": os.path.abspath(data_folder) if data_folder else "",
+        "fingerprint": fingerprint(job, data_digest, model_source),
     }
 
 
 def write_record(
-    state_dir: Path, step: int, job: TrainJob, data_digest: str, data_folder: str = ""
+    state_dir: Path,
+    step: int,
+    job: TrainJob,
+    data_digest: str,
+    data_folder: str = "",
+    model_source: str = "",
 ) -> None:
-    write_json(Path(state_dir) / RECORD, record_of(step, job, data_digest, data_folder))
+    record = record_of(step, job, data_digest, data_folder, model_source)
+    write_json(Path(state_dir) / RECORD, record)
 
 
 def read_record(state_dir: Path) -> dict[str, Any] | None:
@@ -97,6 +109,7 @@ def plan(
     job: TrainJob,
     data_digest: str | None,
     data_folder: str | None = None,
+    model_source: str | None = None,
 ) -> Plan:
     """What a checkpoint described by `record` means for `job`. data_digest None: not compared,
     as before any job, where the data may still be rebuilt; there the data's folder is (a
@@ -107,11 +120,13 @@ def plan(
     changed = changed_keys(record["trajectory"], trajectory(job))
     if data_digest is not None and record["data"] != data_digest:
         changed.append("the tokenized data")
-    elif data_folder and record.get("data_folder") not in ("", None, os.path.normpath(data_folder)):
+    elif data_folder and record.get("data_folder") not in ("", None, os.path.abspath(data_folder)):
         changed.append(
             f"the tokenized data (a change upstream: {record['data_folder']} -> "
-            f"{os.path.normpath(data_folder)})"
+            f"{os.path.abspath(data_folder)})"
         )
+    if model_source is not None and record.get("model_source", "") != model_source:
+        changed.append(f"the content of the local model folder {job.model.name_or_path}")
     if changed:
         return Plan(False, f"starts again from step 0: {'; '.join(changed)} since {where}")
     steps = job.train.max_steps

@@ -113,7 +113,11 @@ class FolderDigests:
 
     def __init__(self, cache: Path = FOLDER_DIGESTS):
         self.cache = cache
-        self.known: dict[str, list] = json.loads(cache.read_text()) if cache.exists() else {}
+        self.known: dict[str, list] = {}
+        try:
+            self.known = json.loads(cache.read_text()) if cache.exists() else {}
+        except (OSError, ValueError):
+            pass  # a cache cut short: every file is hashed again, and the cache rewritten
         self.changed = False
 
     def file_digest(self, path: Path) -> str:
@@ -145,3 +149,18 @@ def folder_sources(settings_json: str, digests: FolderDigests) -> dict[str, str]
         folder: digests.folder_digest(folder)
         for folder in watched_folders(json.loads(settings_json))
     }
+
+
+def model_source_digest(model: Any, digests: FolderDigests | None = None) -> str:
+    """The content digest of the local folder a pretrained model (model settings) loads from,
+    or "" (a hub id, or a model built here): part of a training run's identity, so that a
+    checkpoint does not continue on other base weights (snaketune.resume)."""
+    local = watched_folders({"name_or_path": model.name_or_path})
+    if model.init != "pretrained" or not local:
+        return ""
+    own = digests is None
+    digests = digests or FolderDigests()
+    digest = digests.folder_digest(local[0])
+    if own:
+        digests.save()
+    return digest

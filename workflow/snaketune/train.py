@@ -53,6 +53,7 @@ from snaketune.models import apply_lora, build_model, count_parameters, unwrap_f
 from snaketune.names import CAUSAL_LM, TRAIN, VAL
 from snaketune.perplexity import perplexity
 from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+from snaketune.sources import model_source_digest
 from snaketune.stages import TrainPaths
 from snaketune.system_metrics import sample_system_metrics
 from snaketune.tokenize.shards import TokenizedData
@@ -165,6 +166,9 @@ class Run:
     """(batch_size, grad_accum) after an out-of-memory retry; None: the configured ones."""
     data_folder: str = ""
     """The shards' folder, as the job was given it (snaketune.resume records it)."""
+    model_source: str = ""
+    """The content digest of a local pretrained model folder ("" for any other model): an edit
+    in place starts the run again (snaketune.resume)."""
 
     @property
     def settings(self) -> TrainSettings:
@@ -405,14 +409,21 @@ def checkpoint(run: Run, progress: Progress) -> None:
     if run.world.is_main:
         state = asdict(progress)
         state.update(
-            fingerprint=resume.fingerprint(run.job, run.data_digest),
+            fingerprint=resume.fingerprint(run.job, run.data_digest, run.model_source),
             model=model_state,
             optimizer=optimizer_state,
             scaler=run.scaler.state_dict() if run.scaler else {},
             rng_per_process=states if run.world.size > 1 else [],
         )
         save_checkpoint(run.state_dir, state, run.settings.keep_checkpoints)
-        resume.write_record(run.state_dir, progress.step, run.job, run.data_digest, run.data_folder)
+        resume.write_record(
+            run.state_dir,
+            progress.step,
+            run.job,
+            run.data_digest,
+            run.data_folder,
+            run.model_source,
+        )
     distributed.barrier()
 
 
@@ -535,6 +546,7 @@ def prepare_run(
         state_dir=state_dir,
         data_digest=sha256_tree(data.shards),
         data_folder=str(data.shards),
+        model_source=model_source_digest(model_settings),
         placement=placement,
         world=world,
         scaler=torch.amp.GradScaler("cuda") if placement.scaled else None,
@@ -546,14 +558,17 @@ def resume_run(run: Run) -> Progress:
     """The progress to train from: the checkpoint's, when snaketune.resume says it continues."""
     run.state_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    state = load_checkpoint(run.state_dir, resume.fingerprint(run.job, run.data_digest))
+    fingerprint = resume.fingerprint(run.job, run.data_digest, run.model_source)
+    state = load_checkpoint(run.state_dir, fingerprint)
     record = resume.read_record(run.state_dir)
     if state is not None and (record is None or record["step"] != state["step"]):
         # Killed between writing the checkpoint and its record: the checkpoint's fingerprint
         # matched, so it is this run's; plan from what it holds, not from the stale record.
-        record = resume.record_of(state["step"], run.job, run.data_digest, run.data_folder)
+        record = resume.record_of(
+            state["step"], run.job, run.data_digest, run.data_folder, run.model_source
+        )
         record["max_steps"] = state["schedule"][-1][1]  # the end it was training towards
-    plan = resume.plan(record, run.job, run.data_digest)
+    plan = resume.plan(record, run.job, run.data_digest, model_source=run.model_source)
     if plan.message:
         log.warning("training %s", plan.message)
     if state is None or not plan.resume:

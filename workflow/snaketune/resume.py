@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,12 @@ def fingerprint(job: TrainJob, data_digest: str, model_source: str = "") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def data_key(data_folder: str) -> str:
+    """What names the data of a shards folder wherever the results are (moved, or results_dir
+    given relative or absolute): its shared stage's key, the folder above `shards`."""
+    return Path(data_folder).parent.name if data_folder else ""
+
+
 def record_of(
     step: int, job: TrainJob, data_digest: str, data_folder: str = "", model_source: str = ""
 ) -> dict[str, Any]:
@@ -66,7 +71,7 @@ def record_of(
         "model_source": model_source,
         # Where the shards were: the workflow, before any job, knows only where they will be
         # (a shared stage's folder is keyed by all it is computed from), not their digest.
-        "data_folder": os.path.abspath(data_folder) if data_folder else "",
+        "data_key": data_key(data_folder),
         "fingerprint": fingerprint(job, data_digest, model_source),
     }
 
@@ -120,10 +125,10 @@ def plan(
     changed = changed_keys(record["trajectory"], trajectory(job))
     if data_digest is not None and record["data"] != data_digest:
         changed.append("the tokenized data")
-    elif data_folder and record.get("data_folder") not in ("", None, os.path.abspath(data_folder)):
+    elif data_folder and record.get("data_key") not in ("", None, data_key(data_folder)):
         changed.append(
-            f"the tokenized data (a change upstream: {record['data_folder']} -> "
-            f"{os.path.abspath(data_folder)})"
+            f"the tokenized data (a change upstream: {record['data_key']} -> "
+            f"{data_key(data_folder)})"
         )
     if model_source is not None and record.get("model_source", "") != model_source:
         changed.append(f"the content of the local model folder {job.model.name_or_path}")

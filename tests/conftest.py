@@ -53,13 +53,6 @@ def lm_per_document_data(lm_data, tmp_path_factory) -> dict[str, Path]:
     return {**lm_data, "shards": root / "shards", "tokenize_manifest": root / "manifest.json"}
 
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-"""A chat template of the kind instruction-tuned tokenizers carry."""
-
-
 @pytest.fixture(scope="session", params=["across_documents", "per_document", "chat_template"])
 def qa_data(request, tmp_path_factory, lm_data) -> dict[str, Path]:
     """The demo corpus as instruction data (answers learned): with the demo's template and each
@@ -67,6 +60,7 @@ def qa_data(request, tmp_path_factory, lm_data) -> dict[str, Path]:
     template (lm_data's BPE, given one)."""
     from transformers import AutoTokenizer
 
+    from tests.support.checkpoints import CHAT_TEMPLATE
     from tests.support.stage_data import prepare_stage_data
 
     root = tmp_path_factory.mktemp(f"qa-{request.param}")

@@ -10,14 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.checkpoints import CHAT_TEMPLATE
 from tests.support.workflow import config_with, snakemake, stage_folder
 
 pytestmark = pytest.mark.slow
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 
 
 def save_chat_tokenizer(folder: Path) -> None:

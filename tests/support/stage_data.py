@@ -1,5 +1,5 @@
-"""The real data stages on the demo corpus with small settings, and the train job's paths and
-command line on such data."""
+"""The real data stages on the demo corpus with small settings, the train job's paths and
+command line on such data, and the evaluate job's paths."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 from snaketune.clean import CleanReport, clean_corpus
 from snaketune.local import DEMO_EXPERIMENT, PreparedData, demo_config, prepare_data
 from snaketune.settings import CleanJob, CleanSettings, ReadSettings, TrainJob
-from snaketune.stages import CleanPaths, command_line
+from snaketune.stages import CleanPaths, EvaluatePaths, command_line
 from snaketune.train import train_model
 
 TXT = ReadSettings(format="txt")
@@ -42,6 +42,11 @@ def train_paths(data: dict, out: Path, shards: Path | None = None, manifest: Pat
     if shards is not None:
         prepared = replace(prepared, shards=shards, tokenize_manifest=manifest)
     return prepared.train_paths(out)
+
+
+def evaluate_paths(data: dict, out: Path) -> EvaluatePaths:
+    """The evaluate job's paths on prepared stage data and a model in out/model."""
+    return PreparedData(**data).evaluate_paths(out / "model", out)
 
 
 def run_training(

@@ -30,6 +30,17 @@ def config_with(**changes) -> dict:
     return config
 
 
+def with_defaults(config: dict) -> dict:
+    """`config` validated against the schema as the workflow validates it, the schema's defaults
+    filled in (in place): what snaketune.config.cross_checks is given in a run."""
+    from snakemake.utils import validate
+
+    from snaketune.config import SCHEMA
+
+    validate(config, str(SCHEMA))
+    return config
+
+
 @functools.cache
 def layered(preset_file: Path) -> dict:
     """config.yaml with a --configfile on top, merged as Snakemake merges them (mappings key by

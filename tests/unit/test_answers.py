@@ -19,8 +19,8 @@ from snaketune.generation import generate, generate_many
 from snaketune.qa import answer_scores
 from snaketune.retrieval import nearest_answers
 from snaketune.settings import EvalJob, EvalSettings
-from tests.support.stage_data import rows_of
-from tests.unit.test_evaluation import evaluate_paths, tiny_lm
+from tests.support.checkpoints import tiny_lm
+from tests.support.stage_data import evaluate_paths, rows_of
 
 # prediction, reference, exact match, F1, ROUGE-L; worked out by hand.
 CASES = [

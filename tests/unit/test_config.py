@@ -24,7 +24,7 @@ from snaketune.settings import (
     MlflowSettings,
 )
 from tests.support.repo import DEFAULT_CONFIG, REPO
-from tests.support.workflow import config_with
+from tests.support.workflow import config_with, with_defaults
 
 
 def test_default_config_is_valid():
@@ -34,7 +34,7 @@ def test_default_config_is_valid():
 def test_cross_checks_find_missing_dataset_and_bad_ratios():
     config = config_with(experiments__0__dataset="nope")
     config["experiments"][1]["split"] = {"train": 0.5, "val": 0.1, "test": 0.1, "salt": ""}
-    filled = _with_defaults(config)
+    filled = with_defaults(config)
     problems = cross_checks(filled)
     assert any(p.startswith("experiments[0].dataset:") and "support-demo" in p for p in problems)
     assert any(p.startswith("experiments[1].split:") and "0.7" in p for p in problems)
@@ -42,12 +42,12 @@ def test_cross_checks_find_missing_dataset_and_bad_ratios():
 
 def test_a_bad_live_after_setting_in_the_environment_is_refused_with_the_config(monkeypatch):
     monkeypatch.setenv(LIVE_AFTER_VARIABLE, "later")
-    problems = cross_checks(_with_defaults(config_with()))
+    problems = cross_checks(with_defaults(config_with()))
     assert [p for p in problems if p.startswith(f"{LIVE_AFTER_VARIABLE}='later' (environment)")]
 
 
 def test_heads_must_divide_embedding_size():
-    filled = _with_defaults(config_with(experiments__0__model__n_head=3))
+    filled = with_defaults(config_with(experiments__0__model__n_head=3))
     assert any("model.n_embd" in p and "n_head=3" in p for p in cross_checks(filled))
 
 
@@ -56,15 +56,6 @@ def test_tokenize_packing_names_the_key_and_its_allowed_values():
     assert problem.startswith("experiments[0].tokenize.packing")
     assert "across_documents" in problem and "per_document" in problem
     assert schema_problems(config_with(experiments__0__tokenize={"packing": "per_document"})) == []
-
-
-def _with_defaults(config: dict) -> dict:
-    from snakemake.utils import validate
-
-    from snaketune.config import SCHEMA
-
-    validate(config, str(SCHEMA))
-    return config
 
 
 # --- the schema and the settings dataclasses say the same ----------------------------------------
@@ -161,7 +152,7 @@ def test_greedy_decoding_refuses_the_sampling_settings_it_would_ignore():
     def problems(**keys) -> list[str]:
         config = config_with(**keys)
         given = copy.deepcopy(config)
-        return cross_checks(_with_defaults(config), REPO, given)
+        return cross_checks(with_defaults(config), REPO, given)
 
     greedy = problems(experiments__0__evaluate__temperature=0.5)
     assert [p for p in greedy if p.startswith("experiments[0].evaluate.temperature:")]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,8 +12,6 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score
 
 from snaketune.evaluation import CPU, classification_metrics, evaluate_model
-from snaketune.local import PreparedData
-from snaketune.models import build_model
 from snaketune.perplexity import (
     count_words,
     perplexity,
@@ -22,30 +19,16 @@ from snaketune.perplexity import (
     token_byte_lengths,
     word_perplexity,
 )
-from snaketune.settings import EvalJob, EvalSettings, ModelSettings
-from snaketune.stages import EvaluatePaths
+from snaketune.settings import EvalJob, EvalSettings
 from snaketune.tokenize.shards import read_shards
+from tests.support.checkpoints import tiny_lm
+from tests.support.stage_data import evaluate_paths
 
 
 def stream_of(data: dict) -> np.ndarray:
     """The test split's tokens end to end, from the Parquet shards (not the token arrays)."""
     rows = read_shards(data["shards"] / "test").column("input_ids")
     return rows.combine_chunks().flatten().to_numpy().astype(np.int64)
-
-
-def tiny_lm(info: dict, context: int):
-    """A scratch GPT-2 as evaluation loads it: the transformers model the trainer saves."""
-    torch.manual_seed(0)
-    model = build_model(
-        ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.0),
-        "causal_lm",
-        info["vocab_size"],
-        context,
-        info["pad_token_id"],
-        info["eos_token_id"],
-        [],
-    )
-    return model.to_hf().eval()
 
 
 def reference_nll(model, tokens: list[int], context: int, stride: int) -> tuple[float, int]:
@@ -168,11 +151,6 @@ def test_classification_metrics_agree_with_sklearn():
     precision = precision_score(references, predictions, average=None)
     assert [ours["per_class"][n]["precision"] for n in names] == pytest.approx(list(precision))
     assert ours["confusion_matrix"] == confusion_matrix(references, predictions).tolist()
-
-
-def evaluate_paths(data: dict, out: Path) -> EvaluatePaths:
-    """The evaluate job's paths on prepared stage data and a model in out/model."""
-    return PreparedData(**data).evaluate_paths(out / "model", out)
 
 
 def test_lm_evaluation_writes_metrics_protocol_and_samples(lm_data, tmp_path):

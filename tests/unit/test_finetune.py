@@ -16,6 +16,7 @@ import torch
 
 from snaketune.models import build_model, load_trained
 from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+from tests.support.checkpoints import bert_checkpoint
 from tests.support.stage_data import padded, rows_of, run_training, train_cli_args
 
 TINY = ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.0)
@@ -109,47 +110,6 @@ def test_torch_compile_trains_like_eager(lm_data, tmp_path):
     )
     plain = run_training(lm_data, tmp_path / "plain", "causal_lm", TINY, settings)
     assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in plain], rel=1e-3)
-
-
-def bert_checkpoint(train_split: Path, out: Path) -> Path:
-    """A tiny BERT classifier with its own WordPiece tokenizer, saved like a hub checkpoint."""
-    import pandas as pd
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    backend.train_from_iterator(
-        pd.read_parquet(train_split)["text"].tolist(),
-        trainers.WordPieceTrainer(vocab_size=600, special_tokens=special),
-    )
-    cls, sep = backend.token_to_id("[CLS]"), backend.token_to_id("[SEP]")
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    tokenizer = BertTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    config = BertConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        num_labels=2,
-    )
-    torch.manual_seed(0)  # the checkpoint's weights must not depend on which tests ran before
-    BertForSequenceClassification(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 def test_bert_classifier_fine_tunes_from_a_local_checkpoint(classification_data, tmp_path):

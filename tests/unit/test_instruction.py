@@ -27,8 +27,9 @@ from snaketune.tokenize.encoder import Encoded, instruction_examples
 from snaketune.tokenize.packing import pack_examples, pack_whole_examples
 from snaketune.tokenize.shards import INSTRUCTION_SCHEMA, ShardWriter, TokenizedData, read_shards
 from snaketune.train import forward
+from tests.support.checkpoints import CHAT_TEMPLATE
 from tests.support.stage_data import rows_of
-from tests.support.workflow import config_with
+from tests.support.workflow import config_with, with_defaults
 
 # --- the template -------------------------------------------------------------------------------
 
@@ -61,9 +62,7 @@ def test_templates_that_cannot_split_are_refused(text_template, prompt_column, s
 
 def test_the_config_check_names_the_experiments_template():
     config = config_with(experiments__0__text_template="Customer: {question}")
-    from tests.unit.test_config import _with_defaults
-
-    problems = cross_checks(_with_defaults(config))
+    problems = cross_checks(with_defaults(config))
     assert [p for p in problems if p.startswith("experiments[0].text_template:")], problems
 
 
@@ -249,8 +248,6 @@ def test_the_training_loss_is_the_mean_nll_of_the_response_tokens_alone(qa_data,
 def chat_tokenizer(lm_data, tmp_path_factory) -> str:
     from transformers import AutoTokenizer
 
-    from tests.conftest import CHAT_TEMPLATE
-
     folder = tmp_path_factory.mktemp("chat-tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -315,12 +312,10 @@ def test_a_messages_column_needs_a_pretrained_tokenizer_and_no_template():
     dataset = config["datasets"]["support-demo"]
     del dataset["prompt_column"], dataset["response_column"]
     dataset["messages_column"] = "turns"
-    from tests.unit.test_config import _with_defaults
-
-    problems = cross_checks(_with_defaults(config))
+    problems = cross_checks(with_defaults(config))
     assert [p for p in problems if p.startswith("experiments[0].text_template:")], problems
     config["experiments"][0]["text_template"] = None
-    problems = cross_checks(_with_defaults(config))
+    problems = cross_checks(with_defaults(config))
     assert [p for p in problems if p.startswith("experiments[0].tokenizer.kind:")], problems
 
 

@@ -1,5 +1,7 @@
 """The package's shape: no module imports, directly or through others, a module that imports it
-back (at module level or inside a function: a cycle either way)."""
+back (at module level or inside a function: a cycle either way). And the tests' shape: a test
+module or conftest takes shared code from tests/support only, never from another test module or
+a conftest (importing one runs its module-level code and can register its fixtures twice)."""
 
 from __future__ import annotations
 
@@ -80,3 +82,53 @@ def test_the_graph_sees_function_level_and_aliased_imports():
     graph = import_graph()
     assert "snaketune.settings" in graph["snaketune.stages"]  # `from snaketune import settings`
     assert "snaketune.models" in graph["snaketune.registry"]  # imported inside a function
+
+
+def imports_from_tests(path: Path) -> set[str]:
+    """The modules of the tests package that `path` imports, at any level, as dotted names;
+    relative imports as `.name`."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "tests"}
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            found.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.ImportFrom) and node.module.split(".")[0] == "tests":
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def test_tests_share_code_through_tests_support_only():
+    def allowed(name: str) -> bool:
+        # `from tests.support import x` names the package and its module: both are allowed
+        return name in {"tests", "tests.support"} or name.startswith("tests.support.")
+
+    tests = REPO / "tests"
+    found = {
+        f"{path.relative_to(REPO)}: {name}"
+        for path in tests.rglob("*.py")
+        if tests / "support" not in path.parents
+        for name in imports_from_tests(path)
+        if not allowed(name)
+    }
+    assert not found, "import tests/support instead: " + ", ".join(sorted(found))
+
+
+def test_the_test_import_finder_sees_function_level_and_package_imports(tmp_path):
+    module = tmp_path / "test_x.py"
+    module.write_text(
+        "from tests.support.repo import REPO\n"
+        "from tests import conftest\n"
+        "def f():\n"
+        "    from tests.unit.test_config import with_defaults\n"
+        "    from . import test_y\n"
+    )
+    assert imports_from_tests(module) == {
+        "tests.support.repo",
+        "tests.support.repo.REPO",
+        "tests",
+        "tests.conftest",
+        "tests.unit.test_config",
+        "tests.unit.test_config.with_defaults",
+        ".",
+    }

@@ -12,7 +12,7 @@ import pytest
 
 from snaketune.settings import TokenizeJob, TokenizeSettings
 from snaketune.tokenize.encoder import encoder_for, tokenizer_facts
-from tests.unit.test_finetune import bert_checkpoint
+from tests.support.checkpoints import bert_checkpoint
 
 
 def through_transformers(folder):

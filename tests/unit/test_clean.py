@@ -232,6 +232,28 @@ def test_text_template_builds_documents_from_jsonl_columns(tmp_path):
     assert report.labels == {"shipping": 2, "billing": 1}
 
 
+@pytest.mark.parametrize(
+    ("template", "response_column", "says"),
+    [
+        ("Q: {question} {", None, "ValueError: Single '{' encountered"),
+        ("Q: {} A: {answer}", None, "IndexError: Replacement index 0 out of range"),
+        ("Q: {question} ({topic:>8})", None, "KeyError: 'topic'"),
+        ("Q: {question} ({question:d})\nA: {answer}", "answer", "Unknown format code 'd'"),
+    ],
+    ids=["lone-brace", "positional", "missing-column-with-spec", "instruction-spec"],
+)
+def test_a_text_template_str_format_cannot_fill_is_refused_by_key(
+    tmp_path, template, response_column, says
+):
+    records = [{"question": "Where is my parcel?", "answer": "On its way."}]
+    read = ReadSettings(format="jsonl", text_template=template, response_column=response_column)
+    with pytest.raises(CorpusError) as caught:
+        run_clean(tmp_path, "a.jsonl", jsonl(records), read)
+    message = str(caught.value)
+    assert message.startswith(f"text_template {template!r} cannot be filled in")
+    assert says in message and "write a literal brace twice" in message
+
+
 def test_csv_honours_quotes_with_commas_and_doubled_quotes(tmp_path):
     data = b'text,label\n"Hello, world",greet\n"She said ""hi""",greet\n'
     _, docs = run_clean(tmp_path, "a.csv", data, ReadSettings(format="csv", label_column="label"))

@@ -307,6 +307,35 @@ def test_conversations_that_cannot_be_learned_are_refused_by_record(
         run_clean(tmp_path, "chats.jsonl", data, read)
 
 
+def test_a_conversation_the_chat_template_refuses_is_refused_by_record(lm_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from snaketune.errors import CorpusError
+    from tests.support.stage_data import run_clean
+
+    strict = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
+    strict.chat_template = (  # as templates that take no system turn do
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    strict.save_pretrained(tmp_path / "strict")
+    read = ReadSettings(
+        format="jsonl", messages_column="messages", chat_tokenizer=str(tmp_path / "strict")
+    )
+    data = conversations_file(
+        [turn("user", "Hi"), turn("assistant", "Hello")],
+        [turn("system", "Be brief."), turn("user", "Hi"), turn("assistant", "Hello")],
+    )
+    refused = (
+        r"record 2: the chat template of '.*strict' cannot render its turns "
+        r"\['system', 'user'\] \(System role not supported\)"
+    )
+    with pytest.raises(CorpusError, match=refused):
+        run_clean(tmp_path, "chats.jsonl", data, read)
+
+
 def test_a_messages_column_needs_a_pretrained_tokenizer_and_no_template():
     config = config_with()
     dataset = config["datasets"]["support-demo"]

@@ -1,14 +1,28 @@
 """`snaketune <command>`: the command each rule runs, made from the job definitions in
 snaketune.stages: one required option per path, `--settings` with the job's settings as JSON
-(snaketune.settings.to_json), then the library function the stage names."""
+(snaketune.settings.to_json), then the library function the stage names.
+
+How a failed job ends (exit status 1 in every case):
+- a problem the user can fix (a SnaketuneError, or settings the job refuses): its message on one
+  line, `snaketune <command>: error: <message>`, without a traceback;
+- a fault of the operating system (an OSError that is not a SnaketuneError: full disk,
+  permission denied, a missing file, a dropped connection) or memory running out: the same
+  line, saying what the system reported and on which path;
+- anything else is a bug in snaketune: the traceback, then a line that says so.
+snaketune.joblog finds these lines in a job's log."""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import io
+import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
+from typing import Any
 
 # Bitwise-reproducible BLAS on the CPU: MKL's results otherwise depend on the memory alignment
 # of the arrays, which differs from one process to the next (a SLURM job and a local run of the
@@ -20,12 +34,19 @@ REPRODUCIBLE_BLAS = {"MKL_CBWR": "AUTO,STRICT", "MKL_DYNAMIC": "FALSE", "OMP_DYN
 for _name, _value in REPRODUCIBLE_BLAS.items():
     os.environ.setdefault(_name, _value)
 
-from snaketune.errors import SnaketuneError  # noqa: E402 (after the environment is set)
-from snaketune.settings import from_json  # noqa: E402
+from snaketune.errors import (  # noqa: E402 (after the environment is set)
+    SnaketuneError,
+    UsageError,
+    is_out_of_memory,
+)
+from snaketune.joblog import bug_line, error_line  # noqa: E402
+from snaketune.settings import SettingsError, from_dict  # noqa: E402
 from snaketune.stages import BY_COMMAND, STAGES, Paths, Stage, flag, is_list, path_fields  # noqa: E402
 
-# ValueError/OSError cover bad settings values and missing or unreadable files.
-USER_ERRORS = (SnaketuneError, ValueError, OSError)
+USER_ERRORS = (SnaketuneError, SettingsError)
+"""Problems the user can fix, each with a message meant for them. SettingsError (settings a
+job refuses, named by key) is a ValueError of snaketune.settings that is not yet a
+SnaketuneError, so it is named here too."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +69,49 @@ def parse(argv: list[str] | None) -> tuple[Stage, Paths, str]:
     return stage, paths, args.settings
 
 
+def read_settings(stage: Stage, text: str) -> Any:
+    """The job's settings from `--settings`: text that is not a JSON object is refused as the
+    command line's fault; a value the settings refuse raises their SettingsError."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UsageError(
+            f"--settings is not JSON ({err}); give the job's settings as one JSON object, as "
+            "the workflow's rule does"
+        ) from err
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"--settings is a JSON {type(data).__name__}; expected an object of the "
+            f"{stage.command} job's settings ({stage.settings.__name__})"
+        )
+    return from_dict(stage.settings, data)
+
+
+def system_error(err: BaseException) -> str | None:
+    """One line for a fault of the machine, or None for an error that is not one. Memory that
+    ran out; an OSError: what the operating system reported, on which path, and the error's
+    type and errno name (ENOSPC, EACCES, ...). io.UnsupportedOperation (reading a file opened
+    for writing, say) is an OSError that only a bug raises."""
+    kind = type(err).__name__
+    if is_out_of_memory(err):
+        said = str(err).strip().splitlines()
+        return (
+            f"out of memory ({kind}{': ' + said[0] if said else ''}); give the job more memory, "
+            "or make its batches or data smaller, and rerun"
+        )
+    if not isinstance(err, OSError) or isinstance(err, io.UnsupportedOperation):
+        return None
+    paths = [
+        os.fsdecode(p) if isinstance(p, str | bytes) else str(p)
+        for p in (err.filename, err.filename2)
+        if p is not None
+    ]
+    where = f" on {' -> '.join(paths)}" if paths else ""
+    code = errno.errorcode.get(err.errno) if isinstance(err.errno, int) else None
+    what = (err.strerror if err.strerror else str(err)) or "no description"
+    return f"operating-system error{where}: {what} ({kind}{', ' + code if code else ''})"
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
@@ -56,10 +120,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     stage, paths, settings = parse(argv)
     try:
-        stage.entry()(paths, from_json(stage.settings, settings))
+        stage.entry()(paths, read_settings(stage, settings))
     except USER_ERRORS as err:
         # Known failure modes carry a message meant for the user; a traceback would bury it.
-        print(f"snaketune {stage.command}: error: {err}", file=sys.stderr)
+        print(error_line(stage.command, str(err)), file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - every other failure is reported, then ends the job
+        fault = system_error(err)
+        if fault is not None:
+            print(error_line(stage.command, fault), file=sys.stderr)
+            return 1
+        # Not a failure mode anyone foresaw: a ValueError here is no longer taken for bad input.
+        traceback.print_exc()
+        print(bug_line(stage.command), file=sys.stderr)
         return 1
     return 0
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from snaketune.checks import experiment_problems, instruction_problems
+from snaketune.errors import ConfigError
 from snaketune.live import live_after_problem
 from snaketune.names import SEQUENCE_CLASSIFICATION, name_problem, quote_problem
 from snaketune.settings import (
@@ -31,10 +32,6 @@ from snaketune.tracking_uri import tracking_problems
 REPO = repository()
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 PRESETS = REPO / "presets"
-
-
-class ConfigError(ValueError):
-    """The config is invalid; the message lists every problem by key."""
 
 
 def preset_names(presets_dir: Path = PRESETS) -> list[str]:

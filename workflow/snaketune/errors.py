@@ -1,12 +1,28 @@
-"""Errors whose message is meant for the user: the CLI prints them without a traceback."""
+"""Errors whose message is meant for the user: the CLI prints them without a traceback.
+
+A problem the user can fix (the data, the settings, the machine's network or files as
+configured) is raised as a SnaketuneError subclass whose message says what was expected, what
+was found and what to do. Anything else that escapes a stage is a bug: the CLI prints its
+traceback and says so (snaketune.cli). Some classes keep ValueError or OSError as a second base
+so that `except ValueError` / `except OSError` around library calls still catch them."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
 class SnaketuneError(Exception):
     """Base of every error that says what was expected, what was found and what to do."""
+
+
+class ConfigError(SnaketuneError, ValueError):
+    """The config (or a setting read from the environment) is invalid; the message lists every
+    problem by key."""
+
+
+class UsageError(SnaketuneError, ValueError):
+    """A command line that cannot run as given: what was given and what is expected."""
 
 
 class DownloadError(SnaketuneError):
@@ -36,6 +52,21 @@ class TrackingError(SnaketuneError):
 class OutputError(SnaketuneError, OSError):
     """An output cannot be written (full disk, file size limit, read-only or missing folder);
     nothing is left under its name."""
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` says memory ran out: MemoryError (Python, numpy), torch's OutOfMemoryError
+    (CUDA), or the RuntimeError torch raises on the CPU or MPS. Imports nothing: torch counts
+    only when a stage has loaded it."""
+    if isinstance(err, MemoryError):
+        return True
+    torch_oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", None)
+    if torch_oom is not None and isinstance(err, torch_oom):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        sign in text for sign in ("out of memory", "can't allocate memory")
+    )
 
 
 def hub_offline() -> bool:

@@ -70,7 +70,7 @@ def sha256_tree(path: Path) -> str:
     if path.is_file():
         return sha256_file(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"cannot digest {path}: it does not exist")
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
     digest = hashlib.sha256()
     for child in files_in(path):
         digest.update(child.relative_to(path).as_posix().encode())

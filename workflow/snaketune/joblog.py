@@ -6,9 +6,10 @@ show on the console only as "returned non-zero exit status 1". The command there
 when the job failed:
 
 - on the console (the job's stderr, which Snakemake shows where it reports the failure): the
-  job's own message, that is the CLI's `snaketune <command>: error: ...` lines for a user error,
-  else the log's last lines (a bug's traceback ends with its exception), a word on a job
-  killed by a signal, and the log's path;
+  job's own message, that is the CLI's `snaketune <command>: error: ...` lines for a user error
+  or a fault of the machine; for a bug, the end of its traceback (the exception and the frames
+  that raised it) and the CLI's `snaketune <command>: this is a bug in snaketune ...` line; else
+  the log's last lines; a word on a job killed by a signal; and the log's path;
 - a record under FAILURES in the working directory, which the workflow's `onerror` handler
   lists at the end of the run (`summary`): each failed job with its message and log.
 
@@ -30,8 +31,24 @@ FAILURES = Path(".snakemake") / "snaketune" / "failed"
 """One JSON record per failed job, relative to the workflow's working directory (every job and
 the onerror handler run there, on a cluster node too)."""
 TAIL_LINES = 12
-"""A log's last lines shown when it holds no user-error message (a traceback, a killed job)."""
-ERROR_MARK = ": error: "  # snaketune.cli prints a user error as `snaketune <command>: error: ...`
+"""How many lines are shown of a log that holds no user-error message: the end of a bug's
+traceback, or the log's last lines (a killed job)."""
+ERROR_MARK = ": error: "
+BUG_MARK = ": this is a bug in snaketune"
+TRACEBACK_START = "Traceback (most recent call last):"
+
+
+def error_line(command: str, message: str) -> str:
+    """How snaketune.cli ends a job that failed for a reason the user can fix."""
+    return f"snaketune {command}{ERROR_MARK}{message}"
+
+
+def bug_line(command: str) -> str:
+    """How snaketune.cli ends a job that failed by a bug, after the traceback."""
+    return (
+        f"snaketune {command}{BUG_MARK}, not in your data or settings; please report it with "
+        "the traceback above"
+    )
 
 
 @dataclass(frozen=True)
@@ -44,12 +61,21 @@ class Failure:
 
 def job_message(log_text: str, status: int) -> str:
     """What the user needs from a failed job's log: its user-error message when the CLI wrote
-    one (that line to the end: a message may span lines), else the log's last lines."""
+    one (that line to the end: a message may span lines); for a bug, the end of its traceback
+    (the exception and the frames that raised it) and the CLI's line that calls it a bug,
+    without what was logged before the traceback; else the log's last lines."""
     lines = log_text.rstrip().splitlines()
-    starts = [
-        i for i, line in enumerate(lines) if line.startswith("snaketune") and ERROR_MARK in line
-    ]
-    shown = lines[starts[-1] :] if starts else lines[-TAIL_LINES:]
+    ours = [i for i, line in enumerate(lines) if line.startswith("snaketune")]
+    errors = [i for i in ours if ERROR_MARK in lines[i]]
+    bugs = [i for i in ours if BUG_MARK in lines[i]]
+    if errors and not (bugs and bugs[-1] > errors[-1]):
+        shown = lines[errors[-1] :]
+    elif bugs:
+        end = bugs[-1] + 1
+        starts = [i for i in range(end) if lines[i].startswith(TRACEBACK_START)]
+        shown = lines[max(starts[-1] if starts else 0, end - TAIL_LINES) : end]
+    else:
+        shown = lines[-TAIL_LINES:]
     message = "\n".join(shown) if shown else "(the log is empty)"
     if status > 128:
         message += f"\n{killed_by(status - 128)}"

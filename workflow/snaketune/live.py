@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from snaketune.errors import ConfigError
 from snaketune.fileio import read_json, write_json
 from snaketune.settings import TrackSettings, config_hash
 from snaketune.tracking_uri import effective_tracking_uri, redact, store_uri
@@ -701,7 +702,7 @@ def live_after_s() -> float:
     live_after_problem)."""
     problem = live_after_problem()
     if problem:
-        raise ValueError(problem)
+        raise ConfigError(problem)
     value = os.environ.get(LIVE_AFTER_VARIABLE)
     return LIVE_AFTER_S if value is None else float(value)
 

@@ -324,7 +324,7 @@ def compose_instruction(frame: pd.DataFrame, settings: ReadSettings, clean) -> I
         composed = chat_instructions(chat, conversations, settings, frame.index)
         return replace(composed, flaws=flaws)
     parts = [
-        pd.Series([part.format(**row) for row in records], index=frame.index, dtype="string")
+        filled(part, records, frame.index, settings.text_template)
         for part in (template.prompt, template.response)
     ]
     names = set(prompt_columns)
@@ -410,11 +410,10 @@ def chat_instructions(
     """Each conversation as the chat template renders it: all turns but the last, with the
     generation prompt, are the prompt; the rest of the whole conversation is the response."""
     prompts, responses = [], []
-    for turns in conversations:
-        prompt = tokenizer.apply_chat_template(
-            turns[:-1], tokenize=False, add_generation_prompt=True
-        )
-        whole = tokenizer.apply_chat_template(turns, tokenize=False)
+    for number, turns in enumerate(conversations, start=1):
+        where = f"record {number}"
+        prompt = rendered(tokenizer, turns[:-1], settings, where, add_generation_prompt=True)
+        whole = rendered(tokenizer, turns, settings, where)
         if not whole.startswith(prompt):
             raise CorpusError(
                 f"the chat template of {settings.chat_tokenizer!r} renders a conversation that "
@@ -423,16 +422,31 @@ def chat_instructions(
             )
         prompts.append(prompt)
         responses.append(whole[len(prompt) :])
-    rendered = tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT_MARKER}], tokenize=False, add_generation_prompt=True
-    )
-    serving = rendered.replace("{", "{{").replace("}", "}}").replace(PROMPT_MARKER, "{prompt}")
+    request = [{"role": "user", "content": PROMPT_MARKER}]
+    prompt = rendered(tokenizer, request, settings, "a serving request", add_generation_prompt=True)
+    serving = prompt.replace("{", "{{").replace("}", "}}").replace(PROMPT_MARKER, "{prompt}")
     return Instructions(
         pd.Series(prompts, index=index, dtype="string"),
         pd.Series(responses, index=index, dtype="string"),
         "chat_template",
         serving,
     )
+
+
+def rendered(tokenizer, turns: list[dict], settings: ReadSettings, where: str, **options) -> str:
+    """`turns` as the tokenizer's chat template renders them. A template may refuse a
+    conversation (raise_exception in the template: roles that do not alternate, a system turn
+    it does not take): that is refused naming the record and the tokenizer."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, **options)
+    except TemplateError as err:
+        raise CorpusError(
+            f"{where}: the chat template of {settings.chat_tokenizer!r} cannot render its turns "
+            f"{[t['role'] for t in turns]} ({err}); set the experiment's text_template, or fix "
+            "the data"
+        ) from err
 
 
 def compose_texts(frame: pd.DataFrame, settings: ReadSettings) -> pd.Series:
@@ -443,9 +457,20 @@ def compose_texts(frame: pd.DataFrame, settings: ReadSettings) -> pd.Series:
     require_columns(frame, needed)
     if not settings.text_template:
         return frame[settings.text_column].fillna("")
-    filled = frame.fillna("")
-    return pd.Series(
-        [settings.text_template.format(**row) for row in filled.to_dict("records")],
-        index=frame.index,
-        dtype="string",
-    )
+    rows = frame.fillna("").to_dict("records")
+    return filled(settings.text_template, rows, frame.index, settings.text_template)
+
+
+def filled(template: str, rows: list[dict], index, text_template: str | None) -> pd.Series:
+    """`template` (the experiment's text_template, or the prompt or response part of it) filled
+    in from each record's columns. A template str.format cannot fill (a lone brace, a
+    positional {} or {0}, a format spec that does not fit text, a column inside {name:...} or
+    {name!r} that the file lacks) is refused naming the setting."""
+    try:
+        return pd.Series([template.format(**row) for row in rows], index=index, dtype="string")
+    except (ValueError, IndexError, KeyError, AttributeError) as err:
+        raise CorpusError(
+            f"text_template {text_template!r} cannot be filled in from a record's columns "
+            f"({type(err).__name__}: {err}); name each column as {{column}}, and write a "
+            "literal brace twice ({{ or }})"
+        ) from err

@@ -57,10 +57,12 @@ def test_the_saved_folder_is_a_gpt2_transformers_loads_with_the_same_logits(tmp_
     assert loaded.transformer.wte.weight.shape == (VOCAB, 32)
     assert count_parameters(model) == sum(p.numel() for p in loaded.parameters())
     with torch.no_grad():
-        ours, theirs = model(input_ids=ids, labels=labels), loaded(input_ids=ids, labels=labels)
+        ours, theirs = model(input_ids=ids), loaded(input_ids=ids, labels=labels)
+        # With labels the lean GPT computes its loss without the whole logits (lm_loss).
+        our_loss = model(input_ids=ids, labels=labels).loss
     assert ours.logits.shape == theirs.logits.shape == (3, 16, VOCAB)
     torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=1e-5)
-    assert float(ours.loss) == pytest.approx(float(theirs.loss), abs=1e-5)
+    assert float(our_loss) == pytest.approx(float(theirs.loss), abs=1e-5)
     assert load_trained(tmp_path, "causal_lm").__class__ is GPT2LMHeadModel
 
 
@@ -95,10 +97,11 @@ def test_right_padded_rows_need_no_attention_mask(lm_per_document_data):
     hf = as_hf(model).eval()
 
     with torch.no_grad():
-        ours, theirs = model(**batch), hf(**batch)
+        ours, theirs = model(input_ids=batch["input_ids"]), hf(**batch)
+        our_loss = model(**batch).loss
     real = mask.bool()
     torch.testing.assert_close(ours.logits[real], theirs.logits[real], rtol=0, atol=1e-5)
-    assert float(ours.loss) == pytest.approx(float(theirs.loss), abs=1e-5)
+    assert float(our_loss) == pytest.approx(float(theirs.loss), abs=1e-5)
 
 
 def test_fsdp_shards_each_block_and_best_weights_of_either_layout_load(tmp_path):
@@ -154,8 +157,12 @@ def test_training_takes_the_steps_gpt2_would_and_saves_a_gpt2(lm_data, tmp_path,
     ]
     assert len(val) == 2 and all(a == pytest.approx(b, abs=1e-5) for a, b in val)
     expected = load_trained(tmp_path / "hf" / "model", "causal_lm").state_dict()
+    # The key projection's bias has a true gradient of zero (softmax ignores a shift of all
+    # scores), so Adam turns its rounding noise into steps of the learning rate's size: its
+    # entries differ by up to a few 1e-5 after 12 steps where every other weight agrees to 1e-5.
     for name, value in saved.state_dict().items():
-        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-5, msg=name)
+        atol = 5e-5 if name.endswith("attn.c_attn.bias") else 1e-5
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=atol, msg=name)
 
 
 def test_a_run_checkpointed_as_transformers_gpt2_continues_as_the_lean_one(

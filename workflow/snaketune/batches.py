@@ -84,15 +84,23 @@ class TokenRows:
         ids = self.arrays.tokens[positions].astype(np.int64)
         ids[~real] = self.pad_token_id
         input_ids = torch.from_numpy(ids)
+        position_ids = None
         if self.task == CAUSAL_LM:
             ignored = ~real
             if self.arrays.targets is not None:  # instruction data: the response's tokens only
-                ignored |= self.arrays.targets[positions] == 0
+                targets = self.arrays.targets[positions].astype(bool) & real
+                ignored |= ~targets
+                position_ids = example_positions(targets, real)
             labels = input_ids.masked_fill(torch.from_numpy(ignored), IGNORED_LABEL)
         else:
             labels = torch.from_numpy(self.arrays.labels[numbers].astype(np.int64))
         batch = {"input_ids": input_ids, "labels": labels}
-        if not real.all():
+        if position_ids is not None:
+            # Packed examples: positions that restart per example, from which the model masks
+            # attention at example boundaries (transformers does so only without an attention
+            # mask; right padding needs none under a causal mask, see snaketune.lean_gpt).
+            batch["position_ids"] = torch.from_numpy(position_ids)
+        elif not real.all():
             batch["attention_mask"] = torch.from_numpy(real.astype(np.int64))
         return batch
 
@@ -112,6 +120,23 @@ class TokenRows:
     def width(self) -> int:
         """The longest row."""
         return int(self.lengths().max()) if len(self) else 0
+
+
+def example_positions(targets: np.ndarray, real: np.ndarray) -> np.ndarray | None:
+    """Position ids that restart at 0 where each instruction example starts, when a row of the
+    batch holds more than one (packed rows); None when none does. An example is its prompt's
+    tokens (never targets) then its response's (targets), so one starts at every non-target
+    token that follows a target, and at each row's first token; the padding after the last
+    example starts one more, which no real position attends to."""
+    after_target = np.zeros_like(targets)
+    after_target[:, 1:] = targets[:, :-1]
+    starts = ~targets & after_target
+    starts[:, 0] = True
+    if int((starts & real).sum(axis=1).max()) <= 1:
+        return None
+    index = np.arange(targets.shape[1])
+    last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+    return index - last_start
 
 
 def batch_indices(

@@ -251,12 +251,23 @@ def model_positions(name_or_path: str) -> int | None:
 def instruction_problems(
     exp: dict[str, Any], given: dict[str, Any], instruction: bool
 ) -> list[tuple[str, str]]:
-    """Answers are generated and scored only for instruction data."""
-    if (
-        exp["task"] != CAUSAL_LM
-        or instruction
-        or "answer_examples" not in set_keys(given, "evaluate")
-    ):
+    """Answers are generated and scored only for instruction data; packed examples are kept
+    apart only by attention (snaketune.batches.example_positions), which the LSTM has not."""
+    if exp["task"] != CAUSAL_LM:
+        return []
+    if instruction:
+        packed = exp["tokenize"]["packing"] == "across_documents"
+        if packed and exp["model"]["arch"] == "lstm":
+            return [
+                (
+                    "model.arch",
+                    "the LSTM would carry its state from one packed instruction example into "
+                    "the next (tokenize.packing: across_documents): set tokenize.packing: "
+                    "per_document, or train a transformer",
+                )
+            ]
+        return []
+    if "answer_examples" not in set_keys(given, "evaluate"):
         return []
     return [
         (

@@ -19,6 +19,14 @@ Padding: the trainer's rows are padded on the right, and under a causal mask a p
 attends to a later one, so padding changes no real position's output; its labels are -100 and
 the loss skips them. The attention mask is therefore not needed for attention (and not taken:
 a mask would keep SDPA off its causal fast kernels).
+
+Packed examples: rows that hold several instruction examples come with `position_ids` that
+restart at 0 where each example starts (snaketune.batches); each example then has its own
+positions and attends only within itself (a block-diagonal causal mask), so it trains as it
+would alone. Without position_ids the row is one sequence, on the causal fast path.
+
+The loss is snaketune.lm_loss's, a chunk of positions at a time: the whole logits tensor is
+never built when labels are given (the output then has no logits).
 """
 
 from __future__ import annotations
@@ -32,8 +40,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
+from snaketune import lm_loss
+
 PAD_MULTIPLE = 64
-IGNORED_LABEL = -100
 CONV1D_WEIGHTS = (
     "attn.c_attn.weight",
     "attn.c_proj.weight",
@@ -59,7 +68,8 @@ class Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.eager = attention == "eager"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask`: where each position may attend ([B, 1, T, T], True: may); None: causal."""
         batch, length, width = x.shape
         q, k, v = (
             t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2)
@@ -67,20 +77,34 @@ class Attention(nn.Module):
         )
         dropout = self.attn_pdrop if self.training else 0.0
         if self.eager:
-            y = eager_attention(q, k, v, dropout)
-        else:
+            y = eager_attention(q, k, v, dropout, mask)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(batch, length, width)
         return self.resid_dropout(self.c_proj(y))
 
 
-def eager_attention(q, k, v, dropout: float) -> torch.Tensor:
+def eager_attention(q, k, v, dropout: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention written out (model.attention: eager), as GPT-2's original implementation."""
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-    length = q.size(-2)
-    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu(1)
-    weights = scores.masked_fill(future, torch.finfo(scores.dtype).min).softmax(dim=-1)
+    if mask is None:
+        mask = causal_mask(q.size(-2), q.device)
+    weights = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(dim=-1)
     return F.dropout(weights.to(v.dtype), dropout, training=dropout > 0) @ v
+
+
+def causal_mask(length: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+def example_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T]: a position attends to earlier ones of its own example (an example starts
+    where its position id is 0)."""
+    example = (position_ids == 0).cumsum(-1)
+    same = example[:, :, None] == example[:, None, :]
+    return (same & causal_mask(position_ids.size(-1), position_ids.device))[:, None]
 
 
 class Mlp(nn.Module):
@@ -103,8 +127,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = Mlp(config)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -145,21 +169,33 @@ class LeanGPT(nn.Module):
         if isinstance(module, Attention | Mlp):
             nn.init.normal_(module.c_proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
 
-    def forward(self, input_ids, attention_mask=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, **_):
         # attention_mask: padding is on the right, which a causal mask already keeps from every
         # real position (see the module's docstring); the loss skips it through the labels.
-        length = input_ids.size(1)
-        positions = torch.arange(length, device=input_ids.device)
+        hidden = self.hidden_states(input_ids, position_ids=position_ids)
+        parts = self.lm_head_parts()
+        if labels is None:
+            return SimpleNamespace(logits=parts.logits(hidden), loss=None)
+        return SimpleNamespace(logits=None, loss=lm_loss.causal_lm_loss(parts, hidden, labels))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """The final LayerNorm's output; `position_ids` that restart mark packed examples."""
+        if position_ids is None:
+            positions, mask = torch.arange(input_ids.size(1), device=input_ids.device), None
+        else:
+            positions, mask = position_ids, example_mask(position_ids)
         wte, wpe = self.transformer.wte, self.transformer.wpe
         x = self.transformer.drop(wte(input_ids) + wpe(positions))
         for block in self.transformer.h:
             if self.checkpointing is not None and self.training:
-                x = checkpoint(block, x, **self.checkpointing)
+                x = checkpoint(block, x, mask, **self.checkpointing)
             else:
-                x = block(x)
-        logits = self.lm_head(self.transformer.ln_f(x))[..., : self.config.vocab_size]
-        loss = None if labels is None else causal_lm_loss(logits, labels)
-        return SimpleNamespace(logits=logits, loss=loss)
+                x = block(x, mask)
+        return self.transformer.ln_f(x)
+
+    def lm_head_parts(self) -> lm_loss.Head:
+        """The hidden states and the tied head, its padded rows left out (snaketune.lm_loss)."""
+        return lm_loss.Head(self.hidden_states, self.lm_head, self.config.vocab_size)
 
     # --- what the trainer asks of a transformers model ---------------------------------------
 
@@ -205,16 +241,6 @@ class LeanGPT(nn.Module):
         model = cls(hf_model.config)
         model.load_state_dict(hf_model.state_dict())
         return model
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL of each token given those before it, in float32, skipping -100 labels: what
-    transformers computes (labels shifted left, the last position predicting nothing)."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORED_LABEL)
-    logits = logits.float()
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORED_LABEL
-    )
 
 
 def to_hf_state(state: dict[str, torch.Tensor], vocab_size: int) -> dict[str, torch.Tensor]:

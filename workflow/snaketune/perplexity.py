@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from snaketune.devices import Placement, to_device
+from snaketune.lm_loss import target_scores
 
 MAX_LOG_PERPLEXITY = 700.0  # exp(709) overflows float64; report inf beyond this
 DECODE_CHUNK_TOKENS = 1 << 20
@@ -132,9 +133,9 @@ def window_ids(stream: np.ndarray, prefix: int | None, group: list[tuple[int, in
 
 
 def add_group(model, sums: Sums, ids, group, byte_lengths: torch.Tensor, placement: Placement):
-    """Add one batch of equal-length windows to the sums. Position j's logits predict token
-    j + 1; the last position predicts nothing, so the logits are used whole (no sliced copy of
-    a batch x context x vocab tensor) against targets that end with one ignored position."""
+    """Add one batch of equal-length windows to the sums. Position j predicts token j + 1;
+    the last position predicts nothing (its target is a placeholder the mask drops). The
+    scores come a chunk of positions at a time (snaketune.lm_loss), never the whole logits."""
     size = ids.size(1)
     begins = torch.tensor([begin for begin, _, _ in group])
     firsts = torch.tensor([first for _, _, first in group])
@@ -147,17 +148,11 @@ def add_group(model, sums: Sums, ids, group, byte_lengths: torch.Tensor, placeme
         {"ids": ids, "targets": targets, "mask": mask}, placement
     ).values()
     with placement.autocasting():
-        logits = model(input_ids=ids).logits
-    logits = logits.float().view(-1, logits.size(-1))
-    flat_targets = targets.view(-1)
-    nll = torch.nn.functional.cross_entropy(logits, flat_targets, reduction="none")
-    nll = (nll.double() * mask.view(-1)).view_as(targets)
+        nll, top = target_scores(model, input_ids=ids, targets=targets)
+    nll = nll.double() * mask
     sums.nll += nll.sum()
     sums.tokens += mask.sum()
-    # Right when the target's logit is the largest (a tie counts as right): amax is ~10x
-    # cheaper than argmax on the CPU, and no index is needed.
-    target_logits = logits.gather(1, flat_targets[:, None])[:, 0]
-    sums.correct += ((target_logits >= logits.amax(-1)).view_as(mask) & mask).sum()
+    sums.correct += (top & mask).sum()
     sums.bytes += (byte_lengths[targets] * mask).sum()
     sums.by_position[1:size] += nll[:, :-1].sum(dim=0)
     sums.count_by_position[1:size] += mask[:, :-1].sum(dim=0)

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from snaketune.answers import METRIC_MODULES
-from snaketune.batches import TokenRows
+from snaketune.batches import IGNORED_LABEL, TokenRows
 from snaketune.devices import Placement, to_device
 from snaketune.generation import generate_many
+from snaketune.lm_loss import next_token_targets, target_scores
 from snaketune.metrics import load_metric
 from snaketune.names import INSTRUCTION_COLUMNS, PROMPT, RESPONSE
 from snaketune.perplexity import perplexity
@@ -46,15 +46,12 @@ def answer_nll(
         batch = to_device(
             rows.batch(np.arange(start, min(len(rows), start + batch_size))), placement
         )
-        labels = batch.pop("labels")
+        targets = next_token_targets(batch.pop("labels"))
+        scored = targets != IGNORED_LABEL
         with placement.autocasting():
-            logits = model(**batch).logits
-        targets = labels[:, 1:]
-        losses = F.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
-        )
-        nll += losses.sum(dtype=torch.float64)
-        count += (targets != -100).sum()
+            losses, _ = target_scores(model, targets=targets.clamp(min=0), **batch)
+        nll += (losses.double() * scored).sum()
+        count += scored.sum()
     nll_sum, tokens = float(nll), int(count)
     scored = {
         "answer_perplexity": perplexity(nll_sum, tokens),

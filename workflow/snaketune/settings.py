@@ -480,6 +480,13 @@ class TokenizeJob:
             return self.task
         return f"instruction_{self.tokenize.packing}" if self.instruction else self.tokenize.packing
 
+    @property
+    def packs_examples(self) -> bool:
+        """Train rows may hold several instruction examples, which training keeps apart."""
+        return (
+            self.task == CAUSAL_LM and self.instruction and self.tokenize.packing == LM_PACKINGS[0]
+        )
+
 
 @dataclass(frozen=True)
 class PartitionJob(TokenizeJob):

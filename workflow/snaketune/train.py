@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snaketune import attempts, distributed, lean_gpt, live, plots, resume
+from snaketune import attempts, distributed, lean_gpt, live, lm_loss, plots, resume
 from snaketune.batches import IGNORED_LABEL, TokenRows, batch_indices
 from snaketune.checkpoint import (
     last_good,
@@ -140,8 +140,11 @@ class StopRequested:
 
 
 def forward(model, batch: dict[str, torch.Tensor], placement: Placement):
+    inputs = to_device(batch, placement)
+    if "position_ids" in inputs:  # packed examples: transformers masks them apart without a cache
+        inputs["use_cache"] = False
     with placement.autocasting():
-        return model(**to_device(batch, placement))
+        return model(**inputs)
 
 
 @dataclass
@@ -169,6 +172,8 @@ class Run:
     model_source: str = ""
     """The content digest of a local pretrained model folder ("" for any other model): an edit
     in place starts the run again (snaketune.resume)."""
+    loss: str = lm_loss.OWN_FORWARD
+    """How the steps compute the loss (snaketune.lm_loss), for the manifest."""
 
     @property
     def settings(self) -> TrainSettings:
@@ -357,14 +362,14 @@ def validate(run: Run) -> dict[str, float]:
     batch_size = run.batch_shape[0]
     for start in range(0, rows, batch_size):
         batch = run.val.batch(np.arange(start, min(rows, start + batch_size)))
-        out = forward(model, batch, run.placement)
         if run.job.task == CAUSAL_LM:
-            count = int((batch["labels"][:, 1:] != IGNORED_LABEL).sum())
-        else:
-            count = len(batch["labels"])
-            predicted.append(out.logits.argmax(-1))
-        nll += out.loss.double() * count
-        targets += count
+            nll += lm_nll_sum(model, batch, run.placement)
+            targets += int((batch["labels"][:, 1:] != IGNORED_LABEL).sum())
+            continue
+        out = forward(model, batch, run.placement)
+        predicted.append(out.logits.argmax(-1))
+        nll += out.loss.double() * len(batch["labels"])
+        targets += len(batch["labels"])
     model.train()
     if not targets:
         raise TrainingError(
@@ -384,6 +389,17 @@ def validate(run: Run) -> dict[str, float]:
         "val_accuracy": scores["accuracy"],
         "val_macro_f1": scores["macro_f1"],
     }
+
+
+def lm_nll_sum(model, batch: dict[str, torch.Tensor], placement: Placement) -> torch.Tensor:
+    """The summed NLL of a batch's labelled next tokens, on the device (snaketune.lm_loss: no
+    whole logits tensor where the model's head allows)."""
+    inputs = dict(to_device(batch, placement))
+    labels = inputs.pop("labels")
+    targets = lm_loss.next_token_targets(labels)
+    with placement.autocasting():
+        nll, _ = lm_loss.target_scores(model, targets=targets.clamp(min=0), **inputs)
+    return (nll.double() * (targets != IGNORED_LABEL)).sum()
 
 
 def evaluate_and_track_best(run: Run, progress: Progress, row: dict) -> None:
@@ -500,6 +516,32 @@ def check_positions(model, context: int, settings: ModelSettings) -> None:
         )
 
 
+@torch.no_grad()
+def check_examples_apart(model, vocab_size: int, placement: Placement) -> None:
+    """Packed instruction examples are kept apart by position ids that restart per example
+    (snaketune.batches.example_positions); a model family whose attention ignores them would
+    let each answer see the examples before it. Checked with one forward pass of two examples
+    in a row against the second alone, before the first step."""
+    ids = torch.arange(1, 13)[None] % vocab_size
+    positions = torch.cat([torch.arange(5), torch.arange(7)])[None]
+    was_training = model.training
+    model.eval()
+    try:
+        packed = forward(model, {"input_ids": ids, "position_ids": positions}, placement)
+        alone = forward(model, {"input_ids": ids[:, 5:]}, placement)
+    finally:
+        model.train(was_training)
+    packed_logits, alone_logits = packed.logits[:, 5:].float(), alone.logits.float()
+    scale = float(alone_logits.abs().max().clamp(min=1.0))
+    if not torch.allclose(packed_logits, alone_logits, rtol=1e-3, atol=1e-3 * scale):
+        raise TrainingError(
+            f"model {type(model).__name__} lets a packed example attend to the examples before "
+            "it (its attention ignores the position ids that restart per example), so each "
+            "answer would be trained on text that is not its prompt: set tokenize.packing: "
+            "per_document"
+        )
+
+
 def prepare_run(
     data: TokenizedData, state_dir: Path, job: TrainJob, world: distributed.World
 ) -> Run:
@@ -530,8 +572,14 @@ def prepare_run(
         # replayed) and works with LoRA's frozen inputs.
         model.activation_checkpointing_enable({"use_reentrant": False})
     model = apply_lora(model, model_settings, job.task).to(placement.device)
-    # DDP: rank 0's weights everywhere; FSDP: every process starts from the same seed.
-    step_model = distributed.wrap(model, world, placement.device, settings.strategy)
+    if data.job.packs_examples:
+        check_examples_apart(model, data.vocab_size, placement)
+    # DDP: rank 0's weights everywhere; FSDP: every process starts from the same seed. FSDP
+    # shards the model itself (its root's forward gathers the head), so it keeps its own loss.
+    sharding = world.size > 1 and settings.strategy == distributed.FSDP
+    lm = model if job.task != CAUSAL_LM or sharding else lm_loss.with_chunked_loss(model)
+    step_model = distributed.wrap(lm, world, placement.device, settings.strategy)
+    chunked = lm is not model or hasattr(model, "lm_head_parts")  # wrapped, or the lean GPT
     if world.size > 1:
         seed_everything(distributed.process_seed(settings.seed, world.rank))
     if settings.compile:
@@ -551,6 +599,7 @@ def prepare_run(
         world=world,
         scaler=torch.amp.GradScaler("cuda") if placement.scaled else None,
         label_names=data.label_names,
+        loss=lm_loss.CHUNKED if chunked else lm_loss.OWN_FORWARD,
     )
 
 
@@ -650,6 +699,7 @@ def train_as_main(
     with stage_manifest(paths, job, known={"shards": run.data_digest}) as record:
         progress = resume_run(run)
         resumed_from = progress.step
+        footprint = parameter_footprint(run.model)  # before save_final merges any adapter
         log.info(
             "training %s (%d parameters) on %s x%d from step %d",
             job.model.arch,
@@ -675,6 +725,7 @@ def train_as_main(
             "stopped_early": progress.stopped_early,
             "processes": world.size,
             "memory_retries": len(progress.memory_retries),
+            "trainable_parameters": footprint["trainable"],
         }
         record.extra.update(
             {
@@ -686,6 +737,12 @@ def train_as_main(
                 "activation_checkpointing": bool(
                     getattr(run.model, "is_activation_checkpointing", False)
                 ),
+                # The loss: a chunk of positions at a time, or the model's own forward.
+                "loss": run.loss,
+                # Packed instruction examples: position ids restart per example, attention
+                # stays within each (snaketune.batches.example_positions).
+                "packed_examples_kept_apart": data.job.packs_examples,
+                "parameter_bytes_by_dtype": footprint["bytes_by_dtype"],
                 "fingerprint": resume.fingerprint(job, run.data_digest),
                 "schedule": progress.schedule,
                 # What each out-of-memory retry changed (empty: none was needed).
@@ -697,6 +754,17 @@ def train_as_main(
     if not job.train.keep_final_state:
         shutil.rmtree(paths.state_dir, ignore_errors=True)
     return progress.history
+
+
+def parameter_footprint(model: torch.nn.Module) -> dict:
+    """Trainable parameters, and the bytes of all parameters by dtype (each counted once)."""
+    unique = {id(p): p for p in model.parameters()}.values()
+    by_dtype: dict[str, int] = {}
+    for param in unique:
+        name = str(param.dtype).removeprefix("torch.")
+        by_dtype[name] = by_dtype.get(name, 0) + param.numel() * param.element_size()
+    trainable = sum(p.numel() for p in unique if p.requires_grad)
+    return {"trainable": trainable, "bytes_by_dtype": dict(sorted(by_dtype.items()))}
 
 
 def model_positions(model) -> int | None:

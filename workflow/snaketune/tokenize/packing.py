@@ -17,7 +17,9 @@ tokens: the prompt's are context, never a target (their labels are -100 in train
 No example is ever split across rows, so no response token loses its prompt: an example longer
 than `block_size` keeps its first block_size tokens (counted as truncated), and with
 "across_documents" whole examples are packed greedily, in order, into rows of at most
-block_size tokens (a row is closed when the next example does not fit; nothing is dropped).
+block_size tokens (a row is closed when the next example does not fit; nothing is dropped);
+training keeps them apart (snaketune.batches.example_positions), so each starts with a prompt
+token.
 The val and test splits keep one example per row whatever the packing, so that each answer is
 scored given its own prompt and nothing before it.
 """
@@ -184,6 +186,19 @@ def joined(first, second):
     )
 
 
+def refuse_promptless(batch) -> None:
+    """Training tells packed examples apart where a prompt token follows an answer token
+    (snaketune.batches.example_positions): an example must start with a prompt token."""
+    starts_answered = np.flatnonzero(batch.targets[batch.offsets()[:-1]])
+    if len(starts_answered):
+        raise CorpusError(
+            f"{len(starts_answered)} instruction example(s) have no prompt token (nothing "
+            "of the text_template or chat template comes before the response), so packed "
+            "examples could not be kept apart: put text before the response, or set "
+            "tokenize.packing: per_document"
+        )
+
+
 def pack_whole_examples(
     encoded: Iterator[tuple], writer: ShardWriter, block: int
 ) -> PartitionCounts:
@@ -195,6 +210,7 @@ def pack_whole_examples(
         counts.documents += len(batch.lengths)
         batch, truncated = cut_to_block(batch, block)
         counts.truncated += truncated
+        refuse_promptless(batch)
         batch = batch if open_row is None else joined(open_row, batch)
         if not len(batch.lengths):
             continue

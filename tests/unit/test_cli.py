@@ -57,8 +57,9 @@ def test_a_user_error_is_one_line_without_a_traceback(tmp_path, capsys):
         ('{"url": 3}', "url: 3 is not of type str"),
         ('{"url": "a.csv"', "--settings is not JSON (Expecting ',' delimiter"),
         ("[]", "--settings is a JSON list; expected an object of the download job's settings"),
+        ("{}", "url: is required and missing"),
     ],
-    ids=["wrong-type", "not-json", "not-an-object"],
+    ids=["wrong-type", "not-json", "not-an-object", "missing-key"],
 )
 def test_settings_the_job_cannot_take_are_a_user_error(tmp_path, capsys, settings, says):
     status, err = ended(capsys, download(tmp_path, settings))

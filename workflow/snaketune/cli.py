@@ -40,13 +40,12 @@ from snaketune.errors import (  # noqa: E402 (after the environment is set)
     is_out_of_memory,
 )
 from snaketune.joblog import bug_line, error_line  # noqa: E402
-from snaketune.settings import SettingsError, from_dict  # noqa: E402
+from snaketune.settings import from_dict  # noqa: E402
 from snaketune.stages import BY_COMMAND, STAGES, Paths, Stage, flag, is_list, path_fields  # noqa: E402
 
-USER_ERRORS = (SnaketuneError, SettingsError)
-"""Problems the user can fix, each with a message meant for them. SettingsError (settings a
-job refuses, named by key) is a ValueError of snaketune.settings that is not yet a
-SnaketuneError, so it is named here too."""
+USER_ERRORS = (SnaketuneError,)
+"""Problems the user can fix, each with a message meant for them (settings a job refuses,
+snaketune.settings.SettingsError, among them)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,12 +26,12 @@ from snaketune.fileio import atomic_path, write_json
 from snaketune.generation import generate_many
 from snaketune.manifest import stage_manifest
 from snaketune.metrics import load_metric
-from snaketune.models import load_trained
+from snaketune.models import load_trained, model_positions
 from snaketune.names import CAUSAL_LM, TEST, TRAIN
 from snaketune.ngram import bigram_baseline
 from snaketune.perplexity import count_words, score_lm, token_byte_lengths, word_perplexity
 from snaketune.qa import answer_nll, answer_protocol, evaluate_answers
-from snaketune.settings import EvalJob, EvalSettings
+from snaketune.settings import EvalJob, EvalSettings, SettingsError
 from snaketune.stages import EvaluatePaths
 from snaketune.tokenize.shards import TokenizedData, read_shards
 
@@ -45,11 +45,17 @@ def evaluate_lm(
     settings = job.evaluate
     context = settings.context_length or data.block_size
     stride = settings.stride or context - 1
-    limit = getattr(getattr(model, "config", None), "n_positions", None)
+    limit = model_positions(model)
     if stride >= context or (limit is not None and context > limit):
-        raise ValueError(
-            f"evaluate.stride ({stride}) must be below the context length ({context}), which "
-            f"must not exceed the model's positions ({limit})"
+        raise SettingsError(
+            [
+                (
+                    "evaluate.stride",
+                    f"{stride} must be below the context length ({context}), which must not "
+                    f"exceed the model's positions ({limit}): lower evaluate.stride or "
+                    "evaluate.context_length",
+                )
+            ]
         )
     # The test rows' tokens end to end are the test split's token stream (documents joined
     # with EOS) whichever packing made them; across_documents packing misses only its final

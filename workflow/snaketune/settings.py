@@ -20,11 +20,12 @@ import os
 import re
 import types
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, get_args, get_origin, get_type_hints
 from urllib.parse import urlparse
 
+from snaketune.errors import SnaketuneError
 from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION, SPLITS, TASKS
 
 FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
@@ -41,7 +42,7 @@ GREEDY, SAMPLE = DECODINGS = ("greedy", "sample")
 """evaluate.decoding: the most likely token each step, or top-k sampling at a temperature."""
 
 
-class SettingsError(ValueError):
+class SettingsError(SnaketuneError, ValueError):
     """Settings that cannot work: (field, what is wrong) pairs, every one at once."""
 
     def __init__(self, problems: list[tuple[str, str]]):
@@ -763,6 +764,12 @@ def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
             problems.append((name, f"{value!r} is not of type {type_name(hints[name])}"))
         else:
             values[name] = value
+    missing = [
+        f.name
+        for f in fields(cls)
+        if f.name not in data and f.default is MISSING and f.default_factory is MISSING
+    ]
+    problems += [(name, "is required and missing") for name in missing]
     raise_problems(problems)
     return cls(**values)
 

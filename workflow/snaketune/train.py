@@ -49,7 +49,13 @@ from snaketune.devices import Placement, deterministic, place, set_deterministic
 from snaketune.errors import TrainingError
 from snaketune.fileio import atomic_dir, atomic_path, sha256_tree
 from snaketune.manifest import stage_manifest
-from snaketune.models import apply_lora, build_model, count_parameters, unwrap_for_saving
+from snaketune.models import (
+    apply_lora,
+    build_model,
+    count_parameters,
+    model_positions,
+    unwrap_for_saving,
+)
 from snaketune.names import CAUSAL_LM, TRAIN, VAL
 from snaketune.perplexity import perplexity
 from snaketune.settings import ModelSettings, TrainJob, TrainSettings
@@ -765,11 +771,6 @@ def parameter_footprint(model: torch.nn.Module) -> dict:
         by_dtype[name] = by_dtype.get(name, 0) + param.numel() * param.element_size()
     trainable = sum(p.numel() for p in unique if p.requires_grad)
     return {"trainable": trainable, "bytes_by_dtype": dict(sorted(by_dtype.items()))}
-
-
-def model_positions(model) -> int | None:
-    config = getattr(model, "config", None)
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
 
 
 def limit_tokenizer_length(model_dir: Path, positions: int | None) -> None:

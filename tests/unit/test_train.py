@@ -412,3 +412,25 @@ def test_a_local_base_model_edited_in_place_starts_the_run_again(tmp_path):
     plan = resume.plan(record, job, "data", model_source=after)
     assert not plan.resume and "the content of the local model folder" in plan.message
     assert resume.plan(record, job, "data", model_source=before).resume
+
+
+def test_the_sigterm_handler_is_installed_for_the_loop_only():
+    """Training turns SIGTERM into a checkpoint while it runs; afterwards the process's own
+    handler is back (a SIGTERM later in the same process is not swallowed)."""
+    import signal
+
+    from snaketune.train import StopRequested
+
+    def own(signum, frame):
+        raise AssertionError("not called")
+
+    before = signal.signal(signal.SIGTERM, own)
+    try:
+        with StopRequested() as stop:
+            assert signal.getsignal(signal.SIGTERM) == stop._handle
+        assert signal.getsignal(signal.SIGTERM) is own
+        with pytest.raises(RuntimeError), StopRequested():
+            raise RuntimeError("a failed step")
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, before)

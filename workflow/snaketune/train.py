@@ -135,11 +135,20 @@ def make_optimizer(model: torch.nn.Module, settings: TrainSettings) -> torch.opt
 
 
 class StopRequested:
-    """Turns SIGTERM (what a cluster sends before its time limit) into a checkpoint and exit."""
+    """Turns SIGTERM (what a cluster sends before its time limit) into a checkpoint and exit,
+    while the training loop runs: the handler before it is back when the loop ends, however it
+    ends (a process that trains in-process, such as a test run, keeps its own)."""
 
     def __init__(self) -> None:
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.previous = None
+
+    def __enter__(self) -> StopRequested:
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
@@ -462,9 +471,13 @@ def read_now(run: Run, step: int) -> bool:
 
 
 def train_steps(run: Run, progress: Progress) -> Progress:
+    with StopRequested() as stop:
+        return steps_until_done(run, progress, stop)
+
+
+def steps_until_done(run: Run, progress: Progress, stop: StopRequested) -> Progress:
     from tqdm import tqdm
 
-    stop = StopRequested()
     s = run.settings
     unread = Unread()
     run.step_model.train()

@@ -4,7 +4,8 @@ rerun writes the same text. GPT-2 generates through transformers' generate(), wh
 attention keys and values of the tokens so far (no recomputation per token), many prompts at
 once, left-padded; the LSTM carries its hidden state from token to token. A prompt longer than
 the context is cut from the left, leaving room for the new tokens, and the sample says how many
-tokens it lost. Generation ends at EOS or after max_new_tokens.
+tokens it lost. Generation ends at EOS, at the token the tokenizer's chat template ends an
+assistant turn with (stop_ids), or after max_new_tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +14,38 @@ import torch
 
 from snaketune.devices import Placement
 from snaketune.settings import GREEDY, EvalSettings
+
+ANSWER_MARKER = "\x00answer\x00"
+"""Stands for an answer while a chat template's assistant turn is rendered (end_of_turn_id)."""
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """The tokens generation ends at, none of them in the text it returns: EOS, and the end of
+    an assistant turn of the tokenizer's chat template. Examples the template composes are
+    trained to end their answer with both (ChatML's `answer<|im_end|>\\n<|endoftext|>`,
+    snaketune.reading.chat_instructions), so a model stops where its turn ends, as a chat
+    model's own generation config does, rather than run on into a turn of its own."""
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    end = end_of_turn_id(tokenizer)
+    return ids if end is None or end in ids else [*ids, end]
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The added token (ChatML's <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>) that
+    the tokenizer's chat template writes right after an assistant's answer; None without a
+    chat template, or where the answer is followed by plain text (a newline)."""
+    from jinja2 import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    turns = [{"role": "user", "content": "?"}, {"role": "assistant", "content": ANSWER_MARKER}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except (TemplateError, ValueError):  # a template that takes no such conversation
+        return None
+    after = text.partition(ANSWER_MARKER)[2]
+    ids = tokenizer.encode(after, add_special_tokens=False) if after else []
+    return ids[0] if ids and ids[0] in tokenizer.added_tokens_decoder else None
 
 
 def prompt_ids(tokenizer, prompt: str, context: int, new_tokens: int) -> tuple[list[int], int]:
@@ -42,7 +75,7 @@ def generate_many(
     batch_size: int = 1,
 ) -> tuple[list[str], list[int]]:
     """The continuations of `prompts`, `batch_size` at a time, and each prompt's tokens cut."""
-    texts, cuts = [], []
+    texts, cuts, stop = [], [], stop_ids(tokenizer)
     for start in range(0, len(prompts), batch_size):
         cut_ids = [
             prompt_ids(tokenizer, p, context, settings.max_new_tokens)
@@ -51,18 +84,25 @@ def generate_many(
         batch = [ids for ids, _ in cut_ids]
         torch.manual_seed(settings.seed)
         if hasattr(model, "generate"):
-            new = with_cache(model, tokenizer, batch, settings, placement)
+            new = with_cache(model, tokenizer, batch, settings, placement, stop)
         else:
-            new = [with_state(model, tokenizer, ids, settings, placement) for ids in batch]
+            new = [with_state(model, tokenizer, ids, settings, placement, stop) for ids in batch]
         texts += [tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
         cuts += [cut for _, cut in cut_ids]
     return texts, cuts
 
 
 def with_cache(
-    model, tokenizer, batch: list[list[int]], settings: EvalSettings, placement: Placement
+    model,
+    tokenizer,
+    batch: list[list[int]],
+    settings: EvalSettings,
+    placement: Placement,
+    stop: list[int] | None = None,
 ) -> list[list[int]]:
-    """Each prompt's new tokens up to (not including) EOS; prompts left-padded to one width."""
+    """Each prompt's new tokens up to (not including) the first stop token (stop_ids when
+    `stop` is None); prompts left-padded to one width."""
+    stop = stop_ids(tokenizer) if stop is None else stop
     width = max(map(len, batch))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     inputs = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
@@ -75,23 +115,34 @@ def with_cache(
         attention_mask=mask.to(placement.device),
         max_new_tokens=settings.max_new_tokens,
         pad_token_id=pad,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop or None,
         **sampling,
     )
-    return [until_eos(row, tokenizer.eos_token_id) for row in out[:, width:].tolist()]
+    return [until_stop(row, stop) for row in out[:, width:].tolist()]
 
 
-def until_eos(ids: list[int], eos_token_id: int | None) -> list[int]:
-    return ids[: ids.index(eos_token_id)] if eos_token_id in ids else ids
+def until_stop(ids: list[int], stop: list[int]) -> list[int]:
+    """`ids` up to (not including) the first of the stop tokens."""
+    ends = [ids.index(token) for token in stop if token in ids]
+    return ids[: min(ends)] if ends else ids
 
 
-def with_state(model, tokenizer, ids: list[int], settings: EvalSettings, placement: Placement):
-    """The LSTM: the prompt once, then one token at a time from the carried state."""
+def with_state(
+    model,
+    tokenizer,
+    ids: list[int],
+    settings: EvalSettings,
+    placement: Placement,
+    stop: list[int] | None = None,
+):
+    """The LSTM: the prompt once, then one token at a time from the carried state, up to the
+    first stop token (stop_ids when `stop` is None)."""
+    stop = stop_ids(tokenizer) if stop is None else stop
     new: list[int] = []
     logits, state = model.next_token_logits(torch.tensor([ids], device=placement.device))
     for _ in range(settings.max_new_tokens):
         next_id = pick(logits[0], settings)
-        if next_id == tokenizer.eos_token_id:
+        if next_id in stop:
             break
         new.append(next_id)
         step = torch.tensor([[next_id]], device=placement.device)

@@ -6,7 +6,8 @@ the way evaluation does.
 Requests. `{"inputs": ["text", ...]}` (a list of texts; one string is one text), or a table of
 one string column (`dataframe_split` / `dataframe_records`). A causal LM continues each text and
 returns the text and its continuation; with an instruction template (the evaluation's, a chat
-template's user turn included) each text is a question put into the template, and only the
+template's user turn included) each text is a question put into the template (without the
+whitespace around it, which cleaning took from every training example's fields), and only the
 answer comes back, as evaluation scores it. A classifier labels each text ({"label", "score"}).
 A prompt longer than the context is cut from the left, leaving room for the new tokens
 (snaketune.generation, as evaluation cuts its prompts); a text to classify is truncated to the
@@ -217,12 +218,22 @@ class ServedModel(mlflow.pyfunc.PythonModel):
         from snaketune.evaluation import CPU
         from snaketune.generation import generate_many
 
-        prompts = [self.template.format(prompt=t) for t in texts] if self.template else texts
+        prompts = self.prompts(texts)
         # One prompt at a time, so that an answer does not depend on the request's other texts.
         new, _ = generate_many(self.model, self.tokenizer, prompts, settings, self.context, CPU)
         if self.template:  # the answer alone, stripped as evaluation scores it (snaketune.qa)
             return [text.strip() for text in new]
         return [p + n for p, n in zip(prompts, new, strict=True)]
+
+    def prompts(self, texts: list[str]) -> list[str]:
+        """What the model continues: each text put into the prompt template (the training
+        examples' prompt, the request's text standing for the user's), or the text itself. The
+        text goes in stripped, as cleaning strips the fields the examples are composed of: a
+        trailing newline would be a token before the template's end of turn that no trained
+        prompt has."""
+        if not self.template:
+            return texts
+        return [self.template.format(prompt=text.strip()) for text in texts]
 
     def classify(self, texts: list[str]) -> list[dict]:
         import torch

@@ -197,3 +197,41 @@ def test_answer_settings_the_run_would_ignore_are_refused():
     classifier["experiments"][1]["evaluate"] = {"decoding": "sample"}
     with pytest.raises(ConfigError, match=r"experiments\[1\]\.evaluate\.decoding: is a causal_lm"):
         validated(classifier)
+
+
+PRETRAINED = {"init": "pretrained", "name_or_path": "some/model"}
+
+
+@pytest.mark.parametrize(
+    ("train", "model", "key", "says"),
+    [
+        ({}, {"quantization": "4bit"}, "model.quantization", "model.init is 'scratch'"),
+        ({}, {**PRETRAINED, "quantization": "8bit"}, "model.quantization", "set model.lora_rank"),
+        (
+            {"device": "cpu"},
+            {**PRETRAINED, "quantization": "4bit", "lora_rank": 8},
+            "model.quantization",
+            "need CUDA",
+        ),
+        (
+            {},
+            {**PRETRAINED, "quantization": "4bit", "lora_rank": 8, "save_merged": True},
+            "model.save_merged",
+            "round them away",
+        ),
+        ({}, {"save_merged": True}, "model.save_merged", "model.lora_rank is 0"),
+        ({}, {"arch": "lstm", "dtype": "bfloat16"}, "model.dtype", "transformer settings"),
+    ],
+    ids=["scratch", "full-fine-tune", "cpu", "merged", "no-adapter", "lstm"],
+)
+def test_weights_settings_that_cannot_work_are_refused_by_key(train, model, key, says):
+    """Quantized weights train only under adapters, on CUDA; a quantized model is not merged."""
+    from snaketune.config import ConfigError, validated
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    config["experiments"][0]["train"].update(train)
+    config["experiments"][0]["model"] = {**config["experiments"][0]["model"], **model}
+    for owned in ("n_layer", "n_embd", "n_head", "dropout") if "init" in model else ():
+        config["experiments"][0]["model"].pop(owned)
+    with pytest.raises(ConfigError, match=rf"experiments\[0\]\.{key}: .*{says}"):
+        validated(config)

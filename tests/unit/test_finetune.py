@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from snaketune.models import build_model, load_trained
+from snaketune.errors import ModelError
+from snaketune.models import BASE_MODEL, build_model, load_trained
 from snaketune.settings import ModelSettings, TrainJob, TrainSettings
 from tests.support.checkpoints import bert_checkpoint
 from tests.support.stage_data import padded, rows_of, run_training, train_cli_args
@@ -50,8 +51,9 @@ def test_finetuning_starts_from_the_pretrained_weights(lm_data, pretrained_lm, t
     assert history[0]["loss"] < scratch[0]["loss"] - 1.0
 
 
-def test_lora_trains_adapters_only_and_the_merged_model_loads_back(
-    lm_data, pretrained_lm, tmp_path
+@pytest.mark.parametrize("merged", [False, True], ids=["adapter", "merged"])
+def test_lora_trains_adapters_only_and_saves_the_adapter_or_the_merged_model(
+    lm_data, pretrained_lm, tmp_path, merged
 ):
     lora = ModelSettings(
         init="pretrained",
@@ -59,16 +61,44 @@ def test_lora_trains_adapters_only_and_the_merged_model_loads_back(
         lora_rank=4,
         lora_alpha=8,
         lora_target_modules=["c_attn"],
+        save_merged=merged,
     )
     history = run_training(
         lm_data, tmp_path, "causal_lm", lora, replace(QUICK, max_steps=20, lr=1e-2)
     )
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert counts(tmp_path)["parameters"] > 0 and len(history) == 20
-    tuned = load_trained(tmp_path / "model", "causal_lm").state_dict()
+    assert 0 < counts(tmp_path)["trainable_parameters"] < counts(tmp_path)["parameters"] / 10
+    assert manifest["saved_model"] == ("whole" if merged else "adapter")
+    folder = tmp_path / "model"
+    loaded = load_trained(folder, "causal_lm")
     base = load_trained(pretrained_lm, "causal_lm").state_dict()
-    assert not any("lora" in name for name in tuned)  # adapters merged into plain weights
+    if merged:
+        tuned = loaded.state_dict()
+        assert not any("lora" in name for name in tuned)  # adapters merged into plain weights
+    else:
+        # The adapter alone, and where its base is: a small fraction of the base's bytes.
+        assert not (folder / "model.safetensors").exists()
+        adapter = (folder / "adapter_model.safetensors").stat().st_size
+        assert adapter < (pretrained_lm / "model.safetensors").stat().st_size / 10
+        record = json.loads((folder / BASE_MODEL).read_text())
+        assert record["name_or_path"] == str(pretrained_lm) and record["source_digest"]
+        tuned = loaded.merge_and_unload().state_dict()
     changed = [n for n in base if not torch.equal(base[n], tuned[n])]
     assert changed and all("c_attn" in n for n in changed)
+
+
+def test_an_adapter_does_not_load_on_a_base_that_changed(lm_data, pretrained_lm, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(pretrained_lm, base)
+    lora = ModelSettings(init="pretrained", name_or_path=str(base), lora_rank=2)
+    run_training(lm_data, tmp_path / "run", "causal_lm", lora, replace(QUICK, max_steps=2))
+    load_trained(tmp_path / "run" / "model", "causal_lm")
+    (base / "config.json").write_text((base / "config.json").read_text().replace("}", " }"))
+    with pytest.raises(ModelError, match="whose files have changed since"):
+        load_trained(tmp_path / "run" / "model", "causal_lm")
 
 
 def test_early_stopping_stops_after_patience_and_keeps_the_best(lm_data, tmp_path):

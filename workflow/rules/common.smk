@@ -282,6 +282,14 @@ def check_cuda_here():
                 "'auto' (CUDA when present) or 'cpu', or run under a cluster profile that gives "
                 "GPUs"
             )
+        elif exp["model"]["quantization"] != "none" and not (devices and bitsandbytes_here()):
+            what = "bitsandbytes is not installed" if devices else "this machine has no GPU"
+            problems.append(
+                f"experiment {exp['name']!r}: model.quantization {exp['model']['quantization']} "
+                f"loads weights with bitsandbytes on CUDA, and {what}; install bitsandbytes "
+                "(pip install bitsandbytes) on a GPU machine, run under a cluster profile that "
+                "gives GPUs, or remove quantization"
+            )
         elif on_gpus and train["processes"] * train["nodes"] > len(devices):
             problems.append(
                 f"experiment {exp['name']!r}: train.processes {train['processes']} processes on "
@@ -289,6 +297,13 @@ def check_cuda_here():
                 f"{len(devices)} {devices}; give at most {len(devices)}, or device: cpu"
             )
     raise_if_invalid(problems, "devices")
+
+
+def bitsandbytes_here() -> bool:
+    """Whether bitsandbytes is installed (found, not imported: it loads CUDA libraries)."""
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def check_local_sources():

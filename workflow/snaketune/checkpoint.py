@@ -106,11 +106,19 @@ def load_checkpoint(state_dir: Path, fingerprint: str) -> dict[str, Any] | None:
 
 
 def save_best(state_dir: Path, model: torch.nn.Module) -> None:
-    # save_model/load_model handle tied weights (GPT-2 shares its embedding and output layer).
-    from safetensors.torch import save_model
+    """The weights as they are now: all of them (save_model handles tied weights: GPT-2
+    shares its embedding and output layer), or only those that train when some are frozen (a
+    LoRA run's adapters, not its base)."""
+    from safetensors.torch import save_file, save_model
+
+    from snaketune.distributed import full_model_state
 
     with atomic_path(Path(state_dir) / BEST_WEIGHTS) as tmp:
-        save_model(model, str(tmp))
+        if any(not p.requires_grad for p in model.parameters()):
+            trained = {k: v.detach().contiguous() for k, v in full_model_state(model).items()}
+            save_file(trained, str(tmp))
+        else:
+            save_model(model, str(tmp))
 
 
 def load_best(state_dir: Path, model: torch.nn.Module) -> None:
@@ -122,7 +130,15 @@ def load_best(state_dir: Path, model: torch.nn.Module) -> None:
     if not path.exists():
         log.warning("no best weights in %s (early stopping was off then); keeping the last", path)
         return
-    load_model(model, str(path), device=str(next(model.parameters()).device))
+    device = str(next(model.parameters()).device)
+    if any(not p.requires_grad for p in model.parameters()):
+        from safetensors.torch import load_file
+
+        from snaketune.distributed import load_trained_state
+
+        load_trained_state(model, load_file(str(path), device=device))
+        return
+    load_model(model, str(path), device=device)
 
 
 def last_good(state_dir: Path) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.names import CAUSAL_LM
-from snaketune.settings import AUTO, FAST_ENCODER, GREEDY, HF_ENCODER
+from snaketune.settings import AUTO, FAST_ENCODER, GREEDY, HF_ENCODER, NO_QUANTIZATION
 
 CHECKPOINT_OWNS = ("n_layer", "n_embd", "n_head", "dropout")
 """Model keys a pretrained checkpoint decides for itself."""
@@ -33,8 +33,30 @@ def experiment_problems(exp: dict[str, Any], given: dict[str, Any], where: str) 
             *encoder_problems(exp),
             *decoding_problems(exp, given),
             *strategy_problems(exp),
+            *quantization_problems(exp),
         ]
     ]
+
+
+def quantization_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
+    """bitsandbytes' quantized weights run on CUDA only, and are not sharded by FSDP."""
+    model, train = exp["model"], exp["train"]
+    if model["quantization"] == NO_QUANTIZATION:
+        return []
+    problems = []
+    if train["device"] == "cpu":
+        problems.append(
+            (
+                "model.quantization",
+                f"{model['quantization']} weights (bitsandbytes) need CUDA, and train.device "
+                "is 'cpu': remove quantization, or train on a GPU",
+            )
+        )
+    if train["strategy"] == "fsdp":
+        problems.append(
+            ("model.quantization", "quantized weights are not sharded by fsdp: use ddp")
+        )
+    return problems
 
 
 def strategy_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:

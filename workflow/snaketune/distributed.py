@@ -81,10 +81,19 @@ def sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def frozen_names(model: torch.nn.Module) -> set[str]:
+    """The parameters that do not train (a LoRA run's base): a checkpoint leaves them out,
+    since the job loads them again from their source, which the run's identity pins."""
+    named = model.named_parameters(remove_duplicate=False)  # a tied weight under each name
+    return {name for name, p in named if not p.requires_grad}
+
+
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The whole model's weights on the CPU (a collective: every process calls it when sharded)."""
+    """The model's trained weights, whole, on the CPU (a collective: every process calls it
+    when sharded); frozen ones are left out (frozen_names)."""
     if not sharded(model):
-        return model.state_dict()
+        frozen = frozen_names(model)
+        return {k: v for k, v in model.state_dict().items() if k not in frozen}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -104,7 +113,7 @@ def load_full_state(model: torch.nn.Module, optimizer, model_state: dict, optimi
     """A checkpoint's whole weights and optimizer state into the model (each process takes
     its shards when it is sharded)."""
     if not sharded(model):
-        model.load_state_dict(model_state)
+        load_trained_state(model, model_state)
         optimizer.load_state_dict(optimizer_state)
         return
     from torch.distributed.checkpoint.state_dict import (
@@ -116,6 +125,17 @@ def load_full_state(model: torch.nn.Module, optimizer, model_state: dict, optimi
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+
+
+def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Weights full_model_state kept: every one the model trains, and nothing else."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    left_out = set(missing) - frozen_names(model)
+    if left_out or unexpected:
+        raise RuntimeError(
+            f"the saved weights do not fit the model: missing {sorted(left_out)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
 
 
 def local(value: torch.Tensor) -> torch.Tensor:

@@ -83,7 +83,12 @@ _checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def head_of(model: nn.Module) -> Head | None:
     """The model's Head when its logits are exactly head(hidden states), else None. Checked
-    once per model by one forward pass of CHECK_TOKENS tokens (remembered while it lives)."""
+    once per model by one forward pass of CHECK_TOKENS tokens (remembered while it lives).
+    None for a model sharded by FSDP: only its own forward gathers its weights."""
+    from snaketune.distributed import sharded
+
+    if sharded(model):
+        return None
     own = getattr(model, "lm_head_parts", None)
     if own is not None:
         return own()

@@ -21,7 +21,7 @@ from torch import nn
 
 from snaketune.errors import ModelError, not_loadable
 from snaketune.names import CAUSAL_LM
-from snaketune.settings import ModelSettings
+from snaketune.settings import AUTO, NO_QUANTIZATION, ModelSettings
 
 LSTM_CONFIG = "snaketune_lstm.json"
 
@@ -132,12 +132,15 @@ def build_model(
         if label_names
         else {}
     )
+    dtype = weights_dtype(settings, device_type)
     if settings.init == "pretrained":
         model = _load_hf(
             settings.name_or_path,
             task,
             settings.trust_remote_code,
             attn_implementation=attention,
+            dtype=dtype,
+            **quantized_loading(settings.quantization, dtype),
             **labels,
         )
         if model.get_input_embeddings().num_embeddings < vocab_size:
@@ -150,11 +153,54 @@ def build_model(
     if task == CAUSAL_LM and not settings.lora_rank:
         from snaketune.lean_gpt import LeanGPT
 
-        return LeanGPT(config)
+        return LeanGPT(config).to(dtype)
     # peft's adapters and the classifier head are transformers' own models.
     from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    return GPT2LMHeadModel(config) if task == CAUSAL_LM else GPT2ForSequenceClassification(config)
+    classes = (GPT2LMHeadModel, GPT2ForSequenceClassification)
+    return classes[task != CAUSAL_LM](config).to(dtype)
+
+
+def weights_dtype(settings: ModelSettings, device_type: str) -> torch.dtype:
+    """model.dtype: 'auto' is bf16 for the frozen base of adapters on a GPU with bf16 (half the
+    memory, the numbers bf16 autocast computes anyway), else float32 (a full fine-tune keeps
+    float32 master weights under autocast). A dtype the device lacks is refused."""
+    if settings.dtype != AUTO:
+        dtype = getattr(torch, settings.dtype)
+        if dtype == torch.bfloat16 and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ModelError(
+                f"model.dtype bfloat16, and GPU {torch.cuda.get_device_name()} has no bf16: "
+                "set model.dtype: float32 (training then computes in fp16 under autocast)"
+            )
+        return dtype
+    frozen_base = settings.init == "pretrained" and settings.lora_rank > 0
+    bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if frozen_base and bf16 else torch.float32
+
+
+def quantized_loading(quantization: str, dtype: torch.dtype) -> dict:
+    """from_pretrained's arguments for model.quantization: bitsandbytes' NF4 with double
+    quantization (QLoRA's recipe) computing in the weights' dtype, or LLM.int8, placed on this
+    process's GPU (a quantized model cannot be moved after loading)."""
+    if quantization == NO_QUANTIZATION:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+
+
+def is_quantized(model: nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_quantized", False))
 
 
 def gpt2_config(
@@ -201,9 +247,12 @@ def _load_hf(name_or_path: str, task: str, trust_remote_code: bool, **kwargs):
         raise ModelError(not_loadable("model", "model.name_or_path", name_or_path, err)) from err
 
 
-def load_trained(model_dir: Path, task: str) -> nn.Module:
-    """Load what the trainer saved, whichever architecture it was."""
+def load_trained(model_dir: Path, task: str, device_type: str = "cpu") -> nn.Module:
+    """Load what the trainer saved, whichever architecture it was: a base model and its
+    adapter (adapter_base), or a whole model."""
     model_dir = Path(model_dir)
+    if (model_dir / BASE_MODEL).exists():
+        return load_with_adapter(model_dir, task, device_type)
     if (model_dir / LSTM_CONFIG).exists():
         from safetensors.torch import load_file
 
@@ -215,10 +264,19 @@ def load_trained(model_dir: Path, task: str) -> nn.Module:
 
 
 def apply_lora(model: nn.Module, settings: ModelSettings, task: str) -> nn.Module:
-    """Wrap the model with peft LoRA adapters; only adapters (and a classifier head) train."""
+    """Wrap the model with peft LoRA adapters; only adapters (and a classifier head) train.
+    Over quantized weights, peft's preparation first (layer norms in float32, input gradients
+    for checkpointing)."""
     if not settings.lora_rank:
         return model
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=settings.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
 
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS,
@@ -235,6 +293,77 @@ def unwrap_for_saving(model: nn.Module) -> nn.Module:
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model
+
+
+# --- adapters saved alone --------------------------------------------------------------------
+
+BASE_MODEL = "adapter_base.json"
+"""Beside peft's adapter files: the base model an adapter was trained on, and how it loaded."""
+
+
+def saves_adapter_alone(settings: ModelSettings, task: str, model: nn.Module) -> bool:
+    """LoRA on a pretrained causal LM keeps its adapter apart from the base, unless
+    model.save_merged, or the embedding was grown for new tokens (its new rows are neither in
+    the base nor in the adapter, so only a whole model holds them)."""
+    if not (settings.lora_rank and settings.init == "pretrained" and task == CAUSAL_LM):
+        return False
+    if settings.save_merged:
+        return False
+    from transformers import AutoConfig
+
+    base = AutoConfig.from_pretrained(
+        settings.name_or_path, trust_remote_code=settings.trust_remote_code
+    )
+    return model.get_input_embeddings().num_embeddings == base.vocab_size
+
+
+def save_adapter(model: nn.Module, settings: ModelSettings, out_dir: Path, source: str) -> None:
+    """peft's adapter files (adapter_config.json, adapter_model.safetensors) and BASE_MODEL:
+    the base's name or path, the content digest of a local base folder (`source`), and its
+    dtype and quantization."""
+    model.save_pretrained(out_dir)
+    base = model.get_base_model()
+    record = {
+        "name_or_path": settings.name_or_path,
+        "source_digest": source,
+        "trust_remote_code": settings.trust_remote_code,
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "quantization": settings.quantization,
+        "attention": base.config._attn_implementation,
+        "pad_token_id": base.config.pad_token_id,
+    }
+    (Path(out_dir) / BASE_MODEL).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def load_with_adapter(model_dir: Path, task: str, device_type: str) -> nn.Module:
+    """The base model an adapter names (refused when its local folder changed since training),
+    and the adapter on it. Quantized as in training where CUDA is present, else in the
+    recorded dtype."""
+    from peft import PeftModel
+
+    from snaketune.sources import FolderDigests, watched_folders
+
+    record = json.loads((model_dir / BASE_MODEL).read_text())
+    local = watched_folders({"name_or_path": record["name_or_path"]})
+    if record["source_digest"] and local:
+        now = FolderDigests().folder_digest(local[0])
+        if now != record["source_digest"]:
+            raise ModelError(
+                f"the adapter in {model_dir} was trained on base model {local[0]}, whose "
+                "files have changed since: restore them, or train again"
+            )
+    dtype = getattr(torch, record["dtype"])
+    quantization = record["quantization"] if device_type == "cuda" else NO_QUANTIZATION
+    base = _load_hf(
+        record["name_or_path"],
+        task,
+        record["trust_remote_code"],
+        attn_implementation=record["attention"],
+        dtype=dtype,
+        **quantized_loading(quantization, dtype),
+    )
+    base.config.pad_token_id = record["pad_token_id"]
+    return PeftModel.from_pretrained(base, model_dir)
 
 
 def model_positions(model) -> int | None:

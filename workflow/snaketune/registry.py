@@ -55,8 +55,16 @@ def is_lstm(model_dir: Path) -> bool:
 
 
 def servable(model_dir: Path) -> bool:
-    """A transformers model or the LSTM baseline (both served by snaketune.serving)."""
-    return is_lstm(model_dir) or (Path(model_dir) / "config.json").exists()
+    """A transformers model, an adapter with its base's identity, or the LSTM baseline (all
+    served by snaketune.serving)."""
+    from snaketune.models import BASE_MODEL
+
+    model_dir = Path(model_dir)
+    return (
+        is_lstm(model_dir)
+        or (model_dir / "config.json").exists()
+        or (model_dir / BASE_MODEL).exists()
+    )
 
 
 @contextlib.contextmanager

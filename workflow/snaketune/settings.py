@@ -32,6 +32,9 @@ FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
 TXT_DOCUMENTS = ("line", "paragraph", "heading")
 AUTO = "auto"
 LM_PACKINGS = ("across_documents", "per_document")
+WEIGHT_DTYPES = (AUTO, "float32", "bfloat16")
+NO_QUANTIZATION = "none"
+QUANTIZATIONS = (NO_QUANTIZATION, "4bit", "8bit")
 HF_ENCODER = "hf"
 """Hugging Face tokenizers, which reads every tokenizer.json."""
 FAST_ENCODER = "gigatoken"
@@ -522,9 +525,17 @@ class ModelSettings:
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward pass instead of keeping them: less
     memory for longer contexts or larger batches, about a third more compute (transformers)."""
+    dtype: str = AUTO
+    """The weights' dtype, one of WEIGHT_DTYPES ('auto': snaketune.models.weights_dtype)."""
+    quantization: str = NO_QUANTIZATION
+    """One of QUANTIZATIONS: a pretrained checkpoint's frozen weights loaded in 4 or 8 bits
+    (bitsandbytes, CUDA) under LoRA adapters (QLoRA)."""
+    save_merged: bool = False
+    """LoRA on a pretrained causal LM saves the adapter alone with the base model's identity;
+    true saves the adapters merged into a whole model instead."""
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = self.precision_problems()
         if self.arch == "lstm" and self.gradient_checkpointing:
             problems.append(
                 ("gradient_checkpointing", "is a transformer setting; model.arch is 'lstm'")
@@ -555,6 +566,8 @@ class ModelSettings:
             problems.append(("attention", "is a transformer setting; model.arch is 'lstm'"))
         if self.arch == "lstm" and self.lora_rank:
             problems.append(("lora_rank", "LoRA needs model.arch 'gpt2', not 'lstm'"))
+        if self.save_merged and not self.lora_rank:
+            problems.append(("save_merged", "merges LoRA adapters, and model.lora_rank is 0"))
         if not self.lora_rank and self.lora_target_modules:
             problems.append(
                 (
@@ -563,6 +576,41 @@ class ModelSettings:
                 )
             )
         raise_problems(problems)
+
+    def precision_problems(self) -> list[tuple[str, str]]:
+        """The weights' dtype and quantization against the rest of the model section."""
+        problems = []
+        if self.dtype not in WEIGHT_DTYPES:
+            problems.append(("dtype", f"{self.dtype!r} is not one of {WEIGHT_DTYPES}"))
+        if self.quantization not in QUANTIZATIONS:
+            problems.append(
+                ("quantization", f"{self.quantization!r} is not one of {QUANTIZATIONS}")
+            )
+        if self.arch == "lstm" and (self.dtype != AUTO or self.quantization != NO_QUANTIZATION):
+            problems.append(("dtype", "dtype and quantization are transformer settings"))
+        if self.quantization == NO_QUANTIZATION:
+            return problems
+        if self.init != "pretrained":
+            problems.append(
+                ("quantization", "quantizes a pretrained checkpoint; model.init is 'scratch'")
+            )
+        if not self.lora_rank:
+            problems.append(
+                (
+                    "quantization",
+                    "quantized weights do not train: set model.lora_rank to train adapters "
+                    "over them (QLoRA), or remove quantization for a full fine-tune",
+                )
+            )
+        if self.save_merged:
+            problems.append(
+                (
+                    "save_merged",
+                    "merging adapters into quantized weights would round them away: keep the "
+                    "adapter (save_merged: false), or train without quantization",
+                )
+            )
+        return problems
 
 
 @dataclass(frozen=True)

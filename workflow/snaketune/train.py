@@ -53,7 +53,10 @@ from snaketune.models import (
     apply_lora,
     build_model,
     count_parameters,
+    is_quantized,
     model_positions,
+    save_adapter,
+    saves_adapter_alone,
     unwrap_for_saving,
 )
 from snaketune.names import CAUSAL_LM, TRAIN, VAL
@@ -590,7 +593,9 @@ def prepare_run(
         # Non-reentrant: the recomputation sees the same dropout masks (the RNG state is
         # replayed) and works with LoRA's frozen inputs.
         model.activation_checkpointing_enable({"use_reentrant": False})
-    model = apply_lora(model, model_settings, job.task).to(placement.device)
+    model = apply_lora(model, model_settings, job.task)
+    if not is_quantized(model):  # quantized weights are placed on their GPU as they load
+        model = model.to(placement.device)
     if data.job.packs_examples:
         check_examples_apart(model, data.vocab_size, placement)
     # DDP: rank 0's weights everywhere; FSDP: every process starts from the same seed. FSDP
@@ -733,7 +738,8 @@ def train_as_main(
         if job.train.early_stopping_patience and progress.best_step:
             load_best(paths.state_dir, run.model)  # the best evaluated weights are the result
             weights = None
-        save_final(run.model, progress.history, paths, weights)
+        adapter_alone = saves_adapter_alone(job.model, job.task, run.model)
+        save_final(run.model, progress.history, paths, weights, adapter_alone and run)
         record.counts = {
             "parameters": count_parameters(run.model),
             "steps": progress.step,
@@ -762,6 +768,8 @@ def train_as_main(
                 # stays within each (snaketune.batches.example_positions).
                 "packed_examples_kept_apart": data.job.packs_examples,
                 "parameter_bytes_by_dtype": footprint["bytes_by_dtype"],
+                # model/ holds the adapter alone (with its base's identity) or a whole model.
+                "saved_model": "adapter" if adapter_alone else "whole",
                 "fingerprint": resume.fingerprint(job, run.data_digest),
                 "schedule": progress.schedule,
                 # What each out-of-memory retry changed (empty: none was needed).
@@ -798,11 +806,22 @@ def limit_tokenizer_length(model_dir: Path, positions: int | None) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_final(model, history: list[dict], paths: TrainPaths, weights: dict | None = None):
-    """The model (its whole `weights`, gathered from FSDP's shards, when given) as a plain
-    save_pretrained folder with the tokenizer, the history and the loss curve."""
+def save_final(
+    model,
+    history: list[dict],
+    paths: TrainPaths,
+    weights: dict | None = None,
+    adapter_of: Run | None = None,
+):
+    """The model as a save_pretrained folder with the tokenizer, the history and the loss
+    curve: the adapter alone with its base's identity (`adapter_of`: the run whose adapter it
+    is, see models.saves_adapter_alone), or the whole model (its `weights`, gathered from
+    FSDP's shards, when given; LoRA adapters merged in)."""
     with atomic_dir(paths.model) as tmp:
-        if weights is not None and distributed.sharded(model):
+        if adapter_of:
+            save_adapter(model, adapter_of.job.model, tmp, adapter_of.model_source)
+            plain = model.get_base_model()
+        elif weights is not None and distributed.sharded(model):
             model.save_pretrained(tmp, state_dict=weights)
             plain = model
         else:

@@ -113,13 +113,14 @@ def evaluate_answers(
     examples answered and the baseline's bounded index are read."""
     train = first_rows(train_split, MAX_TRAIN_EXAMPLES)
     chosen = first_rows(test_split, settings.answer_examples or None)
-    prompts, references = chosen[PROMPT].tolist(), chosen[RESPONSE].str.strip().tolist()
+    prompts = chosen[PROMPT].tolist()
+    references = [answer_text(tokenizer, r) for r in chosen[RESPONSE]]
     generated, cuts = generate_many(
         model, tokenizer, prompts, settings, context, placement, settings.batch_size
     )
     generated = [text.strip() for text in generated]
     retrieved = [
-        answer.strip()
+        answer_text(tokenizer, answer)
         for answer in nearest_answers(train[PROMPT].tolist(), train[RESPONSE].tolist(), prompts)
     ]
     model_scores, baseline_scores = (
@@ -142,6 +143,23 @@ def evaluate_answers(
         {**means(baseline_scores), "answered_examples": len(chosen)},
         table,
     )
+
+
+def answer_text(tokenizer, response: str) -> str:
+    """A response as generation returns an answer: without the special tokens a chat template
+    ends it with (ChatML's <|im_end|>, which generation stops at and never returns), stripped;
+    otherwise exact match would never hold, and the retrieval baseline, which answers with such
+    responses, would be scored on other text than the model."""
+    for token in template_tokens(tokenizer):
+        response = response.replace(token, "")
+    return response.strip()
+
+
+def template_tokens(tokenizer) -> list[str]:
+    """The text of the tokenizer's added and special tokens, longest first (the cleaning stage
+    drops records whose own text holds any, so in a response they come from the template)."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
+    return sorted({*added, *tokenizer.all_special_tokens} - {""}, key=len, reverse=True)
 
 
 def answer_protocol(settings: EvalSettings, metrics: dict) -> str:

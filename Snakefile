@@ -23,6 +23,7 @@ include: "workflow/rules/sweep.smk"
 check_local_sources()
 check_gpus()
 say_how_training_continues()
+plan_training_memory()
 restore_links()
 
 

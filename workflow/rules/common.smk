@@ -13,7 +13,8 @@ from snakemake.settings.types import DeploymentMethod
 
 from snaketune import joblog
 from snaketune.config import apply_preset, raise_if_invalid, validated
-from snaketune.gpus import DEVICES_VARIABLE, machine_devices
+from snaketune.gpus import DEVICES_VARIABLE, machine_devices, smallest_gpu_memory
+from snaketune import memory_plan
 from snaketune import resume
 from snaketune.live import Target, runs_table_url
 from snaketune.names import SPLITS
@@ -335,6 +336,46 @@ def say_how_training_continues():
         if plan.message:
             print(f"snaketune: {name}: training {plan.message} ({state})", file=sys.stderr)
     FOLDERS.save()
+
+
+def plan_training_memory():
+    """Before any job: each train job's memory estimate (snaketune.memory_plan), printed by a
+    dry run; a job over train.max_memory_gb, or over this machine's GPU where it trains on one,
+    is refused with what would make it fit. A cluster's jobs are planned for CUDA, and checked
+    against max_memory_gb only."""
+    if workflow.remote_exec or workflow.subprocess_exec:
+        return
+    devices = machine_devices() if workflow.local_exec else []
+    problems = []
+    for name, exp in EXPERIMENTS.items():
+        train = exp["train"]
+        cuda = train["device"] == "cuda" or (
+            train["device"] == "auto" and (devices or not workflow.local_exec)
+        )
+        lm = exp["task"] == "causal_lm"
+        context = exp["tokenize"]["block_size" if lm else "max_length"]
+        vocab = exp["tokenizer"].get("vocab_size") or 0
+        shape = memory_plan.job_shape(exp["model"], vocab, context)
+        if shape is None:
+            continue
+        if dry_run_asked():
+            planned = memory_plan.plan(shape, exp["model"], train, context, cuda)
+            where = "GPU" if cuda else "CPU"
+            print(f"snaketune: {name}: memory plan ({where}): {planned.describe()}", file=sys.stderr)
+        limit = train["max_memory_gb"] * memory_plan.GB if train["max_memory_gb"] else None
+        if limit is None and cuda and devices:
+            limit = smallest_gpu_memory()
+        why = limit and memory_plan.refusal(shape, exp["model"], train, context, cuda, limit)
+        if why:
+            problems.append(f"experiment {name!r}: the train job {why}")
+    raise_if_invalid(problems, "memory")
+
+
+def dry_run_asked() -> bool:
+    """Whether the command line asks for a dry run (-n, --dry-run, or -n among short flags):
+    Snakemake says so only once the workflow is parsed, after these checks."""
+    short = [a for a in sys.argv[1:] if a.startswith("-") and not a.startswith("--")]
+    return bool({"--dry-run", "--dryrun"} & set(sys.argv)) or any("n" in a for a in short)
 
 
 def finished_train(manifest):

@@ -38,6 +38,17 @@ def machine_devices() -> list[str]:
     return [str(i) for i, line in enumerate(found.stdout.splitlines()) if line.startswith("GPU")]
 
 
+def smallest_gpu_memory() -> float | None:
+    """Bytes of memory of this machine's smallest GPU (nvidia-smi; no CUDA initialised), or
+    None without one."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+    found = subprocess.run(query, capture_output=True, text=True, check=False).stdout.split()
+    sizes = [float(m) * 2**20 for m in found if m.replace(".", "", 1).isdigit()]
+    return min(sizes) if sizes else None
+
+
 def lock_folder() -> Path:
     """Machine-wide (GPUs are): every snaketune workflow of this user on this machine."""
     folder = Path(tempfile.gettempdir()) / f"snaketune-gpus-{os.getuid()}"

@@ -622,6 +622,8 @@ class TrainSettings:
     memory_retries: int = 4
     """A step that runs out of memory is taken again with a smaller micro-batch and more
     micro-batches (the same batch per step) up to this many times (0: it is an error)."""
+    max_memory_gb: float | None = None
+    """The memory a train job may plan to use (snaketune.memory_plan); None: the local GPU's."""
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snaketune import attempts, distributed, lean_gpt, live, lm_loss, plots, resume
+from snaketune import attempts, distributed, lean_gpt, live, lm_loss, memory_plan, plots, resume
 from snaketune.batches import IGNORED_LABEL, TokenRows, batch_indices
 from snaketune.checkpoint import (
     last_good,
@@ -768,6 +768,8 @@ def train_as_main(
                 # stays within each (snaketune.batches.example_positions).
                 "packed_examples_kept_apart": data.job.packs_examples,
                 "parameter_bytes_by_dtype": footprint["bytes_by_dtype"],
+                # The estimate made before any job (snaketune.memory_plan), and what was used.
+                "memory": memory_used(run, data),
                 # model/ holds the adapter alone (with its base's identity) or a whole model.
                 "saved_model": "adapter" if adapter_alone else "whole",
                 "fingerprint": resume.fingerprint(job, run.data_digest),
@@ -781,6 +783,28 @@ def train_as_main(
     if not job.train.keep_final_state:
         shutil.rmtree(paths.state_dir, ignore_errors=True)
     return progress.history
+
+
+def memory_used(run: Run, data: TokenizedData) -> dict:
+    """The planned and the measured peak memory of this process's training, in GB: on CUDA the
+    allocator's peak reserved memory, on the CPU the process's peak resident memory."""
+    job = run.job
+    context = data.block_size if job.task == CAUSAL_LM else run.train.width()
+    shape = memory_plan.job_shape(asdict(job.model), data.vocab_size, context)
+    planned = shape and memory_plan.plan(
+        shape, asdict(job.model), asdict(job.train), context, run.placement.cuda
+    )
+    if run.placement.cuda:
+        peak = torch.cuda.max_memory_reserved(run.device)
+    else:
+        status = Path("/proc/self/status")
+        lines = status.read_text().splitlines() if status.exists() else []
+        peak = next((int(x.split()[1]) * 1024 for x in lines if x.startswith("VmHWM:")), 0)
+    return {
+        "planned_gb": round(planned.total / memory_plan.GB, 3) if planned else None,
+        "peak_gb": round(peak / memory_plan.GB, 3),
+        "measured": "peak reserved (CUDA)" if run.placement.cuda else "peak resident (process)",
+    }
 
 
 def parameter_footprint(model: torch.nn.Module) -> dict:

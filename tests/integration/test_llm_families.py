@@ -93,7 +93,7 @@ def folder_bytes(folder: Path) -> int:
 def test_each_family_trains_with_the_chunked_loss_and_is_evaluated(families_run, family):
     train = json.loads((stage(families_run, family, "train") / "manifest.json").read_text())
     metrics = json.loads((stage(families_run, family, "evaluate") / "metrics.json").read_text())
-    assert train["loss"] == "chunked"
+    assert train["loss"] == "chunked" and train["model_type"] == family
     assert train["saved_model"] == ("adapter" if RUNS[family] else "whole")
     trainable, total = train["counts"]["trainable_parameters"], train["counts"]["parameters"]
     assert (trainable < total / 5) if RUNS[family] else trainable == total

@@ -339,3 +339,53 @@ def test_gradient_checkpointing_trains_the_same_steps(lm_data, tmp_path):
     assert [r["grad_norm"] for r in recomputed] == pytest.approx(
         [r["grad_norm"] for r in kept], rel=1e-5
     )
+
+
+def test_gradient_checkpointing_with_adapters_takes_the_same_gradients():
+    """Recomputing each block in the backward pass (non-reentrant) works under LoRA, whose
+    base is frozen: the adapters' gradients are those of the plain pass."""
+    from snaketune.lm_loss import with_chunked_loss
+    from snaketune.models import apply_lora
+    from tests.support.families import tiny_causal_lm
+
+    settings = ModelSettings(init="pretrained", name_or_path="-", lora_rank=4, dropout=0.0)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_causal_lm("llama", 100)
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        model = apply_lora(model, settings, "causal_lm").train()
+        assert model.get_base_model().is_activation_checkpointing == checkpointing
+        with_chunked_loss(model)(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="4-bit weights need CUDA (bitsandbytes)")
+def test_a_4bit_base_trains_its_adapters_on_cuda(tmp_path):
+    """QLoRA's path: a pretrained Llama loaded in 4 bits, adapters trained over it, the adapter
+    saved alone and loaded back quantized. Runs where a GPU is lent."""
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes installed")
+    from snaketune.lm_loss import with_chunked_loss
+    from snaketune.models import apply_lora, is_quantized, save_adapter
+    from tests.support.families import tiny_causal_lm
+
+    tiny_causal_lm("llama", 128).save_pretrained(tmp_path / "base")
+    settings = ModelSettings(
+        init="pretrained", name_or_path=str(tmp_path / "base"), lora_rank=4, quantization="4bit"
+    )
+    model = apply_lora(
+        build_model(settings, "causal_lm", 128, 16, 0, 0, [], "cuda"), settings, "causal_lm"
+    )
+    assert is_quantized(model)
+    ids = torch.randint(0, 128, (2, 16), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = with_chunked_loss(model)(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    save_adapter(model, settings, tmp_path / "adapter", "")
+    assert is_quantized(load_trained(tmp_path / "adapter", "causal_lm", "cuda"))

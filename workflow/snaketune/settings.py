@@ -506,6 +506,8 @@ class PartitionJob(TokenizeJob):
 @dataclass(frozen=True)
 class ModelSettings:
     arch: str = "gpt2"
+    """'gpt2': a transformer (GPT-2 when built here; with init 'pretrained', the family the
+    checkpoint's config names); 'lstm': the LSTM baseline."""
     init: str = "scratch"
     """'scratch' builds from the sizes below; 'pretrained' loads name_or_path."""
     name_or_path: str | None = None

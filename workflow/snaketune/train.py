@@ -767,6 +767,8 @@ def train_as_main(
                 # Packed instruction examples: position ids restart per example, attention
                 # stays within each (snaketune.batches.example_positions).
                 "packed_examples_kept_apart": data.job.packs_examples,
+                # The family trained (the checkpoint's, for a pretrained model).
+                "model_type": getattr(getattr(run.model, "config", None), "model_type", "lstm"),
                 "parameter_bytes_by_dtype": footprint["bytes_by_dtype"],
                 # The estimate made before any job (snaketune.memory_plan), and what was used.
                 "memory": memory_used(run, data),

@@ -87,15 +87,20 @@ def test_token_scores_are_those_of_the_whole_logits(family, small_chunks):
     model = LeanGPT(tiny_causal_lm("gpt2", VOCAB).config) if family == "lean" else None
     model = (model or tiny_causal_lm(family, VOCAB)).eval()
     ids, _ = ids_and_labels()
-    targets = lm_loss.next_token_targets(ids).clamp(min=0)
+    nll, top, expected, logits, targets = scores_and_full_logits(model, ids)
+    torch.testing.assert_close(nll, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(top, logits.argmax(-1) == targets)
 
+
+def scores_and_full_logits(model, ids: torch.Tensor):
+    """target_scores of the next tokens, and what the whole logits give: (nll, top, the full
+    NLL, the logits, the targets)."""
+    targets = lm_loss.next_token_targets(ids).clamp(min=0)
     nll, top = lm_loss.target_scores(model, input_ids=ids, targets=targets)
     with torch.no_grad():
         logits = model(input_ids=ids).logits.float()
     expected = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-
-    torch.testing.assert_close(nll, expected, rtol=1e-6, atol=1e-6)
-    assert torch.equal(top, logits.argmax(-1) == targets)
+    return nll, top, expected, logits, targets
 
 
 def test_a_family_whose_logits_are_not_its_heads_keeps_its_own_forward():
@@ -103,15 +108,11 @@ def test_a_family_whose_logits_are_not_its_heads_keeps_its_own_forward():
     nor evaluation takes the chunked path, and the manifest says so."""
     torch.manual_seed(0)
     model = tiny_causal_lm("gemma2", VOCAB).eval()
-    ids, labels = ids_and_labels()
+    ids, _ = ids_and_labels()
 
     assert lm_loss.head_of(model) is None and lm_loss.with_chunked_loss(model) is model
     assert lm_loss.loss_path(model) == lm_loss.OWN_FORWARD
-    targets = lm_loss.next_token_targets(ids).clamp(min=0)
-    nll, _ = lm_loss.target_scores(model, input_ids=ids, targets=targets)
-    with torch.no_grad():
-        logits = model(input_ids=ids).logits.float()
-    expected = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    nll, _, expected, _, _ = scores_and_full_logits(model, ids)
     torch.testing.assert_close(nll, expected, rtol=1e-6, atol=1e-6)
 
 

@@ -719,6 +719,7 @@ def train_as_main(
     paths: TrainPaths, job: TrainJob, world: distributed.World, this_attempt: dict
 ) -> list[dict]:
     data = TokenizedData.read(paths.tokenize_manifest, paths.shards)
+    before_model = resident_bytes("VmRSS")  # what the process held before the model
     run = prepare_run(data, paths.state_dir, job, world)
     with stage_manifest(paths, job, known={"shards": run.data_digest}) as record:
         progress = resume_run(run)
@@ -771,7 +772,7 @@ def train_as_main(
                 "model_type": getattr(getattr(run.model, "config", None), "model_type", "lstm"),
                 "parameter_bytes_by_dtype": footprint["bytes_by_dtype"],
                 # The estimate made before any job (snaketune.memory_plan), and what was used.
-                "memory": memory_used(run, data),
+                "memory": memory_used(run, data, before_model),
                 # model/ holds the adapter alone (with its base's identity) or a whole model.
                 "saved_model": "adapter" if adapter_alone else "whole",
                 "fingerprint": resume.fingerprint(job, run.data_digest),
@@ -787,9 +788,10 @@ def train_as_main(
     return progress.history
 
 
-def memory_used(run: Run, data: TokenizedData) -> dict:
+def memory_used(run: Run, data: TokenizedData, before_model: int) -> dict:
     """The planned and the measured peak memory of this process's training, in GB: on CUDA the
-    allocator's peak reserved memory, on the CPU the process's peak resident memory."""
+    allocator's peak reserved memory, on the CPU the process's peak resident memory above what
+    it held before the model was built (the interpreter and its libraries)."""
     job = run.job
     context = data.block_size if job.task == CAUSAL_LM else run.train.width()
     shape = memory_plan.job_shape(asdict(job.model), data.vocab_size, context)
@@ -799,14 +801,22 @@ def memory_used(run: Run, data: TokenizedData) -> dict:
     if run.placement.cuda:
         peak = torch.cuda.max_memory_reserved(run.device)
     else:
-        status = Path("/proc/self/status")
-        lines = status.read_text().splitlines() if status.exists() else []
-        peak = next((int(x.split()[1]) * 1024 for x in lines if x.startswith("VmHWM:")), 0)
+        peak = resident_bytes("VmHWM") - before_model
     return {
         "planned_gb": round(planned.total / memory_plan.GB, 3) if planned else None,
         "peak_gb": round(peak / memory_plan.GB, 3),
-        "measured": "peak reserved (CUDA)" if run.placement.cuda else "peak resident (process)",
+        "measured": "peak reserved (CUDA)"
+        if run.placement.cuda
+        else "peak resident above the process before the model",
     }
+
+
+def resident_bytes(field: str) -> int:
+    """The process's resident memory now (VmRSS) or at its peak (VmHWM); 0 where the kernel
+    does not say (not Linux)."""
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.exists() else []
+    return next((int(x.split()[1]) * 1024 for x in lines if x.startswith(field + ":")), 0)
 
 
 def parameter_footprint(model: torch.nn.Module) -> dict:

@@ -162,12 +162,16 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits += b
             valid = t != IGNORED_LABEL
             picked = t.clamp(min=0)[:, None]
-            log_norm = torch.logsumexp(logits, dim=-1)
-            total += ((log_norm - logits.gather(1, picked)[:, 0]) * valid).sum()
+            target_logit = logits.gather(1, picked)[:, 0]
+            # log-sum-exp in the logits' own buffer (torch.logsumexp would take another one):
+            # the shifted exponentials stay there, the softmax's numerators.
+            peak = logits.amax(dim=-1)
+            sums = logits.sub_(peak[:, None]).exp_().sum(dim=-1)
+            total += ((peak + sums.log() - target_logit) * valid).sum()
             if not need_any:
                 continue
             # d(NLL)/d(logits) = softmax - one_hot(target), zero where ignored; in place.
-            grad = logits.sub_(log_norm[:, None]).exp_()
+            grad = logits.div_(sums[:, None])
             grad.scatter_add_(1, picked, -torch.ones_like(picked, dtype=grad.dtype))
             grad.mul_(valid[:, None])
             if need_bias:
@@ -265,10 +269,12 @@ def target_scores(
 def scores_of_logits(
     logits: torch.Tensor, targets: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """NLL and first rank of each target, from fp32 logits of shape targets.shape + (vocab,)."""
+    """NLL and first rank of each target, from fp32 logits of shape targets.shape + (vocab,),
+    which it overwrites (the log-sum-exp in their own buffer: no second one)."""
     flat = logits.reshape(-1, logits.size(-1))
     picked = flat.gather(1, targets.reshape(-1, 1).clamp(min=0))[:, 0]
-    nll = torch.logsumexp(flat, dim=-1) - picked
     # amax is ~10x cheaper than argmax on the CPU, and no index is needed.
-    top = picked >= flat.amax(-1)
+    peak = flat.amax(-1)
+    top = picked >= peak
+    nll = peak + flat.sub_(peak[:, None]).exp_().sum(dim=-1).log() - picked
     return nll.view_as(targets), top.view_as(targets)

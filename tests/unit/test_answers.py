@@ -125,3 +125,19 @@ def test_a_qa_evaluation_scores_answers_beside_the_retrieval_baseline(qa_data, t
     assert "kneser_ney_bigram" in metrics["baselines"]
     assert "decoding=greedy" in metrics["answer_protocol"]
     assert table.iloc[0]["prompt"] == "Customer: hello\nAgent:"  # the configured prompt, first
+
+
+def test_a_reference_loses_the_template_tokens_at_its_end_only(lm_data):
+    """ChatML's <|im_end|> ends a response and no generated answer; a run of spaces that a
+    vocabulary holds as an added token (GPT-NeoX's) is text, kept where it is."""
+    from transformers import AutoTokenizer
+
+    from snaketune.qa import answer_text
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
+    tokenizer.add_tokens(["    "])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    assert answer_text(tokenizer, " x = 1\n    return x<|im_end|>\n") == "x = 1\n    return x"
+    assert answer_text(tokenizer, "a    b") == "a    b"
+    eos = tokenizer.eos_token
+    assert answer_text(tokenizer, f"done.<|im_end|>{eos}") == "done."

@@ -131,3 +131,17 @@ def test_a_model_that_changes_its_logits_unannounced_is_found_by_its_forward_pas
     model = ScaledGPT2(tiny_causal_lm("gpt2", VOCAB).config)
     assert lm_loss.transformers_head(model) is not None and not lm_loss.reshapes_logits(model)
     assert lm_loss.head_of(model) is None and lm_loss.with_chunked_loss(model) is model
+
+
+def test_under_bf16_autocast_the_loss_is_the_model_s_own_to_bf16_rounding():
+    """The head is cast once to autocast's dtype and the chunks run in it, as autocast would
+    run the model's own head: the same loss to bf16's rounding, and gradients for every weight."""
+    torch.manual_seed(0)
+    model = tiny_causal_lm("llama", VOCAB)
+    ids, labels = ids_and_labels()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = lm_loss.with_chunked_loss(model)(input_ids=ids, labels=labels).loss
+        theirs = model(input_ids=ids, labels=labels).loss
+    ours.backward()
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-2)
+    assert all(p.grad is not None and p.grad.dtype == p.dtype for p in model.parameters())

@@ -102,3 +102,16 @@ def test_a_dry_run_prints_each_train_job_s_plan(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     for name in ("demo-lm", "demo-intent"):
         assert f"snaketune: {name}: memory plan (CPU): weights" in run.stderr
+
+
+def test_fsdp_splits_weights_gradients_and_moments_over_the_processes(llama):
+    from snaketune.settings import ModelSettings, TrainSettings
+
+    model = dict(ModelSettings(init="pretrained", name_or_path=str(llama)).__dict__)
+    shape = memory_plan.checkpoint_shape(llama, model)
+    one = memory_plan.plan(shape, model, dict(TrainSettings().__dict__), 128, cuda=True)
+    train = dict(TrainSettings(strategy="fsdp", processes=4).__dict__)
+    four = memory_plan.plan(shape, model, train, 128, cuda=True)
+    assert four.weights == pytest.approx(one.weights / 4)
+    assert four.optimizer == pytest.approx(one.optimizer / 4)
+    assert four.activations == one.activations

@@ -434,3 +434,34 @@ def test_the_sigterm_handler_is_installed_for_the_loop_only():
         assert signal.getsignal(signal.SIGTERM) is own
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_checkpoint_of_adapters_keeps_what_trains_and_buffers_only():
+    """A frozen base is left out, and so is what a quantized layer adds to its state beside
+    its weight (bitsandbytes' absmax, quant_map, SCB: neither parameter nor buffer), which
+    loading the state back could not place."""
+    from torch import nn
+
+    from snaketune.distributed import full_model_state, load_trained_state
+
+    class QuantizedLike(nn.Linear):
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            super()._save_to_state_dict(destination, prefix, keep_vars)
+            destination[prefix + "weight.absmax"] = torch.ones(2)
+
+    model = nn.Sequential(QuantizedLike(4, 4), nn.Linear(4, 2), nn.BatchNorm1d(2))
+    model[0].requires_grad_(False)
+    state = {k: v.clone() for k, v in full_model_state(model).items()}
+    assert set(state) == {
+        "1.weight",
+        "1.bias",
+        "2.weight",
+        "2.bias",
+        "2.running_mean",
+        "2.running_var",
+        "2.num_batches_tracked",
+    }
+    load_trained_state(model, {k: v + 1 if v.is_floating_point() else v for k, v in state.items()})
+    assert torch.equal(model[1].weight, state["1.weight"] + 1)
+    with pytest.raises(RuntimeError, match="missing"):
+        load_trained_state(model, {k: v for k, v in state.items() if k != "1.weight"})

@@ -346,25 +346,31 @@ def plan_training_memory():
     if workflow.remote_exec or workflow.subprocess_exec:
         return
     devices = machine_devices() if workflow.local_exec else []
+    gpu_memory = smallest_gpu_memory() if devices else None
+    dry_run = dry_run_asked()
     problems = []
     for name, exp in EXPERIMENTS.items():
         train = exp["train"]
         cuda = train["device"] == "cuda" or (
             train["device"] == "auto" and (devices or not workflow.local_exec)
         )
+        limit = train["max_memory_gb"] * memory_plan.GB if train["max_memory_gb"] else None
+        if limit is None and cuda:
+            limit = gpu_memory
+        if limit is None and not dry_run:
+            continue  # nothing to check against, nothing asked to print
         lm = exp["task"] == "causal_lm"
         context = exp["tokenize"]["block_size" if lm else "max_length"]
-        vocab = exp["tokenizer"].get("vocab_size") or 0
+        # A scratch model's vocabulary is the tokenizer's: known here for a BPE trained here.
+        bpe = exp["tokenizer"]["kind"] == "bpe"
+        vocab = exp["tokenizer"]["vocab_size"] if bpe else None
         shape = memory_plan.job_shape(exp["model"], vocab, context)
         if shape is None:
             continue
-        if dry_run_asked():
+        if dry_run:
             planned = memory_plan.plan(shape, exp["model"], train, context, cuda)
             where = "GPU" if cuda else "CPU"
             print(f"snaketune: {name}: memory plan ({where}): {planned.describe()}", file=sys.stderr)
-        limit = train["max_memory_gb"] * memory_plan.GB if train["max_memory_gb"] else None
-        if limit is None and cuda and devices:
-            limit = smallest_gpu_memory()
         why = limit and memory_plan.refusal(shape, exp["model"], train, context, cuda, limit)
         if why:
             problems.append(f"experiment {name!r}: the train job {why}")

@@ -92,8 +92,14 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's trained weights, whole, on the CPU (a collective: every process calls it
     when sharded); frozen ones are left out (frozen_names)."""
     if not sharded(model):
-        frozen = frozen_names(model)
-        return {k: v for k, v in model.state_dict().items() if k not in frozen}
+        state = model.state_dict()
+        if not frozen_names(model):
+            return state
+        # What trains, and the buffers: not a frozen weight, nor what a quantized layer adds
+        # to its state (bitsandbytes' absmax, quant_map, SCB: no parameter, no buffer).
+        keep = trained_names(model)
+        keep |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+        return {k: v for k, v in state.items() if k in keep}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -127,10 +133,14 @@ def load_full_state(model: torch.nn.Module, optimizer, model_state: dict, optimi
     set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
 
 
+def trained_names(model: torch.nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
 def load_trained_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Weights full_model_state kept: every one the model trains, and nothing else."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    left_out = set(missing) - frozen_names(model)
+    left_out = {k for k in missing if k in trained_names(model)}
     if left_out or unexpected:
         raise RuntimeError(
             f"the saved weights do not fit the model: missing {sorted(left_out)[:5]}, "

@@ -26,7 +26,7 @@ from snaketune.fileio import atomic_path, write_json
 from snaketune.generation import generate_many
 from snaketune.manifest import stage_manifest
 from snaketune.metrics import load_metric
-from snaketune.models import load_trained, model_positions
+from snaketune.models import is_quantized, load_trained, model_positions
 from snaketune.names import CAUSAL_LM, TEST, TRAIN
 from snaketune.ngram import bigram_baseline
 from snaketune.perplexity import count_words, score_lm, token_byte_lengths, word_perplexity
@@ -227,7 +227,9 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob) -> dict:
     with stage_manifest(paths, job) as record:
         record.add_input("test_shards", test_shards)
         torch.manual_seed(settings.seed)
-        model = load_trained(paths.model, job.task).to(placement.device)
+        model = load_trained(paths.model, job.task, placement.device.type)
+        if not is_quantized(model):  # a quantized base is on its GPU already
+            model = model.to(placement.device)
         tokenizer = AutoTokenizer.from_pretrained(paths.model)
         test = TokenRows.open(data, TEST)
         if job.task == CAUSAL_LM:

@@ -122,6 +122,8 @@ def gives_own_logits(model: nn.Module, parts: Head) -> bool:
         ids = (torch.arange(CHECK_TOKENS, device=device) % parts.vocab_size)[None]
         own = model(input_ids=ids).logits.float()
         split = parts.logits(parts.hidden(ids)).float()
+    except TypeError:  # a body that takes other arguments (no position ids): its own forward
+        return False
     finally:
         model.train(was_training)
     if own.shape != split.shape:
@@ -147,13 +149,31 @@ class LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, vocab_size):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
-        need_any = need_hidden or need_weight or need_bias
-        w = weight[:vocab_size].to(hidden.dtype)  # what autocast multiplies by
+        # The dtype autocast would multiply in, cast once (not once per chunk and product:
+        # for a 128k x 4096 head that is a 1 GB copy each time); the loop runs without it.
+        device = hidden.device.type
+        compute = (
+            torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        )
+        w = weight[:vocab_size].to(compute)
+        hidden_c = hidden.to(compute)
         b = None if bias is None else bias[:vocab_size].float()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        with torch.autocast(device, enabled=False):
+            LinearCrossEntropy.chunks(
+                hidden_c, w, b, targets, vocab_size, total, grad_hidden, grad_weight, grad_bias
+            )
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        return total
+
+    @staticmethod
+    def chunks(hidden, w, b, targets, vocab_size, total, grad_hidden, grad_weight, grad_bias):
+        """The loop over chunks of positions: sums into `total` and the gradients given."""
         step = chunk_positions(vocab_size)
         for start in range(0, hidden.size(0), step):
             h, t = hidden[start : start + step], targets[start : start + step]
@@ -168,29 +188,26 @@ class LinearCrossEntropy(torch.autograd.Function):
             peak = logits.amax(dim=-1)
             sums = logits.sub_(peak[:, None]).exp_().sum(dim=-1)
             total += ((peak + sums.log() - target_logit) * valid).sum()
-            if not need_any:
+            if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
             # d(NLL)/d(logits) = softmax - one_hot(target), zero where ignored; in place.
             grad = logits.div_(sums[:, None])
             grad.scatter_add_(1, picked, -torch.ones_like(picked, dtype=grad.dtype))
             grad.mul_(valid[:, None])
-            if need_bias:
+            if grad_bias is not None:
                 grad_bias[:vocab_size] += grad.sum(0)
             grad = grad.to(hidden.dtype)
-            if need_hidden:
+            if grad_hidden is not None:
                 grad_hidden[start : start + step] = grad @ w
-            if need_weight:
+            if grad_weight is not None:
                 grad_weight[:vocab_size] += (grad.t() @ h).float()
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        return total
 
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         if grad_hidden is not None:
-            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+            # Scaled by the fp32 factor (in bf16 it would round 1/N itself: a uniform error).
+            grad_hidden = grad_hidden * grad_total
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
         if grad_bias is not None:

@@ -109,6 +109,9 @@ def plan(shape: Shape, model: dict[str, Any], train: dict[str, Any], context: in
         weight_bytes -= shape.linear_parameters * (DTYPE_BYTES[dtype] - quantized)
     trainable = shape.lora_parameters if model["lora_rank"] else shape.parameters
     weight_bytes += shape.lora_parameters * 4 if model["lora_rank"] else 0
+    if train["strategy"] == "fsdp":  # weights, gradients and moments split over processes
+        share = train["processes"] * train["nodes"]
+        weight_bytes, trainable = weight_bytes / share, trainable / share
     act_bytes = 2 if cuda else 4
     tokens = train["batch_size"] * context
     per_token_layer = (
@@ -251,13 +254,14 @@ def safetensors_shapes(folder: Path) -> dict[str, list[int]]:
 # --- one train job -------------------------------------------------------------------------
 
 
-def job_shape(model: dict, vocab: int, context: int) -> Shape | None:
-    """The shape of an experiment's model, or None: the LSTM, or a checkpoint not on this
-    machine (a hub id not in the cache says nothing until the job downloads it)."""
+def job_shape(model: dict, vocab: int | None, context: int) -> Shape | None:
+    """The shape of an experiment's model, or None: the LSTM, a model built here on a
+    vocabulary not known yet (`vocab` None: a pretrained tokenizer's), or a checkpoint not on
+    this machine (a hub id not in the cache says nothing until the job downloads it)."""
     if model["arch"] != "gpt2":
         return None
     if model["init"] != "pretrained":
-        return scratch_shape(model, vocab, context)
+        return scratch_shape(model, vocab, context) if vocab else None
     folder = checkpoint_folder(model["name_or_path"])
     if folder is None or not safetensors_shapes(folder):
         return None

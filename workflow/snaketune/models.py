@@ -285,7 +285,11 @@ def apply_lora(model: nn.Module, settings: ModelSettings, task: str) -> nn.Modul
         lora_dropout=settings.lora_dropout,
         target_modules=settings.lora_target_modules or None,
     )
-    return get_peft_model(model, config)
+    adapted = get_peft_model(model, config)
+    for param in adapted.parameters():  # a classifier head copied from a bf16 base, say
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()  # AdamW's small steps would round away in bf16
+    return adapted
 
 
 def unwrap_for_saving(model: nn.Module) -> nn.Module:
@@ -323,11 +327,13 @@ def save_adapter(model: nn.Module, settings: ModelSettings, out_dir: Path, sourc
     dtype and quantization."""
     model.save_pretrained(out_dir)
     base = model.get_base_model()
+    # The dtype it loaded in (peft's preparation of a quantized base casts some layers up).
+    loaded_on = next(base.parameters()).device.type
     record = {
         "name_or_path": settings.name_or_path,
         "source_digest": source,
         "trust_remote_code": settings.trust_remote_code,
-        "dtype": str(base.dtype).removeprefix("torch."),
+        "dtype": str(weights_dtype(settings, loaded_on)).removeprefix("torch."),
         "quantization": settings.quantization,
         "attention": base.config._attn_implementation,
         "pad_token_id": base.config.pad_token_id,

@@ -22,7 +22,7 @@ import torch
 from snaketune.answers import METRIC_MODULES
 from snaketune.batches import IGNORED_LABEL, TokenRows
 from snaketune.devices import Placement, to_device
-from snaketune.generation import generate_many
+from snaketune.generation import generate_many, stop_ids
 from snaketune.lm_loss import next_token_targets, target_scores
 from snaketune.metrics import load_metric
 from snaketune.names import INSTRUCTION_COLUMNS, PROMPT, RESPONSE
@@ -149,17 +149,20 @@ def answer_text(tokenizer, response: str) -> str:
     """A response as generation returns an answer: without the special tokens a chat template
     ends it with (ChatML's <|im_end|>, which generation stops at and never returns), stripped;
     otherwise exact match would never hold, and the retrieval baseline, which answers with such
-    responses, would be scored on other text than the model."""
-    for token in template_tokens(tokenizer):
-        response = response.replace(token, "")
-    return response.strip()
+    responses, would be scored on other text than the model. Only at the end: an added token
+    that is text (a run of spaces, in GPT-NeoX's vocabulary) stays where it is."""
+    text, ends = response.strip(), template_ends(tokenizer)
+    while found := next((end for end in ends if text.endswith(end)), None):
+        text = text[: -len(found)].rstrip()
+    return text
 
 
-def template_tokens(tokenizer) -> list[str]:
-    """The text of the tokenizer's added and special tokens, longest first (the cleaning stage
-    drops records whose own text holds any, so in a response they come from the template)."""
-    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()]
-    return sorted({*added, *tokenizer.all_special_tokens} - {""}, key=len, reverse=True)
+def template_ends(tokenizer) -> list[str]:
+    """The text of the tokens generation stops at and of the special tokens, longest first."""
+    stops = tokenizer.convert_ids_to_tokens(stop_ids(tokenizer))
+    special = [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+    found = {*stops, *special, *tokenizer.all_special_tokens} - {"", None}
+    return sorted(found, key=len, reverse=True)
 
 
 def answer_protocol(settings: EvalSettings, metrics: dict) -> str:

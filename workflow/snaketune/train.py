@@ -555,7 +555,9 @@ def check_examples_apart(model, vocab_size: int, placement: Placement) -> None:
         model.train(was_training)
     packed_logits, alone_logits = packed.logits[:, 5:].float(), alone.logits.float()
     scale = float(alone_logits.abs().max().clamp(min=1.0))
-    if not torch.allclose(packed_logits, alone_logits, rtol=1e-3, atol=1e-3 * scale):
+    # Loose enough for bf16 and other kernels on the two lengths; a model that attends
+    # across examples is off by far more.
+    if not torch.allclose(packed_logits, alone_logits, rtol=2e-2, atol=2e-2 * scale):
         raise TrainingError(
             f"model {type(model).__name__} lets a packed example attend to the examples before "
             "it (its attention ignores the position ids that restart per example), so each "

@@ -110,19 +110,22 @@ def test_an_adapter_run_logs_the_adapter_and_serves_the_evaluated_answers(famili
     from snaketune.evaluation import CPU
     from snaketune.generation import generate_many
     from snaketune.models import load_trained
+    from snaketune.registry import process_tracking_uri
     from snaketune.settings import EvalSettings
 
     workdir, _ = families_run
     runs = json.loads((stage(families_run, family, "track") / "runs.json").read_text())
-    mlflow.set_tracking_uri(f"sqlite:///{workdir / 'results' / 'mlflow.db'}")
     model_uri = runs["model"]["uri"]
-    logged = Path(mlflow.artifacts.download_artifacts(model_uri)) / "artifacts" / "model"
+    # The process-wide tracking URI, set for this test and unset after it, as the track job
+    # does (snaketune.registry): the tests after it use their own stores.
+    with process_tracking_uri(f"sqlite:///{workdir / 'results' / 'mlflow.db'}"):
+        logged = Path(mlflow.artifacts.download_artifacts(model_uri)) / "artifacts" / "model"
+        served = mlflow.pyfunc.load_model(model_uri)
     weights = sorted(f.name for f in logged.glob("*.safetensors"))
     base = (workdir / "bases" / family / "model.safetensors").stat().st_size
     assert weights == ["adapter_model.safetensors"]  # no merged copy of the base
     assert folder_bytes(logged) < base / 5, (folder_bytes(logged), base)
 
-    served = mlflow.pyfunc.load_model(model_uri)
     answer = served.predict(pd.DataFrame({"text": [QUESTION]}))
     model_dir = stage(families_run, family, "train") / "model"
     model = load_trained(model_dir, "causal_lm").eval()

@@ -68,7 +68,7 @@ def servable(model_dir: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
+def process_tracking_uri(uri: str) -> Iterator[None]:
     """mlflow's log_model, and the registry's check of a version's models:/ source, use the
     process-wide tracking URI, not the client's."""
     import mlflow
@@ -110,7 +110,7 @@ def log_model(
 
     config = serving_config(task, evaluate, prompt_template, context)
     # The active run puts the logged model in the run's experiment (else: the default one).
-    with _tracking_uri(uri), mlflow.start_run(run_id=run_id):
+    with process_tracking_uri(uri), mlflow.start_run(run_id=run_id):
         return log_served(model_dir, config, logged_model_name(name), pip_requirements())
 
 
@@ -185,7 +185,7 @@ def register(client, name: str, info, record: VersionRecord) -> RegisteredModel:
     # the model is (the card's title and summary), not how it was measured.
     runs = f"Trained in run {record.run_ids['train']}, evaluated in {record.run_ids['evaluate']}."
     description = f"{record.card}\n{runs}\n" if record.card else record.description()
-    with _tracking_uri(client.tracking_uri):
+    with process_tracking_uri(client.tracking_uri):
         version = client.create_model_version(
             name,
             info.model_uri,

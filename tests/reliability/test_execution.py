@@ -3,6 +3,7 @@ leave nothing half-written under a final name, say what happened, and resume. Se
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import signal
@@ -419,12 +420,15 @@ def test_second_snakemake_on_the_same_results_refuses_and_loses_nothing(
     held = psutil.Process(first.pid)
     held = [held, *held.children(recursive=True)]
     for process in held:
-        process.suspend()
+        # A short-lived child may end between the listing and this: it needs no holding.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.suspend()
     try:
         second = run_snakemake(workdir, "--cores", "1")
     finally:
         for process in held:
-            process.resume()
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
 
     assert first.wait(timeout=600) == 0, (workdir / "first.log").read_text()[-3000:]
     assert second.returncode != 0

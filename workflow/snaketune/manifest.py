@@ -65,8 +65,9 @@ class StageRecord:
         return digest
 
 
-TIMINGS = ("seconds", "started_at")
-"""Manifest entries that differ on every run of the same stage."""
+TIMINGS = ("seconds", "started_at", "memory")
+"""Manifest entries that differ on every run of the same stage: its times, and the memory a
+train job measured (snaketune.train.memory_used)."""
 
 
 def manifest_digest(path: Path) -> str:

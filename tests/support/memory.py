@@ -12,13 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 
-def resident(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure(folder: str, model: dict, train: dict, context: int, vocab: int) -> dict:
     import torch
 
@@ -27,6 +20,7 @@ def measure(folder: str, model: dict, train: dict, context: int, vocab: int) -> 
     from snaketune.models import apply_lora, build_model
     from snaketune.settings import ModelSettings, TrainSettings
     from snaketune.train import forward, make_optimizer
+    from snaketune.train import resident_bytes as resident
 
     torch.set_num_threads(2)
     settings = ModelSettings(init="pretrained", name_or_path=folder, **model)

@@ -221,14 +221,22 @@ PRETRAINED = {"init": "pretrained", "name_or_path": "some/model"}
         ),
         ({}, {"save_merged": True}, "model.save_merged", "model.lora_rank is 0"),
         ({}, {"arch": "lstm", "dtype": "bfloat16"}, "model.dtype", "transformer settings"),
+        (
+            {},
+            {**PRETRAINED, "quantization": "4bit", "lora_rank": 8},
+            "model.quantization",
+            "classifier",
+        ),
     ],
-    ids=["scratch", "full-fine-tune", "cpu", "merged", "no-adapter", "lstm"],
+    ids=["scratch", "full-fine-tune", "cpu", "merged", "no-adapter", "lstm", "classifier"],
 )
 def test_weights_settings_that_cannot_work_are_refused_by_key(train, model, key, says):
     """Quantized weights train only under adapters, on CUDA; a quantized model is not merged."""
     from snaketune.config import ConfigError, validated
 
     config = copy.deepcopy(DEFAULT_CONFIG)
+    which = 1 if "classifier" in says else 0  # the demo's intent classifier
+    config["experiments"] = [config["experiments"][which]]
     config["experiments"][0]["train"].update(train)
     config["experiments"][0]["model"] = {**config["experiments"][0]["model"], **model}
     for owned in ("n_layer", "n_embd", "n_head", "dropout") if "init" in model else ():

@@ -288,8 +288,8 @@ def check_cuda_here():
             problems.append(
                 f"experiment {exp['name']!r}: model.quantization {exp['model']['quantization']} "
                 f"loads weights with bitsandbytes on CUDA, and {what}; install bitsandbytes "
-                "(pip install bitsandbytes) on a GPU machine, run under a cluster profile that "
-                "gives GPUs, or remove quantization"
+                f"({shlex.quote(sys.executable)} -m pip install bitsandbytes) on a GPU machine, "
+                "run under a cluster profile that gives GPUs, or remove quantization"
             )
         elif on_gpus and train["processes"] * train["nodes"] > len(devices):
             problems.append(
@@ -366,6 +366,12 @@ def plan_training_memory():
         vocab = exp["tokenizer"]["vocab_size"] if bpe else None
         shape = memory_plan.job_shape(exp["model"], vocab, context)
         if shape is None:
+            if train["max_memory_gb"]:  # set, and not checkable: say so rather than pass
+                print(
+                    f"snaketune: {name}: train.max_memory_gb is not checked: the model's size "
+                    "is known only once its job has the checkpoint or the tokenizer",
+                    file=sys.stderr,
+                )
             continue
         if dry_run:
             planned = memory_plan.plan(shape, exp["model"], train, context, cuda)

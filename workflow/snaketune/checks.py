@@ -9,7 +9,6 @@ in: a key the user set and the run would not use is refused, never silently drop
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from snaketune.names import CAUSAL_LM
@@ -55,6 +54,14 @@ def quantization_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
     if train["strategy"] == "fsdp":
         problems.append(
             ("model.quantization", "quantized weights are not sharded by fsdp: use ddp")
+        )
+    if exp["task"] != CAUSAL_LM:
+        problems.append(
+            (
+                "model.quantization",
+                "a classifier's adapters and head are saved merged into its weights, which "
+                "quantized weights cannot take: train the classifier without quantization",
+            )
         )
     return problems
 
@@ -255,18 +262,12 @@ def context_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
 def model_positions(name_or_path: str) -> int | None:
     """The position count a checkpoint's config.json gives, if the checkpoint is on this machine
     (a folder, or the Hugging Face cache); None when it cannot be read here."""
-    config = Path(name_or_path).expanduser() / "config.json"
-    if not config.is_file():
-        from huggingface_hub import try_to_load_from_cache
+    from snaketune.memory_plan import checkpoint_folder
 
-        try:
-            cached = try_to_load_from_cache(name_or_path, "config.json")
-        except ValueError:  # not a hub id either: the model stage will say what is missing
-            return None
-        if not isinstance(cached, str):
-            return None
-        config = Path(cached)
-    values = json.loads(config.read_text())
+    folder = checkpoint_folder(name_or_path)
+    if folder is None:
+        return None
+    values = json.loads((folder / "config.json").read_text())
     return next((int(values[k]) for k in POSITION_KEYS if isinstance(values.get(k), int)), None)
 
 

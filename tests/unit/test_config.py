@@ -148,6 +148,33 @@ def test_the_fast_encoder_asked_for_classification_is_refused_before_any_job():
     validated(with_classifier_encoder("auto")[0])  # auto picks tokenizers for classification
 
 
+def test_packings_that_cannot_keep_what_they_pack_apart_are_refused_by_key():
+    """documents_apart is for plain text (packed instruction examples are always kept apart);
+    the LSTM keeps nothing apart."""
+    from snaketune.config import ConfigError, validated
+
+    def experiment(plain: bool, arch: str, packing: str) -> dict:
+        config = copy.deepcopy(DEFAULT_CONFIG)
+        config["experiments"] = [config["experiments"][0]]  # the demo's instruction LM
+        if plain:
+            dataset = config["datasets"]["support-demo"]
+            del dataset["prompt_column"], dataset["response_column"]
+        config["experiments"][0]["tokenize"]["packing"] = packing
+        config["experiments"][0]["model"]["arch"] = arch
+        return config
+
+    refused = [
+        (experiment(False, "gpt2", "documents_apart"), "tokenize.packing: documents_apart is"),
+        (experiment(False, "lstm", "across_documents"), "model.arch: .*packed instruction"),
+        (experiment(True, "lstm", "documents_apart"), "model.arch: .*packed document"),
+    ]
+    for config, says in refused:
+        with pytest.raises(ConfigError, match=rf"experiments\[0\]\.{says}"):
+            validated(config)
+    validated(experiment(True, "gpt2", "documents_apart"))
+    validated(experiment(True, "lstm", "across_documents"))
+
+
 def test_greedy_decoding_refuses_the_sampling_settings_it_would_ignore():
     def problems(**keys) -> list[str]:
         config = config_with(**keys)

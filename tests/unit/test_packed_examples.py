@@ -1,18 +1,22 @@
 """Instruction examples packed into one row train as they would alone: their position ids
-restart per example and attention stops at example boundaries, in every model family."""
+restart per example and attention stops at example boundaries, in every model family; plain-text
+documents packed with tokenize.packing: documents_apart train and are scored likewise."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from snaketune import lm_loss
-from snaketune.batches import IGNORED_LABEL, TokenRows, example_positions
+from snaketune.batches import IGNORED_LABEL, TokenRows, document_positions, example_positions
 from snaketune.errors import TrainingError
 from snaketune.evaluation import CPU
 from snaketune.lean_gpt import LeanGPT
-from snaketune.names import TRAIN
+from snaketune.names import TEST, TRAIN
+from snaketune.perplexity import score_lm
 from snaketune.tokenize.shards import TokenizedData
 from snaketune.train import check_examples_apart, forward
 from tests.support.families import FAMILIES, tiny_causal_lm
@@ -144,3 +148,120 @@ def test_an_example_without_a_prompt_token_cannot_be_packed(tmp_path):
     writer = ShardWriter(tmp_path, INSTRUCTION_SCHEMA, 100)
     with pytest.raises(CorpusError, match="no prompt token"):
         pack_whole_examples(iter([(None, encoded)]), writer, 16)
+
+
+# Plain text, tokenize.packing: documents_apart: documents packed into full rows, each opened by
+# the EOS before it (snaketune.batches.TokenRows.separator).
+EOS = VOCAB - 1
+
+
+def document(length: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, EOS, length)
+
+
+def documents_batch(rows: list[list[np.ndarray]], scored: tuple[int, int]) -> dict:
+    """Rows of EOS-joined documents, each row opened by an EOS, right-padded, with labels only
+    on document `scored` (row, index): its tokens and the EOS that ends it."""
+    joined = [np.concatenate([[EOS], *[np.append(d, EOS) for d in row]]) for row in rows]
+    width = max(map(len, joined))
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    labels = np.full((len(rows), width), IGNORED_LABEL, dtype=np.int64)
+    for r, (row, row_ids) in enumerate(zip(rows, joined, strict=True)):
+        ids[r, : len(row_ids)] = row_ids
+        if r == scored[0]:
+            begin = 1 + sum(len(d) + 1 for d in row[: scored[1]])
+            end = begin + len(row[scored[1]]) + 1
+            labels[r, begin:end] = row_ids[begin:end]
+    real = np.arange(width) < np.array(list(map(len, joined)))[:, None]
+    batch = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+    positions = document_positions(ids, real, EOS)
+    if positions is not None and len(rows[scored[0]]) > 1:
+        batch["position_ids"] = torch.from_numpy(positions)
+    return batch
+
+
+@pytest.mark.parametrize("family", ["lean", *FAMILIES])
+def test_a_document_packed_after_others_trains_as_it_would_alone(family):
+    """Its tokens, predicted from the EOS before it on, and the EOS that ends it: the same
+    loss and gradients as the document alone after one EOS."""
+    model = model_of(family).train()
+    first, second, scored = document(9, 1), document(13, 2), document(11, 3)
+    packed = documents_batch([[first, second, scored], [document(7, 4)]], scored=(0, 2))
+    alone = documents_batch([[scored]], scored=(0, 0))
+    assert "position_ids" in packed and "position_ids" not in alone
+    assert packed["position_ids"][0].tolist() == [*range(10), *range(14), *range(12), 0]
+
+    packed_loss, packed_grads = loss_and_gradients(model, packed)
+    alone_loss, alone_grads = loss_and_gradients(model, alone)
+    assert packed_loss == pytest.approx(alone_loss, abs=1e-5)
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_evaluation_scores_each_document_kept_apart_as_it_would_alone():
+    """score_lm over the EOS-joined stream with the separator equals the sum of each document
+    scored alone after one EOS; without it, later documents see earlier ones."""
+    model = model_of("llama").eval()
+    documents = [document(9, 1), document(13, 2), document(11, 3)]
+    stream = np.concatenate([np.append(d, EOS) for d in documents])
+    byte_lengths = np.ones(VOCAB, dtype=np.int64)
+
+    def nll(tokens: np.ndarray, separator: int | None) -> float:
+        scored = score_lm(model, tokens, 64, 63, 4, byte_lengths, CPU, EOS, separator)
+        return scored["nll_sum"]
+
+    alone = sum(nll(np.append(d, EOS), None) for d in documents)
+    assert nll(stream, EOS) == pytest.approx(alone, abs=1e-4)
+    assert abs(nll(stream, None) - alone) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def documents_apart_data(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("apart")
+    return prepare_stage_data(root, "causal_lm", 256, packing="documents_apart")
+
+
+def test_rows_of_real_text_kept_apart_restart_their_positions_at_each_eos(documents_apart_data):
+    data = TokenizedData.read(
+        documents_apart_data["tokenize_manifest"], documents_apart_data["shards"]
+    )
+    assert data.job.keeps_documents_apart and data.job.keeps_packed_apart
+    rows = TokenRows.open(data, TRAIN)
+    assert rows.separator == data.eos_token_id
+    assert set(rows.lengths().tolist()) == {256}  # the full rows of across_documents
+    batch = rows.batch(np.arange(min(8, len(rows))))
+    ids, positions, labels = batch["input_ids"], batch["position_ids"], batch["labels"]
+    assert "attention_mask" not in batch
+    assert bool((labels == ids).all())  # every token is a target, the EOS included
+    restarts = positions[:, 1:] == 0
+    assert bool((restarts == (ids[:, 1:] == data.eos_token_id)).all())
+    assert int(restarts.sum(dim=1).max()) >= 2  # several documents a row
+
+
+def test_the_evaluate_stage_scores_documents_kept_apart_and_says_so(documents_apart_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    from snaketune.evaluation import evaluate_model
+    from snaketune.perplexity import token_byte_lengths
+    from snaketune.settings import EvalJob, EvalSettings
+    from tests.support.checkpoints import tiny_lm
+    from tests.support.stage_data import evaluate_paths
+
+    data = documents_apart_data
+    info = TokenizedData.read(data["tokenize_manifest"], data["shards"])
+    tokenizer = AutoTokenizer.from_pretrained(data["tokenizer"])
+    model = tiny_lm(json.loads(data["tokenize_manifest"].read_text()), 256)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    settings = EvalSettings(prompts=[], batch_size=4)
+    metrics = evaluate_model(evaluate_paths(data, tmp_path), EvalJob("causal_lm", settings))
+
+    assert "documents kept apart" in metrics["protocol"]
+    stream = TokenRows.open(info, TEST).stream()
+    eos, lengths = info.eos_token_id, token_byte_lengths(tokenizer)
+    scored = {
+        separator: score_lm(model.eval(), stream, 256, 255, 4, lengths, CPU, eos, separator)
+        for separator in (eos, None)
+    }
+    assert metrics["nll_sum"] == pytest.approx(scored[eos]["nll_sum"], rel=1e-6)
+    assert abs(scored[None]["nll_sum"] - scored[eos]["nll_sum"]) > 1e-3

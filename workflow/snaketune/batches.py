@@ -30,10 +30,16 @@ class TokenRows:
     task: str
     pad_token_id: int
     rows: np.ndarray | None = None
+    separator: int | None = None
+    """Plain-text documents kept apart (tokenize.packing: documents_apart): the token, EOS,
+    at which each document's run of positions starts. The EOS that ends a document opens the
+    next one's, as one EOS opens the stream the evaluation scores, so that every token is still
+    a target and the first token of a document is predicted from that EOS alone."""
 
     @classmethod
     def open(cls, data: TokenizedData, split: str) -> TokenRows:
-        return cls(data.arrays(split), data.task, data.pad_token_id)
+        separator = data.eos_token_id if data.job.keeps_documents_apart else None
+        return cls(data.arrays(split), data.task, data.pad_token_id, separator=separator)
 
     def __len__(self) -> int:
         return len(self.arrays) if self.rows is None else len(self.rows)
@@ -91,14 +97,17 @@ class TokenRows:
                 targets = self.arrays.targets[positions].astype(bool) & real
                 ignored |= ~targets
                 position_ids = example_positions(targets, real)
+            elif self.separator is not None:
+                position_ids = document_positions(ids, real, self.separator)
             labels = input_ids.masked_fill(torch.from_numpy(ignored), IGNORED_LABEL)
         else:
             labels = torch.from_numpy(self.arrays.labels[numbers].astype(np.int64))
         batch = {"input_ids": input_ids, "labels": labels}
         if position_ids is not None:
-            # Packed examples: positions that restart per example, from which the model masks
-            # attention at example boundaries (transformers does so only without an attention
-            # mask; right padding needs none under a causal mask, see snaketune.lean_gpt).
+            # Packed examples (or documents): positions that restart per example, from which
+            # the model masks attention at example boundaries (transformers does so only
+            # without an attention mask; right padding needs none under a causal mask, see
+            # snaketune.lean_gpt).
             batch["position_ids"] = torch.from_numpy(position_ids)
         elif not real.all():
             batch["attention_mask"] = torch.from_numpy(real.astype(np.int64))
@@ -130,11 +139,24 @@ def example_positions(targets: np.ndarray, real: np.ndarray) -> np.ndarray | Non
     example starts one more, which no real position attends to."""
     after_target = np.zeros_like(targets)
     after_target[:, 1:] = targets[:, :-1]
-    starts = ~targets & after_target
+    return restarting_positions(~targets & after_target, real)
+
+
+def document_positions(ids: np.ndarray, real: np.ndarray, separator: int) -> np.ndarray | None:
+    """Position ids that restart at each separator (EOS) of a batch of rows, which opens the
+    next document's run (TokenRows.separator); None when no row holds more than one run."""
+    return restarting_positions((ids == separator) & real, real)
+
+
+def restarting_positions(starts: np.ndarray, real: np.ndarray) -> np.ndarray | None:
+    """Positions that restart at 0 at each of `starts` and at each row's first token; None when
+    no row's real tokens hold more than one run. The padding after a row's last run continues
+    it, which no real position attends to under the causal mask."""
+    starts = starts.copy()
     starts[:, 0] = True
     if int((starts & real).sum(axis=1).max()) <= 1:
         return None
-    index = np.arange(targets.shape[1])
+    index = np.arange(starts.shape[1])
     last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
     return index - last_start
 

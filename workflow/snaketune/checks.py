@@ -12,7 +12,15 @@ import json
 from typing import Any
 
 from snaketune.names import CAUSAL_LM
-from snaketune.settings import AUTO, FAST_ENCODER, GREEDY, HF_ENCODER, NO_QUANTIZATION
+from snaketune.settings import (
+    ACROSS_DOCUMENTS,
+    AUTO,
+    DOCUMENTS_APART,
+    FAST_ENCODER,
+    GREEDY,
+    HF_ENCODER,
+    NO_QUANTIZATION,
+)
 
 CHECKPOINT_OWNS = ("n_layer", "n_embd", "n_head", "dropout")
 """Model keys a pretrained checkpoint decides for itself."""
@@ -274,21 +282,32 @@ def model_positions(name_or_path: str) -> int | None:
 def instruction_problems(
     exp: dict[str, Any], given: dict[str, Any], instruction: bool
 ) -> list[tuple[str, str]]:
-    """Answers are generated and scored only for instruction data; packed examples are kept
-    apart only by attention (snaketune.batches.example_positions), which the LSTM has not."""
+    """Answers are generated and scored only for instruction data; packed examples (and
+    documents_apart) are kept apart only by attention (snaketune.batches), which the LSTM has
+    not; documents_apart is a plain-text packing."""
     if exp["task"] != CAUSAL_LM:
         return []
+    packing = exp["tokenize"]["packing"]
+    if instruction and packing == DOCUMENTS_APART:
+        return [
+            (
+                "tokenize.packing",
+                "documents_apart is for plain text: packed instruction examples are always "
+                "kept apart; set tokenize.packing: across_documents (or per_document)",
+            )
+        ]
+    kept_apart = packing == (ACROSS_DOCUMENTS if instruction else DOCUMENTS_APART)
+    if kept_apart and exp["model"]["arch"] == "lstm":
+        return [
+            (
+                "model.arch",
+                "the LSTM would carry its state from one packed "
+                f"{'instruction example' if instruction else 'document'} into the next "
+                f"(tokenize.packing: {packing}): set tokenize.packing: per_document, or train "
+                "a transformer",
+            )
+        ]
     if instruction:
-        packed = exp["tokenize"]["packing"] == "across_documents"
-        if packed and exp["model"]["arch"] == "lstm":
-            return [
-                (
-                    "model.arch",
-                    "the LSTM would carry its state from one packed instruction example into "
-                    "the next (tokenize.packing: across_documents): set tokenize.packing: "
-                    "per_document, or train a transformer",
-                )
-            ]
         return []
     if "answer_examples" not in set_keys(given, "evaluate"):
         return []

@@ -71,6 +71,7 @@ def evaluate_lm(
         byte_lengths,
         placement,
         data.eos_token_id,
+        test.separator,
     )
     counted = count_words(tokenizer, stream, data.eos_token_id)
     metrics["words"] = counted.words
@@ -100,12 +101,20 @@ def evaluate_lm(
         f"test split as one token stream ({len(stream)} tokens: documents joined with EOS), "
         f"after one EOS, in windows of context_length={context} tokens every stride={stride} "
         "tokens; every token is predicted once, in the first window that predicts it "
-        f"({metrics['predicted_tokens']} predicted tokens). perplexity = exp(sum NLL / "
-        "predicted tokens); word_perplexity = exp(sum NLL / whitespace-separated words of the "
-        "documents); byte_perplexity = exp(sum NLL / UTF-8 bytes of the documents); "
+        f"({metrics['predicted_tokens']} predicted tokens)"
+        f"{DOCUMENTS_APART_PROTOCOL if test.separator is not None else ''}. "
+        "perplexity = exp(sum NLL / predicted tokens); word_perplexity = exp(sum NLL / "
+        "whitespace-separated words of the documents); byte_perplexity = exp(sum NLL / UTF-8 "
+        "bytes of the documents); "
         "bits_per_byte = sum NLL in bits / those bytes (EOS is predicted and adds no byte)"
     )
     return metrics
+
+
+DOCUMENTS_APART_PROTOCOL = (
+    "; documents kept apart (tokenize.packing: documents_apart): within a window, positions "
+    "restart at each EOS, so a token's context is its own document after the EOS before it"
+)
 
 
 def prompt_samples(model, tokenizer, settings: EvalSettings, context: int, placement):

@@ -269,6 +269,8 @@ def target_scores(
     chunk of positions at a time where the model's head allows, else from its logits."""
     parts = head_of(model)
     if parts is None:
+        if "position_ids" in inputs:  # packed runs: transformers masks them apart without a cache
+            inputs["use_cache"] = False
         logits = model(input_ids=input_ids, **inputs).logits.float()
         return scores_of_logits(logits, targets)
     hidden = parts.hidden(input_ids, **inputs)

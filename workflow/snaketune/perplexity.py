@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from snaketune.batches import document_positions
 from snaketune.devices import Placement, to_device
 from snaketune.lm_loss import target_scores
 
@@ -132,10 +133,23 @@ def window_ids(stream: np.ndarray, prefix: int | None, group: list[tuple[int, in
     return torch.from_numpy(ids)
 
 
-def add_group(model, sums: Sums, ids, group, byte_lengths: torch.Tensor, placement: Placement):
+def add_group(
+    model,
+    sums: Sums,
+    ids,
+    group,
+    byte_lengths: torch.Tensor,
+    placement: Placement,
+    separator: int | None = None,
+):
     """Add one batch of equal-length windows to the sums. Position j predicts token j + 1;
     the last position predicts nothing (its target is a placeholder the mask drops). The
     scores come a chunk of positions at a time (snaketune.lm_loss), never the whole logits."""
+    inputs = {}
+    if separator is not None:
+        positions = document_positions(ids.numpy(), np.ones(ids.shape, dtype=bool), separator)
+        if positions is not None:
+            inputs["position_ids"] = torch.from_numpy(positions)
     size = ids.size(1)
     begins = torch.tensor([begin for begin, _, _ in group])
     firsts = torch.tensor([first for _, _, first in group])
@@ -144,11 +158,10 @@ def add_group(model, sums: Sums, ids, group, byte_lengths: torch.Tensor, placeme
     mask = positions >= firsts[:, None]
     mask[:, -1] = False
     targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
-    ids, targets, mask = to_device(
-        {"ids": ids, "targets": targets, "mask": mask}, placement
-    ).values()
+    on_device = to_device({"input_ids": ids, "targets": targets, "mask": mask, **inputs}, placement)
+    mask, targets = on_device.pop("mask"), on_device["targets"]
     with placement.autocasting():
-        nll, top = target_scores(model, input_ids=ids, targets=targets)
+        nll, top = target_scores(model, **on_device)
     nll = nll.double() * mask
     sums.nll += nll.sum()
     sums.tokens += mask.sum()
@@ -168,9 +181,12 @@ def score_lm(
     byte_lengths: np.ndarray,
     placement: Placement,
     prefix: int | None = None,
+    separator: int | None = None,
 ) -> dict:
     """NLL of every token of `stream` (a memory-mapped array is read a window at a time),
-    after the `prefix` token when one is given."""
+    after the `prefix` token when one is given. With a `separator` (documents kept apart) a
+    window's positions restart at each separator token, so no token sees an earlier document
+    (snaketune.batches.TokenRows.separator)."""
     model.eval()
     length = len(stream) + (prefix is not None)
     sums = Sums.zeros(context, placement.device)
@@ -182,7 +198,7 @@ def score_lm(
         for i in range(0, len(same), batch_size):
             group = same[i : i + batch_size]
             ids = window_ids(stream, prefix, group)
-            add_group(model, sums, ids, group, lengths_on_device, placement)
+            add_group(model, sums, ids, group, lengths_on_device, placement, separator)
     nll, tokens = float(sums.nll), int(sums.tokens)
     n_bytes = int(sums.bytes)
     mean_by_position = (sums.by_position / sums.count_by_position.clamp(min=1)).cpu()

@@ -31,7 +31,8 @@ from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION, SPLITS, TASKS
 FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
 TXT_DOCUMENTS = ("line", "paragraph", "heading")
 AUTO = "auto"
-LM_PACKINGS = ("across_documents", "per_document")
+LM_PACKINGS = ("across_documents", "per_document", "documents_apart")
+ACROSS_DOCUMENTS, PER_DOCUMENT, DOCUMENTS_APART = LM_PACKINGS
 WEIGHT_DTYPES = (AUTO, "float32", "bfloat16")
 NO_QUANTIZATION = "none"
 QUANTIZATIONS = (NO_QUANTIZATION, "4bit", "8bit")
@@ -437,8 +438,9 @@ class TokenizeSettings:
     partitions: int | str = AUTO
     """Jobs for the train split's rows, or "auto": every split sized by its text (see
     snaketune.tokenize.plan)."""
-    packing: str = "across_documents"
-    """causal_lm: whether a row may span documents (see snaketune.tokenize.packing)."""
+    packing: str = ACROSS_DOCUMENTS
+    """causal_lm: whether a row may span documents, and whether they then see each other (see
+    snaketune.tokenize.packing)."""
     encoder: str = AUTO
     """Which encoder turns text into ids: "auto" (gigatoken when it gives the ids tokenizers
     gives on a sample of the train split, else tokenizers), "hf" or "gigatoken" (required)."""
@@ -488,8 +490,25 @@ class TokenizeJob:
     def packs_examples(self) -> bool:
         """Train rows may hold several instruction examples, which training keeps apart."""
         return (
-            self.task == CAUSAL_LM and self.instruction and self.tokenize.packing == LM_PACKINGS[0]
+            self.task == CAUSAL_LM
+            and self.instruction
+            and self.tokenize.packing == ACROSS_DOCUMENTS
         )
+
+    @property
+    def keeps_documents_apart(self) -> bool:
+        """Plain-text rows packed across documents, each document attending only to itself
+        (snaketune.batches.TokenRows.separator)."""
+        return (
+            self.task == CAUSAL_LM
+            and not self.instruction
+            and self.tokenize.packing == DOCUMENTS_APART
+        )
+
+    @property
+    def keeps_packed_apart(self) -> bool:
+        """A train row may hold several examples or documents, which training keeps apart."""
+        return self.packs_examples or self.keeps_documents_apart
 
 
 @dataclass(frozen=True)

@@ -540,8 +540,8 @@ def check_positions(model, context: int, settings: ModelSettings) -> None:
 
 @torch.no_grad()
 def check_examples_apart(model, vocab_size: int, placement: Placement) -> None:
-    """Packed instruction examples are kept apart by position ids that restart per example
-    (snaketune.batches.example_positions); a model family whose attention ignores them would
+    """Packed instruction examples (and documents_apart) are kept apart by position ids that
+    restart per example (snaketune.batches); a model family whose attention ignores them would
     let each answer see the examples before it. Checked with one forward pass of two examples
     in a row against the second alone, before the first step."""
     ids = torch.arange(1, 13)[None] % vocab_size
@@ -598,7 +598,7 @@ def prepare_run(
     model = apply_lora(model, model_settings, job.task)
     if not is_quantized(model):  # quantized weights are placed on their GPU as they load
         model = model.to(placement.device)
-    if data.job.packs_examples:
+    if data.job.keeps_packed_apart:
         check_examples_apart(model, data.vocab_size, placement)
     # DDP: rank 0's weights everywhere; FSDP: every process starts from the same seed. FSDP
     # shards the model itself (its root's forward gathers the head), so it keeps its own loss.
@@ -767,9 +767,9 @@ def train_as_main(
                 ),
                 # The loss: a chunk of positions at a time, or the model's own forward.
                 "loss": run.loss,
-                # Packed instruction examples: position ids restart per example, attention
-                # stays within each (snaketune.batches.example_positions).
-                "packed_examples_kept_apart": data.job.packs_examples,
+                # Packed instruction examples (or documents_apart): position ids restart per
+                # example, attention stays within each (snaketune.batches).
+                "packed_examples_kept_apart": data.job.keeps_packed_apart,
                 # The family trained (the checkpoint's, for a pretrained model).
                 "model_type": getattr(getattr(run.model, "config", None), "model_type", "lstm"),
                 "parameter_bytes_by_dtype": footprint["bytes_by_dtype"],

@@ -13,7 +13,7 @@ from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_dir, read_json
 from snaketune.manifest import recorded_paths, stage_manifest
 from snaketune.names import SPLITS, TRAIN
-from snaketune.settings import TokenizeJob
+from snaketune.settings import ACROSS_DOCUMENTS, DOCUMENTS_APART, TokenizeJob
 from snaketune.stages import GatherPaths
 from snaketune.tokenize.packing import PACKING, PartitionCounts
 from snaketune.tokenize.plan import split_plans
@@ -140,7 +140,7 @@ def refuse_without_answers(split_folder: Path, dtype: str, job: TokenizeJob) -> 
 
 
 def no_rows_message(split_file: str, job: TokenizeJob) -> str:
-    if job.layout == "across_documents":
+    if job.layout in (ACROSS_DOCUMENTS, DOCUMENTS_APART):
         return (
             f"split {split_file} produced no rows (fewer than block_size="
             f"{job.tokenize.block_size} tokens in every partition; lower block_size, use fewer "

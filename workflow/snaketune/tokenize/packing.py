@@ -8,7 +8,9 @@ dropped_remainder_tokens, so N partitions drop fewer than N * block_size tokens 
 blocks are otherwise those of one pass over the split. With packing "per_document" a row never
 holds two documents: each document is cut into rows of at most `block_size` tokens (its last
 row may be shorter, counted as short_rows, and is padded only in the training batch), nothing is
-dropped, and the rows are the same for any number of partitions.
+dropped, and the rows are the same for any number of partitions. Packing "documents_apart" makes
+the rows of "across_documents"; the batches then keep the documents apart
+(snaketune.batches.TokenRows.separator).
 Classification: one row per example, truncated to `max_length`, with an integer label.
 
 Instruction data (a causal LM trained on answers only): every example is its prompt's tokens
@@ -41,6 +43,10 @@ PACKING = {
     "across_documents": "documents joined with EOS and packed into block_size rows across "
     "document boundaries within each partition; each partition's final partial block is dropped "
     "(dropped_remainder_tokens)",
+    "documents_apart": "documents joined with EOS and packed into block_size rows across "
+    "document boundaries within each partition, as across_documents; training and evaluation "
+    "keep them apart (position ids restart at each EOS, attention stops there); each "
+    "partition's final partial block is dropped (dropped_remainder_tokens)",
     "per_document": "each document, ending with EOS, cut into rows of at most block_size tokens; "
     "no row holds two documents, a document's last row may be shorter (short_rows, padded and "
     "masked in training batches) and nothing is dropped",

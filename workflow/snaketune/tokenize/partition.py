@@ -16,7 +16,7 @@ from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_dir, read_json
 from snaketune.manifest import stage_manifest
 from snaketune.names import INSTRUCTION_COLUMNS, SEQUENCE_CLASSIFICATION, TRAIN
-from snaketune.settings import PartitionJob
+from snaketune.settings import PER_DOCUMENT, PartitionJob
 from snaketune.stages import PartitionPaths
 from snaketune.tokenize.encoder import encoded_batches, encoder_from_plan
 from snaketune.tokenize.packing import (
@@ -86,7 +86,7 @@ def tokenize_rows(
 
 def packing_of(job: PartitionJob):
     """The causal LM rows' packing function for this partition's split (packing's docstring)."""
-    per_document = job.tokenize.packing == "per_document"
+    per_document = job.tokenize.packing == PER_DOCUMENT
     if job.instruction:
         return pack_examples if per_document or job.split != TRAIN else pack_whole_examples
     return pack_documents if per_document else pack_blocks

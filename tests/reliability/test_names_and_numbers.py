@@ -13,6 +13,7 @@ real model) and checks the message, the exit code and that nothing was written o
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -181,3 +182,36 @@ def test_more_training_processes_on_gpus_than_the_machine_has_stop_before_any_jo
     assert run.returncode != 0
     assert "experiment 'demo-lm': train.processes 2 processes on 1 node(s)" in console
     assert "it has 1 ['0']; give at most 1, or device: cpu" in console
+
+
+FAKE_NVIDIA_SMI = """#!/bin/sh
+# A GPU of compute capability 7.5 (no bf16), as nvidia-smi describes it.
+case "$*" in
+  *compute_cap*) echo 7.5 ;;
+  *memory.total*) echo 15360 ;;
+  *) echo "GPU 0: Tesla T4 (UUID: GPU-00000000-0000-0000-0000-000000000000)" ;;
+esac
+"""
+
+
+def test_bf16_asked_of_gpus_without_it_stops_before_any_job(tmp_path, monkeypatch):
+    """Both settings that ask for bf16 by name are refused at once, naming each, on a machine
+    whose GPU has none (nvidia-smi describes it: a GPU cannot exist here, the check is the
+    workflow's own, before CUDA is initialised)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (fake / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    config = config_with(
+        experiments__0__model__dtype="bfloat16", experiments__1__train__precision="bf16"
+    )
+    (tmp_path / "run").mkdir()
+    run = snakemake_with(tmp_path / "run", config, "--cores", "1")
+    console = run.stdout + run.stderr
+    assert run.returncode != 0, console
+    assert "experiment 'demo-lm': model.dtype bfloat16 asks for bf16" in console
+    assert "experiment 'demo-intent': train.precision bf16 asks for bf16" in console
+    assert "compute capability [7.5]" in console
+    assert not (tmp_path / "run" / "results").exists()

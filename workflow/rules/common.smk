@@ -13,7 +13,12 @@ from snakemake.settings.types import DeploymentMethod
 
 from snaketune import joblog
 from snaketune.config import apply_preset, raise_if_invalid, validated
-from snaketune.gpus import DEVICES_VARIABLE, machine_devices, smallest_gpu_memory
+from snaketune.gpus import (
+    DEVICES_VARIABLE,
+    gpus_without_bf16,
+    machine_devices,
+    smallest_gpu_memory,
+)
 from snaketune import memory_plan
 from snaketune import resume
 from snaketune.live import Target, runs_table_url
@@ -291,6 +296,14 @@ def check_cuda_here():
                 f"({shlex.quote(sys.executable)} -m pip install bitsandbytes) on a GPU machine, "
                 "run under a cluster profile that gives GPUs, or remove quantization"
             )
+        elif on_gpus and devices and gpus_without_bf16() and bf16_asked(exp):
+            problems.append(
+                f"experiment {exp['name']!r}: {bf16_asked(exp)} asks for bf16, and this "
+                f"machine's GPUs of compute capability {gpus_without_bf16()} have none (bf16 "
+                "needs 8.0 or later): leave train.precision and model.dtype at auto (fp16 "
+                "autocast with a gradient scaler, float32 weights), or run where the GPUs have "
+                "bf16"
+            )
         elif on_gpus and train["processes"] * train["nodes"] > len(devices):
             problems.append(
                 f"experiment {exp['name']!r}: train.processes {train['processes']} processes on "
@@ -298,6 +311,13 @@ def check_cuda_here():
                 f"{len(devices)} {devices}; give at most {len(devices)}, or device: cpu"
             )
     raise_if_invalid(problems, "devices")
+
+
+def bf16_asked(exp: dict) -> str:
+    """The setting of the experiment that asks for bf16 by name, if any."""
+    if exp["model"]["dtype"] == "bfloat16":
+        return "model.dtype bfloat16"
+    return "train.precision bf16" if exp["train"]["precision"] == "bf16" else ""
 
 
 def bitsandbytes_here() -> bool:

@@ -38,15 +38,29 @@ def machine_devices() -> list[str]:
     return [str(i) for i, line in enumerate(found.stdout.splitlines()) if line.startswith("GPU")]
 
 
-def smallest_gpu_memory() -> float | None:
-    """Bytes of memory of this machine's smallest GPU (nvidia-smi; no CUDA initialised), or
-    None without one."""
+def gpu_numbers(field: str) -> list[float]:
+    """One number per GPU of this machine, as `nvidia-smi --query-gpu=FIELD` gives it (no CUDA
+    initialised); empty without nvidia-smi or where it cannot tell."""
     if shutil.which("nvidia-smi") is None:
-        return None
-    query = ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"]
+        return []
+    query = ["nvidia-smi", f"--query-gpu={field}", "--format=csv,noheader,nounits"]
     found = subprocess.run(query, capture_output=True, text=True, check=False).stdout.split()
-    sizes = [float(m) * 2**20 for m in found if m.replace(".", "", 1).isdigit()]
-    return min(sizes) if sizes else None
+    return [float(m) for m in found if m.replace(".", "", 1).isdigit()]
+
+
+def smallest_gpu_memory() -> float | None:
+    """Bytes of memory of this machine's smallest GPU, or None without one."""
+    sizes = gpu_numbers("memory.total")
+    return min(sizes) * 2**20 if sizes else None
+
+
+BF16_COMPUTE_CAPABILITY = 8.0
+"""bf16 arithmetic came with Ampere (compute capability 8.0)."""
+
+
+def gpus_without_bf16() -> list[float]:
+    """The compute capabilities of this machine's GPUs that have no bf16."""
+    return [c for c in gpu_numbers("compute_cap") if c < BF16_COMPUTE_CAPABILITY]
 
 
 def lock_folder() -> Path:

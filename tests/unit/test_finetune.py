@@ -389,3 +389,19 @@ def test_a_4bit_base_trains_its_adapters_on_cuda(tmp_path):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     save_adapter(model, settings, tmp_path / "adapter", "")
     assert is_quantized(load_trained(tmp_path / "adapter", "causal_lm", "cuda"))
+
+
+def test_a_quantized_base_whose_embedding_would_grow_is_refused_before_loading(tmp_path):
+    """New token rows could be kept only by merging them into quantized weights, which rounds
+    them: refused from the checkpoint's config, before any weight is read (so on the CPU too)."""
+    from tests.support.families import tiny_causal_lm
+
+    tiny_causal_lm("llama", 128).save_pretrained(tmp_path / "base")
+    settings = ModelSettings(
+        init="pretrained", name_or_path=str(tmp_path / "base"), lora_rank=4, quantization="4bit"
+    )
+    with pytest.raises(ModelError, match="tokenizer has 130 tokens .* embeds 128"):
+        build_model(settings, "causal_lm", 130, 16, 0, 0, [], "cpu")
+    plain = replace(settings, quantization="none")
+    grown = build_model(plain, "causal_lm", 130, 16, 0, 0, [], "cpu")
+    assert grown.get_input_embeddings().num_embeddings == 130

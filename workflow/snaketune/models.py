@@ -134,6 +134,7 @@ def build_model(
     )
     dtype = weights_dtype(settings, device_type)
     if settings.init == "pretrained":
+        refuse_growing_quantized(settings, vocab_size)
         model = _load_hf(
             settings.name_or_path,
             task,
@@ -159,6 +160,23 @@ def build_model(
 
     classes = (GPT2LMHeadModel, GPT2ForSequenceClassification)
     return classes[task != CAUSAL_LM](config).to(dtype)
+
+
+def refuse_growing_quantized(settings: ModelSettings, vocab_size: int) -> None:
+    """Before the weights load: a grown embedding's new rows are in neither the base nor the
+    adapter, so only a merged model would hold them, and quantized weights cannot be merged
+    without rounding."""
+    if settings.quantization == NO_QUANTIZATION:
+        return
+    rows = checkpoint_config(settings).vocab_size
+    if rows < vocab_size:
+        raise ModelError(
+            f"the tokenizer has {vocab_size} tokens and checkpoint {settings.name_or_path!r} "
+            f"embeds {rows}: its embedding would grow, and the new rows could be saved only "
+            f"merged into the model.quantization {settings.quantization} weights, which "
+            "rounds them away: use the checkpoint's own tokenizer (tokenizer.kind: pretrained, "
+            "tokenizer.name_or_path: the checkpoint), or remove model.quantization"
+        )
 
 
 def weights_dtype(settings: ModelSettings, device_type: str) -> torch.dtype:
@@ -313,12 +331,16 @@ def saves_adapter_alone(settings: ModelSettings, task: str, model: nn.Module) ->
         return False
     if settings.save_merged:
         return False
+    return model.get_input_embeddings().num_embeddings == checkpoint_config(settings).vocab_size
+
+
+def checkpoint_config(settings: ModelSettings):
+    """The pretrained checkpoint's transformers config (no weights read)."""
     from transformers import AutoConfig
 
-    base = AutoConfig.from_pretrained(
+    return AutoConfig.from_pretrained(
         settings.name_or_path, trust_remote_code=settings.trust_remote_code
     )
-    return model.get_input_embeddings().num_embeddings == base.vocab_size
 
 
 def save_adapter(model: nn.Module, settings: ModelSettings, out_dir: Path, source: str) -> None:

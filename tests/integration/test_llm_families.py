@@ -1,8 +1,9 @@
 """Pretrained LLMs of four families fine-tuned through the workflow on chat-formatted
 instruction data: tiny random Llama, Qwen2, Mistral and GPT-NeoX checkpoints (saved with
-save_pretrained, each with the same tokenizer carrying a chat template), with LoRA adapters or
-a full fine-tune. One snakemake run trains, evaluates, tracks and registers them all; the
-tests read its results, its MLflow store, and the registered models as a server loads them."""
+save_pretrained, each with the same tokenizer carrying a chat template), each with LoRA adapters
+and with a full fine-tune. One snakemake run trains, evaluates, tracks and registers them all;
+the tests read its results, its MLflow store, and the registered models as a server loads
+them."""
 
 from __future__ import annotations
 
@@ -19,14 +20,18 @@ from tests.support.workflow import DEFAULT_CONFIG, snakemake
 
 pytestmark = pytest.mark.slow
 
-RUNS = {"llama": 4, "qwen2": 0, "mistral": 4, "gpt_neox": 0}
-"""The family of each experiment, and its LoRA rank (0: a full fine-tune)."""
+RUNS = {
+    f"{family}-{mode}": (family, rank)
+    for family in ("llama", "qwen2", "mistral", "gpt_neox")
+    for mode, rank in (("lora", 4), ("full", 0))
+}
+"""Each experiment's family and LoRA rank (0: a full fine-tune)."""
 QUESTION = "Where is my parcel?"
 
 
-def experiment(family: str, rank: int, base: Path, chat: Path) -> dict:
+def experiment(name: str, rank: int, base: Path, chat: Path) -> dict:
     return {
-        "name": f"{family}-chat",
+        "name": name,
         "dataset": "support-demo",
         "task": "causal_lm",
         "text_template": None,  # the chat template composes the examples
@@ -62,14 +67,15 @@ def families_run(lm_data, tmp_path_factory) -> tuple[Path, dict]:
     chat.chat_template = CHAT_TEMPLATE
     chat.save_pretrained(workdir / "chat-tokenizer")
     experiments = []
-    for family, rank in RUNS.items():
-        torch.manual_seed(0)
+    for name, (family, rank) in RUNS.items():
         base = workdir / "bases" / family
-        model = tiny_causal_lm(family, len(chat))
-        model.config.eos_token_id = chat.eos_token_id
-        model.save_pretrained(base)
-        chat.save_pretrained(base)
-        experiments.append(experiment(family, rank, base, workdir / "chat-tokenizer"))
+        if not base.exists():
+            torch.manual_seed(0)
+            model = tiny_causal_lm(family, len(chat))
+            model.config.eos_token_id = chat.eos_token_id
+            model.save_pretrained(base)
+            chat.save_pretrained(base)
+        experiments.append(experiment(name, rank, base, workdir / "chat-tokenizer"))
     config = copy.deepcopy(DEFAULT_CONFIG)
     config.update(results_dir="results", experiments=experiments)
     config["mlflow"] = {**config["mlflow"], "experiment_name": "families"}
@@ -79,31 +85,33 @@ def families_run(lm_data, tmp_path_factory) -> tuple[Path, dict]:
     return workdir, config
 
 
-def stage(run: tuple[Path, dict], family: str, name: str) -> Path:
+def stage(run: tuple[Path, dict], experiment: str, name: str) -> Path:
     """results/<experiment>/<stage>: the experiment's own stage, or the link to a shared one."""
     workdir, _ = run
-    return workdir / "results" / f"{family}-chat" / name
+    return workdir / "results" / experiment / name
 
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
-@pytest.mark.parametrize("family", RUNS)
-def test_each_family_trains_with_the_chunked_loss_and_is_evaluated(families_run, family):
-    train = json.loads((stage(families_run, family, "train") / "manifest.json").read_text())
-    metrics = json.loads((stage(families_run, family, "evaluate") / "metrics.json").read_text())
+@pytest.mark.parametrize("name", RUNS)
+def test_each_family_trains_with_the_chunked_loss_and_is_evaluated(families_run, name):
+    family, rank = RUNS[name]
+    train = json.loads((stage(families_run, name, "train") / "manifest.json").read_text())
+    metrics = json.loads((stage(families_run, name, "evaluate") / "metrics.json").read_text())
     assert train["loss"] == "chunked" and train["model_type"] == family
-    assert train["saved_model"] == ("adapter" if RUNS[family] else "whole")
+    assert train["saved_model"] == ("adapter" if rank else "whole")
     trainable, total = train["counts"]["trainable_parameters"], train["counts"]["parameters"]
-    assert (trainable < total / 5) if RUNS[family] else trainable == total
+    assert (trainable < total / 5) if rank else trainable == total
     assert metrics["answer_perplexity"] > 1 and metrics["answer_tokens"] > 0
 
 
-@pytest.mark.parametrize("family", [f for f, rank in RUNS.items() if rank])
-def test_an_adapter_run_logs_the_adapter_and_serves_the_evaluated_answers(families_run, family):
+@pytest.mark.parametrize("name", RUNS)
+def test_the_registered_model_serves_the_evaluated_answers(families_run, name):
     """What MLflow holds for a LoRA run is the adapter (a small fraction of the base's bytes),
-    and the registered model, loaded as a server loads it, answers as evaluation's model does."""
+    for a full fine-tune the whole model; the registered model, loaded as a server loads it,
+    answers as evaluation's model does."""
     import mlflow
     import pandas as pd
 
@@ -114,7 +122,8 @@ def test_an_adapter_run_logs_the_adapter_and_serves_the_evaluated_answers(famili
     from snaketune.settings import EvalSettings
 
     workdir, _ = families_run
-    runs = json.loads((stage(families_run, family, "track") / "runs.json").read_text())
+    family, rank = RUNS[name]
+    runs = json.loads((stage(families_run, name, "track") / "runs.json").read_text())
     model_uri = runs["model"]["uri"]
     # The process-wide tracking URI, set for this test and unset after it, as the track job
     # does (snaketune.registry): the tests after it use their own stores.
@@ -123,11 +132,14 @@ def test_an_adapter_run_logs_the_adapter_and_serves_the_evaluated_answers(famili
         served = mlflow.pyfunc.load_model(model_uri)
     weights = sorted(f.name for f in logged.glob("*.safetensors"))
     base = (workdir / "bases" / family / "model.safetensors").stat().st_size
-    assert weights == ["adapter_model.safetensors"]  # no merged copy of the base
-    assert folder_bytes(logged) < base / 5, (folder_bytes(logged), base)
+    if rank:
+        assert weights == ["adapter_model.safetensors"]  # no merged copy of the base
+        assert folder_bytes(logged) < base / 5, (folder_bytes(logged), base)
+    else:
+        assert weights == ["model.safetensors"] and folder_bytes(logged) > base / 2
 
     answer = served.predict(pd.DataFrame({"text": [QUESTION]}))
-    model_dir = stage(families_run, family, "train") / "model"
+    model_dir = stage(families_run, name, "train") / "model"
     model = load_trained(model_dir, "causal_lm").eval()
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(model_dir)
     prompt = served.unwrap_python_model().prompts([QUESTION])

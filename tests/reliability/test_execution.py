@@ -357,29 +357,48 @@ SMALL_DEVICE = [
 
 @pytest.mark.slow
 def test_a_step_out_of_memory_is_taken_again_smaller_on_the_same_trajectory(lm_data, tmp_path):
+    """And batch_size auto finds the micro-batch that fits before the first step: both take
+    the steps of a run configured with it."""
     configured = TrainSettings(
         max_steps=20, batch_size=16, warmup_steps=2, eval_every=10, checkpoint_every=10
     )
-    small, straight = tmp_path / "small", tmp_path / "straight"
+    small, straight, auto = tmp_path / "small", tmp_path / "straight", tmp_path / "auto"
     adapted = run_train(lm_data, small, configured, *SMALL_DEVICE)
     assert adapted.returncode == 0, adapted.stderr[-3000:]
     for was, now in (("16 x 1", "8 x grad_accum 2"), ("8 x 2", "4 x grad_accum 4")):
         assert f"out of memory at step 1: taking it again with batch_size {now} (was {was})" in (
             adapted.stderr
         )
+    searched = run_train(
+        lm_data, auto, replace(configured, batch_size="auto", grad_accum=16), *SMALL_DEVICE
+    )
+    assert searched.returncode == 0, searched.stderr[-3000:]
     # The same examples per step: the weights of a run configured with what fitted.
     fitted = replace(configured, batch_size=4, grad_accum=4)
     assert run_train(lm_data, straight, fitted).returncode == 0
-    ours, theirs = (load_file(out / "model" / "model.safetensors") for out in (small, straight))
-    assert ours.keys() == theirs.keys()
-    for k in ours:  # to rounding: two processes' MKL products may round apart (README)
-        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-6)
+    theirs = load_file(straight / "model" / "model.safetensors")
+    for out in (small, auto):
+        ours = load_file(out / "model" / "model.safetensors")
+        assert ours.keys() == theirs.keys()
+        for k in ours:  # to rounding: two processes' MKL products may round apart (README)
+            torch.testing.assert_close(ours[k], theirs[k], rtol=1e-4, atol=1e-6)
     manifest = json.loads((small / "manifest.json").read_text())
     assert manifest["memory_retries"] == [
         {"step": 1, "cause": "out of memory", "batch_size": [16, 8], "grad_accum": [1, 2]},
         {"step": 1, "cause": "out of memory", "batch_size": [8, 4], "grad_accum": [2, 4]},
     ]
     assert manifest["counts"]["memory_retries"] == 2
+    manifest = json.loads((auto / "manifest.json").read_text())
+    assert manifest["micro_batch"] == {
+        "batch_size": 4,
+        "grad_accum": 4,
+        "tried": [
+            {"batch_size": 2, "fits": True},
+            {"batch_size": 4, "fits": True},
+            {"batch_size": 8, "fits": False},
+        ],
+    }
+    assert manifest["memory_retries"] == []
 
 
 @pytest.mark.slow

@@ -129,6 +129,23 @@ def test_memory_retries_set_with_several_processes_is_refused_not_ignored():
     validated(with_train(processes=2))  # the default asks nothing: several processes stay allowed
 
 
+def test_batch_size_auto_is_refused_where_its_search_cannot_work():
+    from snaketune.config import ConfigError, validated
+
+    def with_train(**train) -> dict:
+        config = copy.deepcopy(DEFAULT_CONFIG)
+        config["experiments"][0]["train"].update(train)
+        return config
+
+    (problem,) = schema_problems(with_train(batch_size="big"))
+    assert problem.startswith("experiments[0].train.batch_size")
+    with pytest.raises(ConfigError, match=r"train\.batch_size: auto searches .* in one process"):
+        validated(with_train(batch_size="auto", grad_accum=8, processes=2))
+    with pytest.raises(ConfigError, match=r"train\.batch_size: auto takes the examples per step"):
+        validated(with_train(batch_size="auto"))
+    validated(with_train(batch_size="auto", grad_accum=64))
+
+
 def test_the_fast_encoder_asked_for_classification_is_refused_before_any_job():
     import copy
 

@@ -115,3 +115,15 @@ def test_fsdp_splits_weights_gradients_and_moments_over_the_processes(llama):
     assert four.weights == pytest.approx(one.weights / 4)
     assert four.optimizer == pytest.approx(one.optimizer / 4)
     assert four.activations == one.activations
+
+
+def test_batch_size_auto_is_planned_at_the_one_row_it_needs_to_fit(llama):
+    from snaketune.settings import ModelSettings, TrainSettings
+
+    model = dict(ModelSettings(init="pretrained", name_or_path=str(llama)).__dict__)
+    shape = memory_plan.checkpoint_shape(llama, model)
+    auto = {**TrainSettings().__dict__, "batch_size": "auto", "grad_accum": 64}
+    one = {**TrainSettings().__dict__, "batch_size": 1, "grad_accum": 64}
+    planned = memory_plan.plan(shape, model, auto, 128, cuda=True)
+    assert planned == memory_plan.plan(shape, model, one, 128, cuda=True)
+    assert planned.micro_batch == (1, 128)

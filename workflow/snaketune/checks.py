@@ -129,18 +129,39 @@ def encoder_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def memory_retry_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:
-    """Out-of-memory retries need one process: with several, the others would wait on it."""
+    """Out-of-memory retries, and the search of batch_size auto, need one process: with
+    several, the others would wait on the one out of memory. batch_size auto takes its examples
+    per step from grad_accum."""
     train = exp["train"]
-    if "memory_retries" in set_keys(given, "train") and train["processes"] * train["nodes"] > 1:
-        return [
+    several = train["processes"] * train["nodes"] > 1
+    problems = []
+    if "memory_retries" in set_keys(given, "train") and several:
+        problems.append(
             (
                 "train.memory_retries",
                 f"is for one process; with train.processes {exp['train']['processes']} an "
                 "out-of-memory step is an error at once (the other processes would wait on it): "
                 "remove memory_retries, or lower batch_size and raise grad_accum",
             )
-        ]
-    return []
+        )
+    if train["batch_size"] == AUTO and several:
+        problems.append(
+            (
+                "train.batch_size",
+                "auto searches the micro-batch in one process (with several, the others would "
+                "wait on the one out of memory): give batch_size as a number",
+            )
+        )
+    elif train["batch_size"] == AUTO and train["grad_accum"] == 1:
+        problems.append(
+            (
+                "train.batch_size",
+                "auto takes the examples per step from train.grad_accum (as at batch_size 1), "
+                "which is 1, so the micro-batch could only be 1 row: set grad_accum to the "
+                "examples per step (e.g. 64)",
+            )
+        )
+    return problems
 
 
 def set_keys(given: dict[str, Any], section: str) -> set[str]:

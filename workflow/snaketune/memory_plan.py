@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from snaketune.settings import AUTO
+
 GB = 1e9
 CUDA_RESERVE = 1.0 * GB
 ACTIVATION_WIDTHS = (18, 6)
@@ -113,7 +115,7 @@ def plan(shape: Shape, model: dict[str, Any], train: dict[str, Any], context: in
         share = train["processes"] * train["nodes"]
         weight_bytes, trainable = weight_bytes / share, trainable / share
     act_bytes = 2 if cuda else 4
-    tokens = train["batch_size"] * context
+    tokens = micro_rows(train) * context
     per_token_layer = (
         ACTIVATION_WIDTHS[0] * shape.hidden + ACTIVATION_WIDTHS[1] * shape.intermediate
     ) * act_bytes
@@ -132,8 +134,14 @@ def plan(shape: Shape, model: dict[str, Any], train: dict[str, Any], context: in
         logits=logits,
         reserve=CUDA_RESERVE if cuda else 0.0,
         weights_dtype=dtype if model["quantization"] == "none" else model["quantization"],
-        micro_batch=(train["batch_size"], context),
+        micro_batch=(micro_rows(train), context),
     )
+
+
+def micro_rows(train: dict[str, Any]) -> int:
+    """Rows per micro-batch: batch_size auto needs at least one to fit (it searches upward from
+    there when the job starts)."""
+    return 1 if train["batch_size"] == AUTO else train["batch_size"]
 
 
 def planned_dtype(model: dict[str, Any], cuda: bool) -> str:
@@ -155,7 +163,7 @@ def fitting_changes(shape: Shape, model: dict, train: dict, context: int, cuda: 
         options.append(
             ("model.gradient_checkpointing: true", {**model, "gradient_checkpointing": True}, train)
         )
-    batch = train["batch_size"]
+    batch = micro_rows(train)
     while batch > 1:
         batch //= 2
         smaller = {

@@ -637,8 +637,10 @@ class ModelSettings:
 @dataclass(frozen=True)
 class TrainSettings:
     max_steps: int = 200
-    batch_size: int = 16
-    """Rows per micro-batch, per process."""
+    batch_size: int | str = 16
+    """Rows per micro-batch, per process; "auto": the largest micro-batch that fits, found
+    before the first step (snaketune.train.search_micro_batch), grad_accum then being the
+    examples per step (as at batch_size 1)."""
     grad_accum: int = 1
     memory_retries: int = 4
     """A step that runs out of memory is taken again with a smaller micro-batch and more
@@ -683,16 +685,34 @@ class TrainSettings:
     """Deterministic kernels; 'auto' is on for the CPU (exact resume), off on CUDA (fast)."""
 
     def __post_init__(self) -> None:
+        problems = []
         if self.precision in ("bf16", "fp16") and self.device == "cpu":
-            raise SettingsError(
-                [
-                    (
-                        "precision",
-                        f"{self.precision!r} is autocast on CUDA; train.device is 'cpu', which "
-                        "trains in fp32: set precision: fp32 (or auto), or device: cuda",
-                    )
-                ]
+            problems.append(
+                (
+                    "precision",
+                    f"{self.precision!r} is autocast on CUDA; train.device is 'cpu', which "
+                    "trains in fp32: set precision: fp32 (or auto), or device: cuda",
+                )
             )
+        if self.batch_size != AUTO and not (
+            isinstance(self.batch_size, int) and self.batch_size >= 1
+        ):
+            problems.append(
+                ("batch_size", f"must be {AUTO!r} or an integer >= 1, not {self.batch_size!r}")
+            )
+        raise_problems(problems)
+
+    @property
+    def searches_micro_batch(self) -> bool:
+        return self.batch_size == AUTO
+
+    @property
+    def configured_shape(self) -> tuple[int, int]:
+        """(rows per micro-batch, micro-batches per step) before any search or retry:
+        batch_size auto starts from micro-batches of one row."""
+        if self.searches_micro_batch:
+            return 1, self.grad_accum
+        return int(self.batch_size), self.grad_accum
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,9 @@ class Progress:
     memory_retries: list[dict] = field(default_factory=list)
     """Each step that ran out of memory and was taken again with half the micro-batch: the
     step, and batch_size and grad_accum before and after (see step_within_memory)."""
+    micro_batch: dict | None = None
+    """batch_size auto: the micro-batch the search before the first step found, and each size
+    it tried (see search_micro_batch)."""
 
 
 # --- set-up ------------------------------------------------------------------------------------
@@ -200,7 +203,7 @@ class Run:
     @property
     def batch_shape(self) -> tuple[int, int]:
         """Rows per micro-batch and micro-batches per step, as the steps take them now."""
-        return self.micro_batch or (self.settings.batch_size, self.settings.grad_accum)
+        return self.micro_batch or self.settings.configured_shape
 
     @property
     def device(self) -> torch.device:
@@ -630,7 +633,80 @@ def prepare_run(
 
 
 def resume_run(run: Run) -> Progress:
-    """The progress to train from: the checkpoint's, when snaketune.resume says it continues."""
+    """The progress to train from (the checkpoint's, when snaketune.resume says it continues),
+    with the micro-batch of batch_size auto: searched for once per run, before its first step."""
+    progress = resumed_progress(run)
+    if not run.settings.searches_micro_batch or run.world.size > 1:
+        return progress
+    if progress.micro_batch is None:
+        progress.micro_batch = search_micro_batch(run)
+        log.info(
+            "batch_size auto: micro-batches of %d rows x grad_accum %d (tried %s)",
+            progress.micro_batch["batch_size"],
+            progress.micro_batch["grad_accum"],
+            progress.micro_batch["tried"],
+        )
+    if not progress.memory_retries:  # a retry after the search is the micro-batch that fitted
+        run.micro_batch = (progress.micro_batch["batch_size"], progress.micro_batch["grad_accum"])
+    return progress
+
+
+def search_micro_batch(run: Run) -> dict:
+    """The largest micro-batch that fits, for batch_size auto: grad_accum is the examples per
+    step, and each of its divisors from 2 up is tried with the widest train rows (a forward and
+    backward pass, its gradients then dropped), doubling until one runs out of memory, then
+    bisecting between the last that fitted and it. The random state is restored after, so the
+    run takes the steps a run configured with the result would. One row is taken to fit (the
+    first step, and memory_retries, say otherwise)."""
+    examples = run.settings.grad_accum
+    sizes = [d for d in range(1, min(examples, len(run.train)) + 1) if examples % d == 0]
+    widest = np.argsort(-run.train.lengths(), kind="stable")
+    tried: dict[int, bool] = {}
+
+    def fits(index: int) -> bool:
+        rows = sizes[index]
+        tried[rows] = micro_batch_fits(run, run.train.batch(widest[:rows]))
+        return tried[rows]
+
+    random_state = rng_state()
+    try:
+        fitted, failed, index = 0, len(sizes), 1
+        while index < len(sizes) and fits(index):
+            fitted = index
+            index = next((i for i, d in enumerate(sizes) if d >= 2 * sizes[index]), len(sizes))
+        failed = min(index, failed)
+        while failed - fitted > 1:
+            middle = (fitted + failed) // 2
+            fitted, failed = (middle, failed) if fits(middle) else (fitted, middle)
+    finally:
+        set_rng_state(random_state)
+    rows = sizes[fitted]
+    return {
+        "batch_size": rows,
+        "grad_accum": examples // rows,
+        "tried": [{"batch_size": r, "fits": ok} for r, ok in sorted(tried.items())],
+    }
+
+
+def micro_batch_fits(run: Run, batch: dict[str, torch.Tensor]) -> bool:
+    """Whether one micro-batch's forward and backward pass runs within the device's memory
+    (its gradients are dropped either way)."""
+    run.model.train()
+    try:
+        backward(run, forward(run.step_model, batch, run.placement).loss)
+        return True
+    except (RuntimeError, MemoryError) as err:
+        if not is_out_of_memory(err):
+            raise
+        return False
+    finally:
+        run.optimizer.zero_grad(set_to_none=True)
+        if run.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def resumed_progress(run: Run) -> Progress:
+    """The checkpoint's progress, when snaketune.resume says it continues, else a fresh one."""
     run.state_dir.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
     fingerprint = resume.fingerprint(run.job, run.data_digest, run.model_source)
@@ -781,6 +857,8 @@ def train_as_main(
                 "schedule": progress.schedule,
                 # What each out-of-memory retry changed (empty: none was needed).
                 "memory_retries": progress.memory_retries,
+                # batch_size auto: the micro-batch found before the first step (None: given).
+                "micro_batch": progress.micro_batch,
                 # Which attempt this was, and why the one before it stopped (attempts).
                 **this_attempt,
             }
@@ -797,8 +875,10 @@ def memory_used(run: Run, data: TokenizedData, before_model: int) -> dict:
     job = run.job
     context = data.block_size if job.task == CAUSAL_LM else run.train.width()
     shape = memory_plan.job_shape(asdict(job.model), data.vocab_size, context)
+    # The plan of the micro-batch that trained (after a search or out-of-memory retries).
+    train = {**asdict(job.train), "batch_size": run.batch_shape[0]}
     planned = shape and memory_plan.plan(
-        shape, asdict(job.model), asdict(job.train), context, run.placement.cuda
+        shape, asdict(job.model), train, context, run.placement.cuda
     )
     if run.placement.cuda:
         peak = torch.cuda.max_memory_reserved(run.device)

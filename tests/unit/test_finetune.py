@@ -133,13 +133,40 @@ def test_sdpa_and_eager_attention_compute_the_same_logits():
 
 
 @pytest.mark.slow
-def test_torch_compile_trains_like_eager(lm_data, tmp_path):
-    settings = replace(QUICK, max_steps=3, warmup_steps=1)
-    compiled = run_training(
-        lm_data, tmp_path / "compiled", "causal_lm", TINY, replace(settings, compile=True)
-    )
+def test_torch_compile_trains_like_eager_and_a_second_job_loads_the_cached_graphs(
+    lm_data, tmp_path
+):
+    """Two compiling jobs of the same shape, one process each, sharing a compile cache (as the
+    workflow's jobs share <results_dir>/shared/compile_cache): the first compiles and stores
+    its graphs, the second finds them; both train as eager does, validation included."""
+    from snaketune.compile_cache import CACHE_VARIABLE
+
+    settings = replace(QUICK, max_steps=3, warmup_steps=1, eval_every=3, checkpoint_every=3)
+    cache = tmp_path / "cache"
+    env = {**os.environ, CACHE_VARIABLE: str(cache), "OMP_NUM_THREADS": "1"}
+    job = TrainJob("causal_lm", TINY, replace(settings, compile=True))
+    caches = []
+    for name in ("first", "second"):
+        command = [
+            sys.executable,
+            "-m",
+            "snaketune.cli",
+            *train_cli_args(lm_data, tmp_path / name, job),
+        ]
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        caches.append(json.loads((tmp_path / name / "manifest.json").read_text())["compile_cache"])
+    first, second = caches
+    assert first["folder"] == second["folder"] == str(cache)
+    assert first["fx_graph"]["misses"] > 0 and first["fx_graph"]["hits"] == 0
+    assert second["fx_graph"]["hits"] >= first["fx_graph"]["misses"]
+    assert second["aot_autograd"]["hits"] > 0
+
     plain = run_training(lm_data, tmp_path / "plain", "causal_lm", TINY, settings)
-    assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in plain], rel=1e-3)
+    for name in ("first", "second"):
+        compiled = [json.loads(line) for line in (tmp_path / name / "history.jsonl").open()]
+        assert [r["loss"] for r in compiled] == pytest.approx([r["loss"] for r in plain], rel=1e-3)
+        assert compiled[-1]["val_loss"] == pytest.approx(plain[-1]["val_loss"], rel=1e-4)
 
 
 def test_bert_classifier_fine_tunes_from_a_local_checkpoint(classification_data, tmp_path):

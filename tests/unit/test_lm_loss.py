@@ -145,3 +145,27 @@ def test_under_bf16_autocast_the_loss_is_the_model_s_own_to_bf16_rounding():
     ours.backward()
     assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-2)
     assert all(p.grad is not None and p.grad.dtype == p.dtype for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["lean", "llama"])
+def test_compiled_scoring_gives_the_eager_scores(family):
+    """train.compile's evaluation: score_lm's windows with the final hidden states compiled
+    (the lean GPT's own, a transformers model's body), equal to the eager scores."""
+    import numpy as np
+
+    from snaketune.evaluation import CPU
+    from snaketune.perplexity import score_lm
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm("gpt2" if family == "lean" else family, VOCAB).eval()
+    if family == "lean":
+        model = LeanGPT(model.config).eval()
+    stream = np.random.default_rng(0).integers(0, VOCAB, 94)  # three windows of 32
+    lengths = np.ones(VOCAB, dtype=np.int64)
+    eager = score_lm(model, stream, 32, 31, 2, lengths, CPU)
+    compiled = lm_loss.scoring(model, "default")
+    assert lm_loss.head_of(compiled) is not None  # the chunked scores, on compiled states
+    scored = score_lm(compiled, stream, 32, 31, 2, lengths, CPU)
+    assert scored["nll_sum"] == pytest.approx(eager["nll_sum"], rel=1e-5)
+    assert scored["next_token_accuracy"] == eager["next_token_accuracy"]

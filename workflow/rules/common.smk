@@ -12,6 +12,7 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 
 from snaketune import joblog
+from snaketune.compile_cache import CACHE_VARIABLE, workflow_folder
 from snaketune.config import apply_preset, raise_if_invalid, validated
 from snaketune.gpus import (
     DEVICES_VARIABLE,
@@ -63,6 +64,8 @@ apply_preset(config, workflow.config_settings.config)  # the --config values
 validated(config, workflow.basedir)  # every problem by key, before any job; defaults filled
 
 os.environ[REPOSITORY_VARIABLE] = str(workflow.basedir)  # the jobs' relative dataset paths
+# torch.compile's graphs, shared by the jobs (snaketune.compile_cache); the user's folder wins.
+os.environ.setdefault(CACHE_VARIABLE, str(workflow_folder(config["results_dir"])))
 if config["local_gpus"]:  # the devices snaketune.gpus hands out to local jobs
     os.environ[DEVICES_VARIABLE] = ",".join(str(device) for device in config["local_gpus"])
 # The interpreter of every job's command (snaketune.stages.INTERPRETER): this one, which loaded

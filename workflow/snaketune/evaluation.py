@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from snaketune import live, plots, tables
+from snaketune import compile_cache, live, lm_loss, plots, tables
 from snaketune.batches import TokenRows
 from snaketune.devices import Placement, place, to_device
 from snaketune.fileio import atomic_path, write_json
@@ -62,8 +62,9 @@ def evaluate_lm(
     # partial block. Read from the memory-mapped array a window at a time.
     stream = test.stream()
     byte_lengths = token_byte_lengths(tokenizer)
+    scorer = lm_loss.scoring(model, job.compile_mode)
     metrics = score_lm(
-        model,
+        scorer,
         stream,
         context,
         stride,
@@ -90,7 +91,7 @@ def evaluate_lm(
         answers, baseline, table = evaluate_answers(
             model, tokenizer, paths.train, paths.test, settings, context, placement
         )
-        metrics.update(answer_nll(model, test, settings.batch_size, placement, data.eos_token_id))
+        metrics.update(answer_nll(scorer, test, settings.batch_size, placement, data.eos_token_id))
         metrics.update(answers)
         metrics["baselines"]["retrieval"] = baseline
         metrics["answer_protocol"] = answer_protocol(settings, metrics)
@@ -264,6 +265,8 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob) -> dict:
         tables.csv_page(paths.samples, paths.samples_html, "Samples")
         live.current().log(live.numeric_metrics(metrics, live.EVAL_PREFIX), step=0)
         record.counts = {"test_rows": len(test)}
+        if job.compile_mode:  # what the compiled scoring found in the compile cache
+            record.extra["compile_cache"] = compile_cache.usage()
     headline = {k: v for k, v in metrics.items() if not isinstance(v, dict | list)}
     log.info("metrics: %s", json.dumps(headline))
     return metrics

@@ -260,6 +260,32 @@ def with_chunked_loss(model: nn.Module) -> nn.Module:
 # --- evaluation --------------------------------------------------------------------------------
 
 
+class CompiledScoring(nn.Module):
+    """A causal LM to score with (target_scores), compiled: its final hidden states by
+    torch.compile where its head allows the chunked scores (the chunks' matrix products and
+    log-sum-exp stay as they are), else its whole forward pass. The LM is its one submodule."""
+
+    def __init__(self, lm: nn.Module, mode: str):
+        super().__init__()
+        self.lm = lm
+        parts = head_of(lm)
+        hidden = parts and torch.compile(parts.hidden, mode=mode)
+        self._parts = (parts and Head(hidden, parts.head, parts.vocab_size),)
+        self._forward = torch.compile(lm, mode=mode) if parts is None else lm
+
+    def lm_head_parts(self) -> Head | None:
+        return self._parts[0]
+
+    def forward(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+
+def scoring(model: nn.Module, compile_mode: str | None) -> nn.Module:
+    """The model that evaluation's scores (target_scores) take: compiled in `compile_mode`
+    (train.compile), or the model itself."""
+    return CompiledScoring(model, compile_mode) if compile_mode else model
+
+
 @torch.no_grad()
 def target_scores(
     model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor, **inputs

@@ -65,9 +65,10 @@ class StageRecord:
         return digest
 
 
-TIMINGS = ("seconds", "started_at", "memory")
-"""Manifest entries that differ on every run of the same stage: its times, and the memory a
-train job measured (snaketune.train.memory_used)."""
+TIMINGS = ("seconds", "started_at", "memory", "compile_cache")
+"""Manifest entries that differ on every run of the same stage: its times, the memory a train
+job measured (snaketune.train.memory_used), and what a compiling job found in the compile cache
+(snaketune.compile_cache)."""
 
 
 def manifest_digest(path: Path) -> str:

@@ -41,6 +41,15 @@ HF_ENCODER = "hf"
 FAST_ENCODER = "gigatoken"
 """gigatoken, used when it gives the same ids (snaketune.tokenize.encoder)."""
 ENCODERS = (AUTO, HF_ENCODER, FAST_ENCODER)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+"""torch.compile's modes train.compile may name (true: "default")."""
+
+
+def compile_mode(setting: bool | str) -> str | None:
+    """train.compile as torch.compile's mode, or None: not compiled."""
+    return COMPILE_MODES[0] if setting is True else (setting or None)
+
+
 URL_SCHEMES = ("http", "https", "file", "hf")
 GREEDY, SAMPLE = DECODINGS = ("greedy", "sample")
 """evaluate.decoding: the most likely token each step, or top-k sampling at a temperature."""
@@ -664,8 +673,9 @@ class TrainSettings:
     """Keep the last checkpoint after training ends, so that a larger max_steps continues."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a better val loss (0: off); keeps the best."""
-    compile: bool = False
-    """torch.compile the model (worth it on GPUs; slow to start on CPU)."""
+    compile: bool | str = False
+    """torch.compile the model, in the given mode (true: "default"; see COMPILE_MODES), for
+    training, validation and evaluation (worth it on GPUs; slow to start on CPU)."""
     processes: int = 1
     """Processes launched by torchrun (DDP: NCCL on GPUs, gloo on CPU), per node."""
     nodes: int = 1
@@ -694,6 +704,10 @@ class TrainSettings:
                     "trains in fp32: set precision: fp32 (or auto), or device: cuda",
                 )
             )
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            problems.append(
+                ("compile", f"must be true, false or one of {COMPILE_MODES}, not {self.compile!r}")
+            )
         if self.batch_size != AUTO and not (
             isinstance(self.batch_size, int) and self.batch_size >= 1
         ):
@@ -701,6 +715,10 @@ class TrainSettings:
                 ("batch_size", f"must be {AUTO!r} or an integer >= 1, not {self.batch_size!r}")
             )
         raise_problems(problems)
+
+    @property
+    def compile_mode(self) -> str | None:
+        return compile_mode(self.compile)
 
     @property
     def searches_micro_batch(self) -> bool:
@@ -754,6 +772,12 @@ class EvalJob:
     device: str = "auto"
     """Where the model is evaluated: the train section's device and precision."""
     precision: str = "auto"
+    compile: bool | str = False
+    """The train section's compile: the model scored compiled (snaketune.lm_loss.scoring)."""
+
+    @property
+    def compile_mode(self) -> str | None:
+        return compile_mode(self.compile)
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -1032,6 +1056,7 @@ def eval_job(view: ConfigView, experiment: str) -> EvalJob:
         evaluate=evaluate,
         device=train.device,
         precision=train.precision,
+        compile=train.compile,
     )
 
 

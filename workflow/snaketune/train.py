@@ -34,7 +34,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snaketune import attempts, distributed, lean_gpt, live, lm_loss, memory_plan, plots, resume
+from snaketune import (
+    attempts,
+    compile_cache,
+    distributed,
+    lean_gpt,
+    live,
+    lm_loss,
+    memory_plan,
+    plots,
+    resume,
+)
 from snaketune.batches import IGNORED_LABEL, TokenRows, batch_indices
 from snaketune.checkpoint import (
     last_good,
@@ -195,6 +205,8 @@ class Run:
     in place starts the run again (snaketune.resume)."""
     loss: str = lm_loss.OWN_FORWARD
     """How the steps compute the loss (snaketune.lm_loss), for the manifest."""
+    scorer: torch.nn.Module | None = None
+    """The causal LM validation scores with: compiled with train.compile (lm_loss.scoring)."""
 
     @property
     def settings(self) -> TrainSettings:
@@ -384,7 +396,7 @@ def validate(run: Run) -> dict[str, float]:
     for start in range(0, rows, batch_size):
         batch = run.val.batch(np.arange(start, min(rows, start + batch_size)))
         if run.job.task == CAUSAL_LM:
-            nll += lm_nll_sum(model, batch, run.placement)
+            nll += lm_nll_sum(run.scorer or model, batch, run.placement)
             targets += int((batch["labels"][:, 1:] != IGNORED_LABEL).sum())
             continue
         out = forward(model, batch, run.placement)
@@ -611,8 +623,8 @@ def prepare_run(
     chunked = lm is not model or hasattr(model, "lm_head_parts")  # wrapped, or the lean GPT
     if world.size > 1:
         seed_everything(distributed.process_seed(settings.seed, world.rank))
-    if settings.compile:
-        step_model = torch.compile(step_model)
+    if settings.compile_mode:
+        step_model = torch.compile(step_model, mode=settings.compile_mode)
     return Run(
         model=model,
         step_model=step_model,
@@ -629,6 +641,7 @@ def prepare_run(
         scaler=torch.amp.GradScaler("cuda") if placement.scaled else None,
         label_names=data.label_names,
         loss=lm_loss.CHUNKED if chunked else lm_loss.OWN_FORWARD,
+        scorer=lm_loss.scoring(model, settings.compile_mode) if job.task == CAUSAL_LM else None,
     )
 
 
@@ -859,6 +872,8 @@ def train_as_main(
                 "memory_retries": progress.memory_retries,
                 # batch_size auto: the micro-batch found before the first step (None: given).
                 "micro_batch": progress.micro_batch,
+                # train.compile: the graphs found in the compile cache and those compiled.
+                "compile_cache": compile_cache.usage() if job.train.compile else None,
                 # Which attempt this was, and why the one before it stopped (attempts).
                 **this_attempt,
             }

@@ -1,11 +1,13 @@
 """One command for the day a GPU is at hand: is our trainer as fast as the GPU allows?
 
 On CUDA, a GPT-2 124M shape (12 x 768, context 1024, vocab 50,257) on synthetic tokens, at
-batch 16 and 32, for each of two models: the lean GPT (snaketune.lean_gpt, what scratch GPT-2
-trains as) and transformers' GPT2LMHeadModel (what it trained as before), each trained by
+batch 16 and at train.batch_size: auto (the largest micro-batch that fits of 64 examples per
+step), for each of two models: the lean GPT (snaketune.lean_gpt, what scratch GPT-2 trains as)
+and transformers' GPT2LMHeadModel (what it trained as before), each trained by
 
 1. bare: a nanoGPT-style loop (torch.compile, fused AdamW, bf16 autocast, random windows of the
-   memory-mapped token array copied from pinned memory, the loss read once at the end);
+   memory-mapped token array copied from pinned memory, the loss read once at the end), at
+   batch auto with the micro-batch ours found;
 2. ours: `snaketune.train.train_model`, as the rule runs it (train.compile, precision and
    attention at their GPU settings), on the same arrays;
 
@@ -13,17 +15,22 @@ then the tokens/s of each (after the first steps, which compile), against the ba
 GPT2LMHeadModel at the same batch, and the model FLOPs utilisation: (6 x parameters + 12 x
 layers x width x context) FLOPs per token x tokens/s, the parameters GPT-2's (the lean model's
 padded vocabulary rows do no useful work and are not counted), against the bf16 peak of a large
-matmul measured here and the device's published dense bf16 peak. Last, evaluation throughput:
-`snaketune.perplexity.score_lm` on the GPU. Each run starts from a fresh torch.compile (a
-compile is 20-40 s at 124M; compiled graphs cached on disk make repeats faster); a run is not
-started once --budget-s seconds have passed, so the whole check ends in bounded time, and the
-table says which were skipped. --json PATH writes the table as JSON.
+matmul measured here and the device's published dense bf16 peak. Each run starts from a fresh
+torch.compile (a compile is 20-40 s at 124M); a training run is not started once --budget-s
+seconds have passed, and the table says which were skipped.
 
-Without CUDA the same code runs a tiny shape on the CPU in fp32 in seconds (what CI runs); its
-figures say nothing about a GPU.
+Then, side by side: evaluation tokens/s (score_lm on HF GPT-2 as evaluation ran before the lean
+GPT; on the lean GPT eager and compiled, as train.compile's evaluation runs; HF's forward with an
+fp32 cross-entropy, eager and compiled: the loop users would write); a 5M-parameter classifier's
+milliseconds per step through train_model; and two train jobs of the same shape against a fresh
+compile cache (snaketune.compile_cache): each one's seconds and the graphs it found or compiled.
+--json PATH writes every figure as JSON.
+
+Without CUDA the same code runs a tiny shape on the CPU in fp32 in seconds (what CI runs), with
+the compiled rows and the compile cache left out; its figures say nothing about a GPU.
 
 Run: .venv/bin/python bench/gpu_check.py [--shape auto|gpt2-124m|tiny] [--steps N]
-     [--batches 16,32] [--budget-s 200] [--models lean,hf] [--compile-mode MODE] [--json PATH]
+     [--batches 16,auto] [--budget-s 150] [--models lean,hf] [--compile-mode MODE] [--json PATH]
 """
 
 from __future__ import annotations
@@ -148,16 +155,28 @@ def timed_steps(rows: list[dict], skip: int) -> float:
     return float(np.median([r["tokens_per_s"] for r in rows[skip:]]))
 
 
-def run_ours(data, out: Path, shape: Shape, cuda: bool, name: str) -> float:
+AUTO = "auto"
+AUTO_STEP_EXAMPLES = 64
+"""batch auto: the examples per step (train.grad_accum) whose largest micro-batch that fits
+train.batch_size: auto finds."""
+
+
+def run_ours(data, out: Path, shape: Shape, cuda: bool, name: str, batch=None) -> tuple:
+    """Tokens/s of train_model, and the micro-batch it trained with (batch auto: the one its
+    search found)."""
     from unittest import mock
 
     from snaketune import train
     from snaketune.settings import TrainJob
 
-    job = TrainJob("causal_lm", model_settings(shape), train_settings(shape, cuda))
+    settings = train_settings(shape, cuda)
+    if batch == AUTO:
+        settings = replace(settings, batch_size=AUTO, grad_accum=AUTO_STEP_EXAMPLES)
+    job = TrainJob("causal_lm", model_settings(shape), settings)
     with mock.patch.object(train, "build_model", model_builder(name)):
         history = train.train_model(data.train_paths(out), job)
-    return timed_steps(history, shape.steps // 4)
+    found = json.loads(data.train_paths(out).manifest.read_text())["micro_batch"]
+    return timed_steps(history, shape.steps // 4), found["batch_size"] if found else shape.batch
 
 
 def synchronize(device: torch.device) -> None:
@@ -241,35 +260,179 @@ def flops_per_token(model, shape: Shape) -> float:
     return 6 * params + 12 * shape.layers * shape.width * shape.context
 
 
-def eval_tokens_per_s(model, data, shape: Shape, placement) -> float:
+def eval_tokens_per_s(score, data, shape: Shape, placement) -> float:
+    """Tokens/s of `score` (tokens -> how many it predicted) over the test split's stream,
+    after a warm-up on its first windows (the first batches allocate, and a compiled model
+    compiles)."""
     from snaketune.batches import TokenRows
     from snaketune.names import TEST
-    from snaketune.perplexity import score_lm
     from snaketune.tokenize.shards import TokenizedData
 
     stream = TokenRows.open(TokenizedData.read(data.tokenize_manifest, data.shards), TEST).stream()
-    lengths = np.ones(shape.vocab, np.int64)
-
-    def score(tokens: np.ndarray) -> dict:
-        context, batch = shape.context, shape.batch
-        return score_lm(model, tokens, context, context - 1, batch, lengths, placement, 0)
-
-    score(stream[: shape.context * shape.batch])  # warm-up: the first batches allocate
+    score(stream[: shape.context * shape.batch * 2])
     synchronize(placement.device)
     started = time.perf_counter()
-    result = score(stream)
-    return result["predicted_tokens"] / (time.perf_counter() - started)
+    predicted = score(stream)
+    synchronize(placement.device)
+    return predicted / (time.perf_counter() - started)
+
+
+def with_score_lm(model, shape: Shape, placement):
+    """snaketune.perplexity.score_lm over windows of the context, stride context - 1."""
+    from snaketune.perplexity import score_lm
+
+    lengths = np.ones(shape.vocab, np.int64)
+    context = shape.context
+
+    def score(tokens: np.ndarray) -> int:
+        scored = score_lm(model, tokens, context, context - 1, shape.batch, lengths, placement, 0)
+        return scored["predicted_tokens"]
+
+    return score
+
+
+def with_hf_forward(model, shape: Shape, placement):
+    """The reference users would write: the model's forward on windows of the context (the
+    whole logits), then an fp32 cross-entropy, the NLL summed on the device."""
+    from torch.nn import functional as F
+
+    context, batch = shape.context, shape.batch
+
+    @torch.no_grad()
+    def score(tokens: np.ndarray) -> int:
+        rows = len(tokens) // context
+        ids = torch.from_numpy(np.asarray(tokens[: rows * context], np.int64)).view(rows, context)
+        total = torch.zeros((), device=placement.device)
+        for start in range(0, rows - batch + 1, batch):
+            window = ids[start : start + batch].to(placement.device, non_blocking=True)
+            with placement.autocasting():
+                logits = model(input_ids=window).logits
+            total += F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1), window[:, 1:].flatten(), reduction="sum"
+            )
+        total.item()
+        return (rows - rows % batch) * (context - 1)
+
+    return score
+
+
+def eval_rows(data, shape: Shape, placement) -> list[dict]:
+    """Evaluation tokens/s over the test split: score_lm (chunked scores) on HF GPT-2, as
+    evaluation ran it before the lean GPT; on the lean GPT, eager and compiled
+    (train.compile's evaluation, snaketune.lm_loss.scoring); and the reference loop, HF GPT-2's
+    forward with an fp32 cross-entropy, eager and compiled. Compiled rows run on CUDA only (a
+    CPU compile takes longer than this whole check)."""
+    from snaketune import lm_loss
+    from snaketune.models import build_model
+
+    args = (model_settings(shape), "causal_lm", shape.vocab, shape.context, 0, 0, [])
+    torch.manual_seed(1)
+    hf = hf_gpt2(*args, placement.device.type).to(placement.device).eval()
+    lean = build_model(*args, placement.device.type).to(placement.device).eval()
+    cuda = placement.cuda
+    runs = [
+        ("score_lm, HF GPT-2, eager", lambda: with_score_lm(hf, shape, placement)),
+        ("score_lm, lean GPT, eager", lambda: with_score_lm(lean, shape, placement)),
+        (
+            "score_lm, lean GPT, compiled",
+            cuda and (lambda: with_score_lm(lm_loss.scoring(lean, "default"), shape, placement)),
+        ),
+        ("HF forward + fp32 CE, eager", lambda: with_hf_forward(hf, shape, placement)),
+        (
+            "HF forward + fp32 CE, compiled",
+            cuda and (lambda: with_hf_forward(torch.compile(hf), shape, placement)),
+        ),
+    ]
+    rows = []
+    for what, scorer in runs:
+        fresh_compile(placement)
+        speed = eval_tokens_per_s(scorer(), data, shape, placement) if scorer else None
+        rows.append({"evaluation": what, "tokens_per_s": speed})
+    reference = rows[0]["tokens_per_s"]
+    for row in rows:
+        speed = row["tokens_per_s"]
+        row["vs_score_lm_hf_eager"] = speed / reference if speed and reference else None
+    return rows, hf
+
+
+def print_eval_table(rows: list[dict]) -> None:
+    print(f"{'evaluation (stride context - 1)':<34}{'tokens/s':>12}{'vs first':>10}")
+    for row in rows:
+        speed, ratio = row["tokens_per_s"], row["vs_score_lm_hf_eager"]
+        print(
+            f"{row['evaluation']:<34}{f'{speed:,.0f}' if speed else 'CUDA only':>12}"
+            f"{f'{ratio:.2f}x' if ratio else 'n/a':>10}"
+        )
+
+
+CLASSIFIER = {"n_layer": 6, "n_embd": 256, "n_head": 4}
+"""A 5M-parameter GPT-2 classifier: what a small model's step costs when the host sets its
+pace."""
+
+
+def classifier_ms_per_step(root: Path, placement, steps: int) -> tuple[float, int]:
+    """Median milliseconds per step of the 5M classifier trained by train_model on the demo's
+    intents (32 tokens a row, batch 32), after the first quarter of the steps; and its
+    parameters."""
+    from snaketune import local
+    from snaketune.names import SEQUENCE_CLASSIFICATION
+    from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+    from snaketune.train import train_model
+
+    config = local.demo_config(SEQUENCE_CLASSIFICATION)
+    data = local.prepare_data(config, local.DEMO_EXPERIMENT, root / "data")
+    settings = TrainSettings(
+        max_steps=steps,
+        batch_size=32,
+        eval_every=steps,
+        checkpoint_every=steps * 10,
+        keep_final_state=False,
+        compile=placement.cuda,
+        seed=1,
+    )
+    model = ModelSettings(**CLASSIFIER, dropout=0.1)
+    out = root / "classifier"
+    history = train_model(data.train_paths(out), TrainJob(SEQUENCE_CLASSIFICATION, model, settings))
+    times = [r["timestamp"] for r in history[steps // 4 :]]
+    parameters = json.loads(data.train_paths(out).manifest.read_text())["counts"]["parameters"]
+    return 1000 * (times[-1] - times[0]) / max(1, len(times) - 1), parameters
+
+
+def compile_cache_seconds(data, root: Path, shape: Shape, placement) -> list[dict] | None:
+    """Two train jobs of the same shape (the lean GPT, 20 steps) against a fresh compile cache,
+    as two jobs of a workflow or a sweep run: each job's seconds, compilation included, and
+    what it found in the cache (CUDA only: on the CPU nothing compiles)."""
+    import os
+
+    from snaketune.compile_cache import CACHE_VARIABLE
+
+    if not placement.cuda:
+        return None
+    os.environ[CACHE_VARIABLE] = str(root / "compile-cache")
+    jobs = []
+    for name in ("first job", "second job"):
+        fresh_compile(placement)
+        out = root / name.replace(" ", "-")
+        started = time.perf_counter()
+        run_ours(data, out, replace(shape, steps=20), True, LEAN)
+        usage = json.loads(data.train_paths(out).manifest.read_text())["compile_cache"]
+        jobs.append({"job": name, "seconds": time.perf_counter() - started, **usage})
+        shutil.rmtree(out, ignore_errors=True)
+    return jobs
 
 
 @dataclass
 class Result:
     model: str
     loop: str
-    batch: int
+    batch: int | str
+    """The micro-batch asked for: rows, or "auto" (train.batch_size: auto)."""
     tokens_per_s: float | None = None
     """None: not run (the time budget was spent)."""
     seconds: float = 0.0
     """The whole run, compilation included."""
+    micro_batch: int | None = None
+    """The rows per micro-batch it trained with."""
 
 
 def fresh_compile(placement) -> None:
@@ -287,9 +450,10 @@ def run_all(data, root: Path, shape: Shape, placement, batches, args) -> list[Re
     models = [m for m in (LEAN, HF) if MODEL_OPTIONS[m] in args.models.split(",")]
     results = []
     for batch in batches:
-        at_batch = replace(shape, batch=batch)
+        at_batch = replace(shape, batch=shape.batch if batch == AUTO else batch)
         for name in models:
-            for loop in (BARE, OURS):
+            # batch auto: ours searches the micro-batch, then the bare loop takes the same one.
+            for loop in (OURS, BARE) if batch == AUTO else (BARE, OURS):
                 result = Result(name, loop, batch)
                 results.append(result)
                 if time.perf_counter() - began > args.budget_s:
@@ -299,9 +463,13 @@ def run_all(data, root: Path, shape: Shape, placement, batches, args) -> list[Re
                 if loop == BARE:
                     mode = args.compile_mode
                     result.tokens_per_s = run_bare(data, at_batch, placement, name, mode)
+                    result.micro_batch = at_batch.batch
                 else:
                     out = root / f"ours-{len(results)}"
-                    result.tokens_per_s = run_ours(data, out, at_batch, placement.cuda, name)
+                    result.tokens_per_s, result.micro_batch = run_ours(
+                        data, out, at_batch, placement.cuda, name, batch
+                    )
+                    at_batch = replace(at_batch, batch=result.micro_batch)
                     shutil.rmtree(out, ignore_errors=True)  # 0.5 GB of weights at 124M
                 result.seconds = time.perf_counter() - started
                 print(
@@ -340,14 +508,15 @@ def percent(value: float | None) -> str:
 
 def print_table(rows: list[dict]) -> None:
     print(
-        f"{'model':<10}{'loop':<19}{'batch':>6}{'tokens/s':>12}{'vs HF bare':>11}"
+        f"{'model':<10}{'loop':<19}{'batch':>8}{'tokens/s':>12}{'vs HF bare':>11}"
         f"{'MFU measured':>14}{'MFU published':>15}"
     )
     for row in rows:
         speed = row["tokens_per_s"]
         ratio = row["vs_hf_bare"]
+        batch = row["batch"] if row["batch"] != AUTO else f"auto {row['micro_batch'] or '?'}"
         print(
-            f"{row['model']:<10}{row['loop']:<19}{row['batch']:>6}"
+            f"{row['model']:<10}{row['loop']:<19}{batch:>8}"
             f"{f'{speed:,.0f}' if speed else 'skipped':>12}"
             f"{f'{ratio:.2f}x' if ratio else 'n/a':>11}"
             f"{percent(row['mfu_measured_peak']):>14}{percent(row['mfu_published_peak']):>15}"
@@ -373,6 +542,16 @@ def targets(rows: list[dict]) -> str:
     return "; ".join(parts) or "no lean GPT run through our trainer"
 
 
+def other_targets(evaluation: list[dict], classifier_ms: float) -> str:
+    """Evaluation >= 2.5x score_lm as it ran before (HF GPT-2, eager); the 5M classifier
+    <= 8 ms a step."""
+    best = max((r["vs_score_lm_hf_eager"] or 0) for r in evaluation)
+    return (
+        f"evaluation >= 2.5x: {'yes' if best >= 2.5 else 'NO'} ({best:.2f}x); classifier <= 8 "
+        f"ms a step: {'yes' if classifier_ms <= 8 else 'NO'} ({classifier_ms:.1f} ms)"
+    )
+
+
 def compiled(cuda: bool, mode: str) -> str:
     if not cuda:
         return ""
@@ -385,8 +564,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["auto", *SHAPES], default="auto")
     parser.add_argument("--steps", type=int, default=0, help="training steps (0: the shape's)")
-    parser.add_argument("--batches", default="", help="comma-separated (default 16,32 on CUDA)")
-    parser.add_argument("--budget-s", type=float, default=200, help="no run starts after this")
+    parser.add_argument(
+        "--batches", default="", help="comma-separated rows or auto (default: 16,auto on CUDA)"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=150, help="no training run starts after this"
+    )
     parser.add_argument("--models", default="lean,hf", help="which of lean,hf to train")
     parser.add_argument(
         "--compile-mode",
@@ -401,20 +584,21 @@ def main() -> None:
     shape = SHAPES[args.shape if args.shape != "auto" else ("gpt2-124m" if cuda else "tiny")]
     if args.steps:
         shape = replace(shape, steps=args.steps)
-    batches = [int(b) for b in args.batches.split(",") if b] or (
-        [16, 32] if shape.name == "GPT-2 124M" else [shape.batch]
-    )
+    batches = [b if b == AUTO else int(b) for b in args.batches.split(",") if b] or [
+        16 if shape.name == "GPT-2 124M" else shape.batch,
+        AUTO,
+    ]
     placement = place("auto", "auto")
     measured, measured_how = matmul_peak_tflops(placement)
     published = published_peak(placement)
     with tempfile.TemporaryDirectory() as tmp:
         data = synthetic_data(Path(tmp) / "data", shape)
         results = run_all(data, Path(tmp), shape, placement, batches, args)
-        fresh_compile(placement)
-        torch.manual_seed(1)
-        args_hf = (model_settings(shape), "causal_lm", shape.vocab, shape.context, 0, 0, [])
-        reference = hf_gpt2(*args_hf, placement.device.type).to(placement.device)
-        eval_speed = eval_tokens_per_s(reference.eval(), data, shape, placement)
+        evaluation, reference = eval_rows(data, shape, placement)
+        classifier_ms, classifier_parameters = classifier_ms_per_step(
+            Path(tmp), placement, 300 if cuda else 20
+        )
+        compile_jobs = compile_cache_seconds(data, Path(tmp), shape, placement)
     per_token = flops_per_token(reference, shape)
     rows = table_rows(results, per_token, measured, published)
     name = torch.cuda.get_device_name(placement.device) if cuda else "CPU"
@@ -431,9 +615,25 @@ def main() -> None:
     ]
     print("\n".join(header))
     print_table(rows)
-    print(f"evaluation (score_lm, stride context - 1): {eval_speed:,.0f} tokens/s")
+    print_eval_table(evaluation)
+    print(
+        f"classifier ({classifier_parameters / 1e6:.1f}M parameters, batch 32 x 32 tokens, "
+        f"train_model): {classifier_ms:.1f} ms per step"
+    )
+    if compile_jobs:
+        print(
+            "compile cache: "
+            + "; ".join(
+                f"{j['job']} {j['seconds']:.0f} s (FX graphs: {j['fx_graph']['hits']} found, "
+                f"{j['fx_graph']['misses']} compiled)"
+                for j in compile_jobs
+            )
+        )
+    else:
+        print("compile cache: CUDA only (nothing compiles on the CPU here)")
     if cuda:
         print(f"targets (lean GPT through train_model): {targets(rows)}")
+        print(f"targets (evaluation, classifier): {other_targets(evaluation, classifier_ms)}")
     seconds = time.perf_counter() - began
     print(f"total: {seconds:.0f} s")
     if args.json:
@@ -446,7 +646,10 @@ def main() -> None:
             "matmul_peak_tflops": measured,
             "published_peak_tflops": published,
             "rows": rows,
-            "eval_tokens_per_s": eval_speed,
+            "evaluation": evaluation,
+            "classifier_ms_per_step": classifier_ms,
+            "classifier_parameters": classifier_parameters,
+            "compile_cache": compile_jobs,
             "seconds": seconds,
         }
         args.json.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """bench/gpu_check.py is the one command for a GPU: it must run wherever CI runs. Without CUDA
 it trains the tiny shape as the lean GPT and as GPT2LMHeadModel, each through the trainer and
-the bare loop, and scores it, on the CPU, and writes the table as JSON."""
+the bare loop, at batch 8 and at batch auto, scores it eagerly each way, times the 5M
+classifier, on the CPU, and writes the table as JSON."""
 
 from __future__ import annotations
 
@@ -41,9 +42,24 @@ def test_the_gpu_check_runs_its_cpu_shape_and_prints_every_figure(tmp_path):
     }
     assert all(float(speed.replace(",", "")) > 0 for _, _, speed, _ in rows)
     assert re.search(r"matmul peak: [\d.]+ TFLOP/s measured \(float32 1024\^3\)", out)
-    assert re.search(r"evaluation \(score_lm, stride context - 1\): [\d,]+ tokens/s", out)
+    # batch auto: ours searched the micro-batch (no memory limit on the CPU: all 64 examples of
+    # a step in one), and the bare loop trained with what it found.
+    auto = re.findall(
+        r"^(lean GPT|HF GPT-2)\s+(bare torch loop|ours: train_model)\s+auto (\d+)\s+[\d,]+",
+        out,
+        re.M,
+    )
+    assert len(auto) == 4 and {found for _, _, found in auto} == {"64"}
+    for what in ("score_lm, HF GPT-2, eager", "score_lm, lean GPT, eager"):
+        assert re.search(rf"^{re.escape(what)}\s+[\d,]+\s+[\d.]+x$", out, re.M), what
+    assert re.search(r"^score_lm, lean GPT, compiled\s+CUDA only", out, re.M)
+    assert re.search(r"classifier \(4\.9M parameters, .*\): [\d.]+ ms per step", out)
     table = json.loads(table_path.read_text())
-    assert [(r["model"], r["loop"], r["batch"]) for r in table["rows"]] == [
+    assert [(r["model"], r["loop"], r["batch"]) for r in table["rows"]][:4] == [
         (model, loop, 8) for model, loop, _, _ in rows
     ]
-    assert all(r["tokens_per_s"] > 0 for r in table["rows"]) and table["eval_tokens_per_s"] > 0
+    assert all(r["tokens_per_s"] > 0 for r in table["rows"])
+    assert [r["micro_batch"] for r in table["rows"] if r["batch"] == "auto"] == [64] * 4
+    speeds = {r["evaluation"]: r["tokens_per_s"] for r in table["evaluation"]}
+    assert speeds["score_lm, HF GPT-2, eager"] > 0 and speeds["HF forward + fp32 CE, eager"] > 0
+    assert table["classifier_ms_per_step"] > 0 and table["compile_cache"] is None

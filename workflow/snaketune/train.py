@@ -588,7 +588,7 @@ def prepare_run(
     if settings.threads:
         torch.set_num_threads(settings.threads)
     placement = place(settings.device, settings.precision, world.local_rank)
-    set_deterministic(deterministic(settings.deterministic, placement), settings.compile)
+    set_deterministic(deterministic(settings.deterministic, placement), bool(settings.compile_mode))
     seed_everything(settings.seed)
     train, val = TokenRows.open(data, TRAIN), TokenRows.open(data, VAL)
     if job.task == CAUSAL_LM:

@@ -74,10 +74,16 @@ def place(device: str, precision: str, local_rank: int = 0) -> Placement:
 
 
 def to_device(batch: dict[str, torch.Tensor], placement: Placement) -> dict[str, torch.Tensor]:
-    """A batch on the job's device: from pinned host memory without waiting, on CUDA."""
+    """A batch on the job's device: from pinned host memory without waiting, on CUDA (a
+    tensor there already, snaketune.prefetch's, as it is)."""
     if not placement.cuda:
         return batch
-    return {k: v.pin_memory().to(placement.device, non_blocking=True) for k, v in batch.items()}
+    return {
+        k: v
+        if v.device == placement.device
+        else v.pin_memory().to(placement.device, non_blocking=True)
+        for k, v in batch.items()
+    }
 
 
 def deterministic(setting: bool | str, placement: Placement) -> bool:

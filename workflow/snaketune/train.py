@@ -71,6 +71,7 @@ from snaketune.models import (
 )
 from snaketune.names import CAUSAL_LM, TRAIN, VAL
 from snaketune.perplexity import perplexity
+from snaketune.prefetch import BatchesAhead
 from snaketune.settings import ModelSettings, TrainJob, TrainSettings
 from snaketune.sources import model_source_digest
 from snaketune.stages import TrainPaths
@@ -207,6 +208,8 @@ class Run:
     """How the steps compute the loss (snaketune.lm_loss), for the manifest."""
     scorer: torch.nn.Module | None = None
     """The causal LM validation scores with: compiled with train.compile (lm_loss.scoring)."""
+    ahead: BatchesAhead | None = None
+    """The train micro-batches, each made while the one before it trains."""
 
     @property
     def settings(self) -> TrainSettings:
@@ -226,6 +229,25 @@ def backward(run: Run, loss: torch.Tensor) -> None:
     (run.scaler.scale(loss) if run.scaler else loss).backward()
 
 
+def micro_batch_rows(run: Run, step: int, micro: int) -> np.ndarray:
+    """The train rows of micro-batch `micro` of step `step` (snaketune.batches.batch_indices)."""
+    s, world = run.settings, run.world
+    batch_size, grad_accum = run.batch_shape
+    return batch_indices(
+        step, micro, batch_size, grad_accum, s.seed, len(run.train), world.size, world.rank
+    )
+
+
+def next_micro_batch(run: Run, step: int, micro: int) -> tuple[tuple, np.ndarray] | None:
+    """The key and rows of the micro-batch after this one (None after the last step's last),
+    for snaketune.prefetch to make while this one trains."""
+    batch_size, grad_accum = run.batch_shape
+    step, micro = (step, micro + 1) if micro + 1 < grad_accum else (step + 1, 0)
+    if step >= run.settings.max_steps:
+        return None
+    return (step, micro, batch_size), micro_batch_rows(run, step, micro)
+
+
 def one_step(run: Run, step: int, schedule: list[list]) -> tuple[dict, torch.Tensor]:
     """Step `step`: its history row, and its loss and gradient norm still on the device."""
     s, world = run.settings, run.world
@@ -235,12 +257,12 @@ def one_step(run: Run, step: int, schedule: list[list]) -> tuple[dict, torch.Ten
     loss_sum, tokens = torch.zeros((), device=run.device), 0
     batch_size, grad_accum = run.batch_shape
     for micro in range(grad_accum):
-        index = batch_indices(
-            step, micro, batch_size, grad_accum, s.seed, len(run.train), world.size, world.rank
+        batch, batch_tokens = run.ahead.take(
+            (step, micro, batch_size),
+            micro_batch_rows(run, step, micro),
+            next_micro_batch(run, step, micro),
         )
-        batch = run.train.batch(index)
-        mask = batch.get("attention_mask")
-        tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        tokens += batch_tokens
         with distributed.no_sync_unless(run.step_model, micro == grad_accum - 1):
             loss = forward(run.step_model, batch, run.placement).loss / grad_accum
             backward(run, loss)
@@ -489,8 +511,12 @@ def read_now(run: Run, step: int) -> bool:
 
 
 def train_steps(run: Run, progress: Progress) -> Progress:
-    with StopRequested() as stop:
-        return steps_until_done(run, progress, stop)
+    run.ahead = BatchesAhead(run.train, run.placement)
+    try:
+        with StopRequested() as stop:
+            return steps_until_done(run, progress, stop)
+    finally:
+        run.ahead.close()
 
 
 def steps_until_done(run: Run, progress: Progress, stop: StopRequested) -> Progress:

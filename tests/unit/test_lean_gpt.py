@@ -181,3 +181,34 @@ def test_a_run_checkpointed_as_transformers_gpt2_continues_as_the_lean_one(
     manifest = json.loads((tmp_path / "lean" / "manifest.json").read_text())
     assert manifest["counts"]["resumed_from_step"] == 6 and len(ours) == 12
     assert losses(ours) == pytest.approx(losses(theirs), abs=1e-5)
+
+
+def test_generation_with_the_kv_cache_static_or_not_is_generation_without_it(lm_data, tmp_path):
+    """The saved lean GPT generates through transformers' KV cache the tokens it would without
+    a cache, and with the static cache train.compile gives it on CUDA (prompts padded to a
+    multiple of 64 tokens; on the CPU generate() does not compile it) the same again."""
+    from transformers import AutoTokenizer
+
+    from snaketune.evaluation import CPU
+    from snaketune.generation import compile_generation, generate_many, uses_static_cache
+    from snaketune.settings import EvalSettings
+
+    tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
+    lean_model(len(tokenizer), 128).save_pretrained(tmp_path)
+    model = load_trained(tmp_path, "causal_lm").eval()
+    prompts = ["Customer: where is my parcel?\nAgent:", "Customer: hi\nAgent:"]
+    settings = EvalSettings(max_new_tokens=12)
+
+    ids = torch.tensor([tokenizer.encode(prompts[0])])
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+        uncached = model.generate(
+            input_ids=ids, max_new_tokens=12, do_sample=False, use_cache=False
+        )
+    assert cached.tolist() == uncached.tolist()
+
+    dynamic, _ = generate_many(model, tokenizer, prompts, settings, 128, CPU, batch_size=2)
+    compile_generation(model)
+    assert uses_static_cache(model)
+    static, _ = generate_many(model, tokenizer, prompts, settings, 128, CPU, batch_size=2)
+    assert static == dynamic and all(dynamic)

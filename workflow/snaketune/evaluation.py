@@ -23,7 +23,7 @@ from snaketune import compile_cache, live, lm_loss, plots, tables
 from snaketune.batches import TokenRows
 from snaketune.devices import Placement, place, to_device
 from snaketune.fileio import atomic_path, write_json
-from snaketune.generation import generate_many
+from snaketune.generation import compile_generation, generate_many
 from snaketune.manifest import stage_manifest
 from snaketune.metrics import load_metric
 from snaketune.models import is_quantized, load_trained, model_positions
@@ -241,6 +241,8 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob) -> dict:
         if not is_quantized(model):  # a quantized base is on its GPU already
             model = model.to(placement.device)
         tokenizer = AutoTokenizer.from_pretrained(paths.model)
+        if job.compile_mode and placement.cuda:
+            compile_generation(model)
         test = TokenRows.open(data, TEST)
         if job.task == CAUSAL_LM:
             metrics = evaluate_lm(model, tokenizer, test, data, job, paths, placement)

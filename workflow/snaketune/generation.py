@@ -5,7 +5,8 @@ attention keys and values of the tokens so far (no recomputation per token), man
 once, left-padded; the LSTM carries its hidden state from token to token. A prompt longer than
 the context is cut from the left, leaving room for the new tokens, and the sample says how many
 tokens it lost. Generation ends at EOS, at the token the tokenizer's chat template ends an
-assistant turn with (stop_ids), or after max_new_tokens.
+assistant turn with (stop_ids), or after max_new_tokens. With train.compile on CUDA the keys and
+values go to a static cache and generate() compiles the decoding step (compile_generation).
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def with_cache(
     `stop` is None); prompts left-padded to one width."""
     stop = stop_ids(tokenizer) if stop is None else stop
     width = max(map(len, batch))
+    if uses_static_cache(model):  # a few widths, so a few compiled shapes
+        width = -(-width // STATIC_WIDTH_STEP) * STATIC_WIDTH_STEP
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     inputs = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
@@ -119,6 +122,24 @@ def with_cache(
         **sampling,
     )
     return [until_stop(row, stop) for row in out[:, width:].tolist()]
+
+
+STATIC_WIDTH_STEP = 64
+"""With a static cache, prompts are left-padded to a multiple of this many tokens: the cache and
+the compiled decoding step then come in a few shapes, not one per prompt length."""
+
+
+def uses_static_cache(model) -> bool:
+    config = getattr(model, "generation_config", None)
+    return getattr(config, "cache_implementation", None) == "static"
+
+
+def compile_generation(model) -> None:
+    """Generation for train.compile on CUDA: a static KV cache, with which transformers'
+    generate() compiles the decoding step (once per shape: see STATIC_WIDTH_STEP). The LSTM, and
+    a model generate() cannot compile, generate as they are."""
+    if getattr(model, "_can_compile_fullgraph", False) and hasattr(model, "generation_config"):
+        model.generation_config.cache_implementation = "static"
 
 
 def until_stop(ids: list[int], stop: list[int]) -> list[int]:

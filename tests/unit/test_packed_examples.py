@@ -15,8 +15,10 @@ from snaketune.batches import IGNORED_LABEL, TokenRows, document_positions, exam
 from snaketune.errors import TrainingError
 from snaketune.evaluation import CPU
 from snaketune.lean_gpt import LeanGPT
+from snaketune.models import build_model
 from snaketune.names import TEST, TRAIN
 from snaketune.perplexity import score_lm
+from snaketune.settings import ModelSettings
 from snaketune.tokenize.shards import TokenizedData
 from snaketune.train import check_examples_apart, forward
 from tests.support.families import FAMILIES, tiny_causal_lm
@@ -36,6 +38,9 @@ def model_of(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if family == "lean":
         return LeanGPT(tiny_causal_lm("gpt2", VOCAB).config)
+    if family == "lean-llama":
+        settings = ModelSettings(arch="llama", n_layer=2, n_embd=32, n_head=2, dropout=0.0)
+        return build_model(settings, "causal_lm", VOCAB, 64, 0, 0, [])
     return tiny_causal_lm(family, VOCAB)
 
 
@@ -75,7 +80,7 @@ def loss_and_gradients(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("family", ["lean", *FAMILIES])
+@pytest.mark.parametrize("family", ["lean", "lean-llama", *FAMILIES])
 def test_an_answer_packed_after_others_trains_as_it_would_alone(family):
     model = model_of(family).train()
     first, second, answer = example(9, 4, 1), example(13, 6, 2), example(11, 5, 3)
@@ -180,7 +185,7 @@ def documents_batch(rows: list[list[np.ndarray]], scored: tuple[int, int]) -> di
     return batch
 
 
-@pytest.mark.parametrize("family", ["lean", *FAMILIES])
+@pytest.mark.parametrize("family", ["lean", "lean-llama", *FAMILIES])
 def test_a_document_packed_after_others_trains_as_it_would_alone(family):
     """Its tokens, predicted from the EOS before it on, and the EOS that ends it: the same
     loss and gradients as the document alone after one EOS."""

@@ -20,6 +20,7 @@ from snaketune.settings import (
     GREEDY,
     HF_ENCODER,
     NO_QUANTIZATION,
+    TRANSFORMERS,
 )
 
 CHECKPOINT_OWNS = ("n_layer", "n_embd", "n_head", "dropout")
@@ -263,7 +264,7 @@ def context_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
             )
         if (
             model["init"] == "scratch"
-            and model["arch"] == "gpt2"
+            and model["arch"] in TRANSFORMERS
             and context > tokenize["block_size"]
         ):
             problems.append(

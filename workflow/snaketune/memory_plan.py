@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from snaketune.settings import AUTO
+from snaketune.settings import AUTO, LLAMA, TRANSFORMERS, llama_inner_width
 
 GB = 1e9
 CUDA_RESERVE = 1.0 * GB
@@ -207,6 +207,17 @@ def scratch_shape(model: dict, vocab: int, context: int) -> Shape:
     return Shape(parameters, linear, lora, h, 4 * h, layers, vocab)
 
 
+def scratch_llama_shape(model: dict, vocab: int, context: int) -> Shape:
+    """Llama as snaketune.lean_llama builds it: tied head, no biases, rotary positions (no
+    table), a SwiGLU MLP; LoRA on peft's Llama targets (q_proj, v_proj)."""
+    h, layers = model["n_embd"], model["n_layer"]
+    inner = llama_inner_width(h)
+    linear = layers * (4 * h * h + 3 * h * inner)
+    parameters = linear + layers * 2 * h + vocab * h + h
+    lora = 2 * model["lora_rank"] * 2 * h * layers if model["lora_rank"] else 0
+    return Shape(parameters, linear, lora, h, inner, layers, vocab)
+
+
 def checkpoint_shape(folder: Path, model: dict) -> Shape:
     """A checkpoint's exact parameters (its safetensors headers) and widths (config.json)."""
     config = json.loads((folder / "config.json").read_text())
@@ -266,10 +277,13 @@ def job_shape(model: dict, vocab: int | None, context: int) -> Shape | None:
     """The shape of an experiment's model, or None: the LSTM, a model built here on a
     vocabulary not known yet (`vocab` None: a pretrained tokenizer's), or a checkpoint not on
     this machine (a hub id not in the cache says nothing until the job downloads it)."""
-    if model["arch"] != "gpt2":
+    if model["arch"] not in TRANSFORMERS:
         return None
     if model["init"] != "pretrained":
-        return scratch_shape(model, vocab, context) if vocab else None
+        if not vocab:
+            return None
+        build = scratch_llama_shape if model["arch"] == LLAMA else scratch_shape
+        return build(model, vocab, context)
     folder = checkpoint_folder(model["name_or_path"])
     if folder is None or not safetensors_shapes(folder):
         return None

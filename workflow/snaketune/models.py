@@ -21,7 +21,7 @@ from torch import nn
 
 from snaketune.errors import ModelError, not_loadable
 from snaketune.names import CAUSAL_LM
-from snaketune.settings import AUTO, NO_QUANTIZATION, ModelSettings
+from snaketune.settings import AUTO, LLAMA, NO_QUANTIZATION, ModelSettings
 
 LSTM_CONFIG = "snaketune_lstm.json"
 
@@ -148,6 +148,10 @@ def build_model(
             model.resize_token_embeddings(vocab_size)
         model.config.pad_token_id = pad_token_id
         return model
+    if settings.arch == LLAMA:
+        return scratch_llama(
+            settings, task, vocab_size, context, pad_token_id, eos_token_id, attention, labels
+        ).to(dtype)
     config = gpt2_config(
         settings, vocab_size, context, pad_token_id, eos_token_id, attention, **labels
     )
@@ -160,6 +164,30 @@ def build_model(
 
     classes = (GPT2LMHeadModel, GPT2ForSequenceClassification)
     return classes[task != CAUSAL_LM](config).to(dtype)
+
+
+def scratch_llama(
+    settings: ModelSettings,
+    task,
+    vocab_size,
+    context,
+    pad_token_id,
+    eos_token_id,
+    attention,
+    labels,
+) -> nn.Module:
+    """model.arch llama from scratch: the lean Llama for a causal LM, transformers' Llama for
+    LoRA adapters or a classifier (snaketune.lean_llama)."""
+    from snaketune.lean_llama import LeanLlama, llama_config
+
+    config = llama_config(
+        settings, vocab_size, context, pad_token_id, eos_token_id, attention, **labels
+    )
+    if task == CAUSAL_LM and not settings.lora_rank:
+        return LeanLlama(config)
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    return (LlamaForCausalLM, LlamaForSequenceClassification)[task != CAUSAL_LM](config)
 
 
 def refuse_growing_quantized(settings: ModelSettings, vocab_size: int) -> None:

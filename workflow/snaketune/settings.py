@@ -41,6 +41,17 @@ HF_ENCODER = "hf"
 FAST_ENCODER = "gigatoken"
 """gigatoken, used when it gives the same ids (snaketune.tokenize.encoder)."""
 ENCODERS = (AUTO, HF_ENCODER, FAST_ENCODER)
+GPT2, LLAMA, LSTM = "gpt2", "llama", "lstm"
+TRANSFORMERS = (GPT2, LLAMA)
+"""model.arch values that build transformers (the others: the LSTM baseline)."""
+
+
+def llama_inner_width(width: int) -> int:
+    """A scratch Llama's SwiGLU inner width: 8/3 of the model's (the MLP's parameters those of
+    a 4x GELU MLP), rounded up to a multiple of 64."""
+    return -(-8 * width // (3 * 64)) * 64
+
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 """torch.compile's modes train.compile may name (true: "default")."""
 
@@ -533,9 +544,10 @@ class PartitionJob(TokenizeJob):
 
 @dataclass(frozen=True)
 class ModelSettings:
-    arch: str = "gpt2"
+    arch: str = GPT2
     """'gpt2': a transformer (GPT-2 when built here; with init 'pretrained', the family the
-    checkpoint's config names); 'lstm': the LSTM baseline."""
+    checkpoint's config names); 'llama': a Llama built here (rotary positions, RMSNorm,
+    SwiGLU); 'lstm': the LSTM baseline."""
     init: str = "scratch"
     """'scratch' builds from the sizes below; 'pretrained' loads name_or_path."""
     name_or_path: str | None = None
@@ -570,9 +582,25 @@ class ModelSettings:
             problems.append(
                 ("gradient_checkpointing", "is a transformer setting; model.arch is 'lstm'")
             )
-        if self.arch == "gpt2" and self.n_embd % self.n_head:
+        if self.arch in TRANSFORMERS and self.n_embd % self.n_head:
             problems.append(
                 ("n_embd", f"{self.n_embd} is not divisible by model.n_head={self.n_head}")
+            )
+        elif self.arch == LLAMA and (self.n_embd // self.n_head) % 2:
+            problems.append(
+                (
+                    "n_embd",
+                    f"rotary positions turn pairs of each head's {self.n_embd // self.n_head} "
+                    "dimensions: make n_embd / n_head even",
+                )
+            )
+        if self.arch == LLAMA and self.init == "pretrained":
+            problems.append(
+                (
+                    "arch",
+                    "llama builds a Llama here; a pretrained checkpoint's architecture is its "
+                    "own (Llama's too): use model.arch: gpt2, which means a transformer",
+                )
             )
         if self.init == "pretrained" and not self.name_or_path:
             problems.append(("name_or_path", "required when model.init is 'pretrained'"))

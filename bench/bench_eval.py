@@ -5,13 +5,17 @@ process, side by side:
    fp32 cross-entropy summed in float64, the stream read from the memory-mapped token array);
 2. reference: the loop of Hugging Face's "Perplexity of fixed-length models" guide (one window
    per forward pass, the loss of each window times its target count), on the same stream;
-3. limit: the same batched windows through the model and nothing else (no loss, no sums).
+3. limit: the same batched windows through the model and nothing else (no loss, no sums);
+4. compiled: score_lm as the evaluate rule runs it with train.compile (snaketune.lm_loss.scoring:
+   the model's final hidden states through torch.compile), timed after a first pass compiled
+   every window shape; its perplexity must equal ours to 1e-5.
 
 With stride = context - 1 (our default) consecutive windows share one token and both loops
 predict every token once; the values must agree to 1e-6 relative. The reference counts one
 target more than it predicts (the first window's first token, which nothing predicts: its
 `trg_len` is the window's length), which the last column shows; ours counts each predicted
-token once at every stride. Ratios are speeds: ours/ref = reference seconds / our seconds.
+token once at every stride. Ratios are speeds: ours/ref = reference seconds / our seconds, compiled/ours = our
+seconds / compiled seconds.
 Data: the demo corpus through our data stages (the train split as the stream).
 
 Run: .venv/bin/python bench/bench_eval.py [--context 128] [--tokens 60000] [--batch-size 16]
@@ -28,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snaketune import local
+from snaketune import lm_loss, local
 from snaketune.batches import TokenRows
 from snaketune.evaluation import CPU
 from snaketune.models import build_model
@@ -109,21 +113,28 @@ def main() -> None:
             limit_s, _ = timed(
                 limit, model, prefixed.numpy(), args.context, stride, args.batch_size
             )
-            rows.append((stride, ours_s, ours, ref_s, ref_nll, ref_count, limit_s))
+            scorer = lm_loss.scoring(model, "default")
+            compiled_args = (scorer, stream, args.context, stride, args.batch_size, lengths)
+            score_lm(*compiled_args, CPU, eos)  # compiles each window shape
+            compiled_s, compiled = timed(score_lm, *compiled_args, CPU, eos)
+            assert abs(compiled["perplexity"] / ours["perplexity"] - 1) < 1e-5
+            rows.append((stride, ours_s, ours, ref_s, ref_nll, ref_count, limit_s, compiled_s))
 
     print(
         f"GPT-2 2 x 128 (random weights), {len(stream):,} tokens, context {args.context}, "
         f"batch {args.batch_size}, fp32 CPU, {torch.get_num_threads()} threads, best of {REPEATS}"
     )
     print(
-        f"{'stride':>7}{'ours s':>9}{'reference s':>13}{'limit s':>9}{'ours/ref':>10}"
-        f"{'ours/limit':>12}{'ours ppl':>12}{'ref ppl':>12}{'rel diff':>10}{'ref counted':>13}"
+        f"{'stride':>7}{'ours s':>9}{'reference s':>13}{'limit s':>9}{'compiled s':>12}"
+        f"{'ours/ref':>10}{'ours/limit':>12}{'compiled/ours':>15}{'ours ppl':>12}{'ref ppl':>12}"
+        f"{'rel diff':>10}{'ref counted':>13}"
     )
-    for stride, ours_s, ours, ref_s, ref_nll, ref_count, limit_s in rows:
+    for stride, ours_s, ours, ref_s, ref_nll, ref_count, limit_s, compiled_s in rows:
         ref_ppl = math.exp(ref_nll / ref_count)
         print(
-            f"{stride:>7}{ours_s:>9.2f}{ref_s:>13.2f}{limit_s:>9.2f}{ref_s / ours_s:>9.2f}x"
-            f"{limit_s / ours_s:>11.2f}x{ours['perplexity']:>12.4f}{ref_ppl:>12.4f}"
+            f"{stride:>7}{ours_s:>9.2f}{ref_s:>13.2f}{limit_s:>9.2f}{compiled_s:>12.2f}"
+            f"{ref_s / ours_s:>9.2f}x{limit_s / ours_s:>11.2f}x{ours_s / compiled_s:>14.2f}x"
+            f"{ours['perplexity']:>12.4f}{ref_ppl:>12.4f}"
             f"{abs(ours['perplexity'] - ref_ppl) / ref_ppl:>10.1e}"
             f"{ref_count:>8} of {ours['predicted_tokens']}"
         )

@@ -14,8 +14,8 @@ With stride = context - 1 (our default) consecutive windows share one token and 
 predict every token once; the values must agree to 1e-6 relative. The reference counts one
 target more than it predicts (the first window's first token, which nothing predicts: its
 `trg_len` is the window's length), which the last column shows; ours counts each predicted
-token once at every stride. Ratios are speeds: ours/ref = reference seconds / our seconds, compiled/ours = our
-seconds / compiled seconds.
+token once at every stride. Ratios are speeds: ours/ref = reference seconds / our seconds,
+compiled/ours = our seconds / compiled seconds.
 Data: the demo corpus through our data stages (the train split as the stream).
 
 Run: .venv/bin/python bench/bench_eval.py [--context 128] [--tokens 60000] [--batch-size 16]

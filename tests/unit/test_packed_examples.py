@@ -80,6 +80,15 @@ def loss_and_gradients(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
     return float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+def assert_trains_alike(model, packed: dict, alone: dict) -> None:
+    """The same loss (1e-5) and every gradient from the packed batch as from the one alone."""
+    packed_loss, packed_grads = loss_and_gradients(model, packed)
+    alone_loss, alone_grads = loss_and_gradients(model, alone)
+    assert packed_loss == pytest.approx(alone_loss, abs=1e-5)
+    for name, grad in alone_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("family", ["lean", "lean-llama", *FAMILIES])
 def test_an_answer_packed_after_others_trains_as_it_would_alone(family):
     model = model_of(family).train()
@@ -91,11 +100,7 @@ def test_an_answer_packed_after_others_trains_as_it_would_alone(family):
     assert "position_ids" in packed and "position_ids" not in alone
     assert packed["position_ids"][0].tolist()[9:33] == [*range(13), *range(11)]
 
-    packed_loss, packed_grads = loss_and_gradients(model, packed)
-    alone_loss, alone_grads = loss_and_gradients(model, alone)
-    assert packed_loss == pytest.approx(alone_loss, abs=1e-5)
-    for name, grad in alone_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_trains_alike(model, packed, alone)
 
 
 def test_without_restarting_positions_the_answer_would_see_the_examples_before_it():
@@ -196,11 +201,7 @@ def test_a_document_packed_after_others_trains_as_it_would_alone(family):
     assert "position_ids" in packed and "position_ids" not in alone
     assert packed["position_ids"][0].tolist() == [*range(10), *range(14), *range(12), 0]
 
-    packed_loss, packed_grads = loss_and_gradients(model, packed)
-    alone_loss, alone_grads = loss_and_gradients(model, alone)
-    assert packed_loss == pytest.approx(alone_loss, abs=1e-5)
-    for name, grad in alone_grads.items():
-        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert_trains_alike(model, packed, alone)
 
 
 def test_the_evaluation_scores_each_document_kept_apart_as_it_would_alone():

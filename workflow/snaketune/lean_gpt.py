@@ -76,14 +76,19 @@ class Attention(nn.Module):
             for t in self.c_attn(x).split(width, dim=2)
         )
         dropout = self.attn_pdrop if self.training else 0.0
-        if self.eager:
-            y = eager_attention(q, k, v, dropout, mask)
-        elif mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = attend(q, k, v, dropout, mask, self.eager)
         y = y.transpose(1, 2).contiguous().view(batch, length, width)
         return self.resid_dropout(self.c_proj(y))
+
+
+def attend(q, k, v, dropout: float, mask: torch.Tensor | None, eager: bool) -> torch.Tensor:
+    """Causal attention of [B, heads, T, d] queries, keys and values: torch's fused kernel on
+    its causal fast path without a `mask` (where each position may attend), else with it."""
+    if eager:
+        return eager_attention(q, k, v, dropout, mask)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
 
 def eager_attention(q, k, v, dropout: float, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -132,42 +137,27 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class LeanGPT(nn.Module):
-    """GPT-2 for causal LM, called as every model here is: model(input_ids=..., labels=...)
-    returning .loss and .logits. `config` is the transformers GPT2Config it saves as."""
+class LeanCausalLM(nn.Module):
+    """What the lean models share: called as every model here is, model(input_ids=...,
+    labels=...) returning .loss and .logits (the loss a chunk of positions at a time), a head
+    tied to a token embedding with padded rows, blocks checkpointed on demand, and a transformers
+    model to save as. A subclass makes `embedding`, `hidden_states` and `to_hf`."""
 
     _no_split_modules = ["Block"]  # what FSDP shards one by one (snaketune.distributed)
+    embedding: nn.Embedding
 
-    def __init__(self, config):
-        super().__init__()
-        self.config = config
-        attention = config._attn_implementation or "sdpa"
-        self.transformer = nn.ModuleDict(
-            {
-                "wte": nn.Embedding(padded_vocab(config.vocab_size), config.n_embd),
-                "wpe": nn.Embedding(config.n_positions, config.n_embd),
-                "drop": nn.Dropout(config.embd_pdrop),
-                "h": nn.ModuleList(Block(config, attention) for _ in range(config.n_layer)),
-                "ln_f": nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
-            }
-        )
-        self.lm_head = nn.Linear(config.n_embd, padded_vocab(config.vocab_size), bias=False)
-        self.lm_head.weight = self.transformer.wte.weight
+    def tie_head(self, width: int) -> None:
+        """The output head: the embedding itself; its padded rows zero (no token id reaches
+        them, so no gradient moves them)."""
+        self.lm_head = nn.Linear(width, self.embedding.weight.size(0), bias=False)
+        self.lm_head.weight = self.embedding.weight
         self.checkpointing: dict | None = None
         self.apply(self._init_weights)
-        with torch.no_grad():  # rows no token id reaches: zero, and no gradient moves them
-            self.transformer.wte.weight[config.vocab_size :].zero_()
+        with torch.no_grad():
+            self.embedding.weight[self.config.vocab_size :].zero_()
 
     def _init_weights(self, module: nn.Module) -> None:
-        # GPT-2's: N(0, 0.02) weights, zero biases, and the projections that add to the
-        # residual stream (two per block) scaled down by sqrt(2 x layers).
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear | nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        if isinstance(module, Attention | Mlp):
-            nn.init.normal_(module.c_proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
+        raise NotImplementedError
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, **_):
         # attention_mask: padding is on the right, which a causal mask already keeps from every
@@ -179,19 +169,16 @@ class LeanGPT(nn.Module):
         return SimpleNamespace(logits=None, loss=lm_loss.causal_lm_loss(parts, hidden, labels))
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        """The final LayerNorm's output; `position_ids` that restart mark packed examples."""
-        if position_ids is None:
-            positions, mask = torch.arange(input_ids.size(1), device=input_ids.device), None
-        else:
-            positions, mask = position_ids, example_mask(position_ids)
-        wte, wpe = self.transformer.wte, self.transformer.wpe
-        x = self.transformer.drop(wte(input_ids) + wpe(positions))
-        for block in self.transformer.h:
+        raise NotImplementedError
+
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor, *args) -> torch.Tensor:
+        """x through each block, recomputed in the backward pass when checkpointing."""
+        for block in blocks:
             if self.checkpointing is not None and self.training:
-                x = checkpoint(block, x, mask, **self.checkpointing)
+                x = checkpoint(block, x, *args, **self.checkpointing)
             else:
-                x = block(x, mask)
-        return self.transformer.ln_f(x)
+                x = block(x, *args)
+        return x
 
     def lm_head_parts(self) -> lm_loss.Head:
         """The hidden states and the tied head, its padded rows left out (snaketune.lm_loss)."""
@@ -209,14 +196,61 @@ class LeanGPT(nn.Module):
         return self.checkpointing is not None
 
     def real_parameter_count(self) -> int:
-        """Parameters of the GPT-2 it saves as: without the padded embedding rows."""
-        padding = self.transformer.wte.weight.size(0) - self.config.vocab_size
-        return sum(p.numel() for p in self.parameters()) - padding * self.config.n_embd
+        """Parameters of the transformers model it saves as: without the padded embedding rows."""
+        rows, width = self.embedding.weight.shape
+        return sum(p.numel() for p in self.parameters()) - (rows - self.config.vocab_size) * width
 
     def save_pretrained(self, out_dir: Path, state_dict: dict | None = None) -> None:
-        """A transformers GPT-2 folder (config.json with the real vocabulary, model.safetensors
-        in GPT2LMHeadModel's layout); `state_dict`: whole weights gathered from FSDP shards."""
+        """A transformers folder of the model it saves as; `state_dict`: whole weights gathered
+        from FSDP shards."""
         self.to_hf(state_dict).save_pretrained(out_dir)
+
+    def to_hf(self, state_dict: dict | None = None):
+        raise NotImplementedError
+
+
+class LeanGPT(LeanCausalLM):
+    """GPT-2 for causal LM. `config` is the transformers GPT2Config it saves as."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        attention = config._attn_implementation or "sdpa"
+        self.transformer = nn.ModuleDict(
+            {
+                "wte": nn.Embedding(padded_vocab(config.vocab_size), config.n_embd),
+                "wpe": nn.Embedding(config.n_positions, config.n_embd),
+                "drop": nn.Dropout(config.embd_pdrop),
+                "h": nn.ModuleList(Block(config, attention) for _ in range(config.n_layer)),
+                "ln_f": nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+            }
+        )
+        self.tie_head(config.n_embd)
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2's: N(0, 0.02) weights, zero biases, and the projections that add to the
+        # residual stream (two per block) scaled down by sqrt(2 x layers).
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        if isinstance(module, Attention | Mlp):
+            nn.init.normal_(module.c_proj.weight, 0.0, std / math.sqrt(2 * self.config.n_layer))
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+        """The final LayerNorm's output; `position_ids` that restart mark packed examples."""
+        if position_ids is None:
+            positions, mask = torch.arange(input_ids.size(1), device=input_ids.device), None
+        else:
+            positions, mask = position_ids, example_mask(position_ids)
+        wte, wpe = self.transformer.wte, self.transformer.wpe
+        x = self.transformer.drop(wte(input_ids) + wpe(positions))
+        return self.transformer.ln_f(self.run_blocks(self.transformer.h, x, mask))
 
     def to_hf(self, state_dict: dict | None = None):
         """The GPT2LMHeadModel it saves as, with its weights (or `state_dict`'s): the model

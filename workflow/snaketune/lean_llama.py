@@ -17,16 +17,12 @@ block-diagonal causal mask, as in the lean GPT.
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 
-from snaketune import lm_loss
-from snaketune.lean_gpt import eager_attention, example_mask, padded_vocab
+from snaketune.lean_gpt import LeanCausalLM, attend, example_mask, padded_vocab
 from snaketune.settings import llama_inner_width
 
 EMBEDDING = "model.embed_tokens.weight"
@@ -108,13 +104,7 @@ class Attention(nn.Module):
             for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
         q, k = rotate(q, *rotary), rotate(k, *rotary)
-        dropout = self.dropout if self.training else 0.0
-        if self.eager:
-            y = eager_attention(q, k, v, dropout, mask)
-        elif mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = attend(q, k, v, self.dropout if self.training else 0.0, mask, self.eager)
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -144,11 +134,8 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
-class LeanLlama(nn.Module):
-    """Llama for causal LM, called as every model here is: model(input_ids=..., labels=...)
-    returning .loss and .logits. `config` is the transformers LlamaConfig it saves as."""
-
-    _no_split_modules = ["Block"]  # what FSDP shards one by one (snaketune.distributed)
+class LeanLlama(LeanCausalLM):
+    """Llama for causal LM. `config` is the transformers LlamaConfig it saves as."""
 
     def __init__(self, config):
         super().__init__()
@@ -164,12 +151,11 @@ class LeanLlama(nn.Module):
                 "norm": RMSNorm(config.hidden_size),
             }
         )
-        self.lm_head = nn.Linear(config.hidden_size, rows, bias=False)
-        self.lm_head.weight = self.model.embed_tokens.weight
-        self.checkpointing: dict | None = None
-        self.apply(self._init_weights)
-        with torch.no_grad():  # rows no token id reaches: zero, and no gradient moves them
-            self.model.embed_tokens.weight[config.vocab_size :].zero_()
+        self.tie_head(config.hidden_size)
+
+    @property
+    def embedding(self) -> nn.Embedding:
+        return self.model.embed_tokens
 
     def _init_weights(self, module: nn.Module) -> None:
         # N(0, 0.02), with the projections that add to the residual stream scaled down by
@@ -183,14 +169,6 @@ class LeanLlama(nn.Module):
         if isinstance(module, Mlp):
             nn.init.normal_(module.down_proj.weight, 0.0, scaled)
 
-    def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, **_):
-        # attention_mask: right padding needs none under a causal mask (snaketune.lean_gpt).
-        hidden = self.hidden_states(input_ids, position_ids=position_ids)
-        parts = self.lm_head_parts()
-        if labels is None:
-            return SimpleNamespace(logits=parts.logits(hidden), loss=None)
-        return SimpleNamespace(logits=None, loss=lm_loss.causal_lm_loss(parts, hidden, labels))
-
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """The final RMSNorm's output; `position_ids` that restart mark packed examples."""
         if position_ids is None:
@@ -200,34 +178,7 @@ class LeanLlama(nn.Module):
         x = self.model.embed_tokens(input_ids)
         head_width = self.config.hidden_size // self.config.num_attention_heads
         rotary = rotary_tables(positions, head_width, x.dtype)
-        for block in self.model.layers:
-            if self.checkpointing is not None and self.training:
-                x = checkpoint(block, x, rotary, mask, **self.checkpointing)
-            else:
-                x = block(x, rotary, mask)
-        return self.model.norm(x)
-
-    def lm_head_parts(self) -> lm_loss.Head:
-        """The hidden states and the tied head, its padded rows left out (snaketune.lm_loss)."""
-        return lm_loss.Head(self.hidden_states, self.lm_head, self.config.vocab_size)
-
-    # --- what the trainer asks of a transformers model ---------------------------------------
-
-    def activation_checkpointing_enable(self, kwargs: dict | None = None) -> None:
-        self.checkpointing = {"use_reentrant": False, **(kwargs or {})}
-
-    @property
-    def is_activation_checkpointing(self) -> bool:
-        return self.checkpointing is not None
-
-    def real_parameter_count(self) -> int:
-        """Parameters of the Llama it saves as: without the padded embedding rows."""
-        padding = self.model.embed_tokens.weight.size(0) - self.config.vocab_size
-        return sum(p.numel() for p in self.parameters()) - padding * self.config.hidden_size
-
-    def save_pretrained(self, out_dir: Path, state_dict: dict | None = None) -> None:
-        """A transformers Llama folder; `state_dict`: whole weights gathered from FSDP shards."""
-        self.to_hf(state_dict).save_pretrained(out_dir)
+        return self.model.norm(self.run_blocks(self.model.layers, x, rotary, mask))
 
     def to_hf(self, state_dict: dict | None = None):
         """The LlamaForCausalLM it saves as, with its weights (or `state_dict`'s)."""

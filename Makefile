@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 CORES ?= 2
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint schema clean
 
 $(VENV)/.installed: pyproject.toml envs/constraints.txt
 	python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ lint: install
 	ruff check .
 	ruff format --check .
 	snakemake --lint
+
+# The config schema and README's settings reference, from workflow/snaketune/settings.py.
+schema: install
+	python -m snaketune.schema
 
 # Everything, slow tests included: what CI runs.
 test: lint

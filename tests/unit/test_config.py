@@ -5,23 +5,16 @@ in tests/reliability."""
 from __future__ import annotations
 
 import copy
-from dataclasses import MISSING, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 
 import pytest
-import yaml
 
 from snaketune.config import SCHEMA, cross_checks, schema_problems
 from snaketune.live import LIVE_AFTER_VARIABLE
-from snaketune.names import SPLITS, TASKS
 from snaketune.settings import (
-    DECODINGS,
-    ENCODERS,
     FORMATS,
     LM_PACKINGS,
     SECTIONS,
-    TXT_DOCUMENTS,
-    DatasetSettings,
-    MlflowSettings,
 )
 from tests.support.repo import DEFAULT_CONFIG, REPO
 from tests.support.workflow import config_with, with_defaults
@@ -58,60 +51,57 @@ def test_tokenize_packing_names_the_key_and_its_allowed_values():
     assert schema_problems(config_with(experiments__0__tokenize={"packing": "per_document"})) == []
 
 
-# --- the schema and the settings dataclasses say the same ----------------------------------------
-
-SCHEMA_DOC = yaml.safe_load(SCHEMA.read_text())
-EXPERIMENT_KEYS = SCHEMA_DOC["properties"]["experiments"]["items"]["properties"]
+# --- the schema and the reference are made from the settings dataclasses ----------------------
 
 
-def field_default(f):
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return MISSING
+def test_the_committed_schema_is_the_one_the_settings_make():
+    """config.schema.yaml is made by `make schema` from snaketune.settings: a setting changed
+    there without it would validate configs by the old rules."""
+    from snaketune.schema import schema_text
+
+    assert SCHEMA.read_text() == schema_text(), "run `make schema` and commit what it writes"
 
 
-def assert_same_keys_and_defaults(cls, properties: dict, where: str) -> None:
-    """Every schema key is a field of cls with the schema's default (nested sections too)."""
-    by_name = {f.name: f for f in fields(cls)}
-    assert set(properties) == set(by_name), where
-    for name, prop in properties.items():
-        default = field_default(by_name[name])
-        if is_dataclass(default):
-            assert prop.get("default") == {}, f"{where}.{name}"
-            assert_same_keys_and_defaults(type(default), prop["properties"], f"{where}.{name}")
-        else:
-            assert prop.get("default", MISSING) == default, f"{where}.{name}"
+def test_the_readme_settings_reference_is_the_one_the_settings_make():
+    from snaketune.schema import readme_with_reference
+
+    readme = (REPO / "README.md").read_text()
+    assert readme == readme_with_reference(readme), "run `make schema` and commit what it writes"
 
 
-@pytest.mark.parametrize("section", SECTIONS)
-def test_each_experiment_section_is_its_settings_dataclass(section):
-    assert_same_keys_and_defaults(
-        SECTIONS[section], EXPERIMENT_KEYS[section]["properties"], section
-    )
+def test_every_key_of_a_section_has_a_description_and_its_default():
+    """Each field of a section's dataclass is a key of the schema with that field's default."""
+    from snaketune.schema import config_schema, default_of, plain
+
+    schema = config_schema()["properties"]
+    experiment = schema["experiments"]["items"]["properties"]
+    for name, cls in SECTIONS.items():
+        keys = experiment[name]["properties"]
+        for f in fields(cls):
+            default = default_of(f)
+            key = keys[f.name]
+            assert key["description"], (name, f.name)
+            if not is_dataclass(default):
+                assert key["default"] == plain(default), (name, f.name)
+    assert schema["experiments"]["items"]["required"] == ["name", "dataset", "task"]
+    entry = schema["datasets"]["additionalProperties"]
+    assert entry["required"] == ["url", "sha256", "format"]
+    assert entry["properties"]["format"]["enum"] == list(FORMATS)
+    assert experiment["tokenize"]["properties"]["packing"]["enum"] == list(LM_PACKINGS)
 
 
-def test_a_dataset_entry_and_the_mlflow_section_are_their_settings_dataclasses():
-    entry = SCHEMA_DOC["properties"]["datasets"]["additionalProperties"]
-    assert_same_keys_and_defaults(DatasetSettings, entry["properties"], "datasets.<name>")
-    assert set(entry["required"]) == {
-        f.name for f in fields(DatasetSettings) if field_default(f) is MISSING
-    }
-    mlflow = SCHEMA_DOC["properties"]["mlflow"]["properties"]
-    assert_same_keys_and_defaults(MlflowSettings, mlflow, "mlflow")
+def test_a_config_key_without_a_description_cannot_make_a_schema():
+    from dataclasses import dataclass, field
 
+    from snaketune import schema
 
-def test_the_schema_allows_the_names_the_code_knows():
-    assert EXPERIMENT_KEYS["task"]["enum"] == list(TASKS)
-    ratios = EXPERIMENT_KEYS["split"]["properties"]
-    assert [key for key in ratios if key in SPLITS] == list(SPLITS)
-    assert EXPERIMENT_KEYS["tokenize"]["properties"]["packing"]["enum"] == list(LM_PACKINGS)
-    assert EXPERIMENT_KEYS["tokenize"]["properties"]["encoder"]["enum"] == list(ENCODERS)
-    assert EXPERIMENT_KEYS["evaluate"]["properties"]["decoding"]["enum"] == list(DECODINGS)
-    entry = SCHEMA_DOC["properties"]["datasets"]["additionalProperties"]["properties"]
-    assert entry["format"]["enum"] == list(FORMATS)
-    assert entry["txt_document"]["enum"] == list(TXT_DOCUMENTS)
+    @dataclass
+    class Undocumented:
+        documented: int = field(default=1, metadata={"description": "a key", "schema": {}})
+        bare: int = 2
+
+    with pytest.raises(TypeError, match=r"\['bare'\] are config keys without a description"):
+        schema.properties(Undocumented)
 
 
 def test_memory_retries_set_with_several_processes_is_refused_not_ignored():

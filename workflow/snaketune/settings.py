@@ -1,7 +1,9 @@
 """Every stage's settings as typed dataclasses, built from the validated config in one place.
 
-A dataclass named after a config section (`CleanSettings` for an experiment's `clean:`, ...) has
-exactly that section's keys and defaults; a unit test compares them with the schema. A rule
+A dataclass named after a config section (`CleanSettings` for an experiment's `clean:`, ...)
+defines each of that section's keys once, with `setting(default, description=..., bounds or
+allowed values)`; snaketune.schema makes the JSON schema Snakemake validates against and the
+README's settings reference from them (`make schema`), and a test keeps both current. A rule
 whose job needs more than one section gets a `...Job` dataclass that holds them. The workflow
 turns the config into a rule's settings with the builders at the end of this module and passes
 them to the job as JSON (`to_json`); the CLI reads them back with `from_json`.
@@ -22,7 +24,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 from urllib.parse import urlparse
 
 from snaketune.errors import SnaketuneError
@@ -41,7 +43,13 @@ HF_ENCODER = "hf"
 FAST_ENCODER = "gigatoken"
 """gigatoken, used when it gives the same ids (snaketune.tokenize.encoder)."""
 ENCODERS = (AUTO, HF_ENCODER, FAST_ENCODER)
-GPT2, LLAMA, LSTM = "gpt2", "llama", "lstm"
+GPT2, LLAMA, LSTM = ARCHS = ("gpt2", "llama", "lstm")
+TOKENIZER_KINDS = ("bpe", "pretrained")
+INITS = ("scratch", "pretrained")
+ATTENTIONS = (AUTO, "eager", "sdpa")
+STRATEGIES = ("ddp", "fsdp")
+DEVICES = (AUTO, "cpu", "cuda")
+PRECISIONS = (AUTO, "fp32", "bf16", "fp16")
 TRANSFORMERS = (GPT2, LLAMA)
 """model.arch values that build transformers (the others: the LSTM baseline)."""
 
@@ -79,6 +87,26 @@ def raise_problems(problems: list[tuple[str, str]]) -> None:
         raise SettingsError(problems)
 
 
+def setting(
+    default: Any = MISSING,
+    *,
+    description: str,
+    factory: Any = None,
+    schema_default: bool = True,
+    **schema: Any,
+) -> Any:
+    """A config key, defined once: a dataclass field with its default (or `factory`), its
+    description, and what the JSON schema says of it beyond the type its annotation gives
+    (bounds, allowed values, a pattern, or a whole schema where the type is a union);
+    snaketune.schema makes config.schema.yaml and the README's reference from them.
+    `schema_default=False`: a default the schema leaves out (the key is optional and absent
+    means the default)."""
+    metadata = {"description": description, "schema": schema, "schema_default": schema_default}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 # --- the datasets catalog ------------------------------------------------------------------------
 
 
@@ -86,26 +114,103 @@ def raise_problems(problems: list[tuple[str, str]]) -> None:
 class DatasetSettings:
     """One entry of the config's `datasets:` catalog."""
 
-    url: str
-    sha256: str
-    format: str
-    member: str | None = None
-    text_column: str = "text"
-    label_column: str | None = None
-    prompt_column: str | None = None
-    """Instruction data: the column a model answers (see response_column)."""
-    response_column: str | None = None
-    """Instruction data: the answer's column. Set, a causal LM learns the answers only."""
-    messages_column: str | None = None
-    """Instruction data as conversations: lists of role/content turns, the last the assistant's
-    answer (composed by a pretrained tokenizer's chat template)."""
-    header: bool = True
-    column_names: list[str] | None = None
-    quoting: bool = True
-    txt_document: str = "line"
-    encoding: str | None = None
-    """The text files' encoding (a Python codec name); None reads a byte-order mark, else UTF-8."""
-    max_unpacked_bytes: int = 4294967296
+    SECTION: ClassVar[str] = (
+        "Catalog of datasets by name; experiments refer to these names. A name becomes a "
+        "folder under results_dir (datasets/<name>/download), so it is letters, digits, "
+        "'_', '.' and '-'."
+    )
+
+    url: str = setting(
+        minLength=1,
+        # A scheme other than these four is refused before any job (a local path has none).
+        pattern="^((https?|file|hf)://|(?![A-Za-z][A-Za-z0-9+.-]*:))",
+        description=(
+            "http(s):// or file:// URL, a Hugging Face Hub file as "
+            "hf://datasets/<owner>/<name>[@<revision>]/<file> (fetched through "
+            "huggingface_hub's cache; HF_HUB_OFFLINE=1 uses the cache only), or a path relative "
+            "to the repository (the Snakefile's directory) or absolute."
+        ),
+    )
+    sha256: str = setting(
+        pattern="^[0-9a-fA-F]{64}$",
+        description="sha256 of the file as fetched (before decompression); a mismatch fails.",
+    )
+    format: str = setting(
+        enum=FORMATS,
+        description=(
+            "Format of the (decompressed) data file. A .gz, .zip or .tar.gz URL is unpacked first."
+        ),
+    )
+    member: str | None = setting(
+        None, description="For archives holding several files, the path of the data file inside."
+    )
+    text_column: str = setting(
+        "text",
+        description="Column holding the document text (txt files use this name for each line).",
+    )
+    label_column: str | None = setting(
+        None, description="Column holding the class label (needed for sequence_classification)."
+    )
+    prompt_column: str | None = setting(
+        None,
+        description=(
+            "Instruction data: the column a model answers (the question). Used by the default "
+            'template "Question: {prompt}\\nAnswer: {response}" when an experiment gives none.'
+        ),
+    )
+    response_column: str | None = setting(
+        None,
+        description=(
+            "Instruction data: the column of the answer. Set, a causal LM trains on the answers "
+            "only (prompt tokens are no target), is scored on them (answer perplexity; exact "
+            "match, F1 and ROUGE-L of generated answers, beside a retrieval baseline), and the "
+            "experiment's text_template must hold its placeholder, after the prompt."
+        ),
+    )
+    messages_column: str | None = setting(
+        None,
+        description=(
+            "Instruction data as conversations: a column of lists of {role, content} turns, the "
+            "last the assistant's answer, which alone is learned and scored. Composed by the "
+            "experiment's pretrained tokenizer's chat template (tokenizer.kind pretrained, no "
+            "text_template). Instead of prompt_column and response_column."
+        ),
+    )
+    header: bool = setting(
+        True, description="csv/tsv only. Whether the first line names the columns."
+    )
+    column_names: list[str] | None = setting(
+        None, description="csv/tsv without a header. The column names, in order."
+    )
+    quoting: bool = setting(
+        True,
+        description="csv/tsv only. Treat '\"' as a quote character; turn off for raw text files.",
+    )
+    txt_document: str = setting(
+        "line",
+        enum=TXT_DOCUMENTS,
+        description=(
+            "txt only. What one document is: each non-blank line; each paragraph (lines up to a "
+            "blank line, e.g. a speech in Tiny Shakespeare); or each article from a top-level "
+            "heading ' = Title = ' to the next (WikiText). Matters for causal LMs, whose "
+            "examples never cross a document boundary, and for dedup and the split, which work "
+            "per document."
+        ),
+    )
+    encoding: str | None = setting(
+        None,
+        description=(
+            "Text encoding of the data file (a Python codec name: utf-8, utf-16, cp1252, "
+            "latin-1, ...). Empty reads a byte-order mark (UTF-8, UTF-16, UTF-32) or else "
+            "UTF-8; a file that is mostly not valid UTF-8 is refused, naming the likely "
+            "encoding."
+        ),
+    )
+    max_unpacked_bytes: int = setting(
+        4294967296,
+        minimum=1,
+        description="Refuse files that decompress past this many bytes (decompression bombs).",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -322,20 +427,53 @@ def instruction_template(
 
 @dataclass(frozen=True)
 class CleanSettings:
-    nfc: bool = True
-    strip_html: bool = False
-    redact_pii: bool = False
-    min_chars: int = 1
-    max_chars: int = 100_000
-    dedup: bool = True
-    min_alpha_ratio: float = 0.0
-    """Drop documents whose non-space characters are less than this share letters (0 = off)."""
-    max_repeated_line_fraction: float = 1.0
-    """Drop documents with more than this share of repeated non-blank lines (1 = off)."""
-    min_mean_word_length: float = 0.0
-    """Drop documents whose words are shorter than this on average (0 = off)."""
-    max_mean_word_length: float | None = None
-    """Drop documents whose words are longer than this on average (None = off)."""
+    SECTION: ClassVar[str] = (
+        "Cleaning filters, applied in this order; each one's count goes to the report."
+    )
+
+    nfc: bool = setting(True, description="Unicode NFC normalization.")
+    strip_html: bool = setting(False, description="Remove HTML tags and unescape entities.")
+    redact_pii: bool = setting(
+        False,
+        description=(
+            "Replace e-mail addresses, phone numbers and IPs with <EMAIL>, <PHONE>, <IP>."
+        ),
+    )
+    min_chars: int = setting(1, minimum=0, description="Drop documents shorter than this.")
+    max_chars: int = setting(100_000, minimum=1, description="Drop documents longer than this.")
+    dedup: bool = setting(True, description="Drop exact duplicates after normalization.")
+    min_alpha_ratio: float = setting(
+        0.0,
+        minimum=0,
+        maximum=1,
+        description=(
+            "Drop documents in which letters are less than this share of the non-space "
+            "characters (tables, number dumps, mojibake); 0 is off, 0.6-0.8 suits prose."
+        ),
+    )
+    max_repeated_line_fraction: float = setting(
+        1.0,
+        minimum=0,
+        maximum=1,
+        description=(
+            "Drop documents in which more than this share of the non-blank lines repeat an "
+            "earlier line (menus, boilerplate); 1 is off, 0.3 is a common choice for web text."
+        ),
+    )
+    min_mean_word_length: float = setting(
+        0.0,
+        minimum=0,
+        description=(
+            "Drop documents whose mean word length is below this (0 is off; 3 suits English)."
+        ),
+    )
+    max_mean_word_length: float | None = setting(
+        None,
+        exclusiveMinimum=0,
+        description=(
+            "Drop documents whose mean word length is above this (null is off; 10 suits English)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -369,17 +507,48 @@ class CleanJob:
 
 @dataclass(frozen=True)
 class NearDuplicateSettings:
-    enabled: bool = True
-    """Remove near-duplicates within and across splits."""
-    threshold: float = 0.8
-    """Estimated Jaccard similarity of two documents' shingle sets at or above which they count
-    as near-duplicates. Lower catches looser copies (and more false matches)."""
-    shingle_size: int = 5
-    """Characters per shingle of the normalized (casefolded, single-spaced) text."""
-    num_perm: int = 128
-    """MinHash permutations: more gives a finer similarity estimate, at a linear cost."""
-    seed: int = 1
-    """Seeds the permutations; a fixed seed makes the removals identical on every run."""
+    SECTION: ClassVar[str] = (
+        "MinHash + LSH removal of near-copies (datasketch) after the split: documents are "
+        "visited train, val, test, and one whose shingles overlap an earlier kept "
+        "document's by the threshold or more is dropped. So each split keeps the first of a "
+        "cluster, and val/test lose their near-copies of training documents. Counts per "
+        "split go to the split manifest."
+    )
+
+    enabled: bool = setting(
+        True,
+        description=(
+            "Turn off to keep near-copies (the test set may then hold copies of training text)."
+        ),
+    )
+    threshold: float = setting(
+        0.8,
+        exclusiveMinimum=0,
+        maximum=1,
+        description=(
+            "Estimated Jaccard similarity of two documents' shingle sets at which they count as "
+            "near-duplicates. Lower it to catch looser copies; a short text differs more per "
+            "changed word, so copies of tweets or sentences need ~0.6."
+        ),
+    )
+    shingle_size: int = setting(
+        5,
+        minimum=1,
+        description="Characters per shingle of the normalized (casefolded, single-spaced) text.",
+    )
+    num_perm: int = setting(
+        128,
+        minimum=16,
+        maximum=1024,
+        description=(
+            "MinHash permutations; more estimates similarity more finely, at a linear cost."
+        ),
+    )
+    seed: int = setting(
+        1,
+        minimum=0,
+        description="Seeds the MinHash permutations (the removals are identical on every run).",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -395,11 +564,12 @@ class NearDuplicateSettings:
 
 @dataclass(frozen=True)
 class SplitSettings:
-    train: float = 0.8
-    val: float = 0.1
-    test: float = 0.1
-    salt: str = ""
-    """Change to draw a different (still deterministic) split."""
+    SECTION: ClassVar[str] = "Ratios of the hash-based train/val/test split (must sum to 1)."
+
+    train: float = setting(0.8, exclusiveMinimum=0, maximum=1, description="Train share.")
+    val: float = setting(0.1, exclusiveMinimum=0, maximum=1, description="Validation share.")
+    test: float = setting(0.1, exclusiveMinimum=0, maximum=1, description="Test share.")
+    salt: str = setting("", description="Change to draw another deterministic split.")
     near_duplicates: NearDuplicateSettings = field(default_factory=NearDuplicateSettings)
     """MinHash/LSH removal of near-copies within and across splits (a dict is accepted)."""
 
@@ -423,12 +593,28 @@ class SplitSettings:
 
 @dataclass(frozen=True)
 class TokenizerSettings:
-    kind: str = "bpe"
-    """'bpe' trains a byte-level BPE on the train split; 'pretrained' loads name_or_path."""
-    vocab_size: int = 2000
-    min_frequency: int = 2
-    name_or_path: str | None = None
-    trust_remote_code: bool = False
+    SECTION: ClassVar[str] = (
+        "Train a byte-level BPE on the train split, or load a pretrained tokenizer."
+    )
+
+    kind: str = setting(
+        "bpe",
+        enum=TOKENIZER_KINDS,
+        description="'bpe' trains; 'pretrained' loads name_or_path.",
+    )
+    vocab_size: int = setting(
+        2000, minimum=260, maximum=1000000, description="BPE vocabulary size."
+    )
+    min_frequency: int = setting(
+        2, minimum=1, description="BPE merges need at least this many occurrences."
+    )
+    name_or_path: str | None = setting(
+        None, description="Local directory or hub id (pretrained only)."
+    )
+    trust_remote_code: bool = setting(
+        False,
+        description="Allow code shipped with a hub tokenizer. Leave off unless you trust it.",
+    )
 
     def __post_init__(self) -> None:
         if self.kind == "pretrained" and not self.name_or_path:
@@ -447,23 +633,62 @@ class TokenizerSettings:
 
 @dataclass(frozen=True)
 class TokenizeSettings:
-    block_size: int = 128
-    """causal_lm: tokens per training row (the model's context length)."""
-    max_length: int = 128
-    """sequence_classification: longest example kept, in tokens; longer ones are truncated."""
-    shard_rows: int = 4096
-    """Rows per Parquet shard; bounds shard size and the memory of one write."""
-    read_batch_rows: int = 1024
-    """Documents per call of the batch encoder; bounds the memory of one batch."""
-    partitions: int | str = AUTO
-    """Jobs for the train split's rows, or "auto": every split sized by its text (see
-    snaketune.tokenize.plan)."""
-    packing: str = ACROSS_DOCUMENTS
-    """causal_lm: whether a row may span documents, and whether they then see each other (see
-    snaketune.tokenize.packing)."""
-    encoder: str = AUTO
-    """Which encoder turns text into ids: "auto" (gigatoken when it gives the ids tokenizers
-    gives on a sample of the train split, else tokenizers), "hf" or "gigatoken" (required)."""
+    SECTION: ClassVar[str] = "How documents become Parquet shards of token ids."
+
+    block_size: int = setting(
+        128,
+        minimum=8,
+        maximum=131072,
+        description=(
+            "causal_lm tokens per row and the context length (per_document rows may be shorter)."
+        ),
+    )
+    max_length: int = setting(
+        128, minimum=4, maximum=131072, description="sequence_classification truncation length."
+    )
+    shard_rows: int = setting(4096, minimum=1, description="Rows per Parquet shard.")
+    read_batch_rows: int = setting(
+        1024, minimum=1, description="Documents tokenized per batch (bounds memory)."
+    )
+    partitions: int | str = setting(
+        AUTO,
+        oneOf=[{"type": "integer", "minimum": 1, "maximum": 99999}, {"const": "auto"}],
+        description=(
+            "Tokenize jobs for the train split, each reading its own contiguous rows (val and "
+            "test are one job each). 'auto' sizes every split at one job per 256 MiB of text. "
+            "Raise it to spread a large corpus over more cores or cluster jobs; with packing "
+            "across_documents each causal_lm partition drops its last partial block (fewer than "
+            "block_size tokens)."
+        ),
+    )
+    packing: str = setting(
+        ACROSS_DOCUMENTS,
+        enum=LM_PACKINGS,
+        description=(
+            "causal_lm rows. across_documents packs documents, joined with EOS, into full "
+            "block_size rows (no padding; a row may hold the end of one document and the start "
+            "of the next, which attends to it). per_document cuts each document into rows of at "
+            "most block_size tokens, so a model never attends across documents; short rows are "
+            "padded and masked in training batches, nothing is dropped, and the rows do not "
+            "depend on the number of partitions. documents_apart (plain text only; instruction "
+            "examples packed across_documents are always kept apart) makes the rows of "
+            "across_documents, but each document attends only to itself: its position ids "
+            "restart at the EOS before it, in training, validation and the evaluation's windows "
+            "alike (a transformer; the LSTM cannot)."
+        ),
+    )
+    encoder: str = setting(
+        AUTO,
+        enum=ENCODERS,
+        description=(
+            "What turns text into token ids. auto uses gigatoken (a much faster BPE encoder) "
+            "when the plan step finds it gives exactly the ids of Hugging Face tokenizers on a "
+            "sample of the train split (EOS and special tokens included), else tokenizers; the "
+            "plan and the manifest say which ran and why. hf always uses tokenizers; gigatoken "
+            "requires it and stops with the reason when it differs. The shards are the same "
+            "whichever ran. causal_lm only: classification uses tokenizers."
+        ),
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -544,37 +769,117 @@ class PartitionJob(TokenizeJob):
 
 @dataclass(frozen=True)
 class ModelSettings:
-    arch: str = GPT2
-    """'gpt2': a transformer (GPT-2 when built here; with init 'pretrained', the family the
-    checkpoint's config names); 'llama': a Llama built here (rotary positions, RMSNorm,
-    SwiGLU); 'lstm': the LSTM baseline."""
-    init: str = "scratch"
-    """'scratch' builds from the sizes below; 'pretrained' loads name_or_path."""
-    name_or_path: str | None = None
-    trust_remote_code: bool = False
-    n_layer: int = 2
-    n_embd: int = 128
-    n_head: int = 4
-    dropout: float = 0.1
-    attention: str = "auto"
-    """'eager', 'sdpa' (torch's fused attention), or 'auto': sdpa (see models.attention)."""
-    lora_rank: int = 0
-    """LoRA adapter rank through peft; 0 trains every weight."""
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=list)
-    """Module names to adapt; empty uses peft's default for the architecture."""
-    gradient_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass instead of keeping them: less
-    memory for longer contexts or larger batches, about a third more compute (transformers)."""
-    dtype: str = AUTO
-    """The weights' dtype, one of WEIGHT_DTYPES ('auto': snaketune.models.weights_dtype)."""
-    quantization: str = NO_QUANTIZATION
-    """One of QUANTIZATIONS: a pretrained checkpoint's frozen weights loaded in 4 or 8 bits
-    (bitsandbytes, CUDA) under LoRA adapters (QLoRA)."""
-    save_merged: bool = False
-    """LoRA on a pretrained causal LM saves the adapter alone with the base model's identity;
-    true saves the adapters merged into a whole model instead."""
+    SECTION: ClassVar[str] = "The network to train."
+
+    arch: str = setting(
+        GPT2,
+        enum=ARCHS,
+        description=(
+            "gpt2: a transformer. Built here (init scratch) it is a GPT-2 of the sizes below; "
+            "with init pretrained it is whatever family the checkpoint's config names (Llama, "
+            "Qwen2, Mistral, Gemma, Phi, GPT-NeoX, BERT, ...: the architecture is read from the "
+            "checkpoint, and the train manifest records it as model_type). llama (init "
+            "scratch): a Llama of the sizes below (rotary positions, RMSNorm, SwiGLU MLP of 8/3 "
+            "the width, no biases, tied head), saved as a transformers Llama. lstm: the LSTM "
+            "baseline, built here."
+        ),
+    )
+    init: str = setting(
+        "scratch",
+        enum=INITS,
+        description="'scratch' uses the sizes below; 'pretrained' loads name_or_path.",
+    )
+    name_or_path: str | None = setting(
+        None, description="Local directory or hub id of a pretrained model."
+    )
+    trust_remote_code: bool = setting(
+        False, description="Allow code shipped with a hub model. Leave off unless you trust it."
+    )
+    n_layer: int = setting(
+        2, minimum=1, maximum=128, description="Transformer blocks (or LSTM layers)."
+    )
+    n_embd: int = setting(
+        128, minimum=8, maximum=16384, description="Hidden size; must be divisible by n_head."
+    )
+    n_head: int = setting(4, minimum=1, maximum=256, description="Attention heads.")
+    dropout: float = setting(
+        0.1,
+        minimum=0,
+        maximum=0.9,
+        description=(
+            "Dropout probability. It costs speed: on 2 CPU cores a step with 0 takes 0.78x the "
+            "time of one with 0.1 (GPT-2 2 x 128 and 4 x 256 alike); large pretraining runs "
+            "often use 0."
+        ),
+    )
+    attention: str = setting(
+        "auto",
+        enum=ATTENTIONS,
+        description=(
+            "Attention kernel: 'sdpa' (torch's fused attention) or 'eager'; 'auto' is sdpa, the "
+            "faster on CUDA and no slower on the CPU (measured: 0.97x eager's step time for "
+            "GPT-2 2 x 128 on 2 cores)."
+        ),
+    )
+    lora_rank: int = setting(
+        0, minimum=0, description="LoRA adapter rank (peft); 0 trains every weight."
+    )
+    lora_alpha: int = setting(
+        16, minimum=1, description="LoRA scaling numerator (the update is scaled by alpha / rank)."
+    )
+    lora_dropout: float = setting(
+        0.05, minimum=0, maximum=0.9, description="Dropout on the LoRA path."
+    )
+    lora_target_modules: list[str] = setting(
+        factory=list,
+        description=(
+            "Module names to adapt (e.g. [c_attn] for GPT-2); empty uses peft's default for the "
+            "architecture."
+        ),
+    )
+    gradient_checkpointing: bool = setting(
+        False,
+        description=(
+            "Recompute each transformer block's activations in the backward pass instead of "
+            "keeping them (transformers' gradient checkpointing): less activation memory for "
+            "longer contexts or larger batches, about a third more compute; the same gradients. "
+            "Not for the LSTM."
+        ),
+    )
+    dtype: str = setting(
+        AUTO,
+        enum=WEIGHT_DTYPES,
+        description=(
+            "The weights' dtype. auto: bfloat16 for a pretrained model trained with LoRA "
+            "adapters on a GPU that has bf16 (the frozen base at half the memory; the adapters "
+            "stay float32), else float32 (a full fine-tune keeps float32 master weights and "
+            "computes in bf16 under autocast on a GPU). bfloat16 asks for bf16 weights whatever "
+            "the training (a full fine-tune then updates bf16 weights). The train manifest "
+            "records the dtype and the parameter bytes by dtype."
+        ),
+    )
+    quantization: str = setting(
+        NO_QUANTIZATION,
+        enum=QUANTIZATIONS,
+        description=(
+            "Load a pretrained checkpoint's frozen weights in 4 bits (NF4, double quantization, "
+            "bf16 compute) or 8 bits with bitsandbytes, and train LoRA adapters over them "
+            "(QLoRA): the usual way to fit 7-8B parameters on 24 GB. Needs model.init "
+            "pretrained, model.lora_rank > 0 and CUDA with bitsandbytes installed "
+            "(.venv/bin/pip install bitsandbytes); refused before any job otherwise, and with "
+            "train.device cpu or train.strategy fsdp. Evaluation loads the base quantized as "
+            "well where CUDA is present, else in model.dtype."
+        ),
+    )
+    save_merged: bool = setting(
+        False,
+        description=(
+            "LoRA on a pretrained causal LM saves the adapter alone (peft's format, a few MB) "
+            "with the base model's identity (name_or_path and, for a local folder, its content "
+            "digest); evaluation, serving and MLflow load the base and the adapter. true saves, "
+            "logs and registers the whole model with the adapters merged in."
+        ),
+    )
 
     def __post_init__(self) -> None:
         problems = self.precision_problems()
@@ -673,54 +978,177 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    max_steps: int = 200
-    batch_size: int | str = 16
-    """Rows per micro-batch, per process; "auto": the largest micro-batch that fits, found
-    before the first step (snaketune.train.search_micro_batch), grad_accum then being the
-    examples per step (as at batch_size 1)."""
-    grad_accum: int = 1
-    memory_retries: int = 4
-    """A step that runs out of memory is taken again with a smaller micro-batch and more
-    micro-batches (the same batch per step) up to this many times (0: it is an error)."""
-    max_memory_gb: float | None = None
-    """The memory a train job may plan to use (snaketune.memory_plan); None: the local GPU's."""
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    log_every: int = 10
-    """Steps between reads of the loss from the device (on CUDA each read waits for the GPU)."""
-    eval_rows: int = 4096
-    """Validation rows per estimate: the whole split when it is smaller."""
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 1
-    """Checkpoints kept in the state folder: the latest and the keep - 1 before it."""
-    keep_final_state: bool = True
-    """Keep the last checkpoint after training ends, so that a larger max_steps continues."""
-    early_stopping_patience: int = 0
-    """Stop after this many evaluations without a better val loss (0: off); keeps the best."""
-    compile: bool | str = False
-    """torch.compile the model, in the given mode (true: "default"; see COMPILE_MODES), for
-    training, validation and evaluation (worth it on GPUs; slow to start on CPU)."""
-    processes: int = 1
-    """Processes launched by torchrun (DDP: NCCL on GPUs, gloo on CPU), per node."""
-    nodes: int = 1
-    """Nodes, one torchrun agent each, joined by a c10d rendezvous (snaketune.launch)."""
-    strategy: str = "ddp"
-    """With several processes: "ddp" (each holds the whole model) or "fsdp" (PyTorch's FSDP2:
-    parameters, gradients and optimizer state sharded over the processes)."""
-    seed: int = 1234
-    device: str = "auto"
-    """'auto' uses CUDA when present, else CPU."""
-    precision: str = "auto"
-    """'auto': bf16 autocast on a CUDA device with bf16, fp16 (scaled) on one without, fp32 on
-    the CPU (snaketune.devices)."""
-    threads: int = 0
-    """CPU threads for torch; 0 leaves torch's default."""
-    deterministic: bool | str = "auto"
-    """Deterministic kernels; 'auto' is on for the CPU (exact resume), off on CUDA (fast)."""
+    SECTION: ClassVar[str] = "Optimization settings (AdamW, linear warmup then cosine decay)."
+
+    max_steps: int = setting(200, minimum=1, description="Optimizer steps.")
+    batch_size: int | str = setting(
+        16,
+        oneOf=[{"type": "integer", "minimum": 1}, {"const": "auto"}],
+        description=(
+            "Rows per micro-batch, per process. 'auto' (one process) finds the largest "
+            "micro-batch that fits before the first step: grad_accum is then the examples per "
+            "step (as at batch_size 1), and each micro-batch from 2 rows up that divides it is "
+            "tried with the widest rows, forward and backward, until one runs out of memory; "
+            "the largest that fitted takes the steps, with grad_accum divided by it (the same "
+            "examples per step, so the same trajectory), recorded in the train manifest's "
+            "micro_batch. The search is made once per run (a resumed run keeps its result), and "
+            "a first step that still runs out of memory is retried smaller (memory_retries)."
+        ),
+    )
+    grad_accum: int = setting(
+        1,
+        minimum=1,
+        description=(
+            "Micro-batches per optimizer step (with batch_size auto: the examples per step)."
+        ),
+    )
+    memory_retries: int = setting(
+        4,
+        minimum=0,
+        description=(
+            "How many times a step that runs out of memory is taken again with a smaller "
+            "micro-batch and more micro-batches (the same batch per step, recorded in the train "
+            "manifest); 0 makes it an error. Not with train.processes > 1."
+        ),
+    )
+    max_memory_gb: float | None = setting(
+        None,
+        exclusiveMinimum=0,
+        description=(
+            "The memory (GB) a train job may plan to use. Before any job, each train job's "
+            "memory is estimated from its settings and the checkpoint's files (weights by "
+            "dtype, gradients, AdamW's moments, activations of one micro-batch at the "
+            "configured context, one chunk of logits; snaketune/memory_plan.py) and printed by "
+            "a dry run (-n); a job whose estimate is above this, or, when null, above the "
+            "memory of this machine's GPU where it trains on one, is refused with the settings "
+            "that would make it fit (LoRA, 4-bit quantization, gradient checkpointing, a "
+            "smaller micro-batch). The train manifest records the estimate beside the measured "
+            "peak."
+        ),
+    )
+    lr: float = setting(3e-3, exclusiveMinimum=0, maximum=1, description="Peak learning rate.")
+    min_lr_ratio: float = setting(
+        0.1, minimum=0, maximum=1, description="Final learning rate as a share of lr."
+    )
+    warmup_steps: int = setting(20, minimum=0, description="Linear warmup steps.")
+    weight_decay: float = setting(
+        0.01, minimum=0, description="AdamW weight decay (not on biases/norms)."
+    )
+    grad_clip: float = setting(1.0, exclusiveMinimum=0, description="Max global gradient norm.")
+    eval_every: int = setting(50, minimum=1, description="Steps between validation losses.")
+    log_every: int = setting(
+        10,
+        minimum=1,
+        description=(
+            "Steps between reads of the loss and gradient norm from the device (on CUDA each "
+            "read waits for the GPU, so between reads the host queues the next steps). Every "
+            "step is still in the history, with the tokens/s of its span; a step whose loss or "
+            "gradient is not finite is skipped on the device and stops training at the next "
+            "read, as does a SIGTERM. Evaluation and checkpoint steps are always read."
+        ),
+    )
+    eval_rows: int = setting(
+        4096,
+        minimum=1,
+        description=(
+            "Validation rows per estimate (val loss and perplexity, or accuracy and macro-F1): "
+            "the whole validation split when it has fewer. Lower it if evaluating takes too "
+            "long on a large split."
+        ),
+    )
+    checkpoint_every: int = setting(
+        50, minimum=1, description="Steps between resumable checkpoints."
+    )
+    keep_checkpoints: int = setting(
+        1,
+        minimum=1,
+        description=(
+            "Checkpoints kept in train_state/: the latest and the keep - 1 before it "
+            "(checkpoint-<step>.pt)."
+        ),
+    )
+    keep_final_state: bool = setting(
+        True,
+        description=(
+            "Keep the last checkpoint (weights and optimizer state) in train_state/ when "
+            "training ends, so that a larger max_steps continues the finished run instead of "
+            "starting over. Turn off to save the disk space (about three times the model)."
+        ),
+    )
+    early_stopping_patience: int = setting(
+        0,
+        minimum=0,
+        description=(
+            "Stop after this many evaluations without a lower val loss and keep the best "
+            "weights (0: off)."
+        ),
+    )
+    compile: bool | str = setting(
+        False,
+        oneOf=[{"type": "boolean"}, {"enum": COMPILE_MODES}],
+        description=(
+            "torch.compile the training step's model, and the model that validation and the "
+            "evaluate job score with (worth it on GPUs; slow to start on CPU). true is "
+            "torch.compile's default mode; reduce-overhead adds CUDA graphs (for small models "
+            "whose steps wait on the host), max-autotune also searches kernels (a longer first "
+            "compile). Compiled graphs are cached in <results_dir>/shared/compile_cache "
+            "(TORCHINDUCTOR_CACHE_DIR, when set, wins), so the next job of the same shape loads "
+            "them; the manifests record the cache's hits and misses."
+        ),
+    )
+    processes: int = setting(
+        1,
+        minimum=1,
+        maximum=64,
+        description=(
+            "Processes for DistributedDataParallel through torchrun (NCCL on GPUs, gloo on "
+            "CPU), per node; batch_size is per process."
+        ),
+    )
+    nodes: int = setting(
+        1,
+        minimum=1,
+        maximum=1024,
+        description=(
+            "Nodes, one torchrun agent each with train.processes processes, joined by a c10d "
+            "rendezvous (snaketune.launch): inside a SLURM job of that many tasks srun starts "
+            "them, elsewhere they run on this machine over 127.0.0.1."
+        ),
+    )
+    strategy: str = setting(
+        "ddp",
+        enum=STRATEGIES,
+        description=(
+            "With several processes (processes x nodes > 1): ddp keeps the whole model on each "
+            "(DistributedDataParallel); fsdp shards parameters, gradients and optimizer state "
+            "over them (PyTorch's FSDP2 fully_shard, each transformer block on its own), "
+            "checkpoints the whole state (resumable on any number of processes) and saves a "
+            "plain save_pretrained model. fsdp is for GPT-2 / transformers models, without "
+            "LoRA, compile or early stopping."
+        ),
+    )
+    seed: int = setting(1234, minimum=0, description="Seeds init, dropout and data order.")
+    device: str = setting("auto", enum=DEVICES, description="'auto' uses CUDA when present.")
+    precision: str = setting(
+        "auto",
+        enum=PRECISIONS,
+        description=(
+            "'auto' is bf16 autocast on a CUDA device that has bf16, fp16 with a gradient "
+            "scaler on one that has not, fp32 on the CPU; 'bf16' or 'fp16' is refused where it "
+            "cannot run."
+        ),
+    )
+    threads: int = setting(
+        0, minimum=0, description="CPU threads for torch (0 = the rule's threads)."
+    )
+    deterministic: bool | str = setting(
+        "auto",
+        oneOf=[{"type": "boolean"}, {"const": "auto"}],
+        description=(
+            "Deterministic kernels: exact resume and repeatable weights, slower on GPUs. 'auto' "
+            "is on for the CPU and off on CUDA."
+        ),
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -773,24 +1201,61 @@ class TrainJob:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    batch_size: int = 32
-    prompts: list[str] = field(default_factory=list)
-    """causal_lm: prompts whose continuations go to the samples table (samples.csv)."""
-    max_new_tokens: int = 40
-    decoding: str = GREEDY
-    """How every generation picks tokens (the prompts', the test answers', the served model's):
-    "greedy" (the most likely token) or "sample" (top_k at temperature, seeded)."""
-    temperature: float = 0.8
-    top_k: int = 20
-    seed: int = 1234
-    answer_examples: int = 200
-    """Instruction data: test examples whose answers are generated and scored (0: all)."""
-    context_length: int = 0
-    """causal_lm: tokens per scoring window; 0 means the training block size."""
-    stride: int = 0
-    """causal_lm: tokens between window starts; 0 means context_length - 1 (windows share one
-    token, so each token is predicted once). Smaller gives the sliding-window estimate; a
-    stride of context_length or more is refused (snaketune.checks, and evaluate_lm)."""
+    SECTION: ClassVar[str] = "Held-out evaluation."
+
+    batch_size: int = setting(32, minimum=1, description="Rows per evaluation batch.")
+    prompts: list[str] = setting(
+        factory=list,
+        description=(
+            "causal_lm prompts whose continuations go to the samples table (samples.csv)."
+        ),
+    )
+    max_new_tokens: int = setting(
+        40,
+        minimum=1,
+        description=(
+            "Tokens generated per prompt and per test answer (and per request to the registered "
+            "model when served)."
+        ),
+    )
+    decoding: str = setting(
+        GREEDY,
+        enum=DECODINGS,
+        description=(
+            "How every generation picks its tokens (the prompts', the test answers', the served "
+            "model's): greedy takes the most likely token, sample draws among top_k at "
+            "temperature, seeded."
+        ),
+    )
+    temperature: float = setting(
+        0.8, exclusiveMinimum=0, description="Sampling temperature (decoding sample)."
+    )
+    top_k: int = setting(
+        20, minimum=1, description="Sample among the k most likely tokens (decoding sample)."
+    )
+    seed: int = setting(1234, minimum=0, description="Seeds generation.")
+    answer_examples: int = setting(
+        200,
+        minimum=0,
+        description=(
+            "Instruction data: test examples whose answers are generated and scored (exact "
+            "match, F1, ROUGE-L, and the retrieval baseline's); 0 means all."
+        ),
+    )
+    context_length: int = setting(
+        0,
+        minimum=0,
+        description="causal_lm tokens per perplexity window; 0 means tokenize.block_size.",
+    )
+    stride: int = setting(
+        0,
+        minimum=0,
+        description=(
+            "causal_lm tokens between perplexity windows; 0 means context_length - 1 (windows "
+            "share one token, so every token is predicted once). Smaller gives the "
+            "sliding-window estimate: more context per token, more compute."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -818,9 +1283,31 @@ class EvalJob:
 class MlflowSettings:
     """The config's `mlflow:` section."""
 
-    tracking_uri: str = ""
-    experiment_name: str = "snaketune"
-    register_models: bool = True
+    SECTION: ClassVar[str] = "Where runs are tracked."
+
+    tracking_uri: str = setting(
+        "",
+        description=(
+            "MLflow tracking URI. Empty means an embedded SQLite store at "
+            "<results_dir>/mlflow.db. The MLFLOW_TRACKING_URI environment variable, when set, "
+            "takes precedence."
+        ),
+    )
+    experiment_name: str = setting(
+        "snaketune",
+        minLength=1,
+        description="The MLflow experiment that holds this config's runs (one per config).",
+    )
+    register_models: bool = setting(
+        True,
+        description=(
+            "Log each experiment's trained model with MLflow's transformers flavour (servable "
+            "with `mlflow models serve`) and register it as a new version in the Model "
+            "Registry, with the eval metrics as version tags. The track job loads the weights "
+            "to do so and the store keeps a second copy of them; turn off for models too large "
+            "for that. LSTM models are never registered."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -1107,6 +1594,110 @@ def track_settings(view: ConfigView, experiment: str) -> TrackSettings:
         tracking_uri=mlflow.tracking_uri,
         config=exp,
         registered_model_name=registered_model_name(mlflow, exp),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExperimentKeys:
+    """The keys of an experiment entry besides its sections (read from the config as a dict;
+    defined here for the schema)."""
+
+    SECTION: ClassVar[str] = (
+        "One entry per model to train; outputs go to <results_dir>/<name>/<stage>/."
+    )
+
+    name: str = setting(
+        pattern="^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        errorMessage=(
+            "is not a usable experiment name: it becomes a folder under results_dir, so use "
+            "letters, digits, '_', '.' and '-', starting with a letter or digit"
+        ),
+        description="Experiment name; used in output paths and as the MLflow parent run's name.",
+    )
+    sweep: dict | None = setting(
+        None,
+        schema_default=False,
+        type="object",
+        description=(
+            "Run this entry once per point (snaketune.sweep): `grid` maps dotted keys such as "
+            "train.lr or model.n_layer to lists of values (every combination is a point), "
+            "`points` lists more points as {dotted key: value}. Each point becomes an "
+            "experiment named <name>.<setting>-<value>..., validated like any other; "
+            "results/sweeps/<name>/ gets a comparison table and plot, in the report and in "
+            "MLflow. Expanded before the rest of the config is checked, so it never reaches a "
+            "job."
+        ),
+    )
+    swept: dict | None = setting(
+        None,
+        schema_default=False,
+        type="object",
+        properties={"of": {"type": "string"}, "point": {"type": "object"}},
+        description=(
+            "Set by the sweep expansion on each point (of, the sweep's name; point, its "
+            "values); not written by hand."
+        ),
+    )
+    registered_model_name: str = setting(
+        "",
+        description=(
+            "Model Registry name the trained model is registered under "
+            '(mlflow.register_models). Empty means "<mlflow.experiment_name>.<name>". Set it '
+            "to collect versions from several configs under one name."
+        ),
+    )
+    dataset: str = setting(description="A key of the datasets catalog.")
+    task: str = setting(
+        enum=TASKS,
+        description="What the model learns. Classification needs the dataset's label_column.",
+    )
+    text_template: str | None = setting(
+        None,
+        description=(
+            "Optional str.format template over the record's columns that builds each document, "
+            'e.g. "Customer: {question}\\nAgent: {answer}". Empty uses the dataset\'s '
+            "text_column. For instruction data (the dataset's response_column) the response's "
+            "placeholder starts the response; the whitespace before it belongs to the response. "
+            "Empty, for instruction data: a pretrained tokenizer's chat template when it has one, "
+            'else "Question: {prompt}\\nAnswer: {response}".'
+        ),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConfigKeys:
+    """The config's top-level keys besides its sections (defined here for the schema)."""
+
+    SECTION: ClassVar[str] = (
+        "snaketune configuration: a catalog of datasets, a list of experiments that use them, "
+        "and where MLflow records the runs. Every key has a description and a default."
+    )
+
+    preset: str | None = setting(
+        None,
+        schema_default=False,
+        type="string",
+        description=(
+            "A file of presets/ (its name without .yaml) layered over this config as "
+            "`--configfile presets/<name>.yaml` would be, e.g. `snakemake --cores 2 --config "
+            "preset=sms-spam`; other --config values still override it."
+        ),
+    )
+    results_dir: str = setting(
+        "results",
+        description="Directory (relative to the working directory) that holds every output.",
+    )
+    local_gpus: list[int | str] = setting(
+        factory=list,
+        type="array",
+        items={"type": ["integer", "string"]},
+        description=(
+            "This machine's GPU ids for local runs (snaketune.gpus): with `--resources gpu=N`, "
+            "each running train job that asks for k GPUs (`--set-resources "
+            "train_model:gpu=k`) gets k of these to itself as CUDA_VISIBLE_DEVICES. Empty: the "
+            "CUDA_VISIBLE_DEVICES snakemake was started with, else the GPUs nvidia-smi lists. "
+            "Inside a SLURM job, SLURM decides."
+        ),
     )
 
 

@@ -277,3 +277,21 @@ def test_weights_settings_that_cannot_work_are_refused_by_key(train, model, key,
         config["experiments"][0]["model"].pop(owned)
     with pytest.raises(ConfigError, match=rf"experiments\[0\]\.{key}: .*{says}"):
         validated(config)
+
+
+def test_evaluate_compile_follows_train_compile_unless_it_says_otherwise():
+    from snaketune.config import validated
+    from snaketune.settings import ConfigView, eval_job
+
+    def compiled(train, evaluate) -> bool | str:
+        config = copy.deepcopy(DEFAULT_CONFIG)
+        config["experiments"][0]["train"]["compile"] = train
+        if evaluate is not None:
+            config["experiments"][0]["evaluate"]["compile"] = evaluate
+        view = ConfigView(validated(config), REPO)
+        return eval_job(view, config["experiments"][0]["name"]).compile
+
+    assert compiled(True, None) is True and compiled(False, None) is False
+    assert compiled(True, False) is False and compiled(False, "max-autotune") == "max-autotune"
+    (problem,) = schema_problems(config_with(experiments__0__evaluate={"compile": "fast"}))
+    assert problem.startswith("experiments[0].evaluate.compile")

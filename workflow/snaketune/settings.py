@@ -1256,6 +1256,21 @@ class EvalSettings:
             "sliding-window estimate: more context per token, more compute."
         ),
     )
+    compile: bool | str = setting(
+        AUTO,
+        oneOf=[{"type": "boolean"}, {"enum": (AUTO, *COMPILE_MODES)}],
+        description=(
+            "Score (perplexity windows, answer NLLs) with the model compiled and, on CUDA, "
+            "generate through a static cache that generate() compiles: 'auto' does as "
+            "train.compile says; true, false, or a torch.compile mode as train.compile takes."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool) and self.compile not in (AUTO, *COMPILE_MODES):
+            raise SettingsError(
+                [("compile", f"must be true, false, auto or one of {COMPILE_MODES}")]
+            )
 
 
 @dataclass(frozen=True)
@@ -1266,7 +1281,7 @@ class EvalJob:
     """Where the model is evaluated: the train section's device and precision."""
     precision: str = "auto"
     compile: bool | str = False
-    """The train section's compile: the model scored compiled (snaketune.lm_loss.scoring)."""
+    """evaluate.compile, 'auto' resolved to train.compile (snaketune.lm_loss.scoring)."""
 
     @property
     def compile_mode(self) -> str | None:
@@ -1571,7 +1586,7 @@ def eval_job(view: ConfigView, experiment: str) -> EvalJob:
         evaluate=evaluate,
         device=train.device,
         precision=train.precision,
-        compile=train.compile,
+        compile=train.compile if evaluate.compile == AUTO else evaluate.compile,
     )
 
 

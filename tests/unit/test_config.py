@@ -295,3 +295,21 @@ def test_evaluate_compile_follows_train_compile_unless_it_says_otherwise():
     assert compiled(True, False) is False and compiled(False, "max-autotune") == "max-autotune"
     (problem,) = schema_problems(config_with(experiments__0__evaluate={"compile": "fast"}))
     assert problem.startswith("experiments[0].evaluate.compile")
+
+
+@pytest.mark.parametrize("preset", [None, *sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))])
+def test_defaults_are_filled_as_snakemake_fills_them(preset):
+    """validated() fills the schema's defaults itself (no schema file read through the
+    checkout): the same config as Snakemake's validate makes, for config.yaml and each preset."""
+    from snakemake.utils import update_config, validate
+
+    from snaketune.config import with_defaults
+    from snaketune.schema import config_schema
+
+    config = copy.deepcopy(DEFAULT_CONFIG)
+    if preset:
+        update_config(config, yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text()))
+    theirs, ours = copy.deepcopy(config), copy.deepcopy(config)
+    validate(theirs, str(SCHEMA))
+    with_defaults(ours, config_schema())
+    assert ours == theirs

@@ -17,6 +17,7 @@ from snaketune.checks import experiment_problems, instruction_problems
 from snaketune.errors import ConfigError
 from snaketune.live import live_after_problem
 from snaketune.names import SEQUENCE_CLASSIFICATION, name_problem, quote_problem
+from snaketune.schema import SCHEMA_PATH, config_schema
 from snaketune.settings import (
     SECTIONS,
     ConfigView,
@@ -30,7 +31,8 @@ from snaketune.sweep import WRITTEN, as_written, expand_sweeps
 from snaketune.tracking_uri import tracking_problems
 
 REPO = repository()
-SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA = REPO / SCHEMA_PATH
+"""The committed schema, for Snakemake and editors: the checks here use config_schema()."""
 PRESETS = REPO / "presets"
 
 
@@ -81,11 +83,10 @@ def describe(error) -> str:
     return f"{where}: {error.message}"
 
 
-def schema_problems(config: dict[str, Any], schema_path: Path = SCHEMA) -> list[str]:
+def schema_problems(config: dict[str, Any]) -> list[str]:
     from jsonschema import Draft202012Validator
 
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    validator = Draft202012Validator(schema)
+    validator = Draft202012Validator(config_schema())
     return [describe(e) for e in sorted(validator.iter_errors(config), key=lambda e: e.path)]
 
 
@@ -187,16 +188,32 @@ def settings_problems(view: ConfigView, experiment: str, where: str) -> list[str
 def validated(config: dict[str, Any], base_dir: Path = REPO) -> dict[str, Any]:
     """The config checked, every problem at once (the schema's, then the cross-checks), with
     the schema's defaults filled in, in place."""
-    from snakemake.utils import validate  # fills the defaults, as the workflow needs them
-
     raise_if_invalid(expand_sweeps(config), "sweeps")  # then each point is checked as written
     written = {WRITTEN: config.pop(WRITTEN, None)}
     raise_if_invalid(as_written(schema_problems(config), written), "schema")
     given = copy.deepcopy(config)
-    validate(config, str(SCHEMA))
-    whole_numbers(config, yaml.safe_load(SCHEMA.read_text()))
+    with_defaults(config, config_schema())
+    whole_numbers(config, config_schema())
     raise_if_invalid(as_written(cross_checks(config, base_dir, given), written), "cross-checks")
     return config
+
+
+def with_defaults(value: Any, schema: dict[str, Any]) -> None:
+    """The schema's defaults filled in, in place, as Snakemake's validate fills them: each
+    absent key of an object that has a default gets it, then the keys under it theirs, in
+    every object, catalog entry and list item the config holds."""
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        for key, sub in properties.items():
+            if key not in value and "default" in sub:
+                value[key] = copy.deepcopy(sub["default"])
+        extra = schema.get("additionalProperties")
+        for key, item in value.items():
+            sub = properties.get(key, extra if isinstance(extra, dict) else {})
+            with_defaults(item, sub)
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for item in value:
+            with_defaults(item, schema["items"])
 
 
 def whole_numbers(value: Any, schema: dict[str, Any]) -> Any:

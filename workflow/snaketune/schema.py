@@ -15,6 +15,7 @@ required) is written here, once.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -118,8 +119,9 @@ def section_schema(cls: type) -> dict[str, Any]:
     }
 
 
+@functools.cache
 def config_schema() -> dict[str, Any]:
-    """The whole config's schema."""
+    """The whole config's schema (made once per process; not to be changed)."""
     experiment = {
         "type": "object",
         "additionalProperties": False,

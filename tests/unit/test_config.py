@@ -9,7 +9,7 @@ from dataclasses import fields, is_dataclass
 
 import pytest
 
-from snaketune.config import SCHEMA, cross_checks, schema_problems
+from snaketune.config import SCHEMA, cross_checks, preset_names, schema_problems
 from snaketune.live import LIVE_AFTER_VARIABLE
 from snaketune.settings import (
     FORMATS,
@@ -297,10 +297,11 @@ def test_evaluate_compile_follows_train_compile_unless_it_says_otherwise():
     assert problem.startswith("experiments[0].evaluate.compile")
 
 
-@pytest.mark.parametrize("preset", [None, *sorted(p.stem for p in (REPO / "presets").glob("*.yaml"))])
+@pytest.mark.parametrize("preset", [None, *preset_names()])
 def test_defaults_are_filled_as_snakemake_fills_them(preset):
     """validated() fills the schema's defaults itself (no schema file read through the
     checkout): the same config as Snakemake's validate makes, for config.yaml and each preset."""
+    import yaml
     from snakemake.utils import update_config, validate
 
     from snaketune.config import with_defaults

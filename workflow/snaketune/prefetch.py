@@ -37,7 +37,7 @@ class BatchesAhead:
 
     def __init__(self, rows: TokenRows, placement: Placement):
         self.rows, self.placement = rows, placement
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="next-batch")
+        self.pool: ThreadPoolExecutor | None = None  # started by the first batch made ahead
         self.stream = torch.cuda.Stream(placement.device) if placement.cuda else None
         self.pending: tuple[Hashable, Future] | None = None
 
@@ -60,6 +60,8 @@ class BatchesAhead:
             for tensor in batch.values():
                 tensor.record_stream(current)
         if following is not None:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(1, thread_name_prefix="next-batch")
             next_key, next_index = following
             self.pending = (next_key, self.pool.submit(self.load, next_index))
         return batch, tokens
@@ -75,5 +77,8 @@ class BatchesAhead:
         return on_device, tokens
 
     def close(self) -> None:
+        """Stops the thread (a later batch starts another)."""
         self.pending = None
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None

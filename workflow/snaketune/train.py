@@ -209,7 +209,7 @@ class Run:
     scorer: torch.nn.Module | None = None
     """The causal LM validation scores with: compiled with train.compile (lm_loss.scoring)."""
     ahead: BatchesAhead | None = None
-    """The train micro-batches, each made while the one before it trains."""
+    """The train micro-batches, each made while the one before it trains (prepare_run)."""
 
     @property
     def settings(self) -> TrainSettings:
@@ -511,7 +511,6 @@ def read_now(run: Run, step: int) -> bool:
 
 
 def train_steps(run: Run, progress: Progress) -> Progress:
-    run.ahead = BatchesAhead(run.train, run.placement)
     try:
         with StopRequested() as stop:
             return steps_until_done(run, progress, stop)
@@ -668,6 +667,7 @@ def prepare_run(
         label_names=data.label_names,
         loss=lm_loss.CHUNKED if chunked else lm_loss.OWN_FORWARD,
         scorer=lm_loss.scoring(model, settings.compile_mode) if job.task == CAUSAL_LM else None,
+        ahead=BatchesAhead(train, placement),
     )
 
 

@@ -443,7 +443,7 @@ class CleanSettings:
     max_chars: int = setting(100_000, minimum=1, description="Drop documents longer than this.")
     dedup: bool = setting(True, description="Drop exact duplicates after normalization.")
     min_alpha_ratio: float = setting(
-        0.0,
+        0,  # an int, as the schema always gave it: the stage keys stay
         minimum=0,
         maximum=1,
         description=(
@@ -452,7 +452,7 @@ class CleanSettings:
         ),
     )
     max_repeated_line_fraction: float = setting(
-        1.0,
+        1,  # an int, as the schema always gave it: the stage keys stay
         minimum=0,
         maximum=1,
         description=(
@@ -461,7 +461,7 @@ class CleanSettings:
         ),
     )
     min_mean_word_length: float = setting(
-        0.0,
+        0,  # an int, as the schema always gave it: the stage keys stay
         minimum=0,
         description=(
             "Drop documents whose mean word length is below this (0 is off; 3 suits English)."

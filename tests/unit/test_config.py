@@ -314,3 +314,37 @@ def test_defaults_are_filled_as_snakemake_fills_them(preset):
     validate(theirs, str(SCHEMA))
     with_defaults(ours, config_schema())
     assert ours == theirs
+
+
+def test_the_demo_s_data_stages_and_training_keep_their_keys_across_versions():
+    """What keys a shared stage and a train job's settings: config.yaml's must not move when
+    settings are only reorganised (a 0 default written as 0.0 moved them all, which reruns
+    every user's data stages and training). A deliberate change updates these and says so in
+    README's "Upgrading"."""
+    import hashlib
+
+    from snaketune.config import validated
+    from snaketune.settings import ConfigView, to_json, train_job
+    from snaketune.sharing import keys_of
+
+    view = ConfigView(validated(copy.deepcopy(DEFAULT_CONFIG)), REPO)
+    keys = {name: keys_of(view, name) for name in ("demo-lm", "demo-intent")}
+    assert keys == {
+        "demo-lm": {
+            "clean": "support-demo-02fa869be9",
+            "split": "support-demo-0ea8a07b2f",
+            "tokenizer": "support-demo-a5cfb616b0",
+            "tokenize": "support-demo-8fa22c5ea2",
+        },
+        "demo-intent": {
+            "clean": "support-demo-7148637def",
+            "split": "support-demo-80d7330a10",
+            "tokenizer": "support-demo-f80819130a",
+            "tokenize": "support-demo-1f6eb47f2d",
+        },
+    }
+    trained = {
+        name: hashlib.sha256(to_json(train_job(view, name)).encode()).hexdigest()[:12]
+        for name in ("demo-lm", "demo-intent")
+    }
+    assert trained == {"demo-lm": "47a32eec8afc", "demo-intent": "8c7410ff2933"}

@@ -185,11 +185,11 @@ def test_more_training_processes_on_gpus_than_the_machine_has_stop_before_any_jo
 
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
-# A GPU of compute capability 7.5 (no bf16), as nvidia-smi describes it.
+# Two GPUs as nvidia-smi describes them: 0 of compute capability 7.5 (no bf16), 1 of 9.0.
 case "$*" in
-  *compute_cap*) echo 7.5 ;;
-  *memory.total*) echo 15360 ;;
-  *) echo "GPU 0: Tesla T4 (UUID: GPU-00000000-0000-0000-0000-000000000000)" ;;
+  *compute_cap*) printf '7.5\\n9.0\\n' ;;
+  *memory.total*) printf '15360\\n143771\\n' ;;
+  *) printf 'GPU 0: Tesla T4 (UUID: GPU-0)\\nGPU 1: NVIDIA H200 (UUID: GPU-1)\\n' ;;
 esac
 """
 
@@ -203,7 +203,7 @@ def test_bf16_asked_of_gpus_without_it_stops_before_any_job(tmp_path, monkeypatc
     (fake / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
     (fake / "nvidia-smi").chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # the T4 alone (the H200 is not the jobs')
     config = config_with(
         experiments__0__model__dtype="bfloat16", experiments__1__train__precision="bf16"
     )
@@ -213,5 +213,9 @@ def test_bf16_asked_of_gpus_without_it_stops_before_any_job(tmp_path, monkeypatc
     assert run.returncode != 0, console
     assert "experiment 'demo-lm': model.dtype bfloat16 asks for bf16" in console
     assert "experiment 'demo-intent': train.precision bf16 asks for bf16" in console
-    assert "compute capability [7.5]" in console
+    assert "compute capability [7.5] among this machine's ['0']" in console
     assert not (tmp_path / "run" / "results").exists()
+    # Only the GPUs the jobs may use count: the H200 alone has bf16.
+    from snaketune.gpus import gpus_without_bf16
+
+    assert gpus_without_bf16(["1"]) == [] and gpus_without_bf16(["0", "1"]) == [7.5]

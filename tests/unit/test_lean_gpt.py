@@ -208,7 +208,9 @@ def test_generation_with_the_kv_cache_static_or_not_is_generation_without_it(lm_
     assert cached.tolist() == uncached.tolist()
 
     dynamic, _ = generate_many(model, tokenizer, prompts, settings, 128, CPU, batch_size=2)
-    compile_generation(model)
-    assert uses_static_cache(model)
+    compile_generation(model, "max-autotune")
+    assert (
+        uses_static_cache(model) and model.generation_config.compile_config.mode == "max-autotune"
+    )
     static, _ = generate_many(model, tokenizer, prompts, settings, 128, CPU, batch_size=2)
     assert static == dynamic and all(dynamic)

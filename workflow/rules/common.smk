@@ -299,10 +299,10 @@ def check_cuda_here():
                 f"({shlex.quote(sys.executable)} -m pip install bitsandbytes) on a GPU machine, "
                 "run under a cluster profile that gives GPUs, or remove quantization"
             )
-        elif on_gpus and devices and gpus_without_bf16() and bf16_asked(exp):
+        elif on_gpus and devices and bf16_asked(exp) and (older := gpus_without_bf16(devices)):
             problems.append(
-                f"experiment {exp['name']!r}: {bf16_asked(exp)} asks for bf16, and this "
-                f"machine's GPUs of compute capability {gpus_without_bf16()} have none (bf16 "
+                f"experiment {exp['name']!r}: {bf16_asked(exp)} asks for bf16, and the GPUs of "
+                f"compute capability {older} among this machine's {devices} have none (bf16 "
                 "needs 8.0 or later): leave train.precision and model.dtype at auto (fp16 "
                 "autocast with a gradient scaler, float32 weights), or run where the GPUs have "
                 "bf16"

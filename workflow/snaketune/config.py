@@ -32,7 +32,8 @@ from snaketune.tracking_uri import tracking_problems
 
 REPO = repository()
 SCHEMA = REPO / SCHEMA_PATH
-"""The committed schema, for Snakemake and editors: the checks here use config_schema()."""
+"""The committed copy of the schema, for editors and readers: the checks here use
+config_schema(), made in the process."""
 PRESETS = REPO / "presets"
 
 

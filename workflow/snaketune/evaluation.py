@@ -242,13 +242,14 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob) -> dict:
             model = model.to(placement.device)
         tokenizer = AutoTokenizer.from_pretrained(paths.model)
         if job.compile_mode and placement.cuda:
-            compile_generation(model)
+            compile_generation(model, job.compile_mode)
         test = TokenRows.open(data, TEST)
         if job.task == CAUSAL_LM:
             metrics = evaluate_lm(model, tokenizer, test, data, job, paths, placement)
         else:
             labels = data.label_names
-            predictions = predict_classes(model, test, settings.batch_size, placement)
+            scorer = torch.compile(model, mode=job.compile_mode) if job.compile_mode else model
+            predictions = predict_classes(scorer, test, settings.batch_size, placement)
             metrics = classification_metrics(predictions, test.labels(), labels)
             metrics["label_names"] = labels
             metrics["baselines"] = baselines(paths.train, paths.test, labels)

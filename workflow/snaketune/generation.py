@@ -134,12 +134,15 @@ def uses_static_cache(model) -> bool:
     return getattr(config, "cache_implementation", None) == "static"
 
 
-def compile_generation(model) -> None:
-    """Generation for train.compile on CUDA: a static KV cache, with which transformers'
-    generate() compiles the decoding step (once per shape: see STATIC_WIDTH_STEP). The LSTM, and
-    a model generate() cannot compile, generate as they are."""
+def compile_generation(model, mode: str) -> None:
+    """Generation for evaluate.compile on CUDA: a static KV cache, with which transformers'
+    generate() compiles the decoding step in torch.compile's `mode` (once per shape: see
+    STATIC_WIDTH_STEP). The LSTM, and a model generate() cannot compile, generate as they are."""
+    from transformers import CompileConfig
+
     if getattr(model, "_can_compile_fullgraph", False) and hasattr(model, "generation_config"):
         model.generation_config.cache_implementation = "static"
+        model.generation_config.compile_config = CompileConfig(mode=mode)
 
 
 def until_stop(ids: list[int], stop: list[int]) -> list[int]:

@@ -58,9 +58,13 @@ BF16_COMPUTE_CAPABILITY = 8.0
 """bf16 arithmetic came with Ampere (compute capability 8.0)."""
 
 
-def gpus_without_bf16() -> list[float]:
-    """The compute capabilities of this machine's GPUs that have no bf16."""
-    return [c for c in gpu_numbers("compute_cap") if c < BF16_COMPUTE_CAPABILITY]
+def gpus_without_bf16(devices: list[str]) -> list[float]:
+    """The compute capabilities, below bf16's, of the GPUs among `devices` (machine_devices:
+    the ones the jobs may use; ids that are not nvidia-smi indices count every GPU)."""
+    capabilities = dict(enumerate(gpu_numbers("compute_cap")))
+    if devices and all(d.isdigit() for d in devices):
+        capabilities = {i: c for i, c in capabilities.items() if str(i) in devices}
+    return [c for c in capabilities.values() if c < BF16_COMPUTE_CAPABILITY]
 
 
 def lock_folder() -> Path:

@@ -23,7 +23,9 @@ INSTRUCTION_COLUMNS = ("prompt", "response")
 PROMPT, RESPONSE = INSTRUCTION_COLUMNS
 
 SHARED_FOLDER = "shared"
-"""results/<SHARED_FOLDER>/<stage>/<key>/: the outputs of a shared stage (snaketune.sharing)."""
+"""results/<SHARED_FOLDER>/<stage>/<key>/: the outputs of a shared stage (snaketune.sharing);
+and results/<SHARED_FOLDER>/compile_cache, the compiled graphs every job shares
+(snaketune.compile_cache)."""
 RESULTS_LAYOUT = (
     "datasets",  # datasets/<dataset>/download
     SHARED_FOLDER,

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from snaketune.batches import TokenRows
-from snaketune.devices import Placement
+from snaketune.devices import Placement, to_device
 
 Batch = dict[str, torch.Tensor]
 
@@ -71,10 +71,8 @@ class BatchesAhead:
         tokens = token_count(batch)
         if self.stream is None:
             return batch, tokens
-        device = self.placement.device
         with torch.cuda.stream(self.stream):
-            on_device = {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-        return on_device, tokens
+            return to_device(batch, self.placement), tokens
 
     def close(self) -> None:
         """Stops the thread (a later batch starts another)."""

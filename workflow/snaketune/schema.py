@@ -2,10 +2,11 @@
 
 Each config key is defined once, as a field of its section's dataclass in snaketune.settings:
 its Python type, its default, and (through `settings.setting`) its description and what the
-schema says beyond its type (bounds, allowed values, patterns). This module turns them into
-`workflow/schemas/config.schema.yaml`, which Snakemake and snaketune.config validate a config
-against, and into the settings reference in README.md; a test fails when either committed copy
-differs from what this module makes. After changing a setting:
+schema says beyond its type (bounds, allowed values, patterns). This module turns them into the
+schema snaketune.config validates a config against (config_schema, made in the process), its
+committed copy `workflow/schemas/config.schema.yaml` (for editors and readers), and the settings
+reference in README.md; a test fails when either committed copy differs from what this module
+makes. After changing a setting:
 
     .venv/bin/python -m snaketune.schema      (or `make schema`)
 

@@ -987,9 +987,11 @@ class TrainSettings:
         description=(
             "Rows per micro-batch, per process. 'auto' (one process) finds the largest "
             "micro-batch that fits before the first step: grad_accum is then the examples per "
-            "step (as at batch_size 1), and each micro-batch from 2 rows up that divides it is "
-            "tried with the widest rows, forward and backward, until one runs out of memory; "
-            "the largest that fitted takes the steps, with grad_accum divided by it (the same "
+            "step (as at batch_size 1), and its divisors from 2 rows up are tried with the "
+            "widest rows (forward and backward of the eager model, beside room for the "
+            "optimizer's moments; on the CPU within 80% of the memory available), doubling "
+            "until one does not fit, then bisecting; the largest that fitted takes the steps, "
+            "with grad_accum divided by it (the same "
             "examples per step, so the same trajectory), recorded in the train manifest's "
             "micro_batch. The search is made once per run (a resumed run keeps its result), and "
             "a first step that still runs out of memory is retried smaller (memory_retries)."
@@ -1260,9 +1262,10 @@ class EvalSettings:
         AUTO,
         oneOf=[{"type": "boolean"}, {"enum": (AUTO, *COMPILE_MODES)}],
         description=(
-            "Score (perplexity windows, answer NLLs) with the model compiled and, on CUDA, "
-            "generate through a static cache that generate() compiles: 'auto' does as "
-            "train.compile says; true, false, or a torch.compile mode as train.compile takes."
+            "Score with the model compiled (perplexity windows and answer NLLs, or a "
+            "classifier's predictions) and, on CUDA, generate through a static cache that "
+            "generate() compiles in the same mode: 'auto' does as train.compile says; true, "
+            "false, or a torch.compile mode as train.compile takes."
         ),
     )
 

@@ -209,7 +209,11 @@ class Run:
     scorer: torch.nn.Module | None = None
     """The causal LM validation scores with: compiled with train.compile (lm_loss.scoring)."""
     ahead: BatchesAhead | None = None
-    """The train micro-batches, each made while the one before it trains (prepare_run)."""
+    """The train micro-batches, each made while the one before it trains."""
+
+    def __post_init__(self) -> None:
+        if self.ahead is None:
+            self.ahead = BatchesAhead(self.train, self.placement)
 
     @property
     def settings(self) -> TrainSettings:
@@ -667,7 +671,6 @@ def prepare_run(
         label_names=data.label_names,
         loss=lm_loss.CHUNKED if chunked else lm_loss.OWN_FORWARD,
         scorer=lm_loss.scoring(model, settings.compile_mode) if job.task == CAUSAL_LM else None,
-        ahead=BatchesAhead(train, placement),
     )
 
 
@@ -693,19 +696,26 @@ def resume_run(run: Run) -> Progress:
 def search_micro_batch(run: Run) -> dict:
     """The largest micro-batch that fits, for batch_size auto: grad_accum is the examples per
     step, and each of its divisors from 2 up is tried with the widest train rows (a forward and
-    backward pass, its gradients then dropped), doubling until one runs out of memory, then
-    bisecting between the last that fitted and it. The random state is restored after, so the
-    run takes the steps a run configured with the result would. One row is taken to fit (the
-    first step, and memory_retries, say otherwise)."""
+    backward pass of the uncompiled model, its gradients then dropped, beside a reserve of the
+    optimizer moments' size, which the first step will allocate), doubling until one does not
+    fit, then bisecting between the last that fitted and it. On the CPU a size whose memory,
+    extrapolated from the sizes tried, would pass 80% of the memory available does not fit
+    either (the kernel would kill the process, not raise). The random state is restored after,
+    and the peak memory reset, so the run takes (and records) the steps a run configured with
+    the result would. One row is taken to fit (the first step, and memory_retries, say
+    otherwise)."""
     examples = run.settings.grad_accum
     sizes = [d for d in range(1, min(examples, len(run.train)) + 1) if examples % d == 0]
     widest = np.argsort(-run.train.lengths(), kind="stable")
     tried: dict[int, bool] = {}
+    host = None if run.placement.cuda else HostMemory(available_bytes())
 
     def fits(index: int) -> bool:
         rows = sizes[index]
-        tried[rows] = micro_batch_fits(run, run.train.batch(widest[:rows]))
-        return tried[rows]
+        fitted = host is None or host.allows(rows)
+        fitted = fitted and micro_batch_fits(run, run.train.batch(widest[:rows]), host, rows)
+        tried[rows] = fitted
+        return fitted
 
     random_state = rng_state()
     try:
@@ -719,6 +729,7 @@ def search_micro_batch(run: Run) -> dict:
             fitted, failed = (middle, failed) if fits(middle) else (fitted, middle)
     finally:
         set_rng_state(random_state)
+        reset_peak_memory(run)
     rows = sizes[fitted]
     return {
         "batch_size": rows,
@@ -727,18 +738,64 @@ def search_micro_batch(run: Run) -> dict:
     }
 
 
-def micro_batch_fits(run: Run, batch: dict[str, torch.Tensor]) -> bool:
-    """Whether one micro-batch's forward and backward pass runs within the device's memory
-    (its gradients are dropped either way)."""
+class HostMemory:
+    """The CPU's side of the search: how much a micro-batch's pass takes, per row, from the
+    sizes tried, against the memory the kernel says is available."""
+
+    def __init__(self, available: int):
+        self.available = available
+        self.per_row = 0.0
+
+    def allows(self, rows: int) -> bool:
+        return not self.available or rows * self.per_row <= 0.8 * self.available
+
+    def measured(self, rows: int, peak_above: int) -> None:
+        self.per_row = max(self.per_row, peak_above / rows)
+
+
+def available_bytes() -> int:
+    """MemAvailable from /proc/meminfo (0 where the kernel does not say)."""
+    meminfo = Path("/proc/meminfo")
+    lines = meminfo.read_text().splitlines() if meminfo.exists() else []
+    return next((int(x.split()[1]) * 1024 for x in lines if x.startswith("MemAvailable:")), 0)
+
+
+def reset_peak_memory(run: Run) -> None:
+    """The peak memory counted from now: CUDA's allocator peak, or the process's resident peak
+    (VmHWM, which /proc/self/clear_refs resets to the current resident memory)."""
+    if run.placement.cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+        return
+    clear = Path("/proc/self/clear_refs")
+    if clear.exists():
+        clear.write_text("5")
+
+
+def micro_batch_fits(
+    run: Run, batch: dict[str, torch.Tensor], host: HostMemory | None = None, rows: int = 0
+) -> bool:
+    """Whether one micro-batch's forward and backward pass runs within the device's memory,
+    with the optimizer's moments (two fp32 values per trained parameter) reserved beside it;
+    its gradients are dropped either way. The eager model is tried: compiling each size would
+    leave training a graph made for shapes of every size."""
+    eager = getattr(run.step_model, "_orig_mod", run.step_model)
+    trained = sum(p.numel() for p in run.model.parameters() if p.requires_grad)
     run.model.train()
+    reset_peak_memory(run)
+    before = resident_bytes("VmRSS")
+    reserve = None
     try:
-        backward(run, forward(run.step_model, batch, run.placement).loss)
+        reserve = torch.zeros(2 * trained, dtype=torch.float32, device=run.device)
+        backward(run, forward(eager, batch, run.placement).loss)
+        if host is not None:
+            host.measured(rows, resident_bytes("VmHWM") - before - reserve.nbytes)
         return True
     except (RuntimeError, MemoryError) as err:
         if not is_out_of_memory(err):
             raise
         return False
     finally:
+        del reserve
         run.optimizer.zero_grad(set_to_none=True)
         if run.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -94,6 +94,24 @@ def in_training_view(text: str) -> bool:
 REPORT_SCREENSHOTS = REPO / "test-artifacts" / "report"
 
 
+def shown_frame(driver, row_xpath: str, clicks: int = 3):
+    """The frame a report row's eye button opens its HTML in. A click the page takes while it
+    is still drawing the table opens nothing (seen under load), so the row is found and its
+    button clicked again, up to `clicks` times, each given a third of UI_WAIT_S."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, UI_WAIT_S / clicks)
+    for _ in range(clicks):
+        row = WebDriverWait(driver, UI_WAIT_S).until(lambda d: d.find_elements("xpath", row_xpath))
+        row[0].find_element("css selector", "a[iconname='eye']").click()
+        try:
+            return wait.until(lambda d: d.find_elements("tag name", "iframe"))[0]
+        except TimeoutException:
+            continue
+    raise AssertionError(f"the report row {row_xpath} opened no frame after {clicks} clicks")
+
+
 def report_item(driver, report: Path, category: str, labels: tuple[str, str]) -> str:
     """Open a Snakemake report's result (its category, then the first row whose two labels start
     with these) as a reader does, by its eye button; the text the report shows of it inline."""
@@ -106,9 +124,7 @@ def report_item(driver, report: Path, category: str, labels: tuple[str, str]) ->
     cells = " and ".join(
         f"td[{i + 1}][starts-with(normalize-space(), '{v}')]" for i, v in enumerate(labels)
     )
-    row = wait.until(lambda d: d.find_elements("xpath", f"//tr[{cells}]"))[0]
-    row.find_element("css selector", "a[iconname='eye']").click()
-    frame = wait.until(lambda d: d.find_elements("tag name", "iframe"))[0]  # HTML: in a frame
+    frame = shown_frame(driver, f"//tr[{cells}]")
     driver.switch_to.frame(frame)
     try:
         body = lambda: driver.find_element("tag name", "body").text  # noqa: E731

@@ -1,9 +1,9 @@
-"""What does the loss taken a chunk of positions at a time (snaketune.lm_loss) save, for a model
+"""What does the loss taken a chunk of positions at a time (train/lm_loss.py) save, for a model
 with Llama 3's 128k vocabulary, and what does it cost?
 
 One train step (forward with labels, backward) and one evaluation batch (each position's NLL and
 whether its target ranked first), side by side in one run:
-- ours: snaketune.lm_loss (ChunkedLoss for training, target_scores for evaluation);
+- ours: snaketune.train.lm_loss (ChunkedLoss for training, target_scores for evaluation);
 - transformers: the model's own forward with labels (what run_clm.py and Trainer run), and its
   logits through cross_entropy for evaluation (what our evaluation did before);
 - no head: the body alone, its hidden states summed: the floor any loss sits on.
@@ -56,7 +56,7 @@ def step_of(kind: str, variant: str, model, ids):
     import torch
     from torch.nn import functional as F
 
-    from snaketune import lm_loss
+    from snaketune.train import lm_loss
 
     wrapped = lm_loss.with_chunked_loss(model)
     targets = lm_loss.next_token_targets(ids).clamp(min=0)

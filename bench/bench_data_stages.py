@@ -43,8 +43,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from corpus import documents  # noqa: E402
 
+from snaketune.data.tokenizer import EOS, PAD  # noqa: E402
 from snaketune.sharing import keys_of, stage_dir  # noqa: E402
-from snaketune.tokenizer import EOS, PAD  # noqa: E402
 from tests.support.workflow import snakemake_command, tiny_config  # noqa: E402
 
 DATASET = "bench-text"
@@ -150,8 +150,8 @@ def dedup_pair(texts: list[str], docs: int) -> tuple[float, float, int, int]:
     """(ours s, datasketch batch API s, ours removed, theirs removed) on the first `docs`."""
     from datasketch import MinHash, MinHashLSH
 
-    from snaketune.clean import normalize_for_match
-    from snaketune.dedup import LSH_WEIGHTS, find_near_duplicates
+    from snaketune.data.clean import normalize_for_match
+    from snaketune.data.dedup import LSH_WEIGHTS, find_near_duplicates
     from snaketune.names import TRAIN
     from snaketune.settings import NearDuplicateSettings
 

@@ -1,12 +1,12 @@
 """How fast is our perplexity, and is it the same number? One model, one token stream, in one
 process, side by side:
 
-1. ours: `snaketune.perplexity.score_lm`, the code the evaluate rule runs (windows batched,
+1. ours: `snaketune.evaluate.perplexity.score_lm`, the code the evaluate rule runs (windows batched,
    fp32 cross-entropy summed in float64, the stream read from the memory-mapped token array);
 2. reference: the loop of Hugging Face's "Perplexity of fixed-length models" guide (one window
    per forward pass, the loss of each window times its target count), on the same stream;
 3. limit: the same batched windows through the model and nothing else (no loss, no sums);
-4. compiled: score_lm as the evaluate rule runs it with train.compile (snaketune.lm_loss.scoring:
+4. compiled: score_lm as the evaluate rule runs it with train.compile (lm_loss.scoring:
    the model's final hidden states through torch.compile), timed after a first pass compiled
    every window shape; its perplexity must equal ours to 1e-5.
 
@@ -32,14 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snaketune import lm_loss, local
-from snaketune.batches import TokenRows
-from snaketune.evaluation import CPU
-from snaketune.models import build_model
+from snaketune.data import local
+from snaketune.evaluate.evaluation import CPU
+from snaketune.evaluate.perplexity import score_lm, windows
 from snaketune.names import TRAIN
-from snaketune.perplexity import score_lm, windows
 from snaketune.settings import ModelSettings
 from snaketune.tokenize.shards import TokenizedData
+from snaketune.train import lm_loss
+from snaketune.train.batches import TokenRows
+from snaketune.train.models import build_model
 
 
 def reference(model, stream: torch.Tensor, context: int, stride: int) -> tuple[float, int]:

@@ -1,9 +1,9 @@
-"""Is the lean GPT (snaketune.lean_gpt, what scratch GPT-2 trains as) faster than transformers'
+"""Is the lean GPT (train/lean_gpt.py, what scratch GPT-2 trains as) faster than transformers'
 GPT2LMHeadModel of the same shape and weights?
 
 Both take the same training step on the same random token batches: forward with labels,
 backward, gradient clipping, fused AdamW with the trainer's parameter groups and schedule
-(snaketune.train.make_optimizer, learning_rate). The steps run in alternating chunks in one
+(snaketune.train.trainer.make_optimizer, learning_rate). The steps run in alternating chunks in one
 process (lean, transformers, lean, ...), so a slow spell of a shared machine slows both alike;
 the median chunk counts. Before timing, one forward pass from the same weights with dropout off
 shows that both compute the same loss.
@@ -47,8 +47,8 @@ def both_models(args, settings) -> dict[str, torch.nn.Module]:
     """The lean GPT as the trainer builds it, and GPT2LMHeadModel with its weights."""
     from transformers import GPT2LMHeadModel
 
-    from snaketune.lean_gpt import to_hf_state
-    from snaketune.models import build_model
+    from snaketune.train.lean_gpt import to_hf_state
+    from snaketune.train.models import build_model
 
     torch.manual_seed(1)
     lean = build_model(settings, "causal_lm", args.vocab, args.context, 0, 0, [])
@@ -60,7 +60,7 @@ def both_models(args, settings) -> dict[str, torch.nn.Module]:
 def stepper(model: torch.nn.Module, args):
     """One training step per call, on random windows drawn from a fixed seed (the same batches
     for both models)."""
-    from snaketune.train import learning_rate, make_optimizer
+    from snaketune.train.trainer import learning_rate, make_optimizer
 
     settings = train_settings(args)
     optimizer = make_optimizer(model, settings)
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="timed chunks of each model")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from snaketune.lean_gpt import padded_vocab
+    from snaketune.train.lean_gpt import padded_vocab
 
     lean_loss, hf_loss = same_loss(args)
     ms = interleaved(args)

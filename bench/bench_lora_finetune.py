@@ -5,9 +5,9 @@ Llama 3's 128k vocabulary, against transformers' Trainer with peft, and what doe
 One training step (forward, backward, gradient clipping, fused AdamW) of LoRA adapters (rank 16,
 peft's default targets for Llama: q_proj and v_proj) on a frozen pretrained base, side by side in
 one run, each with its base loaded in bf16 and in fp32:
-- ours: what snaketune.train runs: snaketune.models.build_model (model.init: pretrained,
-  model.dtype) and apply_lora, snaketune.lm_loss.with_chunked_loss, make_optimizer, and the
-  step itself, snaketune.train.one_step (forward with the placement of place("cpu", "auto"),
+- ours: what snaketune.train.trainer runs: models.build_model (model.init: pretrained,
+  model.dtype) and apply_lora, snaketune.train.lm_loss.with_chunked_loss, make_optimizer, and the
+  step itself, snaketune.train.trainer.one_step (forward with the placement of place("cpu", "auto"),
   clip_grad_norm_, the fused AdamW update), with deterministic kernels as the trainer sets on
   the CPU;
 - ours, full logits: the same, but the steps call the peft model itself (the model's own
@@ -98,7 +98,7 @@ def token_rows(args):
 
 
 class Rows:
-    """The training rows as snaketune.train.one_step takes them (TokenRows' `batch`): the same
+    """The training rows as trainer.one_step takes them (TokenRows' `batch`): the same
     args.batch rows every step, in the order batch_indices draws them."""
 
     def __init__(self, ids):
@@ -113,8 +113,8 @@ class Rows:
 
 
 def step_order(args, step: int):
-    """The rows of step `step`, in snaketune.train's order (a seeded permutation per epoch)."""
-    from snaketune.batches import batch_indices
+    """The rows of step `step`, in the trainer's order (a seeded permutation per epoch)."""
+    from snaketune.train.batches import batch_indices
 
     return batch_indices(step, 0, args.batch, 1, SEED, args.batch)
 
@@ -160,16 +160,15 @@ class Meter:
 
 
 def ours(args, dtype: str, chunked: bool) -> dict:
-    """snaketune.train's set-up (prepare_run) and steps (one_step), on the CPU."""
+    """snaketune.train.trainer's set-up (prepare_run) and steps (one_step), on the CPU."""
     import torch
 
-    from snaketune import lm_loss
-    from snaketune import train as trainer
-    from snaketune.devices import deterministic, place, set_deterministic
-    from snaketune.distributed import World
-    from snaketune.models import apply_lora, build_model
     from snaketune.names import CAUSAL_LM
     from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+    from snaketune.train import lm_loss, trainer
+    from snaketune.train.devices import deterministic, place, set_deterministic
+    from snaketune.train.distributed import World
+    from snaketune.train.models import apply_lora, build_model
 
     # model.arch stays gpt2, the transformer family, under which any AutoModel checkpoint loads.
     model_settings = ModelSettings(
@@ -302,9 +301,9 @@ def bare(args, dtype: str) -> dict:
     """The same peft model's body, forward and backward, no head: the floor."""
     import torch
 
-    from snaketune.models import apply_lora, build_model
     from snaketune.names import CAUSAL_LM
     from snaketune.settings import ModelSettings
+    from snaketune.train.models import apply_lora, build_model
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)

@@ -1,6 +1,6 @@
 """How fast is our near-duplicate removal? One corpus, two methods:
 
-1. ours: `snaketune.dedup.find_near_duplicates` (the code the split rule runs: numpy shingling
+1. ours: `snaketune.data.dedup.find_near_duplicates` (the code the split rule runs: numpy shingling
    and signatures, datasketch's MinHashLSH only for documents that share a band);
 2. reference: datasketch as its documentation shows it: per document, the shingles as bytes into
    `MinHash.update_batch` (SHA-1), then `MinHashLSH.query` and `insert` for every document
@@ -25,11 +25,11 @@ from pathlib import Path
 import pandas as pd
 from datasketch import MinHash, MinHashLSH
 
-from snaketune.clean import normalize_for_match
-from snaketune.dedup import LSH_WEIGHTS, find_near_duplicates, visiting_order
+from snaketune.data.clean import normalize_for_match
+from snaketune.data.dedup import LSH_WEIGHTS, find_near_duplicates, visiting_order
+from snaketune.data.split import assign_splits
 from snaketune.names import SPLITS
 from snaketune.settings import NearDuplicateSettings, SplitSettings
-from snaketune.split import assign_splits
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"

@@ -1,10 +1,10 @@
 """What does live tracking cost a training step? The demo-lm model (GPT-2 2 x 128, batch 16 x 128
-tokens, same seed) trained by `snaketune.train.train_model`, the code the rule runs, in one
+tokens, same seed) trained by `snaketune.train.trainer.train_model`, the code the rule runs, in one
 process, alternately:
 
 1. off: no tracking folder (as a job outside the workflow);
 2. live: logging to a real `mlflow server` on 127.0.0.1 (every log_every steps, system metrics
-   every 5 s, through snaketune.live's background sender);
+   every 5 s, through snaketune.track.live's background sender);
 3. slow: the same server behind a relay that holds every answer back 1 s;
 4. down: a tracking URI where nothing listens.
 
@@ -15,7 +15,7 @@ seconds (so the fixed cost: the sender imports mlflow and connects once per job,
 that competes with training for this machine's 2 cores), the ratios to `off`, and how many
 points each live run got onto the server before the call returned.
 
-Data: the demo corpus through our data stages (snaketune.local.demo_config, BPE vocab 400).
+Data: the demo corpus through our data stages (snaketune.data.local.demo_config, BPE vocab 400).
 Run: .venv/bin/python bench/bench_tracking.py [--steps 200] [--repeats 2]
 """
 
@@ -75,9 +75,9 @@ class Timing:
 
 def train_once(data, out: Path, steps: int, uri: str | None, settle: int) -> Timing:
     """One train_model call: its steady-state step time, its whole time, the points sent."""
-    from snaketune import live
     from snaketune.settings import ModelSettings, TrainJob, TrainSettings
-    from snaketune.train import train_model
+    from snaketune.track import live
+    from snaketune.train.trainer import train_model
 
     os.environ.pop(live.TRACKING_VARIABLE, None)
     if uri is not None:
@@ -114,7 +114,7 @@ def train_once(data, out: Path, steps: int, uri: str | None, settle: int) -> Tim
 
 
 def main() -> None:
-    from snaketune import local
+    from snaketune.data import local
     from tests.support.reliability import Relay
     from tests.support.servers import serving
 

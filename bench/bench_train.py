@@ -1,6 +1,7 @@
 """How fast is our trainer? The same tiny GPT-2 on the same token data, in one process:
 
-1. ours: `snaketune.train.train_model`, the code the rule runs (open the memory-mapped arrays,
+1. ours: `snaketune.train.trainer.train_model`, the code the rule runs (open the memory-mapped
+   arrays,
    train, validate, keep the final state, save model, history and loss curve);
 2. bare: a nanoGPT-style torch loop (random windows of the same memory-mapped token array,
    forward, backward, clip, fused AdamW with the same groups and schedule, save_pretrained): the
@@ -8,7 +9,7 @@
 3. reference: `transformers.Trainer` with matching settings (batch, AdamW betas and weight
    decay, warmup + cosine, grad clipping, steps, fp32 on CPU), then save_model, over
    transformers' GPT2LMHeadModel with the same initial weights (ours and bare train the lean
-   GPT that scratch GPT-2 is, snaketune.lean_gpt).
+   GPT that scratch GPT-2 is, snaketune.train.lean_gpt).
 
 Prints per-step time (the steps alone) and whole-call time of each (the fastest of --repeats
 runs, interleaved), the ratios against the bare loop, our step against the bare step run in
@@ -37,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def prepare_data(root: Path, block: int):
-    from snaketune import local
+    from snaketune.data import local
 
     return local.prepare_data(local.demo_config("causal_lm", block), local.DEMO_EXPERIMENT, root)
 
@@ -71,7 +72,7 @@ def tokenized(data):
 
 
 def new_model(data, args):
-    from snaketune.models import build_model
+    from snaketune.train.models import build_model
 
     info = tokenized(data)
     torch.manual_seed(1)
@@ -91,7 +92,7 @@ def as_transformers(model):
     transformers.Trainer trains."""
     from transformers import GPT2LMHeadModel
 
-    from snaketune.lean_gpt import to_hf_state
+    from snaketune.train.lean_gpt import to_hf_state
 
     hf = GPT2LMHeadModel(model.config)
     hf.load_state_dict(to_hf_state(model.state_dict(), model.config.vocab_size))
@@ -99,7 +100,7 @@ def as_transformers(model):
 
 
 class Phases:
-    """Seconds spent in chosen functions of snaketune.train during one call, by name."""
+    """Seconds spent in chosen functions of snaketune.train.trainer during one call, by name."""
 
     WATCHED = {
         "steps": "one_step",
@@ -136,8 +137,8 @@ class Phases:
 
 
 def run_ours(data, out: Path, args) -> dict:
-    from snaketune import train
     from snaketune.settings import TrainJob
+    from snaketune.train import trainer as train
 
     job = TrainJob(task="causal_lm", model=model_settings(), train=train_settings(args))
     with Phases().watching(train) as phases:
@@ -155,9 +156,9 @@ def run_ours(data, out: Path, args) -> dict:
 def bare_stepper(data, args):
     """One step of the bare loop per call: random windows of the memory-mapped token array,
     forward, backward, clip, fused AdamW with the same groups and schedule."""
-    from snaketune.batches import TokenRows
     from snaketune.names import TRAIN
-    from snaketune.train import learning_rate, make_optimizer
+    from snaketune.train.batches import TokenRows
+    from snaketune.train.trainer import learning_rate, make_optimizer
 
     settings = train_settings(args)
     stream = TokenRows.open(tokenized(data), TRAIN).stream()  # the same memory-mapped array
@@ -194,9 +195,9 @@ def run_bare(data, out: Path, args) -> dict:
 def interleaved(data, root: Path, args, chunk: int = 10, rounds: int = 8) -> tuple[float, float]:
     """Median ms per step of our step and the bare one, run in alternating chunks in one
     process: a slow spell of a shared machine then slows both alike."""
-    from snaketune.distributed import World
     from snaketune.settings import TrainJob
-    from snaketune.train import one_step, prepare_run
+    from snaketune.train.distributed import World
+    from snaketune.train.trainer import one_step, prepare_run
 
     job = TrainJob(task="causal_lm", model=model_settings(), train=train_settings(args))
     run = prepare_run(tokenized(data), root / "interleaved-state", job, World())
@@ -219,8 +220,8 @@ def interleaved(data, root: Path, args, chunk: int = 10, rounds: int = 8) -> tup
 def run_reference(data, out: Path, args) -> dict:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from snaketune.batches import TokenRows
     from snaketune.names import TRAIN
+    from snaketune.train.batches import TokenRows
 
     losses: list[float] = []
     step_started: list[float] = []
@@ -283,7 +284,8 @@ def run_reference(data, out: Path, args) -> dict:
 
 def import_seconds() -> float:
     """A fresh interpreter importing what the train job imports, as each job's process does."""
-    code = "import time; t = time.perf_counter(); import snaketune.train, transformers.models.gpt2;"
+    code = "import time; t = time.perf_counter(); "
+    code += "import snaketune.train.trainer, transformers.models.gpt2;"
     code += "print(time.perf_counter() - t)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
@@ -344,7 +346,10 @@ def main() -> None:
             print(f"  {label:<32}{seconds:>6.2f} s")
     other = fixed - sum(s for k, s in ours["phases"].items() if k != "steps")
     print(f"  {'the rest (manifest, loop)':<32}{other:>6.2f} s")
-    print(f"a job's process start (import snaketune.train, torch, transformers): {imports:.2f} s")
+    print(
+        f"a job's process start (import snaketune.train.trainer, torch, transformers): "
+        f"{imports:.2f} s"
+    )
 
 
 if __name__ == "__main__":

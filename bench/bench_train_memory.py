@@ -4,7 +4,8 @@ training tokens, side by side in one run: peak RSS of each job's process, and it
 The demo corpus goes through our data stages once; its train split's token arrays are then
 repeated to --tokens (1x) and 10x and 100x that (3 M, 30 M and 300 M tokens by default: about
 the tokens of 10 MB, 100 MB and 1 GB of English text), beside the same validation split. Each
-job is a fresh process running `snaketune.train.train_model`, as the rule runs it; the peak RSS
+job is a fresh process running `snaketune.train.trainer.train_model`, as the rule runs it; the
+peak RSS
 is the kernel's (wait4), counting the pages of the memory-mapped arrays the job touched.
 Training draws its batches from the whole corpus, so a job that loaded it would show it here.
 
@@ -62,8 +63,8 @@ def repeat_train_split(shards: Path, out: Path, tokens: int) -> int:
 
 def child(shards: str, manifest: str, tokenizer: str, out: str, steps: int) -> None:
     """One training job in this process; prints its median tokens/s after the first steps."""
-    from snaketune.local import PreparedData
-    from snaketune.train import train_model
+    from snaketune.data.local import PreparedData
+    from snaketune.train.trainer import train_model
 
     data = PreparedData({}, Path(tokenizer), Path(shards), Path(manifest))
     history = train_model(data.train_paths(Path(out)), model_and_train(steps))
@@ -129,7 +130,7 @@ def main() -> None:
         *paths, steps = args.child
         child(*paths, int(steps))
         return
-    from snaketune import local
+    from snaketune.data import local
     from snaketune.names import TRAIN
     from snaketune.tokenize.shards import TOKENS, split_dir
 

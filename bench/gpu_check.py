@@ -2,13 +2,13 @@
 
 On CUDA, a GPT-2 124M shape (12 x 768, context 1024, vocab 50,257) on synthetic tokens, at
 batch 16 and at train.batch_size: auto (the largest micro-batch that fits of 64 examples per
-step), for each of two models: the lean GPT (snaketune.lean_gpt, what scratch GPT-2 trains as)
+step), for each of two models: the lean GPT (snaketune.train.lean_gpt, what scratch GPT-2 trains as)
 and transformers' GPT2LMHeadModel (what it trained as before), each trained by
 
 1. bare: a nanoGPT-style loop (torch.compile, fused AdamW, bf16 autocast, random windows of the
    memory-mapped token array copied from pinned memory, the loss read once at the end), at
    batch auto with the micro-batch ours found;
-2. ours: `snaketune.train.train_model`, as the rule runs it (train.compile, precision and
+2. ours: `snaketune.train.trainer.train_model`, as the rule runs it (train.compile, precision and
    attention at their GPU settings), on the same arrays;
 
 then the tokens/s of each (after the first steps, which compile), against the bare loop over
@@ -23,7 +23,7 @@ Then, side by side: evaluation tokens/s (score_lm on HF GPT-2 as evaluation ran 
 GPT; on the lean GPT eager and compiled, as train.compile's evaluation runs; HF's forward with an
 fp32 cross-entropy, eager and compiled: the loop users would write); a 5M-parameter classifier's
 milliseconds per step through train_model; and two train jobs of the same shape against a fresh
-compile cache (snaketune.compile_cache): each one's seconds and the graphs it found or compiled.
+compile cache (train.compile_cache): each one's seconds and the graphs it found or compiled.
 --json PATH writes every figure as JSON.
 
 Without CUDA the same code runs a tiny shape on the CPU in fp32 in seconds (what CI runs), with
@@ -82,7 +82,7 @@ def synthetic_data(root: Path, shape: Shape):
     """The demo corpus through our data stages (for a real manifest and tokenizer), with each
     split's token arrays replaced by uniform random ids at the shape's vocabulary and context:
     throughput does not depend on what the tokens say."""
-    from snaketune import local
+    from snaketune.data import local
     from snaketune.names import SPLITS, TRAIN
     from snaketune.tokenize.shards import OFFSETS, TOKENS, split_dir, token_dtype
 
@@ -136,7 +136,7 @@ def hf_gpt2(settings, task, vocab_size, context, pad_token_id, eos_token_id, lab
     arguments), for the comparison: scratch GPT-2 itself trains as the lean GPT."""
     from transformers import GPT2LMHeadModel
 
-    from snaketune.models import attention_implementation, gpt2_config
+    from snaketune.train.models import attention_implementation, gpt2_config
 
     attention = attention_implementation(settings, device)
     return GPT2LMHeadModel(
@@ -145,7 +145,7 @@ def hf_gpt2(settings, task, vocab_size, context, pad_token_id, eos_token_id, lab
 
 
 def model_builder(name: str):
-    from snaketune.models import build_model
+    from snaketune.train.models import build_model
 
     return build_model if name == LEAN else hf_gpt2
 
@@ -166,8 +166,8 @@ def run_ours(data, out: Path, shape: Shape, cuda: bool, name: str, batch=None) -
     search found)."""
     from unittest import mock
 
-    from snaketune import train
     from snaketune.settings import TrainJob
+    from snaketune.train import trainer as train
 
     settings = train_settings(shape, cuda)
     if batch == AUTO:
@@ -185,10 +185,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def run_bare(data, shape: Shape, placement, name: str, mode: str = "default") -> float:
-    from snaketune.batches import TokenRows
     from snaketune.names import TRAIN
     from snaketune.tokenize.shards import TokenizedData
-    from snaketune.train import learning_rate, make_optimizer
+    from snaketune.train.batches import TokenRows
+    from snaketune.train.trainer import learning_rate, make_optimizer
 
     tokenized = TokenizedData.read(data.tokenize_manifest, data.shards)
     stream = TokenRows.open(tokenized, TRAIN).stream()
@@ -264,9 +264,9 @@ def eval_tokens_per_s(score, data, shape: Shape, placement) -> float:
     """Tokens/s of `score` (tokens -> how many it predicted) over the test split's stream,
     after a warm-up on its first windows (the first batches allocate, and a compiled model
     compiles)."""
-    from snaketune.batches import TokenRows
     from snaketune.names import TEST
     from snaketune.tokenize.shards import TokenizedData
+    from snaketune.train.batches import TokenRows
 
     stream = TokenRows.open(TokenizedData.read(data.tokenize_manifest, data.shards), TEST).stream()
     score(stream[: shape.context * shape.batch * 2])
@@ -278,8 +278,8 @@ def eval_tokens_per_s(score, data, shape: Shape, placement) -> float:
 
 
 def with_score_lm(model, shape: Shape, placement):
-    """snaketune.perplexity.score_lm over windows of the context, stride context - 1."""
-    from snaketune.perplexity import score_lm
+    """snaketune.evaluate.perplexity.score_lm over windows of the context, stride context - 1."""
+    from snaketune.evaluate.perplexity import score_lm
 
     lengths = np.ones(shape.vocab, np.int64)
     context = shape.context
@@ -319,11 +319,11 @@ def with_hf_forward(model, shape: Shape, placement):
 def eval_rows(data, shape: Shape, placement) -> list[dict]:
     """Evaluation tokens/s over the test split: score_lm (chunked scores) on HF GPT-2, as
     evaluation ran it before the lean GPT; on the lean GPT, eager and compiled
-    (train.compile's evaluation, snaketune.lm_loss.scoring); and the reference loop, HF GPT-2's
+    (train.compile's evaluation, lm_loss.scoring); and the reference loop, HF GPT-2's
     forward with an fp32 cross-entropy, eager and compiled. Compiled rows run on CUDA only (a
     CPU compile takes longer than this whole check)."""
-    from snaketune import lm_loss
-    from snaketune.models import build_model
+    from snaketune.train import lm_loss
+    from snaketune.train.models import build_model
 
     args = (model_settings(shape), "causal_lm", shape.vocab, shape.context, 0, 0, [])
     torch.manual_seed(1)
@@ -374,10 +374,10 @@ def classifier_ms_per_step(root: Path, placement, steps: int) -> tuple[float, in
     """Median milliseconds per step of the 5M classifier trained by train_model on the demo's
     intents (32 tokens a row, batch 32), after the first quarter of the steps; and its
     parameters."""
-    from snaketune import local
+    from snaketune.data import local
     from snaketune.names import SEQUENCE_CLASSIFICATION
     from snaketune.settings import ModelSettings, TrainJob, TrainSettings
-    from snaketune.train import train_model
+    from snaketune.train.trainer import train_model
 
     config = local.demo_config(SEQUENCE_CLASSIFICATION)
     data = local.prepare_data(config, local.DEMO_EXPERIMENT, root / "data")
@@ -404,7 +404,7 @@ def compile_cache_seconds(data, root: Path, shape: Shape, placement) -> list[dic
     what it found in the cache (CUDA only: on the CPU nothing compiles)."""
     import os
 
-    from snaketune.compile_cache import CACHE_VARIABLE, usage
+    from snaketune.train.compile_cache import CACHE_VARIABLE, usage
 
     if not placement.cuda:
         return None
@@ -562,7 +562,7 @@ def compiled(cuda: bool, mode: str) -> str:
 
 
 def main() -> None:
-    from snaketune.devices import place
+    from snaketune.train.devices import place
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["auto", *SHAPES], default="auto")
@@ -605,7 +605,7 @@ def main() -> None:
     per_token = flops_per_token(reference, shape)
     rows = table_rows(results, per_token, measured, published)
     name = torch.cuda.get_device_name(placement.device) if cuda else "CPU"
-    from snaketune.lean_gpt import padded_vocab
+    from snaketune.train.lean_gpt import padded_vocab
 
     header = [
         f"device: {name}, {placement.describe()}, torch {torch.__version__}",

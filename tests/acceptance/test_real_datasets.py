@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snaketune.clean import clean_corpus
-from snaketune.download import download_dataset
+from snaketune.data.clean import clean_corpus
+from snaketune.data.download import download_dataset
+from snaketune.data.reading import read_records
+from snaketune.data.split import split_corpus
 from snaketune.names import SPLITS
-from snaketune.reading import read_records
 from snaketune.settings import (
     CleanJob,
     CleanSettings,
@@ -24,7 +25,6 @@ from snaketune.settings import (
     SplitSettings,
     read_settings_for,
 )
-from snaketune.split import split_corpus
 from snaketune.stages import CleanPaths, DownloadPaths, SplitPaths
 from tests.support.repo import REPO, SHARED_DATA
 from tests.support.workflow import layered

@@ -128,9 +128,9 @@ def test_snakemake_refuses_an_unknown_preset_before_any_job(tmp_path):
 def test_the_console_says_which_runs_continue_and_names_the_keys_that_start_one_over(tmp_path):
     """Before any job: one experiment's finished run goes on to a larger max_steps, the other's
     changed learning rate starts it again from step 0, named key by key."""
-    from snaketune import resume
     from snaketune.config import validated
     from snaketune.settings import ConfigView
+    from snaketune.train import resume
 
     view = ConfigView(validated(copy.deepcopy(DEFAULT_CONFIG), REPO), REPO)  # fills defaults
     for name in ("demo-lm", "demo-intent"):

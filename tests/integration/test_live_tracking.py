@@ -24,8 +24,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from snaketune.live import LIVE_AFTER_VARIABLE
-from snaketune.resume import RECORD
+from snaketune.track.live import LIVE_AFTER_VARIABLE
+from snaketune.train.resume import RECORD
 from tests.support.mlflow_stores import all_runs
 from tests.support.processes import kill_tree, paused, wait_for
 from tests.support.reliability import Relay, pipeline_config

@@ -115,18 +115,18 @@ def test_the_registered_model_serves_the_evaluated_answers(families_run, name):
     import mlflow
     import pandas as pd
 
-    from snaketune.evaluation import CPU
-    from snaketune.generation import generate_many
-    from snaketune.models import load_trained
-    from snaketune.registry import process_tracking_uri
+    from snaketune.evaluate.evaluation import CPU
+    from snaketune.evaluate.generation import generate_many
     from snaketune.settings import EvalSettings
+    from snaketune.track.registry import process_tracking_uri
+    from snaketune.train.models import load_trained
 
     workdir, _ = families_run
     family, rank = RUNS[name]
     runs = json.loads((stage(families_run, name, "track") / "runs.json").read_text())
     model_uri = runs["model"]["uri"]
     # The process-wide tracking URI, set for this test and unset after it, as the track job
-    # does (snaketune.registry): the tests after it use their own stores.
+    # does (snaketune.track.registry): the tests after it use their own stores.
     with process_tracking_uri(f"sqlite:///{workdir / 'results' / 'mlflow.db'}"):
         logged = Path(mlflow.artifacts.download_artifacts(model_uri)) / "artifacts" / "model"
         served = mlflow.pyfunc.load_model(model_uri)

@@ -16,11 +16,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from snaketune import live
 from snaketune.errors import TrackingError
-from snaketune.live import MAX_PARAM_LENGTH
 from snaketune.settings import config_hash
-from snaketune.track import STAGES
+from snaketune.track import live
+from snaketune.track.live import MAX_PARAM_LENGTH
+from snaketune.track.reconcile import STAGES
 from tests.support.mlflow_stores import (
     EVAL_METRIC_NAMES,
     EXPERIMENT,

@@ -146,14 +146,14 @@ def test_the_serve_command_answers_the_printed_curl(workdir):
 
 def evaluation_answer(workdir: Path, question: str) -> str:
     """The answer the evaluate stage would give: the question in the experiment's template,
-    generated with its decoding settings (snaketune.generation, as evaluate_lm runs it)."""
+    generated with its decoding settings (snaketune.evaluate.generation, as evaluate_lm runs it)."""
     from transformers import AutoTokenizer
 
     from snaketune.config import validated
-    from snaketune.evaluation import CPU
-    from snaketune.generation import generate
-    from snaketune.models import load_trained
+    from snaketune.evaluate.evaluation import CPU
+    from snaketune.evaluate.generation import generate
     from snaketune.settings import ConfigView, clean_job, eval_job, tokenize_job
+    from snaketune.train.models import load_trained
 
     view = ConfigView(validated(yaml.safe_load((workdir / "config.yaml").read_text())), REPO)
     template = clean_job(view, "demo-lm").read.instruction

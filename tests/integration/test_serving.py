@@ -148,7 +148,7 @@ def served_weights(served: Served, monkeypatch):
     from mlflow.artifacts import download_artifacts
     from transformers import AutoTokenizer
 
-    from snaketune.models import load_trained
+    from snaketune.train.models import load_trained
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", served.store_uri)  # models:/ goes by it
     logged = Path(download_artifacts(artifact_uri=served.model["uri"]))
@@ -158,8 +158,8 @@ def served_weights(served: Served, monkeypatch):
 
 def evaluation_continuation(model, tokenizer, prompt: str, **settings) -> str:
     """What evaluation generates for `prompt` (its context: the training rows, 32 tokens)."""
-    from snaketune.evaluation import CPU
-    from snaketune.generation import generate
+    from snaketune.evaluate.evaluation import CPU
+    from snaketune.evaluate.generation import generate
     from snaketune.settings import EvalSettings
 
     decoding = EvalSettings(**{"max_new_tokens": NEW_TOKENS, **settings})
@@ -168,7 +168,7 @@ def evaluation_continuation(model, tokenizer, prompt: str, **settings) -> str:
 
 @pytest.mark.parametrize("name", ["lm", "lstm-lm"])
 def test_the_served_model_generates_what_the_evaluation_generates(served, monkeypatch, name):
-    """The pyfunc model's greedy continuation is snaketune.generation's on the same weights."""
+    """The pyfunc model's greedy continuation is the evaluation's on the same weights."""
     model, tokenizer = served_weights(served[name], monkeypatch)
     (text,) = invoke(served[name].url, {"inputs": PROMPTS[:1]})["predictions"]
     assert text == PROMPTS[0] + evaluation_continuation(model, tokenizer, PROMPTS[0])
@@ -176,8 +176,8 @@ def test_the_served_model_generates_what_the_evaluation_generates(served, monkey
 
 def greedy_ids(model, tokenizer, prompt: str) -> list[int]:
     """The token ids evaluation generates greedily for `prompt`, before they are decoded."""
-    from snaketune.evaluation import CPU
-    from snaketune.generation import prompt_ids, with_cache, with_state
+    from snaketune.evaluate.evaluation import CPU
+    from snaketune.evaluate.generation import prompt_ids, with_cache, with_state
     from snaketune.settings import EvalSettings
 
     settings = EvalSettings(max_new_tokens=NEW_TOKENS)

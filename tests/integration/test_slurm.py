@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snaketune.launch import scontrol_record
 from snaketune.sharing import SHARED_FOLDER, SHARED_STAGES
+from snaketune.train.launch import scontrol_record
 from tests.support.repo import REPO
 from tests.support.workflow import (
     MLFLOW_EXPERIMENT,
@@ -310,7 +310,7 @@ def test_cluster_outputs_match_a_local_run(slurm_run, finished_run):
 
 
 def test_a_two_task_training_job_runs_as_two_rendezvoused_agents(lm_data, tmp_path):
-    """sbatch --ntasks=2 running `python -m snaketune.launch 2 1 train ...`, as the train rule
+    """sbatch --ntasks=2 running `python -m snaketune.train.launch 2 1 train ...`, as the train rule
     runs it with train.nodes 2: srun starts one torchrun agent per task, the two join a c10d
     rendezvous on the allocation's first node under the job id, and together they take the
     steps of one process with twice the batch."""
@@ -329,7 +329,14 @@ def test_a_two_task_training_job_runs_as_two_rendezvoused_agents(lm_data, tmp_pa
     nodes = TrainJob("causal_lm", model, replace(settings, batch_size=4, nodes=2))
     out = tmp_path / "nodes"
     script = shlex.join(
-        [sys.executable, "-m", "snaketune.launch", "2", "1", *train_cli_args(lm_data, out, nodes)]
+        [
+            sys.executable,
+            "-m",
+            "snaketune.train.launch",
+            "2",
+            "1",
+            *train_cli_args(lm_data, out, nodes),
+        ]
     )
     log = tmp_path / "slurm.out"
     submitted = subprocess.run(

@@ -102,7 +102,7 @@ def test_the_sweep_is_in_mlflow_and_every_point_is_tagged(swept):
     }
     points = sorted(r.info.run_name for r in parents if r is not summary)
     assert points == sorted(POINTS)
-    assert {r.data.tags.get("snaketune.sweep") for r in runs} == {"demo-lm"}  # children too
+    assert {r.data.tags.get("snaketune.track.sweep") for r in runs} == {"demo-lm"}  # children too
 
 
 def test_the_report_holds_the_table_and_the_plot(swept):

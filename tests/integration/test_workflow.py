@@ -266,7 +266,7 @@ def test_mlflow_ui_shows_the_run_tree_a_metric_chart_and_the_artifacts(
 ):
     from mlflow import MlflowClient
 
-    from snaketune import live
+    from snaketune.track import live
 
     results, run = finished_run
     client = MlflowClient(tracking_uri=mlflow_ui)

@@ -1,5 +1,5 @@
 """A local pretrained tokenizer (or model) folder edited in place: its content digest is a param
-of the jobs that read it (snaketune.sources), so the edit reruns them, as a changed setting
+of the jobs that read it (snaketune.data.sources), so the edit reruns them, as a changed setting
 would, while a touch that changes nothing reruns nothing. It used to give "Nothing to be done",
 the corpus, the tokenizer copy and the serving template keeping the old chat template."""
 

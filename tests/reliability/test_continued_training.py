@@ -1,4 +1,4 @@
-"""Said vs done in continued training: what the console says before any job (snaketune.resume,
+"""Said vs done in continued training: what the console says before any job (snaketune.train.resume,
 decided once from the checkpoint's record and where the data will come from) is what the train
 job then does. A larger max_steps after a change upstream of the data starts again from step 0
 and says so, where it said the run continues; a finished run that kept no state says it trains

@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from snaketune.checkpoint import CHECKPOINT
 from snaketune.errors import OutputError, TrainingError
 from snaketune.fileio import atomic_dir, atomic_path, write_json
 from snaketune.settings import PartitionJob, TokenizeJob, TokenizeSettings, TrainSettings
 from snaketune.sharing import SHARED_FOLDER
 from snaketune.stages import PartitionPaths, PlanPaths, command_line
 from snaketune.tokenize.plan import plan_partitions
+from snaketune.train.checkpoint import CHECKPOINT
 from tests.support.processes import wait_for
 from tests.support.reliability import (
     EXPERIMENT,
@@ -327,7 +327,7 @@ def test_out_of_memory_suggests_a_smaller_batch_and_gradient_accumulation(lm_dat
     # batch of 400,000 rows of 32 tokens does not.
     prelude = [
         "import resource",
-        "import snaketune.cli, snaketune.train, transformers.models.gpt2.modeling_gpt2",
+        "import snaketune.cli, snaketune.train.trainer, transformers.models.gpt2.modeling_gpt2",
         "mapped = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()",
         "resource.setrlimit(resource.RLIMIT_AS, (mapped + (2 << 30), resource.RLIM_INFINITY))",
     ]
@@ -345,7 +345,7 @@ def test_out_of_memory_suggests_a_smaller_batch_and_gradient_accumulation(lm_dat
 # A device whose memory holds the activations of 4 rows: beyond that its forward pass fails as
 # CUDA's does (a real CUDA device cannot exist here; the retry path is the one a GPU takes).
 SMALL_DEVICE = [
-    "import torch, snaketune.train as train",
+    "import torch, snaketune.train.trainer as train",
     "real_forward = train.forward",
     "def forward(model, batch, placement):",
     "    if len(batch['input_ids']) > 4:",

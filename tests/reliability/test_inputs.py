@@ -14,12 +14,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from snaketune.clean import clean_corpus
 from snaketune.config import schema_problems
-from snaketune.download import download_dataset
+from snaketune.data.clean import clean_corpus
+from snaketune.data.download import download_dataset
+from snaketune.data.tokenizer import prepare_tokenizer
 from snaketune.errors import DownloadError, ModelError, TokenizerError
 from snaketune.fileio import sha256_file
-from snaketune.models import build_model
 from snaketune.settings import (
     CleanJob,
     CleanSettings,
@@ -29,7 +29,7 @@ from snaketune.settings import (
     TokenizerSettings,
 )
 from snaketune.stages import CleanPaths, DownloadPaths, TokenizerPaths
-from snaketune.tokenizer import prepare_tokenizer
+from snaketune.train.models import build_model
 from tests.support.downloads import (
     add_tar_file,
     archive_of,

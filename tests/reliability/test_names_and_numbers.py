@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from snaketune.batches import TokenRows
-from snaketune.evaluation import CPU
-from snaketune.qa import answer_nll
+from snaketune.evaluate.evaluation import CPU
+from snaketune.evaluate.qa import answer_nll
 from snaketune.tokenize.shards import TokenArrays
+from snaketune.train.batches import TokenRows
 from tests.support.workflow import config_with, snakemake_with
 
 pytestmark = pytest.mark.slow

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from snaketune.config import cross_checks, validated
-from snaketune.download import download_dataset
+from snaketune.data.download import download_dataset
 from snaketune.errors import CorpusError, DownloadError, TrainingError
-from snaketune.evaluation import baselines
+from snaketune.evaluate.evaluation import baselines
 from snaketune.fileio import sha256_file
 from snaketune.settings import (
     CleanSettings,
@@ -120,7 +120,7 @@ def test_an_archive_member_outside_the_download_is_refused_by_key():
 
 
 def test_pick_member_refuses_a_path_leading_out_of_the_folder(tmp_path):
-    from snaketune.clean import pick_member
+    from snaketune.data.clean import pick_member
 
     (tmp_path / "secret.txt").write_text("not data")
     (tmp_path / "raw").mkdir()
@@ -220,7 +220,7 @@ def test_a_job_refuses_settings_of_the_wrong_type_naming_the_key(lm_data, tmp_pa
 def test_rows_longer_than_a_pretrained_models_positions_are_refused_by_the_trainer(
     lm_data, tmp_path
 ):
-    from snaketune.models import build_model
+    from snaketune.train.models import build_model
 
     short = build_model(
         ModelSettings(n_layer=1, n_embd=16, n_head=2), "causal_lm", 400, 16, 1, 0, []

@@ -14,15 +14,15 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from snaketune.checkpoint import CHECKPOINT, load_checkpoint
 from snaketune.config import SCHEMA
-from snaketune.download import download_dataset
+from snaketune.data.download import download_dataset
 from snaketune.errors import DownloadError, ModelError, TrackingError, TrainingError
 from snaketune.fileio import sha256_tree
-from snaketune.models import build_model, load_trained
 from snaketune.settings import DownloadSettings, ModelSettings, TrainSettings
 from snaketune.stages import DownloadPaths
-from snaketune.track import STAGES
+from snaketune.track.reconcile import STAGES
+from snaketune.train.checkpoint import CHECKPOINT, load_checkpoint
+from snaketune.train.models import build_model, load_trained
 from tests.support.mlflow_stores import HISTORY, server_settings, track, write_stage_files
 from tests.support.reliability import TINY_MODEL
 from tests.support.stage_data import run_training

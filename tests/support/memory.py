@@ -2,7 +2,7 @@
 tests.support.memory <json>` builds a model as the train stage does from a saved checkpoint,
 takes a warm-up step (AdamW's moments exist after it), resets the kernel's peak resident
 memory, takes two more steps and prints the peak above the memory before the model was built,
-with the plan of snaketune.memory_plan for the same settings."""
+with the plan of snaketune.train.memory_plan for the same settings."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from pathlib import Path
 def measure(folder: str, model: dict, train: dict, context: int, vocab: int) -> dict:
     import torch
 
-    from snaketune import lm_loss, memory_plan
-    from snaketune.evaluation import CPU
-    from snaketune.models import apply_lora, build_model
+    from snaketune.evaluate.evaluation import CPU
     from snaketune.settings import ModelSettings, TrainSettings
-    from snaketune.train import forward, make_optimizer
-    from snaketune.train import resident_bytes as resident
+    from snaketune.train import lm_loss, memory_plan
+    from snaketune.train.models import apply_lora, build_model
+    from snaketune.train.trainer import forward, make_optimizer
+    from snaketune.train.trainer import resident_bytes as resident
 
     torch.set_num_threads(2)
     settings = ModelSettings(init="pretrained", name_or_path=folder, **model)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from snaketune.clean import CleanReport, clean_corpus
-from snaketune.local import DEMO_EXPERIMENT, PreparedData, demo_config, prepare_data
+from snaketune.data.clean import CleanReport, clean_corpus
+from snaketune.data.local import DEMO_EXPERIMENT, PreparedData, demo_config, prepare_data
 from snaketune.settings import CleanJob, CleanSettings, ReadSettings, TrainJob
 from snaketune.stages import CleanPaths, EvaluatePaths, command_line
-from snaketune.train import train_model
+from snaketune.train.trainer import train_model
 
 TXT = ReadSettings(format="txt")
 
@@ -91,8 +91,8 @@ def run_clean(
 
 def rows_of(data: dict, split: str, shards: Path | None = None, manifest: Path | None = None):
     """A split's memory-mapped rows, as training and evaluation open them."""
-    from snaketune.batches import TokenRows
     from snaketune.tokenize.shards import TokenizedData
+    from snaketune.train.batches import TokenRows
 
     tokenized = TokenizedData.read(manifest or data["tokenize_manifest"], shards or data["shards"])
     return TokenRows.open(tokenized, split)

@@ -163,7 +163,7 @@ def same_metrics(ours: dict, theirs: dict, where) -> None:
     generated answer's scores to one answer in the answered examples (a greedy token at a tie
     that rounding breaks the other way changes one answer). Another seed or setting moves them
     by far more."""
-    from snaketune.answers import SCORES
+    from snaketune.evaluate.answers import SCORES
 
     ours, theirs = dict(ours), dict(theirs)
     for name in SCORES:

@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from snaketune.answers import longest_common_subsequence, normalize
-from snaketune.evaluation import evaluate_model
-from snaketune.generation import generate, generate_many
-from snaketune.qa import answer_scores
-from snaketune.retrieval import nearest_answers
+from snaketune.evaluate.answers import longest_common_subsequence, normalize
+from snaketune.evaluate.evaluation import evaluate_model
+from snaketune.evaluate.generation import generate, generate_many
+from snaketune.evaluate.qa import answer_scores
+from snaketune.evaluate.retrieval import nearest_answers
 from snaketune.settings import EvalJob, EvalSettings
 from tests.support.checkpoints import tiny_lm
 from tests.support.stage_data import evaluate_paths, rows_of
@@ -68,7 +68,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(lm_data):
     tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
     settings = EvalSettings(max_new_tokens=6)
     prompts = ["Customer: hello\nAgent:", "Customer: my order is late, where is it?\nAgent:"]
-    from snaketune.evaluation import CPU
+    from snaketune.evaluate.evaluation import CPU
 
     batched, _ = generate_many(model, tokenizer, prompts, settings, 32, CPU, batch_size=2)
     alone = [generate(model, tokenizer, p, settings, 32, CPU)[0] for p in prompts]
@@ -132,7 +132,7 @@ def test_a_reference_loses_the_template_tokens_at_its_end_only(lm_data):
     vocabulary holds as an added token (GPT-NeoX's) is text, kept where it is."""
     from transformers import AutoTokenizer
 
-    from snaketune.qa import answer_text
+    from snaketune.evaluate.qa import answer_text
 
     tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
     tokenizer.add_tokens(["    "])

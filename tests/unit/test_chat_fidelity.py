@@ -20,12 +20,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from snaketune.generation import end_of_turn_id, prompt_ids, stop_ids
+from snaketune.data.reading import read_records
+from snaketune.evaluate.generation import end_of_turn_id, prompt_ids, stop_ids
 from snaketune.names import CAUSAL_LM
-from snaketune.reading import read_records
-from snaketune.serving import MODEL_ARTIFACT, SERVING_CONFIG, ServedModel, serving_config
 from snaketune.settings import EvalSettings, ReadSettings
 from snaketune.tokenize.shards import read_shards
+from snaketune.track.serving import MODEL_ARTIFACT, SERVING_CONFIG, ServedModel, serving_config
 from tests.support.checkpoints import CHAT_TEMPLATE
 from tests.support.stage_data import prepare_stage_data
 
@@ -296,8 +296,8 @@ def test_evaluation_scores_the_answer_without_the_template_s_end_of_turn(
     """Evaluation generates as serving does (stopping at the end of the turn, special tokens
     left out), and compares with the test example's response without the text of the
     template's tokens (answer<|im_end|> is scored as answer)."""
-    from snaketune.evaluation import CPU
-    from snaketune.qa import evaluate_answers
+    from snaketune.evaluate.evaluation import CPU
+    from snaketune.evaluate.qa import evaluate_answers
 
     test = pd.read_parquet(chat_data["splits"]["test"]).iloc[[example.row]]
     test.to_parquet(tmp_path / "test.parquet")

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from snaketune.clean import stable_doc_id
+from snaketune.data.clean import stable_doc_id
 from snaketune.errors import CorpusError
 from snaketune.settings import CleanSettings, ReadSettings
 from tests.support.repo import DEMO_CORPUS

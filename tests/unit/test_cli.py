@@ -83,7 +83,7 @@ def test_an_unexpected_value_error_is_a_bug_with_its_traceback(tmp_path, capsys,
     # No input makes a real stage fail by a bug on purpose, so the stage's entry is replaced by
     # one with a real bug: zip(strict=True) over lists of different lengths, the ValueError that
     # the CLI used to print as if it were bad input.
-    from snaketune import download as stage
+    from snaketune.data import download as stage
 
     def buggy(paths, settings):
         return list(zip([paths.files, paths.manifest], [settings.url], strict=True))

@@ -10,12 +10,12 @@ from dataclasses import fields, is_dataclass
 import pytest
 
 from snaketune.config import SCHEMA, cross_checks, preset_names, schema_problems
-from snaketune.live import LIVE_AFTER_VARIABLE
 from snaketune.settings import (
     FORMATS,
     LM_PACKINGS,
     SECTIONS,
 )
+from snaketune.track.live import LIVE_AFTER_VARIABLE
 from tests.support.repo import DEFAULT_CONFIG, REPO
 from tests.support.workflow import config_with, with_defaults
 

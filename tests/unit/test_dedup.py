@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from datasketch import MinHash
 
-from snaketune import dedup
-from snaketune.dedup import SCHEME, find_near_duplicates, shingle_hashes, signatures
+from snaketune.data import dedup
+from snaketune.data.dedup import SCHEME, find_near_duplicates, shingle_hashes, signatures
 from snaketune.names import SPLITS
 from snaketune.settings import NearDuplicateSettings
 from tests.support.texts import near_copy, unrelated_texts

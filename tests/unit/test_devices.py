@@ -9,8 +9,8 @@ import os
 import pytest
 import torch
 
-from snaketune.devices import deterministic, place
 from snaketune.errors import TrainingError
+from snaketune.train.devices import deterministic, place
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ def test_deterministic_kernels_are_switched_without_importing_the_compiler():
 
     code = (
         "import sys, torch\n"
-        "from snaketune.devices import set_deterministic\n"
+        "from snaketune.train.devices import set_deterministic\n"
         "set_deterministic(True, compiling=False)\n"
         "assert torch.are_deterministic_algorithms_enabled()\n"
         "assert torch.is_deterministic_algorithms_warn_only_enabled()\n"
@@ -76,7 +76,7 @@ def test_deterministic_kernels_are_switched_without_importing_the_compiler():
 
 
 def test_deterministic_kernels_fix_cublas_s_workspace_and_leave_a_chosen_one(monkeypatch):
-    from snaketune.devices import set_deterministic
+    from snaketune.train.devices import set_deterministic
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     set_deterministic(False, compiling=False)

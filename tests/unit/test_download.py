@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from snaketune.download import download_dataset
+from snaketune.data.download import download_dataset
 from snaketune.settings import DownloadSettings
 from snaketune.stages import DownloadPaths
 from tests.support.downloads import (

@@ -11,8 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score
 
-from snaketune.evaluation import CPU, classification_metrics, evaluate_model
-from snaketune.perplexity import (
+from snaketune.evaluate.evaluation import CPU, classification_metrics, evaluate_model
+from snaketune.evaluate.perplexity import (
     count_words,
     perplexity,
     score_lm,

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from snaketune.errors import ModelError
-from snaketune.models import BASE_MODEL, build_model, load_trained
 from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+from snaketune.train.models import BASE_MODEL, build_model, load_trained
 from tests.support.checkpoints import bert_checkpoint
 from tests.support.stage_data import padded, rows_of, run_training, train_cli_args
 
@@ -139,7 +139,7 @@ def test_torch_compile_trains_like_eager_and_a_second_job_loads_the_cached_graph
     """Two compiling jobs of the same shape, one process each, sharing a compile cache (as the
     workflow's jobs share <results_dir>/shared/compile_cache): the first compiles and stores
     its graphs, the second finds them; both train as eager does, validation included."""
-    from snaketune.compile_cache import CACHE_VARIABLE
+    from snaketune.train.compile_cache import CACHE_VARIABLE
 
     settings = replace(QUICK, max_steps=3, warmup_steps=1, eval_every=3, checkpoint_every=3)
     cache = tmp_path / "cache"
@@ -170,10 +170,10 @@ def test_torch_compile_trains_like_eager_and_a_second_job_loads_the_cached_graph
 
 
 def test_bert_classifier_fine_tunes_from_a_local_checkpoint(classification_data, tmp_path):
+    from snaketune.data.tokenizer import prepare_tokenizer
     from snaketune.settings import TokenizeJob, TokenizerSettings, TokenizeSettings
     from snaketune.stages import TokenizerPaths
     from snaketune.tokenize.one_process import tokenize_in_one_process
-    from snaketune.tokenizer import prepare_tokenizer
 
     checkpoint = bert_checkpoint(classification_data["splits"]["train"], tmp_path / "bert")
     splits = classification_data["splits"]
@@ -205,7 +205,7 @@ def test_bert_classifier_fine_tunes_from_a_local_checkpoint(classification_data,
         shards=tmp_path / "shards",
         manifest=tmp_path / "shards.json",
     )
-    from snaketune.evaluation import predict_classes
+    from snaketune.evaluate.evaluation import predict_classes
 
     tuned = load_trained(tmp_path / "out" / "model", "sequence_classification")
     assert tuned.config.model_type == "bert" and tuned.config.num_labels == 8
@@ -232,14 +232,14 @@ def _torchrun_train(data: dict, out: Path, settings: TrainSettings, processes: i
 @pytest.mark.slow
 def test_two_nodes_of_one_process_match_one_process_with_twice_the_batch(lm_data, tmp_path):
     """Two torchrun agents (nnodes=2) joined by a c10d rendezvous on 127.0.0.1, as
-    snaketune.launch starts them off SLURM."""
+    snaketune.train.launch starts them off SLURM."""
     settings = replace(QUICK, max_steps=12, eval_every=6, checkpoint_every=6)
     nodes = replace(settings, batch_size=4, nodes=2)
     job = TrainJob(task="causal_lm", model=TINY, train=nodes)
     command = [
         sys.executable,
         "-m",
-        "snaketune.launch",
+        "snaketune.train.launch",
         "2",
         "1",
         *train_cli_args(lm_data, tmp_path / "nodes", job),
@@ -371,8 +371,8 @@ def test_gradient_checkpointing_trains_the_same_steps(lm_data, tmp_path):
 def test_gradient_checkpointing_with_adapters_takes_the_same_gradients():
     """Recomputing each block in the backward pass (non-reentrant) works under LoRA, whose
     base is frozen: the adapters' gradients are those of the plain pass."""
-    from snaketune.lm_loss import with_chunked_loss
-    from snaketune.models import apply_lora
+    from snaketune.train.lm_loss import with_chunked_loss
+    from snaketune.train.models import apply_lora
     from tests.support.families import tiny_causal_lm
 
     settings = ModelSettings(init="pretrained", name_or_path="-", lora_rank=4, dropout=0.0)
@@ -397,8 +397,8 @@ def test_a_4bit_base_trains_its_adapters_on_cuda(tmp_path):
     """QLoRA's path: a pretrained Llama loaded in 4 bits, adapters trained over it, the adapter
     saved alone and loaded back quantized. Runs where a GPU is lent."""
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes installed")
-    from snaketune.lm_loss import with_chunked_loss
-    from snaketune.models import apply_lora, is_quantized, save_adapter
+    from snaketune.train.lm_loss import with_chunked_loss
+    from snaketune.train.models import apply_lora, is_quantized, save_adapter
     from tests.support.families import tiny_causal_lm
 
     tiny_causal_lm("llama", 128).save_pretrained(tmp_path / "base")

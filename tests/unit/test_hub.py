@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from snaketune.download import download_dataset
+from snaketune.data.download import download_dataset
+from snaketune.data.hub import parse_hub_url
 from snaketune.errors import DownloadError
-from snaketune.hub import parse_hub_url
 from snaketune.settings import DownloadSettings
 from snaketune.stages import DownloadPaths
 

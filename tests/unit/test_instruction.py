@@ -11,10 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
-from snaketune.batches import IGNORED_LABEL
 from snaketune.config import cross_checks
-from snaketune.evaluation import CPU
-from snaketune.models import build_model
+from snaketune.evaluate.evaluation import CPU
 from snaketune.settings import (
     CleanSettings,
     ModelSettings,
@@ -26,7 +24,9 @@ from snaketune.settings import (
 from snaketune.tokenize.encoder import Encoded, instruction_examples
 from snaketune.tokenize.packing import pack_examples, pack_whole_examples
 from snaketune.tokenize.shards import INSTRUCTION_SCHEMA, ShardWriter, TokenizedData, read_shards
-from snaketune.train import forward
+from snaketune.train.batches import IGNORED_LABEL
+from snaketune.train.models import build_model
+from snaketune.train.trainer import forward
 from tests.support.checkpoints import CHAT_TEMPLATE
 from tests.support.stage_data import rows_of
 from tests.support.workflow import config_with, with_defaults

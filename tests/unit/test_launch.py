@@ -1,4 +1,4 @@
-"""snaketune.launch's commands: one torchrun agent per node with a c10d rendezvous, by srun
+"""snaketune.train.launch's commands: one torchrun agent per node with a c10d rendezvous, by srun
 inside a SLURM job (its first node the rendezvous), by this process elsewhere (the two-node run
 itself: tests/unit/test_finetune.py)."""
 
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from snaketune import launch
 from snaketune.stages import train_launcher
+from snaketune.train import launch
 
 
 def test_the_train_rule_launches_one_agent_per_node_only_for_several_nodes():
@@ -17,13 +17,15 @@ def test_the_train_rule_launches_one_agent_per_node_only_for_several_nodes():
     # looked up on PATH, which may lack the environment.
     assert train_launcher(1) == "-m snaketune.cli"
     assert train_launcher(4).startswith("-m torch.distributed.run --standalone --nproc_per_node=4")
-    assert train_launcher(2, nodes=3) == "-m snaketune.launch 3 2"
+    assert train_launcher(2, nodes=3) == "-m snaketune.train.launch 3 2"
 
 
 def test_launch_without_its_arguments_prints_its_usage(capsys):
     assert launch.main([]) == 2
     assert launch.main(["two", "4", "train"]) == 2
-    assert capsys.readouterr().err.startswith("usage: python -m snaketune.launch NODES PROCESSES")
+    assert capsys.readouterr().err.startswith(
+        "usage: python -m snaketune.train.launch NODES PROCESSES"
+    )
 
 
 def test_inside_a_slurm_job_srun_starts_an_agent_per_task():

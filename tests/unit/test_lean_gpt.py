@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from snaketune import train
-from snaketune.lean_gpt import LeanGPT, to_hf_state
-from snaketune.models import build_model, count_parameters, load_trained
 from snaketune.settings import ModelSettings, TrainSettings
+from snaketune.train import trainer as train
+from snaketune.train.lean_gpt import LeanGPT, to_hf_state
+from snaketune.train.models import build_model, count_parameters, load_trained
 from tests.support.stage_data import rows_of, run_training
 
 TINY = ModelSettings(n_layer=2, n_embd=32, n_head=2, dropout=0.0)
@@ -107,8 +107,8 @@ def test_right_padded_rows_need_no_attention_mask(lm_per_document_data):
 def test_fsdp_shards_each_block_and_best_weights_of_either_layout_load(tmp_path):
     from safetensors.torch import save_model
 
-    from snaketune.checkpoint import BEST_WEIGHTS, load_best
-    from snaketune.distributed import transformer_blocks
+    from snaketune.train.checkpoint import BEST_WEIGHTS, load_best
+    from snaketune.train.distributed import transformer_blocks
 
     model = lean_model()
     assert len(transformer_blocks(model)) == TINY.n_layer
@@ -189,8 +189,8 @@ def test_generation_with_the_kv_cache_static_or_not_is_generation_without_it(lm_
     multiple of 64 tokens; on the CPU generate() does not compile it) the same again."""
     from transformers import AutoTokenizer
 
-    from snaketune.evaluation import CPU
-    from snaketune.generation import compile_generation, generate_many, uses_static_cache
+    from snaketune.evaluate.evaluation import CPU
+    from snaketune.evaluate.generation import compile_generation, generate_many, uses_static_cache
     from snaketune.settings import EvalSettings
 
     tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])

@@ -1,4 +1,4 @@
-"""model.arch llama from scratch: the lean Llama (snaketune.lean_llama) computes what
+"""model.arch llama from scratch: the lean Llama (snaketune.train.lean_llama) computes what
 transformers' LlamaForCausalLM computes with the same weights (logits, loss, every gradient),
 saves as a Llama folder transformers loads with the same logits, and trains through the
 trainer; LoRA and classification build transformers' own Llama."""
@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-from snaketune import memory_plan
-from snaketune.lean_llama import LeanLlama
-from snaketune.models import build_model, count_parameters, load_trained
 from snaketune.settings import ModelSettings, SettingsError, TrainSettings
+from snaketune.train import memory_plan
+from snaketune.train.lean_llama import LeanLlama
+from snaketune.train.models import build_model, count_parameters, load_trained
 from tests.support.stage_data import run_training
 
 TINY = ModelSettings(arch="llama", n_layer=2, n_embd=32, n_head=2, dropout=0.0)

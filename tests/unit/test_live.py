@@ -1,4 +1,4 @@
-"""snaketune.live against a real SQLite store: the stage's run while it works, its end status,
+"""snaketune.track.live against a real SQLite store: the stage's run while it works, its end status,
 the same run for a rerun of the same computation, points never sent twice, and a stage that
 never waits for (nor fails because of) a store that does not answer."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Metric
 
-from snaketune import live
+from snaketune.track import live
 from tests.support.mlflow_stores import new_store
 
 EXPERIMENT = "live-unit"

@@ -1,4 +1,4 @@
-"""The loss and token scores taken a chunk of positions at a time (snaketune.lm_loss) are the
+"""The loss and token scores taken a chunk of positions at a time (snaketune.train.lm_loss) are the
 full logits' to fp32 rounding, with every gradient, for the families training meets."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from snaketune import lm_loss
-from snaketune.batches import IGNORED_LABEL
-from snaketune.lean_gpt import LeanGPT
+from snaketune.train import lm_loss
+from snaketune.train.batches import IGNORED_LABEL
+from snaketune.train.lean_gpt import LeanGPT
 from tests.support.families import tiny_causal_lm
 
 VOCAB = 300
@@ -154,8 +154,8 @@ def test_compiled_scoring_gives_the_eager_scores(family):
     (the lean GPT's own, a transformers model's body), equal to the eager scores."""
     import numpy as np
 
-    from snaketune.evaluation import CPU
-    from snaketune.perplexity import score_lm
+    from snaketune.evaluate.evaluation import CPU
+    from snaketune.evaluate.perplexity import score_lm
 
     torch.manual_seed(0)
     model = tiny_causal_lm("gpt2" if family == "lean" else family, VOCAB).eval()

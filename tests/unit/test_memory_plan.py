@@ -1,4 +1,4 @@
-"""The memory plan made before any job (snaketune.memory_plan): its parts are the model's own
+"""The memory plan made before any job (snaketune.train.memory_plan): its parts are the model's own
 counts, its total is within 25% of the measured peak of real training steps on the CPU, and a
 job over the memory it may use is refused before any job, with what would make it fit."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snaketune import lm_loss, memory_plan
+from snaketune.train import lm_loss, memory_plan
 from tests.support.repo import DEFAULT_CONFIG, REPO
 from tests.support.workflow import snakemake_command
 

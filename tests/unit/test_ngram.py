@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from snaketune import ngram
-from snaketune.ngram import bigram_baseline, count_bigrams, kneser_ney_nll
+from snaketune.evaluate import ngram
+from snaketune.evaluate.ngram import bigram_baseline, count_bigrams, kneser_ney_nll
 
 EOS, VOCAB = 0, 4
 TRAIN = np.array([1, 2, 1, 3])

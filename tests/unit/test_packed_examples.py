@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from snaketune import lm_loss
-from snaketune.batches import IGNORED_LABEL, TokenRows, document_positions, example_positions
 from snaketune.errors import TrainingError
-from snaketune.evaluation import CPU
-from snaketune.lean_gpt import LeanGPT
-from snaketune.models import build_model
+from snaketune.evaluate.evaluation import CPU
+from snaketune.evaluate.perplexity import score_lm
 from snaketune.names import TEST, TRAIN
-from snaketune.perplexity import score_lm
 from snaketune.settings import ModelSettings
 from snaketune.tokenize.shards import TokenizedData
-from snaketune.train import check_examples_apart, forward
+from snaketune.train import lm_loss
+from snaketune.train.batches import IGNORED_LABEL, TokenRows, document_positions, example_positions
+from snaketune.train.lean_gpt import LeanGPT
+from snaketune.train.models import build_model
+from snaketune.train.trainer import check_examples_apart, forward
 from tests.support.families import FAMILIES, tiny_causal_lm
 from tests.support.stage_data import prepare_stage_data
 
@@ -161,7 +161,7 @@ def test_an_example_without_a_prompt_token_cannot_be_packed(tmp_path):
 
 
 # Plain text, tokenize.packing: documents_apart: documents packed into full rows, each opened by
-# the EOS before it (snaketune.batches.TokenRows.separator).
+# the EOS before it (snaketune.train.batches.TokenRows.separator).
 EOS = VOCAB - 1
 
 
@@ -247,8 +247,8 @@ def test_rows_of_real_text_kept_apart_restart_their_positions_at_each_eos(docume
 def test_the_evaluate_stage_scores_documents_kept_apart_and_says_so(documents_apart_data, tmp_path):
     from transformers import AutoTokenizer
 
-    from snaketune.evaluation import evaluate_model
-    from snaketune.perplexity import token_byte_lengths
+    from snaketune.evaluate.evaluation import evaluate_model
+    from snaketune.evaluate.perplexity import token_byte_lengths
     from snaketune.settings import EvalJob, EvalSettings
     from tests.support.checkpoints import tiny_lm
     from tests.support.stage_data import evaluate_paths

@@ -1,4 +1,4 @@
-"""The micro-batches made ahead on a background thread (snaketune.prefetch) are the ones the
+"""The micro-batches made ahead on a background thread (snaketune.train.prefetch) are the ones the
 rows make on the spot, their token counts too; a batch asked for under another key than the one
 prepared (a micro-batch that shrank after running out of memory) is made on the spot."""
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from snaketune.batches import TokenRows, batch_indices
-from snaketune.evaluation import CPU
+from snaketune.evaluate.evaluation import CPU
 from snaketune.names import TRAIN
-from snaketune.prefetch import BatchesAhead, token_count
 from snaketune.tokenize.shards import TokenizedData
+from snaketune.train.batches import TokenRows, batch_indices
+from snaketune.train.prefetch import BatchesAhead, token_count
 
 
 def train_rows(data: dict) -> TokenRows:

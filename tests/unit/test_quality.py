@@ -7,7 +7,12 @@ import json
 
 import pytest
 
-from snaketune.quality import alpha_ratio, mean_word_length, quality_problem, repeated_line_fraction
+from snaketune.data.quality import (
+    alpha_ratio,
+    mean_word_length,
+    quality_problem,
+    repeated_line_fraction,
+)
 from snaketune.settings import CleanSettings, ReadSettings
 from tests.support.stage_data import run_clean
 

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from snaketune.clean import clean_corpus
-from snaketune.reading import compose_texts, read_records
+from snaketune.data.clean import clean_corpus
+from snaketune.data.reading import compose_texts, read_records
 from snaketune.settings import CleanJob, DatasetSettings, read_settings_for
 from snaketune.stages import CleanPaths
 from tests.support.repo import REPO

@@ -11,8 +11,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from snaketune.registry import MODEL_TAG, SERVING_PACKAGES, pip_requirements, servable
 from snaketune.settings import MlflowSettings, TrackSettings, registered_model_name
+from snaketune.track.registry import MODEL_TAG, SERVING_PACKAGES, pip_requirements, servable
 from tests.support.mlflow_stores import (
     EXPERIMENT,
     METRICS,
@@ -218,7 +218,7 @@ def test_an_upload_cut_short_after_registering_is_completed_with_its_version(
 def test_a_sweep_points_name_becomes_a_name_mlflow_allows_for_a_logged_model():
     from mlflow.utils.validation import _validate_logged_model_name
 
-    from snaketune.registry import logged_model_name
+    from snaketune.track.registry import logged_model_name
 
     assert logged_model_name("demo-lm") == "demo-lm"
     assert logged_model_name("lm.lr-0.001.n_layer-2") == "lm-lr-0-001-n_layer-2"

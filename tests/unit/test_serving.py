@@ -1,4 +1,4 @@
-"""What the served model takes from a request (snaketune.serving): texts, generation params
+"""What the served model takes from a request (snaketune.track.serving): texts, generation params
 checked against the evaluation's decoding, and params no model declares refused rather than
 dropped. The same requests over HTTP are in tests/integration/test_serving.py."""
 
@@ -10,13 +10,13 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION
-from snaketune.serving import (
+from snaketune.settings import GREEDY, SAMPLE, EvalSettings
+from snaketune.track.serving import (
     refuse_unknown_params,
     request_settings,
     request_texts,
     signature,
 )
-from snaketune.settings import GREEDY, SAMPLE, EvalSettings
 
 EVALUATION = EvalSettings(max_new_tokens=6)
 LIMIT = 31

@@ -19,7 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from tokenizers import Tokenizer
 
-from snaketune.clean import clean_corpus
+from snaketune.data.clean import clean_corpus
+from snaketune.data.split import split_corpus
+from snaketune.data.tokenizer import EOS, prepare_tokenizer
 from snaketune.errors import CorpusError
 from snaketune.fileio import sha256_file
 from snaketune.manifest import TIMINGS
@@ -32,12 +34,10 @@ from snaketune.settings import (
     TokenizerSettings,
     TokenizeSettings,
 )
-from snaketune.split import split_corpus
 from snaketune.stages import CleanPaths, SplitPaths, TokenizerPaths
 from snaketune.tokenize.one_process import tokenize_in_one_process
 from snaketune.tokenize.plan import row_ranges
 from snaketune.tokenize.shards import SHARD_GLOB, TokenArrays, read_shards
-from snaketune.tokenizer import EOS, prepare_tokenizer
 from tests.support.repo import DEMO_CORPUS
 
 BLOCK = 32

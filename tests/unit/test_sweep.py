@@ -8,7 +8,7 @@ import copy
 import pytest
 
 from snaketune.config import ConfigError, validated
-from snaketune.sweep import expand_sweeps
+from snaketune.track.sweep import expand_sweeps
 from tests.support.repo import DEFAULT_CONFIG
 
 

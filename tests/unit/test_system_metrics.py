@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from snaketune.settings import ModelSettings, TrainSettings
-from snaketune.system_metrics import (
+from snaketune.train.system_metrics import (
     read_samples,
     sample_system_metrics,
 )

@@ -15,10 +15,11 @@ from mlflow.entities import Metric, ViewType
 from mlflow.utils.validation import _validate_metric_name
 
 import snaketune
-from snaketune import live
-from snaketune import track as track_module
 from snaketune.errors import TrackingError
-from snaketune.live import (
+from snaketune.settings import TrackSettings, config_hash
+from snaketune.track import live
+from snaketune.track import reconcile as track_module
+from snaketune.track.live import (
     MAX_PARAM_LENGTH,
     RUN_KEY_TAG,
     as_params,
@@ -26,9 +27,8 @@ from snaketune.live import (
     flatten,
     numeric_metrics,
 )
-from snaketune.settings import TrackSettings, config_hash
-from snaketune.track import STAGES
-from snaketune.tracking_uri import redact
+from snaketune.track.reconcile import STAGES
+from snaketune.track.tracking_uri import redact
 from tests.support.mlflow_stores import (
     CONFIG,
     DOWNLOAD_URL,
@@ -629,7 +629,7 @@ def test_the_model_card_names_the_data_its_digest_the_metrics_and_the_limits(tra
 def test_a_csv_artifact_is_also_an_mlflow_table_logged_once(tmp_path, empty_store_db):
     import pandas as pd
 
-    from snaketune.track import log_table
+    from snaketune.track.reconcile import log_table
 
     store = new_store(tmp_path / "store", empty_store_db)
     client = store.client

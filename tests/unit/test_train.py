@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from snaketune.batches import IGNORED_LABEL, batch_indices
-from snaketune.models import build_model, load_trained
 from snaketune.settings import ModelSettings, TrainSettings
-from snaketune.train import learning_rate
+from snaketune.train.batches import IGNORED_LABEL, batch_indices
+from snaketune.train.models import build_model, load_trained
+from snaketune.train.trainer import learning_rate
 from tests.support.stage_data import padded, rows_of, run_training
 
 TINY_MODEL = ModelSettings(n_layer=1, n_embd=32, n_head=2, dropout=0.1)
@@ -135,8 +135,8 @@ def test_causal_lm_training_on_per_document_rows_lowers_validation_loss(
 
 @pytest.mark.parametrize("arch", ["gpt2", "lstm"])
 def test_classifier_training_beats_chance(classification_data, tmp_path, arch):
-    from snaketune.evaluation import predict_classes
-    from snaketune.models import load_trained
+    from snaketune.evaluate.evaluation import predict_classes
+    from snaketune.train.models import load_trained
 
     settings = TrainSettings(max_steps=80, batch_size=32, lr=3e-3, warmup_steps=5, eval_every=40)
     run_training(
@@ -156,9 +156,9 @@ def test_classifier_training_beats_chance(classification_data, tmp_path, arch):
 def test_checkpoint_from_other_settings_is_not_resumed(lm_data, tmp_path):
     first = TrainSettings(max_steps=10, batch_size=4, checkpoint_every=5, warmup_steps=2)
     (tmp_path / "state").mkdir()
-    from snaketune.checkpoint import save_checkpoint
-    from snaketune.models import build_model
-    from snaketune.train import make_optimizer
+    from snaketune.train.checkpoint import save_checkpoint
+    from snaketune.train.models import build_model
+    from snaketune.train.trainer import make_optimizer
 
     model = build_model(TINY_MODEL, "causal_lm", 400, 32, 1, 0, [])
     state = {
@@ -178,7 +178,7 @@ def test_checkpoint_from_other_settings_is_not_resumed(lm_data, tmp_path):
 
 
 def test_a_continued_schedule_goes_on_from_the_rate_it_had_to_the_new_end():
-    from snaketune.train import continued_schedule
+    from snaketune.train.trainer import continued_schedule
 
     s = TrainSettings(max_steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
     killed_at_50 = continued_schedule([[0, 100, None]], 50, replace(s, max_steps=200))
@@ -217,7 +217,7 @@ def test_more_steps_after_a_finished_run_continue_it_without_a_gap_or_a_repeat(l
 
 @pytest.mark.parametrize("record", ["missing", "a step behind"])
 def test_a_job_killed_between_checkpoint_and_its_record_still_resumes(lm_data, tmp_path, record):
-    from snaketune.resume import RECORD
+    from snaketune.train.resume import RECORD
 
     run_training(lm_data, tmp_path, "causal_lm", TINY_MODEL, QUICK)
     state = tmp_path / "state"
@@ -245,8 +245,8 @@ def test_settings_that_change_no_step_taken_resume_and_others_start_over(lm_data
 
 
 def test_a_forced_restart_names_each_changed_key():
-    from snaketune import resume
     from snaketune.settings import TrainJob
+    from snaketune.train import resume
 
     job = TrainJob("causal_lm", TINY_MODEL, QUICK)
     record = {
@@ -301,10 +301,10 @@ def test_validation_reports_the_whole_split_as_loss_perplexity_accuracy_and_f1(
 @pytest.fixture
 def cpu_run(lm_data, tmp_path):
     """A real training run set up on the CPU, before its first step."""
-    from snaketune.distributed import World
     from snaketune.settings import TrainJob
     from snaketune.tokenize.shards import TokenizedData
-    from snaketune.train import prepare_run
+    from snaketune.train.distributed import World
+    from snaketune.train.trainer import prepare_run
 
     data = TokenizedData.read(lm_data["tokenize_manifest"], lm_data["shards"])
     job = TrainJob(task="causal_lm", model=TINY_MODEL, train=replace(QUICK, log_every=4))
@@ -315,7 +315,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_the_read_stops_training(
     """The CUDA path (found_inf given to fused AdamW, the loss read later), on the CPU's fused
     AdamW: the weights and the optimizer's step count do not move, and the read refuses it."""
     from snaketune.errors import TrainingError
-    from snaketune.train import Unread, one_step, update
+    from snaketune.train.trainer import Unread, one_step, update
 
     run = cpu_run
     assert run.optimizer.defaults["fused"]
@@ -337,8 +337,8 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_the_read_stops_training(
 def test_the_loss_is_read_every_log_every_steps_and_where_the_loop_needs_it_on_any_device(
     cpu_run,
 ):
-    from snaketune.devices import Placement
-    from snaketune.train import read_now
+    from snaketune.train.devices import Placement
+    from snaketune.train.trainer import read_now
 
     s = cpu_run.settings  # log_every 4, eval_every 10, checkpoint_every 10, max_steps 20
     expected = sorted({*range(4, 21, 4), *range(s.eval_every, 21, s.eval_every), 20})
@@ -350,7 +350,7 @@ def test_the_loss_is_read_every_log_every_steps_and_where_the_loop_needs_it_on_a
 def test_a_validation_split_with_nothing_to_predict_is_an_error_not_a_zero_loss(cpu_run):
     from snaketune.errors import TrainingError
     from snaketune.tokenize.shards import TokenArrays
-    from snaketune.train import validate
+    from snaketune.train.trainer import validate
 
     one_token_rows = TokenArrays(np.arange(5, dtype=np.uint16), np.arange(6), None)
     run = replace(cpu_run, val=replace(cpu_run.val, arrays=one_token_rows, rows=None))
@@ -359,7 +359,7 @@ def test_a_validation_split_with_nothing_to_predict_is_an_error_not_a_zero_loss(
 
 
 def test_rows_read_together_keep_every_step_and_share_the_window_s_throughput(cpu_run):
-    from snaketune.train import Unread, one_step
+    from snaketune.train.trainer import Unread, one_step
 
     unread = Unread()
     for step in range(3):
@@ -375,8 +375,8 @@ def test_rows_read_together_keep_every_step_and_share_the_window_s_throughput(cp
 def test_the_plan_before_any_job_compares_where_the_data_will_come_from():
     """Before any job the data's digest is unknown, but its folder is keyed by everything the
     data is computed from: another folder means other data, and the plan says so."""
-    from snaketune import resume
     from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+    from snaketune.train import resume
 
     job = TrainJob("causal_lm", ModelSettings(), TrainSettings(max_steps=20))
     record = resume.record_of(10, job, "digest", "results/shared/tokenize/demo-aaa/shards")
@@ -392,9 +392,9 @@ def test_the_plan_before_any_job_compares_where_the_data_will_come_from():
 def test_a_local_base_model_edited_in_place_starts_the_run_again(tmp_path):
     """The workflow reruns the train job when a local pretrained folder changes (its digest is
     a param); the checkpoint must not then continue on the old base weights."""
-    from snaketune import resume
+    from snaketune.data.sources import FolderDigests, model_source_digest
     from snaketune.settings import ModelSettings, TrainJob, TrainSettings
-    from snaketune.sources import FolderDigests, model_source_digest
+    from snaketune.train import resume
 
     folder = tmp_path / "base"
     folder.mkdir()
@@ -419,7 +419,7 @@ def test_the_sigterm_handler_is_installed_for_the_loop_only():
     handler is back (a SIGTERM later in the same process is not swallowed)."""
     import signal
 
-    from snaketune.train import StopRequested
+    from snaketune.train.trainer import StopRequested
 
     def own(signum, frame):
         raise AssertionError("not called")
@@ -442,7 +442,7 @@ def test_a_checkpoint_of_adapters_keeps_what_trains_and_buffers_only():
     loading the state back could not place."""
     from torch import nn
 
-    from snaketune.distributed import full_model_state, load_trained_state
+    from snaketune.train.distributed import full_model_state, load_trained_state
 
     class QuantizedLike(nn.Linear):
         def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -12,7 +12,7 @@ import sys
 from snakemake.settings.types import DeploymentMethod
 
 from snaketune import joblog
-from snaketune.compile_cache import CACHE_VARIABLE, workflow_folder
+from snaketune.train.compile_cache import CACHE_VARIABLE, workflow_folder
 from snaketune.config import apply_preset, raise_if_invalid, validated
 from snaketune.gpus import (
     DEVICES_VARIABLE,
@@ -20,9 +20,9 @@ from snaketune.gpus import (
     machine_devices,
     smallest_gpu_memory,
 )
-from snaketune import memory_plan
-from snaketune import resume
-from snaketune.live import Target, runs_table_url
+from snaketune.train import memory_plan
+from snaketune.train import resume
+from snaketune.track.live import Target, runs_table_url
 from snaketune.names import SPLITS
 from snaketune.provenance import write_invocation
 from snaketune.sharing import SHARED_FOLDER, TRACKING_LINK, Sharing, link_all
@@ -36,7 +36,7 @@ from snaketune.settings import (
     sweep_points,
     to_json,
 )
-from snaketune.sources import (
+from snaketune.data.sources import (
     FolderDigests,
     changed_sources,
     folder_sources,
@@ -58,13 +58,13 @@ from snaketune.tokenize.plan import (
     partition_threads,
     planned_partition_counts,
 )
-from snaketune.tracking_uri import effective_tracking_uri, redact, store_uri
+from snaketune.track.tracking_uri import effective_tracking_uri, redact, store_uri
 
 apply_preset(config, workflow.config_settings.config)  # the --config values
 validated(config, workflow.basedir)  # every problem by key, before any job; defaults filled
 
 os.environ[REPOSITORY_VARIABLE] = str(workflow.basedir)  # the jobs' relative dataset paths
-# torch.compile's graphs, shared by the jobs (snaketune.compile_cache); the user's folder wins.
+# torch.compile's graphs, shared by the jobs (snaketune.train.compile_cache); the user's folder wins.
 os.environ.setdefault(CACHE_VARIABLE, str(workflow_folder(config["results_dir"])))
 if config["local_gpus"]:  # the devices snaketune.gpus hands out to local jobs
     os.environ[DEVICES_VARIABLE] = ",".join(str(device) for device in config["local_gpus"])
@@ -119,7 +119,7 @@ FOLDERS = FolderDigests()  # the local folders' file digests, kept across invoca
 
 def sources_for(rule):
     """The content digests of the local model and tokenizer folders the rule's settings name
-    (snaketune.sources): a param, so that an edit in place reruns the job and what follows."""
+    (snaketune.data.sources): a param, so that an edit in place reruns the job and what follows."""
     get_settings = settings_for(rule)
 
     def get_sources(wildcards):
@@ -150,7 +150,7 @@ def shared(stage, pattern):
 
 def shared_tracking(stage):
     """A shared stage's tracking folder: a link, made before any job, to the tracking folder of
-    the experiment whose live run tree the stage's run joins (snaketune.live)."""
+    the experiment whose live run tree the stage's run joins (snaketune.track.live)."""
     return f"{SHARED}/{stage}/{{data}}/{TRACKING_LINK}"
 
 
@@ -362,7 +362,7 @@ def say_how_training_continues():
 
 
 def plan_training_memory():
-    """Before any job: each train job's memory estimate (snaketune.memory_plan), printed by a
+    """Before any job: each train job's memory estimate (snaketune.train.memory_plan), printed by a
     dry run; a job over train.max_memory_gb, or over this machine's GPU where it trains on one,
     is refused with what would make it fit. A cluster's jobs are planned for CUDA, and checked
     against max_memory_gb only."""

@@ -1,5 +1,5 @@
 # A sweep's comparison: one table row and one plot point per experiment it expanded into
-# (snaketune.sweep), after each point's track job, so that the table names their MLflow runs.
+# (snaketune.track.sweep), after each point's track job, so that the table names their MLflow runs.
 rule summarize_sweep:
     input:
         metrics=get_sweep_outputs(rules.evaluate_model.output.metrics),

@@ -1,4 +1,4 @@
-# The reconciler: makes MLflow agree with results/ after the stages logged live (snaketune.live),
+# The reconciler: makes MLflow agree with results/ after the stages logged live (snaketune.track.live),
 # creating the runs they could not and uploading what never arrived, exactly once. It reads the
 # results and writes only runs.json and the model card, so an MLflow outage fails this rule
 # alone and the next snakemake run uploads what is missing. Each stage's manifest says where its

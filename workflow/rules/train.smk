@@ -35,7 +35,7 @@ rule train_model:
         runtime=240,
         gpu=0,
         # Not a limit: which attempt this is, so that a retry of an error it would repeat
-        # stops at once (snaketune.attempts).
+        # stops at once (snaketune.train.attempts).
         attempt=lambda wildcards, attempt: attempt,
         # train.nodes > 1: N nodes under the SLURM profile, a task (a torchrun agent) on each.
         nodes=train_shape("nodes"),

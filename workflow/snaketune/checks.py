@@ -292,7 +292,7 @@ def context_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
 def model_positions(name_or_path: str) -> int | None:
     """The position count a checkpoint's config.json gives, if the checkpoint is on this machine
     (a folder, or the Hugging Face cache); None when it cannot be read here."""
-    from snaketune.memory_plan import checkpoint_folder
+    from snaketune.train.memory_plan import checkpoint_folder
 
     folder = checkpoint_folder(name_or_path)
     if folder is None:
@@ -305,7 +305,7 @@ def instruction_problems(
     exp: dict[str, Any], given: dict[str, Any], instruction: bool
 ) -> list[tuple[str, str]]:
     """Answers are generated and scored only for instruction data; packed examples (and
-    documents_apart) are kept apart only by attention (snaketune.batches), which the LSTM has
+    documents_apart) are kept apart only by attention (snaketune.train.batches), which the LSTM has
     not; documents_apart is a plain-text packing."""
     if exp["task"] != CAUSAL_LM:
         return []

@@ -15,7 +15,6 @@ import yaml
 
 from snaketune.checks import experiment_problems, instruction_problems
 from snaketune.errors import ConfigError
-from snaketune.live import live_after_problem
 from snaketune.names import SEQUENCE_CLASSIFICATION, name_problem, quote_problem
 from snaketune.schema import SCHEMA_PATH, config_schema
 from snaketune.settings import (
@@ -27,8 +26,9 @@ from snaketune.settings import (
     read_settings_for,
     repository,
 )
-from snaketune.sweep import WRITTEN, as_written, expand_sweeps
-from snaketune.tracking_uri import tracking_problems
+from snaketune.track.live import live_after_problem
+from snaketune.track.sweep import WRITTEN, as_written, expand_sweeps
+from snaketune.track.tracking_uri import tracking_problems
 
 REPO = repository()
 SCHEMA = REPO / SCHEMA_PATH

@@ -16,9 +16,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from snaketune import __version__, live
+from snaketune import __version__
 from snaketune.fileio import read_json, sha256_tree, write_json
 from snaketune.stages import INPUT, OUTPUT, Paths, is_list, path_fields, stage_of
+from snaketune.track import live
 
 _TRACKED_PACKAGES = (
     "pandas",
@@ -67,8 +68,8 @@ class StageRecord:
 
 TIMINGS = ("seconds", "started_at", "memory", "compile_cache")
 """Manifest entries that differ on every run of the same stage: its times, the memory a train
-job measured (snaketune.train.memory_used), and what a compiling job found in the compile cache
-(snaketune.compile_cache)."""
+job measured (train.trainer.memory_used), and what a compiling job found in the compile cache
+(snaketune.train.compile_cache)."""
 
 
 def manifest_digest(path: Path) -> str:
@@ -139,7 +140,7 @@ def _write(paths: Paths, stage, record: StageRecord, key: str, started_at: float
             "params": record.params,
             "counts": record.counts,
             "outputs": record.outputs,
-            # Relative to the manifest's folder, where snaketune.track looks for the outputs.
+            # Relative to the manifest's folder, where track.reconcile looks for the outputs.
             "paths": {
                 f.name: relative_to(paths.manifest.parent, getattr(paths, f.name))
                 for f in path_fields(paths)

@@ -25,7 +25,7 @@ PROMPT, RESPONSE = INSTRUCTION_COLUMNS
 SHARED_FOLDER = "shared"
 """results/<SHARED_FOLDER>/<stage>/<key>/: the outputs of a shared stage (snaketune.sharing);
 and results/<SHARED_FOLDER>/compile_cache, the compiled graphs every job shares
-(snaketune.compile_cache)."""
+(snaketune.train.compile_cache)."""
 RESULTS_LAYOUT = (
     "datasets",  # datasets/<dataset>/download
     SHARED_FOLDER,

@@ -319,7 +319,7 @@ class ReadSettings:
     messages_column: str | None = None
     chat_tokenizer: str | None = None
     """Instruction data without a text_template: the pretrained tokenizer whose chat template,
-    if it has one, composes each example (snaketune.reading.compose_instruction)."""
+    if it has one, composes each example (snaketune.data.reading.compose_instruction)."""
     header: bool = True
     """csv/tsv: whether the first line names the columns."""
     column_names: list[str] | None = None
@@ -743,7 +743,7 @@ class TokenizeJob:
     @property
     def keeps_documents_apart(self) -> bool:
         """Plain-text rows packed across documents, each document attending only to itself
-        (snaketune.batches.TokenRows.separator)."""
+        (snaketune.train.batches.TokenRows.separator)."""
         return (
             self.task == CAUSAL_LM
             and not self.instruction
@@ -1020,7 +1020,7 @@ class TrainSettings:
             "The memory (GB) a train job may plan to use. Before any job, each train job's "
             "memory is estimated from its settings and the checkpoint's files (weights by "
             "dtype, gradients, AdamW's moments, activations of one micro-batch at the "
-            "configured context, one chunk of logits; snaketune/memory_plan.py) and printed by "
+            "configured context, one chunk of logits; train/memory_plan.py) and printed by "
             "a dry run (-n); a job whose estimate is above this, or, when null, above the "
             "memory of this machine's GPU where it trains on one, is refused with the settings "
             "that would make it fit (LoRA, 4-bit quantization, gradient checkpointing, a "
@@ -1113,7 +1113,7 @@ class TrainSettings:
         maximum=1024,
         description=(
             "Nodes, one torchrun agent each with train.processes processes, joined by a c10d "
-            "rendezvous (snaketune.launch): inside a SLURM job of that many tasks srun starts "
+            "rendezvous (train/launch.py): inside a SLURM job of that many tasks srun starts "
             "them, elsewhere they run on this machine over 127.0.0.1."
         ),
     )
@@ -1284,7 +1284,7 @@ class EvalJob:
     """Where the model is evaluated: the train section's device and precision."""
     precision: str = "auto"
     compile: bool | str = False
-    """evaluate.compile, 'auto' resolved to train.compile (snaketune.lm_loss.scoring)."""
+    """evaluate.compile, 'auto' resolved to train.compile (snaketune.train.lm_loss.scoring)."""
 
     @property
     def compile_mode(self) -> str | None:
@@ -1344,7 +1344,7 @@ class TrackSettings:
 
 
 SWEPT = "swept"
-"""The key the sweep expansion (snaketune.sweep) sets on each point's experiment entry:
+"""The key the sweep expansion (snaketune.track.sweep) sets on each point's experiment entry:
 {"of": the sweep's name, "point": {dotted key: value}}."""
 
 
@@ -1637,7 +1637,7 @@ class ExperimentKeys:
         schema_default=False,
         type="object",
         description=(
-            "Run this entry once per point (snaketune.sweep): `grid` maps dotted keys such as "
+            "Run this entry once per point (track/sweep.py): `grid` maps dotted keys such as "
             "train.lr or model.n_layer to lists of values (every combination is a point), "
             "`points` lists more points as {dotted key: value}. Each point becomes an "
             "experiment named <name>.<setting>-<value>..., validated like any other; "

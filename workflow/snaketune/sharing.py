@@ -80,7 +80,7 @@ def stage_dir(results: str | Path, stage: str, key: str) -> Path:
 
 TRACKING_LINK = "tracking"
 """<stage_dir>/tracking: a link to the owner's tracking folder, where the shared stage's live
-run joins the owner's run tree (snaketune.live)."""
+run joins the owner's run tree (snaketune.track.live)."""
 
 
 def link_all(

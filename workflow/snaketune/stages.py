@@ -189,7 +189,7 @@ class TrackPaths(Paths):
 
 @dataclass(frozen=True)
 class SweepPaths(Paths):
-    # Each is digested, one by one, into the manifest (snaketune.sweep).
+    # Each is digested, one by one, into the manifest (snaketune.track.sweep).
     metrics: list[Path] = input_path("every point's metrics.json, in sweep order", digest=False)
     runs: list[Path] = input_path("every point's runs.json (its MLflow runs)", digest=False)
     table: Path = output_path("one row per point: its swept values and metrics", artifact=True)
@@ -228,19 +228,24 @@ STAGES = (
     Stage(
         "download",
         "download_dataset",
-        "snaketune.download",
+        "snaketune.data.download",
         DownloadPaths,
         st.DownloadSettings,
         st.download_settings,
     ),
-    Stage("clean", "clean_corpus", "snaketune.clean", CleanPaths, st.CleanJob, st.clean_job),
+    Stage("clean", "clean_corpus", "snaketune.data.clean", CleanPaths, st.CleanJob, st.clean_job),
     Stage(
-        "split", "split_corpus", "snaketune.split", SplitPaths, st.SplitSettings, st.split_settings
+        "split",
+        "split_corpus",
+        "snaketune.data.split",
+        SplitPaths,
+        st.SplitSettings,
+        st.split_settings,
     ),
     Stage(
         "tokenizer",
         "prepare_tokenizer",
-        "snaketune.tokenizer",
+        "snaketune.data.tokenizer",
         TokenizerPaths,
         st.TokenizerSettings,
         st.tokenizer_settings,
@@ -269,11 +274,11 @@ STAGES = (
         st.TokenizeJob,
         st.tokenize_job,
     ),
-    Stage("train", "train_model", "snaketune.train", TrainPaths, st.TrainJob, st.train_job),
+    Stage("train", "train_model", "snaketune.train.trainer", TrainPaths, st.TrainJob, st.train_job),
     Stage(
         "evaluate",
         "evaluate_model",
-        "snaketune.evaluation",
+        "snaketune.evaluate.evaluation",
         EvaluatePaths,
         st.EvalJob,
         st.eval_job,
@@ -281,7 +286,7 @@ STAGES = (
     Stage(
         "track",
         "track_experiment",
-        "snaketune.track",
+        "snaketune.track.reconcile",
         TrackPaths,
         st.TrackSettings,
         st.track_settings,
@@ -289,7 +294,7 @@ STAGES = (
     Stage(
         "sweep",
         "summarize_sweep",
-        "snaketune.sweep",
+        "snaketune.track.sweep",
         SweepPaths,
         st.SweepSettings,
         st.sweep_settings,
@@ -309,7 +314,7 @@ def tracked_stage(folder: str) -> Stage:
 # The download is shared by every experiment on its dataset, so it has no one parent run to live
 # under: the track job creates its run, with the download's own times.
 LIVE = tuple(tracked_stage(name).rule for name in TRACKED if name != "download")
-"""The rules whose jobs track their stage's run live (snaketune.live): they take
+"""The rules whose jobs track their stage's run live (snaketune.track.live): they take
 params.tracking, the experiment's tracking folder."""
 
 
@@ -357,9 +362,9 @@ def stage_of(paths: Paths) -> Stage:
 
 def train_launcher(processes: int, nodes: int = 1) -> str:
     """What the workflow's interpreter runs to start training (after INTERPRETER): the CLI itself,
-    torchrun (DDP) on one node, or one torchrun agent per node (snaketune.launch)."""
+    torchrun (DDP) on one node, or one torchrun agent per node (snaketune.train.launch)."""
     if nodes > 1:
-        return f"-m snaketune.launch {nodes} {processes}"
+        return f"-m snaketune.train.launch {nodes} {processes}"
     if processes == 1:
         return "-m snaketune.cli"
     return f"-m torch.distributed.run --standalone --nproc_per_node={processes} -m snaketune.cli"
@@ -372,7 +377,7 @@ executor plugin's names)."""
 
 def slurm_shape(nodes: int) -> dict[str, int | str | None]:
     """The SLURM_SHAPE resources for train.nodes: N nodes and a task on each, each task a
-    torchrun agent that snaketune.launch starts with its own srun. `mpi` tells the plugin so
+    torchrun agent that snaketune.train.launch starts with its own srun. `mpi` tells the plugin so
     (its job step then runs the command as it is, not inside `srun -n1`), and tasks_per_gpu 0
     keeps it from turning `tasks` into --ntasks-per-gpu on a GPU job. One node asks for none of
     them (None: Snakemake drops the resource), as every other job."""

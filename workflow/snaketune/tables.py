@@ -63,7 +63,7 @@ def write_page(out: Path, title: str, sections: list[tuple[str, str]]) -> None:
 
 def scores_table(metrics: dict[str, Any]) -> str:
     """The headline metrics beside each baseline's on the same test split."""
-    from snaketune.model_card import HEADLINE, headline
+    from snaketune.track.model_card import HEADLINE, headline
 
     ours, baselines = headline(metrics), metrics.get("baselines") or {}
     names = [k for k in HEADLINE if k in ours]

@@ -10,7 +10,7 @@ holds two documents: each document is cut into rows of at most `block_size` toke
 row may be shorter, counted as short_rows, and is padded only in the training batch), nothing is
 dropped, and the rows are the same for any number of partitions. Packing "documents_apart" makes
 the rows of "across_documents"; the batches then keep the documents apart
-(snaketune.batches.TokenRows.separator).
+(snaketune.train.batches.TokenRows.separator).
 Classification: one row per example, truncated to `max_length`, with an integer label.
 
 Instruction data (a causal LM trained on answers only): every example is its prompt's tokens
@@ -20,7 +20,7 @@ No example is ever split across rows, so no response token loses its prompt: an 
 than `block_size` keeps its first block_size tokens (counted as truncated), and with
 "across_documents" whole examples are packed greedily, in order, into rows of at most
 block_size tokens (a row is closed when the next example does not fit; nothing is dropped);
-training keeps them apart (snaketune.batches.example_positions), so each starts with a prompt
+training keeps them apart (snaketune.train.batches.example_positions), so each starts with a prompt
 token.
 The val and test splits keep one example per row whatever the packing, so that each answer is
 scored given its own prompt and nothing before it.
@@ -194,7 +194,7 @@ def joined(first, second):
 
 def refuse_promptless(batch) -> None:
     """Training tells packed examples apart where a prompt token follows an answer token
-    (snaketune.batches.example_positions): an example must start with a prompt token."""
+    (snaketune.train.batches.example_positions): an example must start with a prompt token."""
     starts_answered = np.flatnonzero(batch.targets[batch.offsets()[:-1]])
     if len(starts_answered):
         raise CorpusError(

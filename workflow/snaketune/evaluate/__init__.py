@@ -1,0 +1,1 @@
+"""Stage 7, evaluation: held-out metrics with their protocol, baselines and samples."""

@@ -1,0 +1,1 @@
+"""Stage 8, tracking: results/ mirrored to MLflow, live and after the fact; the registry."""

@@ -25,7 +25,7 @@ lint: install
 	ruff format --check .
 	snakemake --lint
 
-# The config schema and README's settings reference, from workflow/snaketune/settings.py.
+# The config schema and README's settings reference, from each stage's settings.py.
 schema: install
 	python -m snaketune.schema
 

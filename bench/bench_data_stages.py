@@ -152,8 +152,8 @@ def dedup_pair(texts: list[str], docs: int) -> tuple[float, float, int, int]:
 
     from snaketune.data.clean import normalize_for_match
     from snaketune.data.dedup import LSH_WEIGHTS, find_near_duplicates
+    from snaketune.data.settings import NearDuplicateSettings
     from snaketune.names import TRAIN
-    from snaketune.settings import NearDuplicateSettings
 
     texts = texts[:docs]
     settings = NearDuplicateSettings()

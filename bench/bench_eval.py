@@ -36,11 +36,11 @@ from snaketune.data import local
 from snaketune.evaluate.evaluation import CPU
 from snaketune.evaluate.perplexity import score_lm, windows
 from snaketune.names import TRAIN
-from snaketune.settings import ModelSettings
 from snaketune.tokenize.shards import TokenizedData
 from snaketune.train import lm_loss
 from snaketune.train.batches import TokenRows
 from snaketune.train.models import build_model
+from snaketune.train.settings import ModelSettings
 
 
 def reference(model, stream: torch.Tensor, context: int, stride: int) -> tuple[float, int]:

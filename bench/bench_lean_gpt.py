@@ -25,7 +25,7 @@ import torch
 
 
 def model_settings(args):
-    from snaketune.settings import ModelSettings
+    from snaketune.train.settings import ModelSettings
 
     return ModelSettings(
         n_layer=args.layers,
@@ -37,7 +37,7 @@ def model_settings(args):
 
 
 def train_settings(args):
-    from snaketune.settings import TrainSettings
+    from snaketune.train.settings import TrainSettings
 
     steps = (args.rounds + 1) * args.chunk
     return TrainSettings(max_steps=steps, batch_size=args.batch, warmup_steps=5, seed=1)

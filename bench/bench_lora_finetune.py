@@ -164,11 +164,11 @@ def ours(args, dtype: str, chunked: bool) -> dict:
     import torch
 
     from snaketune.names import CAUSAL_LM
-    from snaketune.settings import ModelSettings, TrainJob, TrainSettings
     from snaketune.train import lm_loss, trainer
     from snaketune.train.devices import deterministic, place, set_deterministic
     from snaketune.train.distributed import World
     from snaketune.train.models import apply_lora, build_model
+    from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 
     # model.arch stays gpt2, the transformer family, under which any AutoModel checkpoint loads.
     model_settings = ModelSettings(
@@ -302,8 +302,8 @@ def bare(args, dtype: str) -> dict:
     import torch
 
     from snaketune.names import CAUSAL_LM
-    from snaketune.settings import ModelSettings
     from snaketune.train.models import apply_lora, build_model
+    from snaketune.train.settings import ModelSettings
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)

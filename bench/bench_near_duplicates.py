@@ -27,9 +27,9 @@ from datasketch import MinHash, MinHashLSH
 
 from snaketune.data.clean import normalize_for_match
 from snaketune.data.dedup import LSH_WEIGHTS, find_near_duplicates, visiting_order
+from snaketune.data.settings import NearDuplicateSettings, SplitSettings
 from snaketune.data.split import assign_splits
 from snaketune.names import SPLITS
-from snaketune.settings import NearDuplicateSettings, SplitSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2" / "train.tsv"

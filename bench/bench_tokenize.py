@@ -67,8 +67,8 @@ def timed(run, *args) -> tuple[float, float, int]:
 def run_ours(work: Path, tokenizer_dir: Path, block: int, encoder: str = "auto") -> int:
     import json
 
-    from snaketune.settings import TokenizeJob, TokenizeSettings
     from snaketune.tokenize.one_process import tokenize_in_one_process
+    from snaketune.tokenize.settings import TokenizeJob, TokenizeSettings
 
     splits = {name: work / f"{name}.parquet" for name in SPLITS}
     settings = TokenizeSettings(block_size=block, shard_rows=8192, encoder=encoder)
@@ -131,7 +131,7 @@ PEAK_RSS_SCRIPT = """
 import re, sys
 from pathlib import Path
 from snaketune.names import SPLITS
-from snaketune.settings import TokenizeJob, TokenizeSettings
+from snaketune.tokenize.settings import TokenizeJob, TokenizeSettings
 from snaketune.tokenize.one_process import tokenize_in_one_process
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 splits = {name: work / f"{name}.parquet" for name in SPLITS}
@@ -168,8 +168,8 @@ def profile_ours(work: Path, block: int, top: int = 14) -> None:
 
 
 def prepared_work(work: Path, docs: list[str], vocab: int) -> None:
+    from snaketune.data.settings import TokenizerSettings
     from snaketune.data.tokenizer import prepare_tokenizer
-    from snaketune.settings import TokenizerSettings
     from snaketune.stages import TokenizerPaths
 
     write_split(work / "train.parquet", docs)

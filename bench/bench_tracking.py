@@ -75,8 +75,8 @@ class Timing:
 
 def train_once(data, out: Path, steps: int, uri: str | None, settle: int) -> Timing:
     """One train_model call: its steady-state step time, its whole time, the points sent."""
-    from snaketune.settings import ModelSettings, TrainJob, TrainSettings
     from snaketune.track import live
+    from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
     from snaketune.train.trainer import train_model
 
     os.environ.pop(live.TRACKING_VARIABLE, None)

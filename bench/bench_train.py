@@ -44,13 +44,13 @@ def prepare_data(root: Path, block: int):
 
 
 def model_settings():
-    from snaketune.settings import ModelSettings
+    from snaketune.train.settings import ModelSettings
 
     return ModelSettings(n_layer=2, n_embd=128, n_head=4, dropout=0.1, attention="sdpa")
 
 
 def train_settings(args):
-    from snaketune.settings import TrainSettings
+    from snaketune.train.settings import TrainSettings
 
     return TrainSettings(
         max_steps=args.steps,
@@ -137,8 +137,8 @@ class Phases:
 
 
 def run_ours(data, out: Path, args) -> dict:
-    from snaketune.settings import TrainJob
     from snaketune.train import trainer as train
+    from snaketune.train.settings import TrainJob
 
     job = TrainJob(task="causal_lm", model=model_settings(), train=train_settings(args))
     with Phases().watching(train) as phases:
@@ -195,8 +195,8 @@ def run_bare(data, out: Path, args) -> dict:
 def interleaved(data, root: Path, args, chunk: int = 10, rounds: int = 8) -> tuple[float, float]:
     """Median ms per step of our step and the bare one, run in alternating chunks in one
     process: a slow spell of a shared machine then slows both alike."""
-    from snaketune.settings import TrainJob
     from snaketune.train.distributed import World
+    from snaketune.train.settings import TrainJob
     from snaketune.train.trainer import one_step, prepare_run
 
     job = TrainJob(task="causal_lm", model=model_settings(), train=train_settings(args))

@@ -31,7 +31,7 @@ BLOCK = 128
 
 
 def model_and_train(steps: int):
-    from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+    from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 
     return TrainJob(
         task="causal_lm",

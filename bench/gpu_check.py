@@ -102,7 +102,7 @@ def synthetic_data(root: Path, shape: Shape):
 
 
 def model_settings(shape: Shape):
-    from snaketune.settings import ModelSettings
+    from snaketune.train.settings import ModelSettings
 
     return ModelSettings(
         n_layer=shape.layers, n_embd=shape.width, n_head=shape.heads, dropout=0.0, attention="sdpa"
@@ -110,7 +110,7 @@ def model_settings(shape: Shape):
 
 
 def train_settings(shape: Shape, cuda: bool):
-    from snaketune.settings import TrainSettings
+    from snaketune.train.settings import TrainSettings
 
     return TrainSettings(
         max_steps=shape.steps,
@@ -166,8 +166,8 @@ def run_ours(data, out: Path, shape: Shape, cuda: bool, name: str, batch=None) -
     search found)."""
     from unittest import mock
 
-    from snaketune.settings import TrainJob
     from snaketune.train import trainer as train
+    from snaketune.train.settings import TrainJob
 
     settings = train_settings(shape, cuda)
     if batch == AUTO:
@@ -376,7 +376,7 @@ def classifier_ms_per_step(root: Path, placement, steps: int) -> tuple[float, in
     parameters."""
     from snaketune.data import local
     from snaketune.names import SEQUENCE_CLASSIFICATION
-    from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+    from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
     from snaketune.train.trainer import train_model
 
     config = local.demo_config(SEQUENCE_CLASSIFICATION)

@@ -42,8 +42,8 @@ def lm_data(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def lm_per_document_data(lm_data, tmp_path_factory) -> dict[str, Path]:
     """lm_data's splits and tokenizer, tokenized with packing: per_document."""
-    from snaketune.settings import TokenizeJob, TokenizeSettings
     from snaketune.tokenize.one_process import tokenize_in_one_process
+    from snaketune.tokenize.settings import TokenizeJob, TokenizeSettings
 
     root = tmp_path_factory.mktemp("lm-per-document")
     job = TokenizeJob("causal_lm", TokenizeSettings(block_size=32, packing="per_document"))

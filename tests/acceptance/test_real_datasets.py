@@ -15,9 +15,7 @@ import yaml
 from snaketune.data.clean import clean_corpus
 from snaketune.data.download import download_dataset
 from snaketune.data.reading import read_records
-from snaketune.data.split import split_corpus
-from snaketune.names import SPLITS
-from snaketune.settings import (
+from snaketune.data.settings import (
     CleanJob,
     CleanSettings,
     DatasetSettings,
@@ -25,6 +23,8 @@ from snaketune.settings import (
     SplitSettings,
     read_settings_for,
 )
+from snaketune.data.split import split_corpus
+from snaketune.names import SPLITS
 from snaketune.stages import CleanPaths, DownloadPaths, SplitPaths
 from tests.support.repo import REPO, SHARED_DATA
 from tests.support.workflow import layered

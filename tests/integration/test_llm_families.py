@@ -117,7 +117,7 @@ def test_the_registered_model_serves_the_evaluated_answers(families_run, name):
 
     from snaketune.evaluate.evaluation import CPU
     from snaketune.evaluate.generation import generate_many
-    from snaketune.settings import EvalSettings
+    from snaketune.evaluate.settings import EvalSettings
     from snaketune.track.registry import process_tracking_uri
     from snaketune.train.models import load_trained
 

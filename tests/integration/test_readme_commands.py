@@ -150,9 +150,12 @@ def evaluation_answer(workdir: Path, question: str) -> str:
     from transformers import AutoTokenizer
 
     from snaketune.config import validated
+    from snaketune.data.settings import clean_job
     from snaketune.evaluate.evaluation import CPU
     from snaketune.evaluate.generation import generate
-    from snaketune.settings import ConfigView, clean_job, eval_job, tokenize_job
+    from snaketune.evaluate.settings import eval_job
+    from snaketune.settings import ConfigView
+    from snaketune.tokenize.settings import tokenize_job
     from snaketune.train.models import load_trained
 
     view = ConfigView(validated(yaml.safe_load((workdir / "config.yaml").read_text())), REPO)

@@ -160,7 +160,7 @@ def evaluation_continuation(model, tokenizer, prompt: str, **settings) -> str:
     """What evaluation generates for `prompt` (its context: the training rows, 32 tokens)."""
     from snaketune.evaluate.evaluation import CPU
     from snaketune.evaluate.generation import generate
-    from snaketune.settings import EvalSettings
+    from snaketune.evaluate.settings import EvalSettings
 
     decoding = EvalSettings(**{"max_new_tokens": NEW_TOKENS, **settings})
     return generate(model, tokenizer, prompt, decoding, CONFIG["tokenize"]["block_size"], CPU)[0]
@@ -178,7 +178,7 @@ def greedy_ids(model, tokenizer, prompt: str) -> list[int]:
     """The token ids evaluation generates greedily for `prompt`, before they are decoded."""
     from snaketune.evaluate.evaluation import CPU
     from snaketune.evaluate.generation import prompt_ids, with_cache, with_state
-    from snaketune.settings import EvalSettings
+    from snaketune.evaluate.settings import EvalSettings
 
     settings = EvalSettings(max_new_tokens=NEW_TOKENS)
     ids, _ = prompt_ids(tokenizer, prompt, CONFIG["tokenize"]["block_size"], NEW_TOKENS)

@@ -316,7 +316,7 @@ def test_a_two_task_training_job_runs_as_two_rendezvoused_agents(lm_data, tmp_pa
     steps of one process with twice the batch."""
     import shlex
 
-    from snaketune.settings import ModelSettings, TrainJob, TrainSettings
+    from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
     from tests.support.stage_data import run_training, train_cli_args
 
     problem = cluster_problem()

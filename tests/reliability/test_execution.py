@@ -19,11 +19,12 @@ from safetensors.torch import load_file
 
 from snaketune.errors import OutputError, TrainingError
 from snaketune.fileio import atomic_dir, atomic_path, write_json
-from snaketune.settings import PartitionJob, TokenizeJob, TokenizeSettings, TrainSettings
 from snaketune.sharing import SHARED_FOLDER
 from snaketune.stages import PartitionPaths, PlanPaths, command_line
 from snaketune.tokenize.plan import plan_partitions
+from snaketune.tokenize.settings import PartitionJob, TokenizeJob, TokenizeSettings
 from snaketune.train.checkpoint import CHECKPOINT
+from snaketune.train.settings import TrainSettings
 from tests.support.processes import wait_for
 from tests.support.reliability import (
     EXPERIMENT,

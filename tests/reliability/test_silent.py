@@ -23,19 +23,13 @@ import yaml
 
 from snaketune.config import cross_checks, validated
 from snaketune.data.download import download_dataset
+from snaketune.data.settings import CleanSettings, DownloadSettings, ReadSettings
 from snaketune.errors import CorpusError, DownloadError, TrainingError
 from snaketune.evaluate.evaluation import baselines
 from snaketune.fileio import sha256_file
-from snaketune.settings import (
-    CleanSettings,
-    DownloadSettings,
-    ModelSettings,
-    ReadSettings,
-    TrackSettings,
-    TrainJob,
-    TrainSettings,
-)
 from snaketune.stages import DownloadPaths, command_line
+from snaketune.track.settings import TrackSettings
+from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 from tests.support.mlflow_stores import write_stage_files
 from tests.support.processes import kill_tree, wait_for
 from tests.support.reliability import pipeline_config, run_snakemake
@@ -317,7 +311,7 @@ def test_a_truncated_archive_is_named_not_a_traceback(tmp_path, kind):
 
 
 def test_the_cli_reports_a_bad_record_in_one_line(tmp_path):
-    from snaketune.settings import CleanJob
+    from snaketune.data.settings import CleanJob
     from snaketune.stages import CleanPaths
 
     raw = tmp_path / "raw"

@@ -16,13 +16,14 @@ from mlflow.entities import ViewType
 
 from snaketune.config import SCHEMA
 from snaketune.data.download import download_dataset
+from snaketune.data.settings import DownloadSettings
 from snaketune.errors import DownloadError, ModelError, TrackingError, TrainingError
 from snaketune.fileio import sha256_tree
-from snaketune.settings import DownloadSettings, ModelSettings, TrainSettings
 from snaketune.stages import DownloadPaths
 from snaketune.track.reconcile import STAGES
 from snaketune.train.checkpoint import CHECKPOINT, load_checkpoint
 from snaketune.train.models import build_model, load_trained
+from snaketune.train.settings import ModelSettings, TrainSettings
 from tests.support.mlflow_stores import HISTORY, server_settings, track, write_stage_files
 from tests.support.reliability import TINY_MODEL
 from tests.support.stage_data import run_training

@@ -20,8 +20,8 @@ def tiny_lm(info: dict, context: int):
     `info` is the tokenize stage's manifest (vocab_size, pad_token_id, eos_token_id)."""
     import torch
 
-    from snaketune.settings import ModelSettings
     from snaketune.train.models import build_model
+    from snaketune.train.settings import ModelSettings
 
     torch.manual_seed(0)
     model = build_model(

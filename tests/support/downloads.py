@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from snaketune.settings import DownloadSettings
+from snaketune.data.settings import DownloadSettings
 
 
 @dataclass

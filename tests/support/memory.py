@@ -16,9 +16,9 @@ def measure(folder: str, model: dict, train: dict, context: int, vocab: int) -> 
     import torch
 
     from snaketune.evaluate.evaluation import CPU
-    from snaketune.settings import ModelSettings, TrainSettings
     from snaketune.train import lm_loss, memory_plan
     from snaketune.train.models import apply_lora, build_model
+    from snaketune.train.settings import ModelSettings, TrainSettings
     from snaketune.train.trainer import forward, make_optimizer
     from snaketune.train.trainer import resident_bytes as resident
 

@@ -14,7 +14,6 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from snaketune.settings import TrackSettings
 from snaketune.stages import (
     TRACKED,
     CleanPaths,
@@ -28,6 +27,7 @@ from snaketune.stages import (
 )
 from snaketune.track import live
 from snaketune.track.reconcile import StageFiles, track_experiment
+from snaketune.track.settings import TrackSettings
 from tests.support.repo import REPO
 
 EXPERIMENT = "demo-lm"
@@ -348,8 +348,8 @@ def track(
 def write_tiny_model(data: dict[str, Path], model_dir: Path, task: str, arch: str = "gpt2") -> Path:
     """A real (untrained) 1-layer GPT-2 (or LSTM) saved as the train stage saves it, with the
     tokenizer from `data` (the lm_data or classification_data fixture)."""
-    from snaketune.settings import ModelSettings
     from snaketune.train.models import build_model, model_positions
+    from snaketune.train.settings import ModelSettings
     from snaketune.train.trainer import limit_tokenizer_length
 
     info = json.loads(data["tokenize_manifest"].read_text())

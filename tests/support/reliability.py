@@ -19,8 +19,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from snaketune.settings import ModelSettings, TrainJob, TrainSettings
 from snaketune.train.attempts import ATTEMPT_VARIABLE
+from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 from tests.support.repo import DEFAULT_CONFIG
 from tests.support.stage_data import train_cli_args
 from tests.support.workflow import snakemake_command

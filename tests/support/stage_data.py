@@ -10,8 +10,9 @@ import pandas as pd
 
 from snaketune.data.clean import CleanReport, clean_corpus
 from snaketune.data.local import DEMO_EXPERIMENT, PreparedData, demo_config, prepare_data
-from snaketune.settings import CleanJob, CleanSettings, ReadSettings, TrainJob
+from snaketune.data.settings import CleanJob, CleanSettings, ReadSettings
 from snaketune.stages import CleanPaths, EvaluatePaths, command_line
+from snaketune.train.settings import TrainJob
 from snaketune.train.trainer import train_model
 
 TXT = ReadSettings(format="txt")

@@ -18,7 +18,7 @@ from snaketune.evaluate.evaluation import evaluate_model
 from snaketune.evaluate.generation import generate, generate_many
 from snaketune.evaluate.qa import answer_scores
 from snaketune.evaluate.retrieval import nearest_answers
-from snaketune.settings import EvalJob, EvalSettings
+from snaketune.evaluate.settings import EvalJob, EvalSettings
 from tests.support.checkpoints import tiny_lm
 from tests.support.stage_data import evaluate_paths, rows_of
 

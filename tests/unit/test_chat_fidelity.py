@@ -21,9 +21,10 @@ import pandas as pd
 import pytest
 
 from snaketune.data.reading import read_records
+from snaketune.data.settings import ReadSettings
 from snaketune.evaluate.generation import end_of_turn_id, prompt_ids, stop_ids
+from snaketune.evaluate.settings import EvalSettings
 from snaketune.names import CAUSAL_LM
-from snaketune.settings import EvalSettings, ReadSettings
 from snaketune.tokenize.shards import read_shards
 from snaketune.track.serving import MODEL_ARTIFACT, SERVING_CONFIG, ServedModel, serving_config
 from tests.support.checkpoints import CHAT_TEMPLATE

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from snaketune.data.clean import stable_doc_id
+from snaketune.data.settings import CleanSettings, ReadSettings
 from snaketune.errors import CorpusError
-from snaketune.settings import CleanSettings, ReadSettings
 from tests.support.repo import DEMO_CORPUS
 from tests.support.stage_data import run_clean
 

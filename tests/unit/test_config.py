@@ -10,11 +10,9 @@ from dataclasses import fields, is_dataclass
 import pytest
 
 from snaketune.config import SCHEMA, cross_checks, preset_names, schema_problems
-from snaketune.settings import (
-    FORMATS,
-    LM_PACKINGS,
-    SECTIONS,
-)
+from snaketune.data.settings import FORMATS
+from snaketune.sections import SECTIONS
+from snaketune.tokenize.settings import LM_PACKINGS
 from snaketune.track.live import LIVE_AFTER_VARIABLE
 from tests.support.repo import DEFAULT_CONFIG, REPO
 from tests.support.workflow import config_with, with_defaults
@@ -281,7 +279,8 @@ def test_weights_settings_that_cannot_work_are_refused_by_key(train, model, key,
 
 def test_evaluate_compile_follows_train_compile_unless_it_says_otherwise():
     from snaketune.config import validated
-    from snaketune.settings import ConfigView, eval_job
+    from snaketune.evaluate.settings import eval_job
+    from snaketune.settings import ConfigView
 
     def compiled(train, evaluate) -> bool | str:
         config = copy.deepcopy(DEFAULT_CONFIG)
@@ -324,8 +323,9 @@ def test_the_demo_s_data_stages_and_training_keep_their_keys_across_versions():
     import hashlib
 
     from snaketune.config import validated
-    from snaketune.settings import ConfigView, to_json, train_job
+    from snaketune.settings import ConfigView, to_json
     from snaketune.sharing import keys_of
+    from snaketune.train.settings import train_job
 
     view = ConfigView(validated(copy.deepcopy(DEFAULT_CONFIG)), REPO)
     keys = {name: keys_of(view, name) for name in ("demo-lm", "demo-intent")}

@@ -10,8 +10,8 @@ from datasketch import MinHash
 
 from snaketune.data import dedup
 from snaketune.data.dedup import SCHEME, find_near_duplicates, shingle_hashes, signatures
+from snaketune.data.settings import NearDuplicateSettings
 from snaketune.names import SPLITS
-from snaketune.settings import NearDuplicateSettings
 from tests.support.texts import near_copy, unrelated_texts
 
 

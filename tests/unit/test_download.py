@@ -9,7 +9,7 @@ import json
 import pytest
 
 from snaketune.data.download import download_dataset
-from snaketune.settings import DownloadSettings
+from snaketune.data.settings import DownloadSettings
 from snaketune.stages import DownloadPaths
 from tests.support.downloads import (
     archive_of,

@@ -19,7 +19,7 @@ from snaketune.evaluate.perplexity import (
     token_byte_lengths,
     word_perplexity,
 )
-from snaketune.settings import EvalJob, EvalSettings
+from snaketune.evaluate.settings import EvalJob, EvalSettings
 from snaketune.tokenize.shards import read_shards
 from tests.support.checkpoints import tiny_lm
 from tests.support.stage_data import evaluate_paths

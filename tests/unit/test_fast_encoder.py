@@ -15,7 +15,6 @@ from tokenizers import AddedToken, Tokenizer
 
 from snaketune.errors import CorpusError
 from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, read_json
-from snaketune.settings import TokenizeJob, TokenizeSettings
 from snaketune.tokenize.encoder import (
     FastEncoder,
     HfEncoder,
@@ -24,6 +23,7 @@ from snaketune.tokenize.encoder import (
     tokenizer_facts,
 )
 from snaketune.tokenize.one_process import tokenize_in_one_process
+from snaketune.tokenize.settings import TokenizeJob, TokenizeSettings
 
 HARD_TEXTS = [
     "Unicode: café, 東京, Москва, emoji 😀👍🏽 and e\u0301",

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from snaketune.errors import ModelError
-from snaketune.settings import ModelSettings, TrainJob, TrainSettings
 from snaketune.train.models import BASE_MODEL, build_model, load_trained
+from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 from tests.support.checkpoints import bert_checkpoint
 from tests.support.stage_data import padded, rows_of, run_training, train_cli_args
 
@@ -170,10 +170,11 @@ def test_torch_compile_trains_like_eager_and_a_second_job_loads_the_cached_graph
 
 
 def test_bert_classifier_fine_tunes_from_a_local_checkpoint(classification_data, tmp_path):
+    from snaketune.data.settings import TokenizerSettings
     from snaketune.data.tokenizer import prepare_tokenizer
-    from snaketune.settings import TokenizeJob, TokenizerSettings, TokenizeSettings
     from snaketune.stages import TokenizerPaths
     from snaketune.tokenize.one_process import tokenize_in_one_process
+    from snaketune.tokenize.settings import TokenizeJob, TokenizeSettings
 
     checkpoint = bert_checkpoint(classification_data["splits"]["train"], tmp_path / "bert")
     splits = classification_data["splits"]

@@ -16,8 +16,8 @@ from huggingface_hub import constants
 
 from snaketune.data.download import download_dataset
 from snaketune.data.hub import parse_hub_url
+from snaketune.data.settings import DownloadSettings
 from snaketune.errors import DownloadError
-from snaketune.settings import DownloadSettings
 from snaketune.stages import DownloadPaths
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -12,20 +12,16 @@ import pytest
 import torch
 
 from snaketune.config import cross_checks
+from snaketune.data.settings import CleanSettings, ReadSettings, instruction_template
 from snaketune.evaluate.evaluation import CPU
-from snaketune.settings import (
-    CleanSettings,
-    ModelSettings,
-    ReadSettings,
-    SettingsError,
-    TokenizeJob,
-    instruction_template,
-)
+from snaketune.settings import SettingsError
 from snaketune.tokenize.encoder import Encoded, instruction_examples
 from snaketune.tokenize.packing import pack_examples, pack_whole_examples
+from snaketune.tokenize.settings import TokenizeJob
 from snaketune.tokenize.shards import INSTRUCTION_SCHEMA, ShardWriter, TokenizedData, read_shards
 from snaketune.train.batches import IGNORED_LABEL
 from snaketune.train.models import build_model
+from snaketune.train.settings import ModelSettings
 from snaketune.train.trainer import forward
 from tests.support.checkpoints import CHAT_TEMPLATE
 from tests.support.stage_data import rows_of

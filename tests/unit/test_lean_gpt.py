@@ -12,10 +12,10 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from snaketune.settings import ModelSettings, TrainSettings
 from snaketune.train import trainer as train
 from snaketune.train.lean_gpt import LeanGPT, to_hf_state
 from snaketune.train.models import build_model, count_parameters, load_trained
+from snaketune.train.settings import ModelSettings, TrainSettings
 from tests.support.stage_data import rows_of, run_training
 
 TINY = ModelSettings(n_layer=2, n_embd=32, n_head=2, dropout=0.0)
@@ -191,7 +191,7 @@ def test_generation_with_the_kv_cache_static_or_not_is_generation_without_it(lm_
 
     from snaketune.evaluate.evaluation import CPU
     from snaketune.evaluate.generation import compile_generation, generate_many, uses_static_cache
-    from snaketune.settings import EvalSettings
+    from snaketune.evaluate.settings import EvalSettings
 
     tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
     lean_model(len(tokenizer), 128).save_pretrained(tmp_path)

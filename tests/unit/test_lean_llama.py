@@ -12,10 +12,11 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-from snaketune.settings import ModelSettings, SettingsError, TrainSettings
+from snaketune.settings import SettingsError
 from snaketune.train import memory_plan
 from snaketune.train.lean_llama import LeanLlama
 from snaketune.train.models import build_model, count_parameters, load_trained
+from snaketune.train.settings import ModelSettings, TrainSettings
 from tests.support.stage_data import run_training
 
 TINY = ModelSettings(arch="llama", n_layer=2, n_embd=32, n_head=2, dropout=0.0)

@@ -105,7 +105,7 @@ def test_a_dry_run_prints_each_train_job_s_plan(tmp_path):
 
 
 def test_fsdp_splits_weights_gradients_and_moments_over_the_processes(llama):
-    from snaketune.settings import ModelSettings, TrainSettings
+    from snaketune.train.settings import ModelSettings, TrainSettings
 
     model = dict(ModelSettings(init="pretrained", name_or_path=str(llama)).__dict__)
     shape = memory_plan.checkpoint_shape(llama, model)
@@ -118,7 +118,7 @@ def test_fsdp_splits_weights_gradients_and_moments_over_the_processes(llama):
 
 
 def test_batch_size_auto_is_planned_at_the_one_row_it_needs_to_fit(llama):
-    from snaketune.settings import ModelSettings, TrainSettings
+    from snaketune.train.settings import ModelSettings, TrainSettings
 
     model = dict(ModelSettings(init="pretrained", name_or_path=str(llama)).__dict__)
     shape = memory_plan.checkpoint_shape(llama, model)

@@ -80,7 +80,9 @@ def test_the_cycle_finder_finds_a_cycle_through_three_modules():
 
 def test_the_graph_sees_function_level_and_aliased_imports():
     graph = import_graph()
-    assert "snaketune.settings" in graph["snaketune.stages"]  # `from snaketune import settings`
+    assert (
+        "snaketune.settings" in graph["snaketune.stages"]
+    )  # `from snaketune.settings import to_json`
     assert (
         "snaketune.train.models" in graph["snaketune.track.registry"]
     )  # imported inside a function

@@ -14,12 +14,12 @@ from snaketune.errors import TrainingError
 from snaketune.evaluate.evaluation import CPU
 from snaketune.evaluate.perplexity import score_lm
 from snaketune.names import TEST, TRAIN
-from snaketune.settings import ModelSettings
 from snaketune.tokenize.shards import TokenizedData
 from snaketune.train import lm_loss
 from snaketune.train.batches import IGNORED_LABEL, TokenRows, document_positions, example_positions
 from snaketune.train.lean_gpt import LeanGPT
 from snaketune.train.models import build_model
+from snaketune.train.settings import ModelSettings
 from snaketune.train.trainer import check_examples_apart, forward
 from tests.support.families import FAMILIES, tiny_causal_lm
 from tests.support.stage_data import prepare_stage_data
@@ -249,7 +249,7 @@ def test_the_evaluate_stage_scores_documents_kept_apart_and_says_so(documents_ap
 
     from snaketune.evaluate.evaluation import evaluate_model
     from snaketune.evaluate.perplexity import token_byte_lengths
-    from snaketune.settings import EvalJob, EvalSettings
+    from snaketune.evaluate.settings import EvalJob, EvalSettings
     from tests.support.checkpoints import tiny_lm
     from tests.support.stage_data import evaluate_paths
 

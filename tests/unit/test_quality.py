@@ -13,7 +13,7 @@ from snaketune.data.quality import (
     quality_problem,
     repeated_line_fraction,
 )
-from snaketune.settings import CleanSettings, ReadSettings
+from snaketune.data.settings import CleanSettings, ReadSettings
 from tests.support.stage_data import run_clean
 
 PROSE = "The parcel arrived on Monday, two days late, but nothing inside was broken."

@@ -12,7 +12,7 @@ import yaml
 
 from snaketune.data.clean import clean_corpus
 from snaketune.data.reading import compose_texts, read_records
-from snaketune.settings import CleanJob, DatasetSettings, read_settings_for
+from snaketune.data.settings import CleanJob, DatasetSettings, read_settings_for
 from snaketune.stages import CleanPaths
 from tests.support.repo import REPO
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from snaketune.settings import MlflowSettings, TrackSettings, registered_model_name
 from snaketune.track.registry import MODEL_TAG, SERVING_PACKAGES, pip_requirements, servable
+from snaketune.track.settings import MlflowSettings, TrackSettings, registered_model_name
 from tests.support.mlflow_stores import (
     EXPERIMENT,
     METRICS,

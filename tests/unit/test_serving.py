@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
+from snaketune.evaluate.settings import GREEDY, SAMPLE, EvalSettings
 from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION
-from snaketune.settings import GREEDY, SAMPLE, EvalSettings
 from snaketune.track.serving import (
     refuse_unknown_params,
     request_settings,

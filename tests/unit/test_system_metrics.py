@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from snaketune.settings import ModelSettings, TrainSettings
+from snaketune.train.settings import ModelSettings, TrainSettings
 from snaketune.train.system_metrics import (
     read_samples,
     sample_system_metrics,

@@ -10,8 +10,8 @@ import sys
 import pandas as pd
 import pytest
 
-from snaketune.settings import TokenizeJob, TokenizeSettings
 from snaketune.tokenize.encoder import encoder_for, tokenizer_facts
+from snaketune.tokenize.settings import TokenizeJob, TokenizeSettings
 from tests.support.checkpoints import bert_checkpoint
 
 

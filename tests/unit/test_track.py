@@ -16,7 +16,7 @@ from mlflow.utils.validation import _validate_metric_name
 
 import snaketune
 from snaketune.errors import TrackingError
-from snaketune.settings import TrackSettings, config_hash
+from snaketune.settings import config_hash
 from snaketune.track import live
 from snaketune.track import reconcile as track_module
 from snaketune.track.live import (
@@ -28,6 +28,7 @@ from snaketune.track.live import (
     numeric_metrics,
 )
 from snaketune.track.reconcile import STAGES
+from snaketune.track.settings import TrackSettings
 from snaketune.track.tracking_uri import redact
 from tests.support.mlflow_stores import (
     CONFIG,

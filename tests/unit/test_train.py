@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from snaketune.settings import ModelSettings, TrainSettings
 from snaketune.train.batches import IGNORED_LABEL, batch_indices
 from snaketune.train.models import build_model, load_trained
+from snaketune.train.settings import ModelSettings, TrainSettings
 from snaketune.train.trainer import learning_rate
 from tests.support.stage_data import padded, rows_of, run_training
 
@@ -245,8 +245,8 @@ def test_settings_that_change_no_step_taken_resume_and_others_start_over(lm_data
 
 
 def test_a_forced_restart_names_each_changed_key():
-    from snaketune.settings import TrainJob
     from snaketune.train import resume
+    from snaketune.train.settings import TrainJob
 
     job = TrainJob("causal_lm", TINY_MODEL, QUICK)
     record = {
@@ -301,9 +301,9 @@ def test_validation_reports_the_whole_split_as_loss_perplexity_accuracy_and_f1(
 @pytest.fixture
 def cpu_run(lm_data, tmp_path):
     """A real training run set up on the CPU, before its first step."""
-    from snaketune.settings import TrainJob
     from snaketune.tokenize.shards import TokenizedData
     from snaketune.train.distributed import World
+    from snaketune.train.settings import TrainJob
     from snaketune.train.trainer import prepare_run
 
     data = TokenizedData.read(lm_data["tokenize_manifest"], lm_data["shards"])
@@ -375,8 +375,8 @@ def test_rows_read_together_keep_every_step_and_share_the_window_s_throughput(cp
 def test_the_plan_before_any_job_compares_where_the_data_will_come_from():
     """Before any job the data's digest is unknown, but its folder is keyed by everything the
     data is computed from: another folder means other data, and the plan says so."""
-    from snaketune.settings import ModelSettings, TrainJob, TrainSettings
     from snaketune.train import resume
+    from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 
     job = TrainJob("causal_lm", ModelSettings(), TrainSettings(max_steps=20))
     record = resume.record_of(10, job, "digest", "results/shared/tokenize/demo-aaa/shards")
@@ -393,8 +393,8 @@ def test_a_local_base_model_edited_in_place_starts_the_run_again(tmp_path):
     """The workflow reruns the train job when a local pretrained folder changes (its digest is
     a param); the checkpoint must not then continue on the old base weights."""
     from snaketune.data.sources import FolderDigests, model_source_digest
-    from snaketune.settings import ModelSettings, TrainJob, TrainSettings
     from snaketune.train import resume
+    from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 
     folder = tmp_path / "base"
     folder.mkdir()

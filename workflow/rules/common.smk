@@ -26,16 +26,9 @@ from snaketune.track.live import Target, runs_table_url
 from snaketune.names import SPLITS
 from snaketune.provenance import write_invocation
 from snaketune.sharing import SHARED_FOLDER, TRACKING_LINK, Sharing, link_all
-from snaketune.settings import (
-    REPOSITORY_VARIABLE,
-    ConfigView,
-    download_settings,
-    mlflow_settings,
-    resolve_url,
-    sweep_names,
-    sweep_points,
-    to_json,
-)
+from snaketune.settings import REPOSITORY_VARIABLE, ConfigView, to_json
+from snaketune.data.settings import download_settings, resolve_url
+from snaketune.track.settings import mlflow_settings, sweep_names, sweep_points
 from snaketune.data.sources import (
     FolderDigests,
     changed_sources,

@@ -1,6 +1,6 @@
 """Checks of one experiment across its sections, made before any job: settings that cannot work
 together, and settings given that the run would ignore. Each problem names its key and what to
-set. What one section's dataclass can check alone, it checks itself (snaketune.settings).
+set. What one section's dataclass can check alone, it checks itself (its stage's settings.py).
 
 `given` is the experiment entry as the config wrote it, before the schema's defaults were filled
 in: a key the user set and the run would not use is refused, never silently dropped.
@@ -11,17 +11,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from snaketune.evaluate.settings import GREEDY
 from snaketune.names import CAUSAL_LM
-from snaketune.settings import (
-    ACROSS_DOCUMENTS,
-    AUTO,
-    DOCUMENTS_APART,
-    FAST_ENCODER,
-    GREEDY,
-    HF_ENCODER,
-    NO_QUANTIZATION,
-    TRANSFORMERS,
-)
+from snaketune.settings import AUTO
+from snaketune.tokenize.settings import ACROSS_DOCUMENTS, DOCUMENTS_APART, FAST_ENCODER, HF_ENCODER
+from snaketune.train.settings import NO_QUANTIZATION, TRANSFORMERS
 
 CHECKPOINT_OWNS = ("n_layer", "n_embd", "n_head", "dropout")
 """Model keys a pretrained checkpoint decides for itself."""

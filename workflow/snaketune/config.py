@@ -14,18 +14,17 @@ from typing import Any
 import yaml
 
 from snaketune.checks import experiment_problems, instruction_problems
+from snaketune.data.settings import (
+    DatasetSettings,
+    TokenizerSettings,
+    dataset_of,
+    read_settings_for,
+)
 from snaketune.errors import ConfigError
 from snaketune.names import SEQUENCE_CLASSIFICATION, name_problem, quote_problem
 from snaketune.schema import SCHEMA_PATH, config_schema
-from snaketune.settings import (
-    SECTIONS,
-    ConfigView,
-    DatasetSettings,
-    SettingsError,
-    TokenizerSettings,
-    read_settings_for,
-    repository,
-)
+from snaketune.sections import SECTIONS
+from snaketune.settings import ConfigView, SettingsError, repository
 from snaketune.track.live import live_after_problem
 from snaketune.track.sweep import WRITTEN, as_written, expand_sweeps
 from snaketune.track.tracking_uri import tracking_problems
@@ -142,7 +141,7 @@ def is_instruction(view: ConfigView, experiment: str) -> bool:
     """DatasetSettings.is_instruction of the experiment's dataset; a dataset that its settings
     refuse counts as instruction data here, so that only its own problems are reported."""
     try:
-        return view.dataset_of(experiment).is_instruction
+        return dataset_of(view, experiment).is_instruction
     except SettingsError:
         return True
 

@@ -1,8 +1,10 @@
 """The config's JSON schema and its settings reference, made from the settings dataclasses.
 
-Each config key is defined once, as a field of its section's dataclass in snaketune.settings:
-its Python type, its default, and (through `settings.setting`) its description and what the
-schema says beyond its type (bounds, allowed values, patterns). This module turns them into the
+Each config key is defined once, as a field of its section's dataclass in the settings module
+of the stage that reads it (`train/settings.py` for `train:`, ...; snaketune.sections lists the
+sections): its Python type, its default, and (through snaketune.settings.setting) its
+description and what the schema says beyond its type (bounds, allowed values, patterns). This
+module turns them into the
 schema snaketune.config validates a config against (config_schema, made in the process), its
 committed copy `workflow/schemas/config.schema.yaml` (for editors and readers), and the settings
 reference in README.md; a test fails when either committed copy differs from what this module
@@ -27,7 +29,10 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from snaketune import settings as st
+from snaketune.data.settings import DatasetSettings
+from snaketune.sections import SECTIONS, ConfigKeys, ExperimentKeys
+from snaketune.settings import repository
+from snaketune.track.settings import MlflowSettings
 
 SCHEMA_PATH = Path("workflow") / "schemas" / "config.schema.yaml"
 README = Path("README.md")
@@ -35,7 +40,7 @@ REFERENCE_BEGIN = "<!-- settings reference: made by `make schema`, do not edit -
 REFERENCE_END = "<!-- end of the settings reference -->"
 HEADER = (
     "# Made by `python -m snaketune.schema` from the settings dataclasses in\n"
-    "# workflow/snaketune/settings.py: edit those, then run `make schema`.\n"
+    "# workflow/snaketune/<stage>/settings.py: edit those, then run `make schema`.\n"
 )
 NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 JSON_TYPES = {int: "integer", float: "number", bool: "boolean", str: "string", dict: "object"}
@@ -90,7 +95,7 @@ def key_schema(f: Field, hint: Any) -> dict[str, Any]:
 
 def properties(cls: type) -> dict[str, Any]:
     """The schema of each config key of `cls`: its settings, and its nested sections."""
-    hints = get_type_hints(cls, vars(st))
+    hints = get_type_hints(cls)
     undefined = [
         f.name
         for f in fields(cls)
@@ -126,30 +131,30 @@ def config_schema() -> dict[str, Any]:
     experiment = {
         "type": "object",
         "additionalProperties": False,
-        "required": required(st.ExperimentKeys),
+        "required": required(ExperimentKeys),
         "properties": {
-            **properties(st.ExperimentKeys),
-            **{name: section_schema(cls) for name, cls in st.SECTIONS.items()},
+            **properties(ExperimentKeys),
+            **{name: section_schema(cls) for name, cls in SECTIONS.items()},
         },
     }
     dataset = {
         "type": "object",
         "additionalProperties": False,
-        "required": required(st.DatasetSettings),
-        "properties": properties(st.DatasetSettings),
+        "required": required(DatasetSettings),
+        "properties": properties(DatasetSettings),
     }
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "description": st.ConfigKeys.SECTION,
+        "description": ConfigKeys.SECTION,
         "type": "object",
         "additionalProperties": False,
         "required": ["datasets", "experiments"],
         "properties": {
-            **properties(st.ConfigKeys),
-            "mlflow": section_schema(st.MlflowSettings),
+            **properties(ConfigKeys),
+            "mlflow": section_schema(MlflowSettings),
             "datasets": {
                 "type": "object",
-                "description": st.DatasetSettings.SECTION,
+                "description": DatasetSettings.SECTION,
                 "minProperties": 1,
                 "propertyNames": {
                     "pattern": NAME_PATTERN,
@@ -163,7 +168,7 @@ def config_schema() -> dict[str, Any]:
             "experiments": {
                 "type": "array",
                 "minItems": 1,
-                "description": st.ExperimentKeys.SECTION,
+                "description": ExperimentKeys.SECTION,
                 "items": experiment,
             },
         },
@@ -247,7 +252,7 @@ def readme_with_reference(readme: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    root = Path(argv[0]) if argv else st.repository()
+    root = Path(argv[0]) if argv else repository()
     (root / SCHEMA_PATH).write_text(schema_text())
     readme = root / README
     readme.write_text(readme_with_reference(readme.read_text()))

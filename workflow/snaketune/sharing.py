@@ -21,27 +21,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snaketune import settings as st
+from snaketune.data.settings import clean_job, dataset_of, split_settings, tokenizer_settings
 from snaketune.names import SHARED_FOLDER
+from snaketune.settings import ConfigView, to_json
+from snaketune.tokenize.settings import tokenize_job
 
 SHARED_STAGES: tuple[tuple[str, Callable[..., Any]], ...] = (
-    ("clean", st.clean_job),
-    ("split", st.split_settings),
-    ("tokenizer", st.tokenizer_settings),
-    ("tokenize", st.tokenize_job),
+    ("clean", clean_job),
+    ("split", split_settings),
+    ("tokenizer", tokenizer_settings),
+    ("tokenize", tokenize_job),
 )
 """The shared stages in pipeline order, each with the settings that key it."""
 
 
 def stage_key(stage: str, dataset: str, upstream: str, settings: Any) -> str:
-    blob = json.dumps([stage, upstream, st.to_json(settings)])
+    blob = json.dumps([stage, upstream, to_json(settings)])
     return f"{dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
-def keys_of(view: st.ConfigView, experiment: str) -> dict[str, str]:
+def keys_of(view: ConfigView, experiment: str) -> dict[str, str]:
     """The key of each shared stage of one experiment."""
     dataset = view.experiment(experiment)["dataset"]
-    upstream = view.dataset(dataset).sha256  # what the download gives, wherever it comes from
+    # what the download gives, wherever it comes from
+    upstream = dataset_of(view, experiment).sha256
     keys = {}
     for stage, settings_of in SHARED_STAGES:
         upstream = keys[stage] = stage_key(stage, dataset, upstream, settings_of(view, experiment))
@@ -58,7 +61,7 @@ class Sharing:
     """key -> the first experiment (in config order) that uses it."""
 
     @classmethod
-    def of(cls, view: st.ConfigView, experiments: Iterable[str]) -> Sharing:
+    def of(cls, view: ConfigView, experiments: Iterable[str]) -> Sharing:
         keys = {name: keys_of(view, name) for name in experiments}
         owners: dict[str, str] = {}
         for name, stages in keys.items():

@@ -19,7 +19,21 @@ from importlib import import_module
 from pathlib import Path
 from typing import Any
 
-from snaketune import settings as st
+from snaketune.data.settings import (
+    CleanJob,
+    DownloadSettings,
+    SplitSettings,
+    TokenizerSettings,
+    clean_job,
+    download_settings,
+    split_settings,
+    tokenizer_settings,
+)
+from snaketune.evaluate.settings import EvalJob, eval_job
+from snaketune.settings import to_json
+from snaketune.tokenize.settings import PartitionJob, TokenizeJob, partition_job, tokenize_job
+from snaketune.track.settings import SweepSettings, TrackSettings, sweep_settings, track_settings
+from snaketune.train.settings import TrainJob, train_job
 
 INPUT, OUTPUT, STATE = "input", "output", "params"
 """A path's role is the rule directive that holds it. STATE paths go through params: Snakemake
@@ -230,74 +244,74 @@ STAGES = (
         "download_dataset",
         "snaketune.data.download",
         DownloadPaths,
-        st.DownloadSettings,
-        st.download_settings,
+        DownloadSettings,
+        download_settings,
     ),
-    Stage("clean", "clean_corpus", "snaketune.data.clean", CleanPaths, st.CleanJob, st.clean_job),
+    Stage("clean", "clean_corpus", "snaketune.data.clean", CleanPaths, CleanJob, clean_job),
     Stage(
         "split",
         "split_corpus",
         "snaketune.data.split",
         SplitPaths,
-        st.SplitSettings,
-        st.split_settings,
+        SplitSettings,
+        split_settings,
     ),
     Stage(
         "tokenizer",
         "prepare_tokenizer",
         "snaketune.data.tokenizer",
         TokenizerPaths,
-        st.TokenizerSettings,
-        st.tokenizer_settings,
+        TokenizerSettings,
+        tokenizer_settings,
     ),
     Stage(
         "tokenize-plan",
         "plan_partitions",
         "snaketune.tokenize.plan",
         PlanPaths,
-        st.TokenizeJob,
-        st.tokenize_job,
+        TokenizeJob,
+        tokenize_job,
     ),
     Stage(
         "tokenize-partition",
         "tokenize_partition",
         "snaketune.tokenize.partition",
         PartitionPaths,
-        st.PartitionJob,
-        st.partition_job,
+        PartitionJob,
+        partition_job,
     ),
     Stage(
         "tokenize-gather",
         "gather_shards",
         "snaketune.tokenize.gather",
         GatherPaths,
-        st.TokenizeJob,
-        st.tokenize_job,
+        TokenizeJob,
+        tokenize_job,
     ),
-    Stage("train", "train_model", "snaketune.train.trainer", TrainPaths, st.TrainJob, st.train_job),
+    Stage("train", "train_model", "snaketune.train.trainer", TrainPaths, TrainJob, train_job),
     Stage(
         "evaluate",
         "evaluate_model",
         "snaketune.evaluate.evaluation",
         EvaluatePaths,
-        st.EvalJob,
-        st.eval_job,
+        EvalJob,
+        eval_job,
     ),
     Stage(
         "track",
         "track_experiment",
         "snaketune.track.reconcile",
         TrackPaths,
-        st.TrackSettings,
-        st.track_settings,
+        TrackSettings,
+        track_settings,
     ),
     Stage(
         "sweep",
         "summarize_sweep",
         "snaketune.track.sweep",
         SweepPaths,
-        st.SweepSettings,
-        st.sweep_settings,
+        SweepSettings,
+        sweep_settings,
     ),
 )
 BY_COMMAND = {stage.command: stage for stage in STAGES}
@@ -398,4 +412,4 @@ def command_line(paths: Paths, settings: Any) -> list[str]:
     for f in path_fields(paths):
         value = getattr(paths, f.name)
         args += [flag(f), *(map(str, value) if is_list(f) else [str(value)])]
-    return [*args, "--settings", st.to_json(settings)]
+    return [*args, "--settings", to_json(settings)]

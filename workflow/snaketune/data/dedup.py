@@ -25,7 +25,7 @@ import numpy as np
 from datasketch import LeanMinHash, MinHash, MinHashLSH
 
 from snaketune.data.clean import normalize_for_match
-from snaketune.settings import NearDuplicateSettings
+from snaketune.data.settings import NearDuplicateSettings
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,14 @@ from typing import Any
 
 import yaml
 
-from snaketune import settings as st
 from snaketune.config import REPO, validated
 from snaketune.data.clean import clean_corpus
 from snaketune.data.download import download_dataset
+from snaketune.data.settings import clean_job, download_settings, split_settings, tokenizer_settings
 from snaketune.data.split import split_corpus
 from snaketune.data.tokenizer import prepare_tokenizer
 from snaketune.names import SEQUENCE_CLASSIFICATION, SPLITS
+from snaketune.settings import ConfigView
 from snaketune.stages import (
     CleanPaths,
     DownloadPaths,
@@ -27,6 +28,7 @@ from snaketune.stages import (
     TrainPaths,
 )
 from snaketune.tokenize.one_process import tokenize_in_one_process
+from snaketune.tokenize.settings import tokenize_job
 
 DEMO_DATASET = "support-demo"
 DEMO_EXPERIMENT = "demo-data"
@@ -106,32 +108,32 @@ def prepare_data(
     config: dict[str, Any], experiment: str, root: Path, base_dir: Path = REPO
 ) -> PreparedData:
     """Run the data stages of `experiment` (a name in config["experiments"]) under root/<stage>/."""
-    view = st.ConfigView(validated(config, base_dir), base_dir)
+    view = ConfigView(validated(config, base_dir), base_dir)
     root = Path(root)
     dataset = view.experiment(experiment)["dataset"]
     download = DownloadPaths(
         files=root / "download" / "files", manifest=root / "download" / "manifest.json"
     )
-    download_dataset(download, st.download_settings(view, dataset))
+    download_dataset(download, download_settings(view, dataset))
     clean = CleanPaths(
         raw=download.files,
         corpus=root / "clean" / "corpus.parquet",
         report=root / "clean" / "report.json",
         manifest=root / "clean" / "manifest.json",
     )
-    clean_corpus(clean, st.clean_job(view, experiment))
+    clean_corpus(clean, clean_job(view, experiment))
     split = SplitPaths(
         corpus=clean.corpus,
         **{name: root / "split" / f"{name}.parquet" for name in SPLITS},
         manifest=root / "split" / "manifest.json",
     )
-    split_corpus(split, st.split_settings(view, experiment))
+    split_corpus(split, split_settings(view, experiment))
     tokenizer = TokenizerPaths(
         train=split.train,
         tokenizer=root / "tokenizer" / "tokenizer",
         manifest=root / "tokenizer" / "manifest.json",
     )
-    prepare_tokenizer(tokenizer, st.tokenizer_settings(view, experiment))
+    prepare_tokenizer(tokenizer, tokenizer_settings(view, experiment))
     splits = {name: getattr(split, name) for name in SPLITS}
     tokenize_manifest = root / "tokenize" / "manifest.json"
     manifests = {
@@ -149,6 +151,6 @@ def prepare_data(
         prepared.tokenizer,
         prepared.shards,
         prepared.tokenize_manifest,
-        st.tokenize_job(view, experiment),
+        tokenize_job(view, experiment),
     )
     return prepared

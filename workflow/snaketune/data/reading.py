@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from snaketune.data.settings import FORMATS, TXT_DOCUMENTS, ReadSettings
 from snaketune.errors import CorpusError
-from snaketune.settings import FORMATS, TXT_DOCUMENTS, ReadSettings
 
 MAX_UNDECODABLE_SHARE = 0.001
 MIN_UNDECODABLE_REFUSED = 8

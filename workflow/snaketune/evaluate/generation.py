@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from snaketune.settings import GREEDY, EvalSettings
+from snaketune.evaluate.settings import GREEDY, EvalSettings
 from snaketune.train.devices import Placement
 
 ANSWER_MARKER = "\x00answer\x00"

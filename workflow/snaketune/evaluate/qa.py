@@ -24,8 +24,8 @@ from snaketune.evaluate.generation import generate_many, stop_ids
 from snaketune.evaluate.metrics import load_metric
 from snaketune.evaluate.perplexity import perplexity
 from snaketune.evaluate.retrieval import MAX_TRAIN_EXAMPLES, nearest_answers
+from snaketune.evaluate.settings import SAMPLE, EvalSettings
 from snaketune.names import INSTRUCTION_COLUMNS, PROMPT, RESPONSE
-from snaketune.settings import SAMPLE, EvalSettings
 from snaketune.train.batches import IGNORED_LABEL, TokenRows
 from snaketune.train.devices import Placement, to_device
 from snaketune.train.lm_loss import next_token_targets, target_scores

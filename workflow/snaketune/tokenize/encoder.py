@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from snaketune.errors import CorpusError
 from snaketune.fileio import read_json
 from snaketune.names import INSTRUCTION_COLUMNS, SEQUENCE_CLASSIFICATION
-from snaketune.settings import FAST_ENCODER, HF_ENCODER, TokenizeJob
+from snaketune.tokenize.settings import FAST_ENCODER, HF_ENCODER, TokenizeJob
 
 PLAIN_TOKENIZER_CLASS = "TokenizersBackend"
 """What transformers writes as tokenizer_class for a tokenizer that is its tokenizer.json and

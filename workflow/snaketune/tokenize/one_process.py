@@ -6,11 +6,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from snaketune.settings import PartitionJob, TokenizeJob
 from snaketune.stages import GatherPaths, PartitionPaths, PlanPaths
 from snaketune.tokenize.gather import SplitStats, gather_shards
 from snaketune.tokenize.partition import tokenize_partition
 from snaketune.tokenize.plan import partition_names, plan_partitions, planned_partition_counts
+from snaketune.tokenize.settings import PartitionJob, TokenizeJob
 
 
 def tokenize_in_one_process(

@@ -60,7 +60,7 @@ PACKING = {
     "scored",
     SEQUENCE_CLASSIFICATION: "one row per example, truncated to max_length",
 }
-"""What the rows of each layout (snaketune.settings.TokenizeJob.layout) are, for the manifest."""
+"""What the rows of each layout (settings.TokenizeJob.layout) are, for the manifest."""
 
 
 @dataclass

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_path, read_json, sha256_tree, write_json
 from snaketune.names import SEQUENCE_CLASSIFICATION, SPLITS, TEST, TRAIN, VAL
-from snaketune.settings import AUTO, TokenizeJob
+from snaketune.settings import AUTO
 from snaketune.stages import PlanPaths
 from snaketune.tokenize.encoder import (
     FAST_ENCODER_MAX_PARTITION_BYTES,
@@ -35,6 +35,7 @@ from snaketune.tokenize.encoder import (
     encoder_for,
     tokenizer_facts,
 )
+from snaketune.tokenize.settings import TokenizeJob
 
 # Seconds of tokenizing with gigatoken, a minute or two with tokenizers, on two cores: long
 # enough to repay a cluster job's start-up, short enough that a few gigabytes keep eight local

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from snaketune.errors import CorpusError
 from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, read_json, sha256_file
 from snaketune.names import CAUSAL_LM
-from snaketune.settings import TokenizeJob, from_dict
+from snaketune.settings import from_dict
+from snaketune.tokenize.settings import TokenizeJob
 
 LM_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
 INSTRUCTION_SCHEMA = LM_SCHEMA.append(pa.field("targets", pa.list_(pa.bool_())))

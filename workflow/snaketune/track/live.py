@@ -36,7 +36,8 @@ from typing import Any, NamedTuple
 
 from snaketune.errors import ConfigError
 from snaketune.fileio import read_json, write_json
-from snaketune.settings import TrackSettings, config_hash
+from snaketune.settings import config_hash
+from snaketune.track.settings import TrackSettings
 from snaketune.track.tracking_uri import effective_tracking_uri, redact, store_uri
 
 log = logging.getLogger(__name__)

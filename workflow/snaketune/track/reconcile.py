@@ -37,7 +37,7 @@ from snaketune.fileio import atomic_path, read_json, sha256_file, write_json
 from snaketune.manifest import package_versions, recorded_paths
 from snaketune.names import CAUSAL_LM
 from snaketune.provenance import git_state, invocation_tags
-from snaketune.settings import SWEPT, TrackSettings, config_hash
+from snaketune.settings import config_hash
 from snaketune.stages import (
     OUTPUT,
     TRACKED,
@@ -65,6 +65,7 @@ from snaketune.track.live import (
 )
 from snaketune.track.model_card import FILE_NAME as CARD_FILE_NAME
 from snaketune.track.model_card import HEADLINE, experiment_note, model_card
+from snaketune.track.settings import SWEPT, TrackSettings
 from snaketune.track.tracking_uri import (
     check_usable,
     effective_tracking_uri,

@@ -40,8 +40,8 @@ import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from snaketune.evaluate.settings import DECODINGS, GREEDY, SAMPLE, EvalSettings
 from snaketune.names import CAUSAL_LM
-from snaketune.settings import DECODINGS, GREEDY, SAMPLE, EvalSettings
 
 MODEL_ARTIFACT = "model"
 UNBOUNDED = 1 << 30

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.names import name_problem
-from snaketune.settings import SECTIONS, SWEPT, SweepSettings
+from snaketune.sections import SECTIONS
 from snaketune.stages import SweepPaths
 from snaketune.track.live import SWEEP_TAG
+from snaketune.track.settings import SWEPT, SweepSettings
 
 SWEEP = "sweep"
 """The experiment entry's key that declares a sweep."""

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from snaketune.settings import llama_inner_width
 from snaketune.train.lean_gpt import LeanCausalLM, attend, example_mask, padded_vocab
+from snaketune.train.settings import llama_inner_width
 
 EMBEDDING = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"

@@ -27,7 +27,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from snaketune.settings import AUTO, LLAMA, TRANSFORMERS, llama_inner_width
+from snaketune.settings import AUTO
+from snaketune.train.settings import LLAMA, TRANSFORMERS, llama_inner_width
 
 GB = 1e9
 CUDA_RESERVE = 1.0 * GB

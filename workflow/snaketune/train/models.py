@@ -21,7 +21,8 @@ from torch import nn
 
 from snaketune.errors import ModelError, not_loadable
 from snaketune.names import CAUSAL_LM
-from snaketune.settings import AUTO, LLAMA, NO_QUANTIZATION, ModelSettings
+from snaketune.settings import AUTO
+from snaketune.train.settings import LLAMA, NO_QUANTIZATION, ModelSettings
 
 LSTM_CONFIG = "snaketune_lstm.json"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.fileio import read_json, write_json
-from snaketune.settings import TrainJob
+from snaketune.train.settings import TrainJob
 
 RECORD = "checkpoint.json"
 FREE = (

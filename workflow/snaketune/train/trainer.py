@@ -41,7 +41,6 @@ from snaketune.evaluate.perplexity import perplexity
 from snaketune.fileio import atomic_dir, atomic_path, sha256_tree
 from snaketune.manifest import stage_manifest
 from snaketune.names import CAUSAL_LM, TRAIN, VAL
-from snaketune.settings import ModelSettings, TrainJob, TrainSettings
 from snaketune.stages import TrainPaths
 from snaketune.tokenize.shards import TokenizedData
 from snaketune.track import live
@@ -76,6 +75,7 @@ from snaketune.train.models import (
     unwrap_for_saving,
 )
 from snaketune.train.prefetch import BatchesAhead
+from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 from snaketune.train.system_metrics import sample_system_metrics
 
 log = logging.getLogger(__name__)

@@ -168,9 +168,9 @@ def profile_ours(work: Path, block: int, top: int = 14) -> None:
 
 
 def prepared_work(work: Path, docs: list[str], vocab: int) -> None:
+    from snaketune.data.paths import TokenizerPaths
     from snaketune.data.settings import TokenizerSettings
     from snaketune.data.tokenizer import prepare_tokenizer
-    from snaketune.stages import TokenizerPaths
 
     write_split(work / "train.parquet", docs)
     write_split(work / "val.parquet", docs[:200])

@@ -14,6 +14,7 @@ import yaml
 
 from snaketune.data.clean import clean_corpus
 from snaketune.data.download import download_dataset
+from snaketune.data.paths import CleanPaths, DownloadPaths, SplitPaths
 from snaketune.data.reading import read_records
 from snaketune.data.settings import (
     CleanJob,
@@ -25,7 +26,6 @@ from snaketune.data.settings import (
 )
 from snaketune.data.split import split_corpus
 from snaketune.names import SPLITS
-from snaketune.stages import CleanPaths, DownloadPaths, SplitPaths
 from tests.support.repo import REPO, SHARED_DATA
 from tests.support.workflow import layered
 

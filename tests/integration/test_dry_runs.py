@@ -14,9 +14,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from snaketune.stages import BY_RULE, INPUT, INTERPRETER, OUTPUT, STATE, path_fields
+from snaketune.paths import INPUT, OUTPUT, STATE, output_name, path_fields
+from snaketune.stages import BY_RULE, INTERPRETER
 from tests.support.repo import DEFAULT_CONFIG, REPO
 from tests.support.workflow import config_with, snakemake_command, snakemake_with
+
+CONSTRAINT = r"\{(\w+),(?:[^{}]|\{[^{}]*\})*\}"
+"""A wildcard's constraint, which Snakemake writes into the patterns: {part,\\d{5}}."""
 
 
 def parsed_rules(workdir: Path) -> dict:
@@ -52,6 +56,15 @@ def test_every_rule_passes_exactly_its_jobs_paths_by_their_names(tmp_path):
         assert set(rule.output.keys()) == {f.name for f in path_fields(paths, OUTPUT)}, name
         assert {f.name for f in path_fields(paths, STATE)} <= set(rule.params.keys()), name
         assert "settings" in rule.params.keys(), name
+        # Every output in one folder, named as the job's paths name it (what Paths.under gives).
+        outputs = [
+            re.sub(CONSTRAINT, r"{\1}", str(rule.output[f.name])).rpartition("/")
+            for f in path_fields(paths, OUTPUT)
+        ]
+        assert len({folder for folder, _, _ in outputs}) == 1, name
+        assert [file for _, _, file in outputs] == [
+            output_name(paths, f) for f in path_fields(paths, OUTPUT)
+        ], name
 
 
 def test_train_rule_launches_torchrun_for_several_processes(tmp_path: Path):

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from snaketune.errors import OutputError, TrainingError
 from snaketune.fileio import atomic_dir, atomic_path, write_json
 from snaketune.sharing import SHARED_FOLDER
-from snaketune.stages import PartitionPaths, PlanPaths, command_line
+from snaketune.stages import command_line
+from snaketune.tokenize.paths import PartitionPaths, PlanPaths
 from snaketune.tokenize.plan import plan_partitions
 from snaketune.tokenize.settings import PartitionJob, TokenizeJob, TokenizeSettings
 from snaketune.train.checkpoint import CHECKPOINT

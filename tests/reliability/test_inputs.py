@@ -17,6 +17,7 @@ import pytest
 from snaketune.config import schema_problems
 from snaketune.data.clean import clean_corpus
 from snaketune.data.download import download_dataset
+from snaketune.data.paths import CleanPaths, DownloadPaths, TokenizerPaths
 from snaketune.data.settings import (
     CleanJob,
     CleanSettings,
@@ -27,7 +28,6 @@ from snaketune.data.settings import (
 from snaketune.data.tokenizer import prepare_tokenizer
 from snaketune.errors import DownloadError, ModelError, TokenizerError
 from snaketune.fileio import sha256_file
-from snaketune.stages import CleanPaths, DownloadPaths, TokenizerPaths
 from snaketune.train.models import build_model
 from snaketune.train.settings import ModelSettings
 from tests.support.downloads import (

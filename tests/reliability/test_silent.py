@@ -23,11 +23,12 @@ import yaml
 
 from snaketune.config import cross_checks, validated
 from snaketune.data.download import download_dataset
+from snaketune.data.paths import DownloadPaths
 from snaketune.data.settings import CleanSettings, DownloadSettings, ReadSettings
 from snaketune.errors import CorpusError, DownloadError, TrainingError
 from snaketune.evaluate.evaluation import baselines
 from snaketune.fileio import sha256_file
-from snaketune.stages import DownloadPaths, command_line
+from snaketune.stages import command_line
 from snaketune.track.settings import TrackSettings
 from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 from tests.support.mlflow_stores import write_stage_files
@@ -311,8 +312,8 @@ def test_a_truncated_archive_is_named_not_a_traceback(tmp_path, kind):
 
 
 def test_the_cli_reports_a_bad_record_in_one_line(tmp_path):
+    from snaketune.data.paths import CleanPaths
     from snaketune.data.settings import CleanJob
-    from snaketune.stages import CleanPaths
 
     raw = tmp_path / "raw"
     raw.mkdir()

@@ -16,10 +16,10 @@ from mlflow.entities import ViewType
 
 from snaketune.config import SCHEMA
 from snaketune.data.download import download_dataset
+from snaketune.data.paths import DownloadPaths
 from snaketune.data.settings import DownloadSettings
 from snaketune.errors import DownloadError, ModelError, TrackingError, TrainingError
 from snaketune.fileio import sha256_tree
-from snaketune.stages import DownloadPaths
 from snaketune.track.reconcile import STAGES
 from snaketune.train.checkpoint import CHECKPOINT, load_checkpoint
 from snaketune.train.models import build_model, load_trained

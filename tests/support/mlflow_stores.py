@@ -14,20 +14,15 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
-from snaketune.stages import (
-    TRACKED,
-    CleanPaths,
-    DownloadPaths,
-    EvaluatePaths,
-    GatherPaths,
-    SplitPaths,
-    TokenizerPaths,
-    TrackPaths,
-    TrainPaths,
-)
+from snaketune.data.paths import CleanPaths, DownloadPaths, SplitPaths, TokenizerPaths
+from snaketune.evaluate.paths import EvaluatePaths
+from snaketune.stages import TRACKED
+from snaketune.tokenize.paths import GatherPaths
 from snaketune.track import live
+from snaketune.track.paths import TrackPaths
 from snaketune.track.reconcile import StageFiles, track_experiment
 from snaketune.track.settings import TrackSettings
+from snaketune.train.paths import TrainPaths
 from tests.support.repo import REPO
 
 EXPERIMENT = "demo-lm"

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from snaketune.data.download import download_dataset
+from snaketune.data.paths import DownloadPaths
 from snaketune.data.settings import DownloadSettings
-from snaketune.stages import DownloadPaths
 from tests.support.downloads import (
     archive_of,
     gzipped,

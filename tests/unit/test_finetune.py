@@ -170,9 +170,9 @@ def test_torch_compile_trains_like_eager_and_a_second_job_loads_the_cached_graph
 
 
 def test_bert_classifier_fine_tunes_from_a_local_checkpoint(classification_data, tmp_path):
+    from snaketune.data.paths import TokenizerPaths
     from snaketune.data.settings import TokenizerSettings
     from snaketune.data.tokenizer import prepare_tokenizer
-    from snaketune.stages import TokenizerPaths
     from snaketune.tokenize.one_process import tokenize_in_one_process
     from snaketune.tokenize.settings import TokenizeJob, TokenizeSettings
 

@@ -16,9 +16,9 @@ from huggingface_hub import constants
 
 from snaketune.data.download import download_dataset
 from snaketune.data.hub import parse_hub_url
+from snaketune.data.paths import DownloadPaths
 from snaketune.data.settings import DownloadSettings
 from snaketune.errors import DownloadError
-from snaketune.stages import DownloadPaths
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 BODY = b"text,label\nthe parcel is late,delivery\nrefund please,billing\n"

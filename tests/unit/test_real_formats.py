@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from snaketune.data.clean import clean_corpus
+from snaketune.data.paths import CleanPaths
 from snaketune.data.reading import compose_texts, read_records
 from snaketune.data.settings import CleanJob, DatasetSettings, read_settings_for
-from snaketune.stages import CleanPaths
 from tests.support.repo import REPO
 
 FIXTURES = REPO / "tests" / "fixtures" / "real_formats"

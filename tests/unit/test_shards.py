@@ -20,6 +20,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from snaketune.data.clean import clean_corpus
+from snaketune.data.paths import CleanPaths, SplitPaths, TokenizerPaths
 from snaketune.data.settings import CleanJob, ReadSettings, SplitSettings, TokenizerSettings
 from snaketune.data.split import split_corpus
 from snaketune.data.tokenizer import EOS, prepare_tokenizer
@@ -27,7 +28,6 @@ from snaketune.errors import CorpusError
 from snaketune.fileio import sha256_file
 from snaketune.manifest import TIMINGS
 from snaketune.names import SPLITS
-from snaketune.stages import CleanPaths, SplitPaths, TokenizerPaths
 from snaketune.tokenize.one_process import tokenize_in_one_process
 from snaketune.tokenize.plan import row_ranges
 from snaketune.tokenize.settings import TokenizeJob, TokenizeSettings

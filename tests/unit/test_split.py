@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 
 from snaketune.data.clean import stable_doc_id
+from snaketune.data.paths import SplitPaths
 from snaketune.data.settings import NearDuplicateSettings, SplitSettings
 from snaketune.data.split import assign_splits, split_corpus
 from snaketune.errors import CorpusError
 from snaketune.names import SPLITS
-from snaketune.stages import SplitPaths
 from tests.support.texts import near_copy, unrelated_texts
 
 NO_NEAR_DUPLICATES = {"enabled": False}

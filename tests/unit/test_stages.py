@@ -14,8 +14,9 @@ import pytest
 
 from snaketune.cli import parse
 from snaketune.config import validated
+from snaketune.paths import OUTPUT, is_list, output_name, path_fields
 from snaketune.settings import ConfigView, from_json, to_json
-from snaketune.stages import STAGES, Stage, command_line, is_list, path_fields
+from snaketune.stages import STAGES, Stage, command_line
 from tests.support.repo import DEFAULT_CONFIG, REPO
 
 WILDCARDS = {
@@ -89,3 +90,27 @@ def test_unknown_settings_keys_are_named():
     stage = next(s for s in STAGES if s.rule == "split_corpus")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['ratio'\]"):
         from_json(stage.settings, '{"ratio": 0.5}')
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.rule)
+def test_under_a_folder_every_output_is_at_its_name_and_the_rest_as_given(stage):
+    given = {
+        f.name: [Path(f"/in/{f.name}")] if is_list(f) else Path(f"/in/{f.name}")
+        for f in path_fields(stage.paths)
+        if f.metadata["role"] != OUTPUT
+    }
+    paths = stage.paths.under("/out", **given, part="00003")
+    for f in path_fields(paths, OUTPUT):
+        assert getattr(paths, f.name).parent == Path("/out"), f.name
+        assert getattr(paths, f.name).name == output_name(stage.paths, f).format(part="00003")
+    for name, value in given.items():
+        assert getattr(paths, name) == value
+    names = [output_name(stage.paths, f) for f in path_fields(paths, OUTPUT)]
+    assert len(set(names)) == len(names)
+
+
+def test_an_output_given_to_under_stays_where_it_was_given():
+    stage = next(s for s in STAGES if s.rule == "split_corpus")
+    paths = stage.paths.under("/out", corpus="/in/corpus.parquet", test="/elsewhere/t.parquet")
+    assert paths.test == Path("/elsewhere/t.parquet")
+    assert paths.train == Path("/out/train.parquet")

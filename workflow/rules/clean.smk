@@ -2,15 +2,15 @@ rule clean_corpus:
     input:
         raw=get_raw_dir,
     output:
-        corpus=f"{SHARED}/clean/{{data}}/corpus.parquet",
-        report=f"{SHARED}/clean/{{data}}/report.json",
-        report_html=report(
-            f"{SHARED}/clean/{{data}}/report.html",
-            caption="../report/clean_report.rst",
-            category="Data",
-            labels={"data": "{data}", "file": "cleaning report"},
+        **outputs(
+            "clean_corpus",
+            f"{SHARED}/clean/{{data}}",
+            report_html=dict(
+                caption="../report/clean_report.rst",
+                category="Data",
+                labels={"data": "{data}", "file": "cleaning report"},
+            ),
         ),
-        manifest=f"{SHARED}/clean/{{data}}/manifest.json",
     params:
         settings=settings_for("clean_corpus"),
         sources=sources_for("clean_corpus"),

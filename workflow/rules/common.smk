@@ -131,6 +131,18 @@ def owner(wildcards):
     return wildcards.experiment
 
 
+def outputs(rule, folder, temporary=(), **reports):
+    """The rule's `output:`: each output of its job (snaketune.paths) in folder under its name;
+    a directory as directory(), those in `temporary` as temp(), and each one named in `reports`
+    in the Snakemake report with report()'s caption, category and labels."""
+    named = {}
+    for name, (path, is_folder) in BY_RULE[rule].paths.output_files(folder).items():
+        value = directory(path) if is_folder else path
+        value = temp(value) if name in temporary else value
+        named[name] = report(value, **reports[name]) if name in reports else value
+    return named
+
+
 def shared(stage, pattern):
     """Input function: `pattern`, an output of a shared stage, at the key this job's experiment
     has for that stage."""

@@ -1,7 +1,6 @@
 rule download_dataset:
     output:
-        files=directory(f"{R}/datasets/{{dataset}}/download/files"),
-        manifest=f"{R}/datasets/{{dataset}}/download/manifest.json",
+        **outputs("download_dataset", f"{R}/datasets/{{dataset}}/download"),
     params:
         settings=settings_for("download_dataset"),
     conda:

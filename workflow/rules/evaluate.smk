@@ -6,27 +6,25 @@ rule evaluate_model:
         train=shared("split", rules.split_corpus.output.train),
         test=shared("split", rules.split_corpus.output.test),
     output:
-        metrics=f"{R}/{{experiment}}/evaluate/metrics.json",
-        samples=f"{R}/{{experiment}}/evaluate/samples.csv",
-        plot=report(
-            f"{R}/{{experiment}}/evaluate/eval_plot.png",
-            caption="../report/eval_plot.rst",
-            category="Evaluation",
-            labels={"experiment": "{experiment}", "file": "plot"},
+        **outputs(
+            "evaluate_model",
+            f"{R}/{{experiment}}/evaluate",
+            plot=dict(
+                caption="../report/eval_plot.rst",
+                category="Evaluation",
+                labels={"experiment": "{experiment}", "file": "plot"},
+            ),
+            metrics_html=dict(
+                caption="../report/metrics.rst",
+                category="Evaluation",
+                labels={"experiment": "{experiment}", "file": "metrics"},
+            ),
+            samples_html=dict(
+                caption="../report/samples.rst",
+                category="Evaluation",
+                labels={"experiment": "{experiment}", "file": "samples"},
+            ),
         ),
-        metrics_html=report(
-            f"{R}/{{experiment}}/evaluate/metrics.html",
-            caption="../report/metrics.rst",
-            category="Evaluation",
-            labels={"experiment": "{experiment}", "file": "metrics"},
-        ),
-        samples_html=report(
-            f"{R}/{{experiment}}/evaluate/samples.html",
-            caption="../report/samples.rst",
-            category="Evaluation",
-            labels={"experiment": "{experiment}", "file": "samples"},
-        ),
-        manifest=f"{R}/{{experiment}}/evaluate/manifest.json",
     params:
         settings=settings_for("evaluate_model"),
         tracking=TRACKING,

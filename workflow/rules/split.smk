@@ -2,10 +2,7 @@ rule split_corpus:
     input:
         corpus=shared("clean", rules.clean_corpus.output.corpus),
     output:
-        train=f"{SHARED}/split/{{data}}/train.parquet",
-        val=f"{SHARED}/split/{{data}}/val.parquet",
-        test=f"{SHARED}/split/{{data}}/test.parquet",
-        manifest=f"{SHARED}/split/{{data}}/manifest.json",
+        **outputs("split_corpus", f"{SHARED}/split/{{data}}"),
     params:
         settings=settings_for("split_corpus"),
         tracking=shared_tracking("split"),

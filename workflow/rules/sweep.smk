@@ -5,20 +5,20 @@ rule summarize_sweep:
         metrics=get_sweep_outputs(rules.evaluate_model.output.metrics),
         runs=get_sweep_outputs(rules.track_experiment.output.runs),
     output:
-        table=f"{R}/sweeps/{{sweep}}/table.csv",
-        table_html=report(
-            f"{R}/sweeps/{{sweep}}/table.html",
-            caption="../report/sweep_table.rst",
-            category="Sweeps",
-            labels={"sweep": "{sweep}", "file": "comparison table"},
+        **outputs(
+            "summarize_sweep",
+            f"{R}/sweeps/{{sweep}}",
+            table_html=dict(
+                caption="../report/sweep_table.rst",
+                category="Sweeps",
+                labels={"sweep": "{sweep}", "file": "comparison table"},
+            ),
+            plot=dict(
+                caption="../report/sweep_plot.rst",
+                category="Sweeps",
+                labels={"sweep": "{sweep}", "file": "metrics against the swept keys"},
+            ),
         ),
-        plot=report(
-            f"{R}/sweeps/{{sweep}}/sweep_plot.png",
-            caption="../report/sweep_plot.rst",
-            category="Sweeps",
-            labels={"sweep": "{sweep}", "file": "metrics against the swept keys"},
-        ),
-        manifest=f"{R}/sweeps/{{sweep}}/manifest.json",
     params:
         settings=settings_for("summarize_sweep"),
         store=MLFLOW_STORE,

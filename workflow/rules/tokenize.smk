@@ -9,8 +9,7 @@ checkpoint plan_partitions:
         test=shared("split", rules.split_corpus.output.test),
         tokenizer=shared("tokenizer", rules.prepare_tokenizer.output.tokenizer),
     output:
-        plan=f"{SHARED}/tokenize/{{data}}/plan.json",
-        encoder=f"{SHARED}/tokenize/{{data}}/encoder.json",
+        **outputs("plan_partitions", f"{SHARED}/tokenize/{{data}}"),
     params:
         settings=settings_for("plan_partitions"),
     conda:
@@ -32,8 +31,11 @@ rule tokenize_partition:
         plan=rules.plan_partitions.output.plan,
         encoder=rules.plan_partitions.output.encoder,
     output:
-        shards=temp(directory(f"{SHARED}/tokenize/{{data}}/parts/{{split}}/{{part}}")),
-        manifest=f"{SHARED}/tokenize/{{data}}/parts/{{split}}/{{part}}.json",
+        **outputs(
+            "tokenize_partition",
+            f"{SHARED}/tokenize/{{data}}/parts/{{split}}",
+            temporary=("shards",),
+        ),
     params:
         settings=settings_for("tokenize_partition"),
     conda:
@@ -58,8 +60,7 @@ rule gather_shards:
         tokenizer=shared("tokenizer", rules.prepare_tokenizer.output.tokenizer),
         plan=rules.plan_partitions.output.plan,
     output:
-        shards=directory(f"{SHARED}/tokenize/{{data}}/shards"),
-        manifest=f"{SHARED}/tokenize/{{data}}/manifest.json",
+        **outputs("gather_shards", f"{SHARED}/tokenize/{{data}}"),
     params:
         settings=settings_for("gather_shards"),
         tracking=shared_tracking("tokenize"),

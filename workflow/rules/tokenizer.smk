@@ -2,8 +2,7 @@ rule prepare_tokenizer:
     input:
         train=shared("split", rules.split_corpus.output.train),
     output:
-        tokenizer=directory(f"{SHARED}/tokenizer/{{data}}/tokenizer"),
-        manifest=f"{SHARED}/tokenizer/{{data}}/manifest.json",
+        **outputs("prepare_tokenizer", f"{SHARED}/tokenizer/{{data}}"),
     params:
         settings=settings_for("prepare_tokenizer"),
         sources=sources_for("prepare_tokenizer"),

@@ -14,8 +14,7 @@ rule track_experiment:
         train=rules.train_model.output.manifest,
         evaluate=rules.evaluate_model.output.manifest,
     output:
-        runs=f"{R}/{{experiment}}/track/runs.json",
-        model_card=f"{R}/{{experiment}}/track/model_card.md",
+        **outputs("track_experiment", f"{R}/{{experiment}}/track"),
     params:
         settings=settings_for("track_experiment"),
         store=MLFLOW_STORE,

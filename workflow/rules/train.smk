@@ -6,16 +6,15 @@ rule train_model:
         tokenize_manifest=shared("tokenize", rules.gather_shards.output.manifest),
         tokenizer=shared("tokenizer", rules.prepare_tokenizer.output.tokenizer),
     output:
-        model=directory(f"{R}/{{experiment}}/train/model"),
-        history=f"{R}/{{experiment}}/train/history.jsonl",
-        loss_curve=report(
-            f"{R}/{{experiment}}/train/loss_curve.png",
-            caption="../report/loss_curve.rst",
-            category="Training",
-            labels={"experiment": "{experiment}", "figure": "loss curve"},
+        **outputs(
+            "train_model",
+            f"{R}/{{experiment}}/train",
+            loss_curve=dict(
+                caption="../report/loss_curve.rst",
+                category="Training",
+                labels={"experiment": "{experiment}", "figure": "loss curve"},
+            ),
         ),
-        manifest=f"{R}/{{experiment}}/train/manifest.json",
-        system_metrics=f"{R}/{{experiment}}/train/system_metrics.jsonl",
     params:
         settings=settings_for("train_model"),
         sources=sources_for("train_model"),

@@ -40,8 +40,9 @@ from snaketune.errors import (  # noqa: E402 (after the environment is set)
     is_out_of_memory,
 )
 from snaketune.joblog import bug_line, error_line  # noqa: E402
+from snaketune.paths import Paths, is_list, path_fields  # noqa: E402
 from snaketune.settings import from_dict  # noqa: E402
-from snaketune.stages import BY_COMMAND, STAGES, Paths, Stage, flag, is_list, path_fields  # noqa: E402
+from snaketune.stages import BY_COMMAND, STAGES, Stage, flag  # noqa: E402
 
 USER_ERRORS = (SnaketuneError,)
 """Problems the user can fix, each with a message meant for them (settings a job refuses,

@@ -18,7 +18,8 @@ from typing import Any
 
 from snaketune import __version__
 from snaketune.fileio import read_json, sha256_tree, write_json
-from snaketune.stages import INPUT, OUTPUT, Paths, is_list, path_fields, stage_of
+from snaketune.paths import INPUT, OUTPUT, Paths, is_list, path_fields
+from snaketune.stages import stage_of
 from snaketune.track import live
 
 _TRACKED_PACKAGES = (

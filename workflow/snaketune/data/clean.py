@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from snaketune import tables
+from snaketune.data.paths import CleanPaths
 from snaketune.data.quality import quality_problem
 from snaketune.data.reading import EMPTY_RESPONSE, compose_instruction, compose_texts, read_records
 from snaketune.data.settings import CleanJob, CleanSettings, inside_folder
@@ -29,7 +30,6 @@ from snaketune.errors import CorpusError
 from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path, files_in, write_json
 from snaketune.manifest import stage_manifest
 from snaketune.names import INSTRUCTION_COLUMNS
-from snaketune.stages import CleanPaths
 
 
 @dataclass

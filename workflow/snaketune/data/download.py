@@ -22,13 +22,13 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
 from snaketune.data.hub import fetch_from_hub
+from snaketune.data.paths import DownloadPaths
 from snaketune.data.settings import URL_SCHEMES, DownloadSettings, resolve_url
 from snaketune.data.sources import local_source, remember
 from snaketune.errors import DownloadError
 from snaketune.fileio import atomic_dir, sha256_file
 from snaketune.manifest import stage_manifest
 from snaketune.settings import repository
-from snaketune.stages import DownloadPaths
 
 log = logging.getLogger(__name__)
 

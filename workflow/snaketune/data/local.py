@@ -14,21 +14,18 @@ import yaml
 from snaketune.config import REPO, validated
 from snaketune.data.clean import clean_corpus
 from snaketune.data.download import download_dataset
+from snaketune.data.paths import CleanPaths, DownloadPaths, SplitPaths, TokenizerPaths
 from snaketune.data.settings import clean_job, download_settings, split_settings, tokenizer_settings
 from snaketune.data.split import split_corpus
 from snaketune.data.tokenizer import prepare_tokenizer
+from snaketune.evaluate.paths import EvaluatePaths
 from snaketune.names import SEQUENCE_CLASSIFICATION, SPLITS
+from snaketune.paths import output_names
 from snaketune.settings import ConfigView
-from snaketune.stages import (
-    CleanPaths,
-    DownloadPaths,
-    EvaluatePaths,
-    SplitPaths,
-    TokenizerPaths,
-    TrainPaths,
-)
 from snaketune.tokenize.one_process import tokenize_in_one_process
+from snaketune.tokenize.paths import GatherPaths
 from snaketune.tokenize.settings import tokenize_job
+from snaketune.train.paths import TrainPaths
 
 DEMO_DATASET = "support-demo"
 DEMO_EXPERIMENT = "demo-data"
@@ -75,32 +72,23 @@ class PreparedData:
 
     def train_paths(self, out: Path) -> TrainPaths:
         """The train job on this data, every output and the checkpoints under out."""
-        out = Path(out)
-        return TrainPaths(
+        return TrainPaths.under(
+            out,
             shards=self.shards,
             tokenize_manifest=self.tokenize_manifest,
             tokenizer=self.tokenizer,
-            model=out / "model",
-            history=out / "history.jsonl",
-            loss_curve=out / "loss_curve.png",
-            manifest=out / "manifest.json",
-            system_metrics=out / "system_metrics.jsonl",
-            state_dir=out / "state",
+            state_dir=Path(out) / "state",
         )
 
     def evaluate_paths(self, model: Path, out: Path) -> EvaluatePaths:
         """The evaluate job of `model` on this data's test split, outputs under out."""
-        out = Path(out)
-        return EvaluatePaths(
+        return EvaluatePaths.under(
+            out,
             model=model,
             shards=self.shards,
             tokenize_manifest=self.tokenize_manifest,
             train=self.splits["train"],
             test=self.splits["test"],
-            metrics=out / "metrics.json",
-            samples=out / "samples.csv",
-            plot=out / "eval_plot.png",
-            manifest=out / "manifest.json",
         )
 
 
@@ -111,31 +99,17 @@ def prepare_data(
     view = ConfigView(validated(config, base_dir), base_dir)
     root = Path(root)
     dataset = view.experiment(experiment)["dataset"]
-    download = DownloadPaths(
-        files=root / "download" / "files", manifest=root / "download" / "manifest.json"
-    )
+    download = DownloadPaths.under(root / "download")
     download_dataset(download, download_settings(view, dataset))
-    clean = CleanPaths(
-        raw=download.files,
-        corpus=root / "clean" / "corpus.parquet",
-        report=root / "clean" / "report.json",
-        manifest=root / "clean" / "manifest.json",
-    )
+    clean = CleanPaths.under(root / "clean", raw=download.files)
     clean_corpus(clean, clean_job(view, experiment))
-    split = SplitPaths(
-        corpus=clean.corpus,
-        **{name: root / "split" / f"{name}.parquet" for name in SPLITS},
-        manifest=root / "split" / "manifest.json",
-    )
+    split = SplitPaths.under(root / "split", corpus=clean.corpus)
     split_corpus(split, split_settings(view, experiment))
-    tokenizer = TokenizerPaths(
-        train=split.train,
-        tokenizer=root / "tokenizer" / "tokenizer",
-        manifest=root / "tokenizer" / "manifest.json",
-    )
+    tokenizer = TokenizerPaths.under(root / "tokenizer", train=split.train)
     prepare_tokenizer(tokenizer, tokenizer_settings(view, experiment))
     splits = {name: getattr(split, name) for name in SPLITS}
-    tokenize_manifest = root / "tokenize" / "manifest.json"
+    gathered = output_names(GatherPaths, {})  # the tokenize stage's outputs
+    tokenize_manifest = root / "tokenize" / gathered["manifest"]
     manifests = {
         "download": download.manifest,
         "clean": clean.manifest,
@@ -144,7 +118,11 @@ def prepare_data(
         "tokenize": tokenize_manifest,
     }
     prepared = PreparedData(
-        splits, tokenizer.tokenizer, root / "tokenize" / "shards", tokenize_manifest, manifests
+        splits,
+        tokenizer.tokenizer,
+        root / "tokenize" / gathered["shards"],
+        tokenize_manifest,
+        manifests,
     )
     tokenize_in_one_process(
         splits,

@@ -14,12 +14,12 @@ import pandas as pd
 
 from snaketune.data.clean import normalize_for_match
 from snaketune.data.dedup import NearDuplicateReport, find_near_duplicates
+from snaketune.data.paths import SplitPaths
 from snaketune.data.settings import NearDuplicateSettings, SplitSettings
 from snaketune.errors import CorpusError
 from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, atomic_path
 from snaketune.manifest import stage_manifest
 from snaketune.names import SPLITS, TEST, TRAIN, VAL
-from snaketune.stages import SplitPaths
 
 
 def bucket_of(text: str, salt: str = "") -> float:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from snaketune.data.paths import TokenizerPaths
 from snaketune.data.settings import TokenizerSettings
 from snaketune.errors import TokenizerError, not_loadable
 from snaketune.fileio import atomic_dir, sha256_tree
 from snaketune.manifest import stage_manifest
-from snaketune.stages import TokenizerPaths
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"

@@ -23,6 +23,7 @@ from snaketune import plots, tables
 from snaketune.evaluate.generation import compile_generation, generate_many
 from snaketune.evaluate.metrics import load_metric
 from snaketune.evaluate.ngram import bigram_baseline
+from snaketune.evaluate.paths import EvaluatePaths
 from snaketune.evaluate.perplexity import count_words, score_lm, token_byte_lengths, word_perplexity
 from snaketune.evaluate.qa import answer_nll, answer_protocol, evaluate_answers
 from snaketune.evaluate.settings import EvalJob, EvalSettings
@@ -30,7 +31,6 @@ from snaketune.fileio import atomic_path, write_json
 from snaketune.manifest import stage_manifest
 from snaketune.names import CAUSAL_LM, TEST, TRAIN
 from snaketune.settings import SettingsError
-from snaketune.stages import EvaluatePaths
 from snaketune.tokenize.shards import TokenizedData, read_shards
 from snaketune.track import live
 from snaketune.train import compile_cache, lm_loss

@@ -13,8 +13,8 @@ from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_dir, read_json
 from snaketune.manifest import recorded_paths, stage_manifest
 from snaketune.names import SPLITS, TRAIN
-from snaketune.stages import GatherPaths
 from snaketune.tokenize.packing import PACKING, PartitionCounts
+from snaketune.tokenize.paths import GatherPaths
 from snaketune.tokenize.plan import split_plans
 from snaketune.tokenize.settings import ACROSS_DOCUMENTS, DOCUMENTS_APART, TokenizeJob
 from snaketune.tokenize.shards import (

@@ -6,9 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from snaketune.stages import GatherPaths, PartitionPaths, PlanPaths
 from snaketune.tokenize.gather import SplitStats, gather_shards
 from snaketune.tokenize.partition import tokenize_partition
+from snaketune.tokenize.paths import GatherPaths, PartitionPaths, PlanPaths
 from snaketune.tokenize.plan import partition_names, plan_partitions, planned_partition_counts
 from snaketune.tokenize.settings import PartitionJob, TokenizeJob
 
@@ -23,18 +23,16 @@ def tokenize_in_one_process(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        plan = PlanPaths(
-            **splits, tokenizer=tokenizer, plan=work / "plan.json", encoder=work / "encoder.json"
-        )
+        plan = PlanPaths.under(work, **splits, tokenizer=tokenizer)
         plan_partitions(plan, job)
         parts = []
         for split, part in partition_names(planned_partition_counts(plan.plan)):
-            paths = PartitionPaths(
+            paths = PartitionPaths.under(
+                work / "parts" / split,
+                part=part,
                 split_file=splits[split],
                 plan=plan.plan,
                 encoder=plan.encoder,
-                shards=work / "parts" / split / part,
-                manifest=work / "parts" / split / f"{part}.json",
             )
             partition = PartitionJob(
                 job.task, job.tokenize, job.instruction, split=split, part=int(part)

@@ -16,7 +16,6 @@ from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_dir, read_json
 from snaketune.manifest import stage_manifest
 from snaketune.names import INSTRUCTION_COLUMNS, SEQUENCE_CLASSIFICATION, TRAIN
-from snaketune.stages import PartitionPaths
 from snaketune.tokenize.encoder import encoded_batches, encoder_from_plan
 from snaketune.tokenize.packing import (
     PartitionCounts,
@@ -26,6 +25,7 @@ from snaketune.tokenize.packing import (
     pack_examples,
     pack_whole_examples,
 )
+from snaketune.tokenize.paths import PartitionPaths
 from snaketune.tokenize.plan import split_plans
 from snaketune.tokenize.settings import PER_DOCUMENT, PartitionJob
 from snaketune.tokenize.shards import ShardStats, ShardWriter, schema_for

@@ -28,13 +28,13 @@ from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_path, read_json, sha256_tree, write_json
 from snaketune.names import SEQUENCE_CLASSIFICATION, SPLITS, TEST, TRAIN, VAL
 from snaketune.settings import AUTO
-from snaketune.stages import PlanPaths
 from snaketune.tokenize.encoder import (
     FAST_ENCODER_MAX_PARTITION_BYTES,
     choose_encoder,
     encoder_for,
     tokenizer_facts,
 )
+from snaketune.tokenize.paths import PlanPaths
 from snaketune.tokenize.settings import TokenizeJob
 
 # Seconds of tokenizing with gigatoken, a minute or two with tokenizers, on two cores: long

@@ -33,20 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.errors import TrackingError
+from snaketune.evaluate.paths import EvaluatePaths
 from snaketune.fileio import atomic_path, read_json, sha256_file, write_json
 from snaketune.manifest import package_versions, recorded_paths
 from snaketune.names import CAUSAL_LM
+from snaketune.paths import OUTPUT, path_fields
 from snaketune.provenance import git_state, invocation_tags
 from snaketune.settings import config_hash
-from snaketune.stages import (
-    OUTPUT,
-    TRACKED,
-    EvaluatePaths,
-    TrackPaths,
-    TrainPaths,
-    path_fields,
-    tracked_stage,
-)
+from snaketune.stages import TRACKED, tracked_stage
 from snaketune.track import lineage, live, registry
 from snaketune.track.live import (
     EVAL_PREFIX,
@@ -65,6 +59,7 @@ from snaketune.track.live import (
 )
 from snaketune.track.model_card import FILE_NAME as CARD_FILE_NAME
 from snaketune.track.model_card import HEADLINE, experiment_note, model_card
+from snaketune.track.paths import TrackPaths
 from snaketune.track.settings import SWEPT, TrackSettings
 from snaketune.track.tracking_uri import (
     check_usable,
@@ -73,6 +68,7 @@ from snaketune.track.tracking_uri import (
     store_uri,
     write_failed,
 )
+from snaketune.train.paths import TrainPaths
 from snaketune.train.system_metrics import read_samples
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from typing import Any
 
 from snaketune.names import name_problem
 from snaketune.sections import SECTIONS
-from snaketune.stages import SweepPaths
 from snaketune.track.live import SWEEP_TAG
+from snaketune.track.paths import SweepPaths
 from snaketune.track.settings import SWEPT, SweepSettings
 
 SWEEP = "sweep"

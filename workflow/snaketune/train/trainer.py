@@ -41,7 +41,6 @@ from snaketune.evaluate.perplexity import perplexity
 from snaketune.fileio import atomic_dir, atomic_path, sha256_tree
 from snaketune.manifest import stage_manifest
 from snaketune.names import CAUSAL_LM, TRAIN, VAL
-from snaketune.stages import TrainPaths
 from snaketune.tokenize.shards import TokenizedData
 from snaketune.track import live
 from snaketune.train import (
@@ -74,6 +73,7 @@ from snaketune.train.models import (
     saves_adapter_alone,
     unwrap_for_saving,
 )
+from snaketune.train.paths import TrainPaths
 from snaketune.train.prefetch import BatchesAhead
 from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 from snaketune.train.system_metrics import sample_system_metrics

@@ -22,7 +22,6 @@ Run: .venv/bin/python bench/bench_tracking.py [--steps 200] [--repeats 2]
 from __future__ import annotations
 
 import argparse
-import os
 import socket
 import statistics
 import subprocess
@@ -75,17 +74,18 @@ class Timing:
 
 def train_once(data, out: Path, steps: int, uri: str | None, settle: int) -> Timing:
     """One train_model call: its steady-state step time, its whole time, the points sent."""
+    from snaketune.context import IN_PROCESS, JobContext
     from snaketune.track import live
     from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
     from snaketune.train.trainer import train_model
 
-    os.environ.pop(live.TRACKING_VARIABLE, None)
+    context = IN_PROCESS  # no live tracking
     if uri is not None:
         folder = out / "tracking"
         folder.mkdir(parents=True)
         target = live.Target(out.name, "bench-tracking", uri, "", str(out / "mlartifacts"), "bench")
         target.write(folder)
-        os.environ[live.TRACKING_VARIABLE] = str(folder)
+        context = JobContext(tracking=folder)
     settings = TrainSettings(
         max_steps=steps, batch_size=16, lr=0.003, warmup_steps=30, eval_every=steps, seed=1
     )
@@ -101,11 +101,10 @@ def train_once(data, out: Path, steps: int, uri: str | None, settle: int) -> Tim
     live.Tracker.end = end
     try:
         started = time.perf_counter()
-        history = train_model(data.train_paths(out), job)
+        history = train_model(data.train_paths(out), job, context)
         seconds = time.perf_counter() - started
     finally:
         live.Tracker.end = original
-        os.environ.pop(live.TRACKING_VARIABLE, None)
     first = next(r for r in history if r["step"] >= settle)
     last = history[-1]
     step_s = (last["timestamp"] - first["timestamp"]) / (last["step"] - first["step"])

@@ -24,7 +24,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from snaketune.track.live import LIVE_AFTER_VARIABLE
+from snaketune.context import LIVE_AFTER_VARIABLE
 from snaketune.train.resume import RECORD
 from tests.support.mlflow_stores import all_runs
 from tests.support.processes import kill_tree, paused, wait_for

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from snaketune.train.attempts import ATTEMPT_VARIABLE
+from snaketune.context import ATTEMPT_VARIABLE
 from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 from tests.support.repo import DEFAULT_CONFIG
 from tests.support.stage_data import train_cli_args

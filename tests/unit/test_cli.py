@@ -85,7 +85,7 @@ def test_an_unexpected_value_error_is_a_bug_with_its_traceback(tmp_path, capsys,
     # the CLI used to print as if it were bad input.
     from snaketune.data import download as stage
 
-    def buggy(paths, settings):
+    def buggy(paths, settings, context):
         return list(zip([paths.files, paths.manifest], [settings.url], strict=True))
 
     monkeypatch.setattr(stage, "download_dataset", buggy)

@@ -10,10 +10,10 @@ from dataclasses import fields, is_dataclass
 import pytest
 
 from snaketune.config import SCHEMA, cross_checks, preset_names, schema_problems
+from snaketune.context import LIVE_AFTER_VARIABLE
 from snaketune.data.settings import FORMATS
 from snaketune.sections import SECTIONS
 from snaketune.tokenize.settings import LM_PACKINGS
-from snaketune.track.live import LIVE_AFTER_VARIABLE
 from tests.support.repo import DEFAULT_CONFIG, REPO
 from tests.support.workflow import config_with, with_defaults
 
@@ -31,9 +31,9 @@ def test_cross_checks_find_missing_dataset_and_bad_ratios():
     assert any(p.startswith("experiments[1].split:") and "0.7" in p for p in problems)
 
 
-def test_a_bad_live_after_setting_in_the_environment_is_refused_with_the_config(monkeypatch):
-    monkeypatch.setenv(LIVE_AFTER_VARIABLE, "later")
-    problems = cross_checks(with_defaults(config_with()))
+def test_a_bad_live_after_setting_in_the_environment_is_refused_with_the_config():
+    environ = {LIVE_AFTER_VARIABLE: "later"}
+    problems = cross_checks(with_defaults(config_with()), environ=environ)
     assert [p for p in problems if p.startswith(f"{LIVE_AFTER_VARIABLE}='later' (environment)")]
 
 

@@ -10,6 +10,16 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Metric
 
+from snaketune.context import (
+    ATTEMPT_VARIABLE,
+    IN_PROCESS,
+    LIVE_AFTER_S,
+    LIVE_AFTER_VARIABLE,
+    REPOSITORY_VARIABLE,
+    TRACKING_VARIABLE,
+    JobContext,
+    environment_problems,
+)
 from snaketune.track import live
 from tests.support.mlflow_stores import new_store
 
@@ -31,14 +41,18 @@ def folder(tmp_path, store, monkeypatch) -> Path:
     folder = tmp_path / "tracking"
     folder.mkdir()
     target_for(store.uri, tmp_path).write(folder)
-    monkeypatch.setenv(live.TRACKING_VARIABLE, str(folder))
-    monkeypatch.setattr(live, "LIVE_AFTER_S", 0.0)  # these stages last milliseconds
     return folder
 
 
-def run_stage(key: str, rows: list[dict], fail: BaseException | None = None) -> str | None:
+def run_stage(
+    folder: Path,
+    key: str,
+    rows: list[dict],
+    fail: BaseException | None = None,
+    live_after_s: float = 0.0,  # these stages last milliseconds
+) -> str | None:
     start = live.StageStart("train", key, time.time() - 5, {"lr": 0.1})
-    with live.tracking(start) as tracker:
+    with live.tracking(start, folder, live_after_s) as tracker:
         tracker.log_rows(rows)
         if fail is not None:
             raise fail
@@ -59,7 +73,7 @@ def test_the_first_writer_of_a_run_id_wins(tmp_path):
 
 
 def test_a_stage_run_is_finished_with_its_times_params_and_points(folder, store):
-    run_id = run_stage("k1", rows(range(1, 21)))
+    run_id = run_stage(folder, "k1", rows(range(1, 21)))
     run = store.client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.info.run_name == "train"
     assert run.info.end_time - run.info.start_time == 5000
@@ -77,7 +91,7 @@ def test_a_stage_run_is_finished_with_its_times_params_and_points(folder, store)
 )
 def test_a_stage_that_fails_or_is_stopped_ends_its_run_so(folder, store, error, status):
     with pytest.raises(type(error)):
-        run_stage("k2", rows(range(1, 3)), fail=error)
+        run_stage(folder, "k2", rows(range(1, 3)), fail=error)
     (run,) = [r for r in store.client.search_runs([exp_id(store)]) if r.info.run_name == "train"]
     assert run.info.status == status
     parent = store.client.get_run(run.data.tags["mlflow.parentRunId"])
@@ -89,12 +103,12 @@ def exp_id(store) -> str:
 
 
 def test_a_rerun_of_the_same_computation_logs_into_the_same_run_once_per_step(folder, store):
-    first = run_stage("k3", rows(range(1, 11)))
-    again = run_stage("k3", rows(range(6, 21)))  # resumed from step 5: 6..10 come again
+    first = run_stage(folder, "k3", rows(range(1, 11)))
+    again = run_stage(folder, "k3", rows(range(6, 21)))  # resumed from step 5: 6..10 come again
     assert again == first
     loss = store.client.get_metric_history(first, "train.loss")
     assert sorted(m.step for m in loss) == list(range(1, 21))
-    other = run_stage("k4", rows(range(1, 3)))  # other inputs or settings: another run
+    other = run_stage(folder, "k4", rows(range(1, 3)))  # other inputs or settings: another run
     assert other != first
 
 
@@ -120,12 +134,10 @@ def test_a_store_that_does_not_answer_never_holds_up_or_fails_the_stage(tmp_path
     folder = tmp_path / "tracking"
     folder.mkdir()
     target_for("http://127.0.0.1:9", tmp_path).write(folder)  # nothing listens on port 9
-    monkeypatch.setenv(live.TRACKING_VARIABLE, str(folder))
     monkeypatch.setattr(live, "QUEUE_SIZE", 1000)
-    monkeypatch.setattr(live, "LIVE_AFTER_S", 0.0)
     start = live.StageStart("train", "k5", time.time(), {})
     started = time.perf_counter()
-    with live.tracking(start) as tracker:
+    with live.tracking(start, folder, 0.0) as tracker:
         for step in range(1, 2001):
             tracker.log({"train.loss": 1.0}, step)
         logged = time.perf_counter() - started
@@ -135,25 +147,24 @@ def test_a_store_that_does_not_answer_never_holds_up_or_fails_the_stage(tmp_path
     assert time.perf_counter() - started < live.END_WAIT_S + 5
 
 
-def test_a_stage_done_before_live_after_s_never_connects(folder, store, monkeypatch):
-    monkeypatch.setattr(live, "LIVE_AFTER_S", 2.0)
+def test_a_stage_done_before_live_after_s_never_connects(folder, store):
     started = time.perf_counter()
-    assert run_stage("k6", rows(range(1, 4))) is None
+    assert run_stage(folder, "k6", rows(range(1, 4)), live_after_s=2.0) is None
     assert time.perf_counter() - started < 1.0  # the end did not wait for a connection
     assert store.client.get_experiment_by_name(EXPERIMENT) is None  # the track job records it
     with pytest.raises(ValueError):  # but a stage that stops early shows so at once
-        run_stage("k7", rows(range(1, 4)), fail=ValueError("bad"))
+        run_stage(folder, "k7", rows(range(1, 4)), fail=ValueError("bad"), live_after_s=2.0)
     (failed,) = store.client.search_runs([exp_id(store)], "attributes.run_name = 'train'")
     assert failed.info.status == "FAILED"
-    monkeypatch.setattr(live, "LIVE_AFTER_S", 0.0)
-    assert run_stage("k6", rows(range(1, 4))) is not None  # the same stage, connecting at once
+    assert run_stage(folder, "k6", rows(range(1, 4))) is not None  # the same, connecting at once
 
 
-def test_outside_the_workflow_there_is_no_tracking(monkeypatch):
-    monkeypatch.delenv(live.TRACKING_VARIABLE, raising=False)
-    with live.tracking(live.StageStart("clean", "k", time.time(), {})) as tracker:
-        assert isinstance(tracker, live.Offline) and live.current() is tracker
-    assert isinstance(live.current(), live.Offline)
+def test_without_a_tracking_folder_there_is_no_tracking(tmp_path):
+    start = live.StageStart("clean", "k", time.time(), {})
+    with live.tracking(start, None, 0.0) as tracker:
+        assert isinstance(tracker, live.Offline)
+    with live.tracking(start, tmp_path, 0.0) as tracker:  # a folder the workflow gave no target
+        assert isinstance(tracker, live.Offline)
 
 
 def test_the_runs_table_url_opens_the_model_training_view_with_the_headline_columns():
@@ -187,16 +198,27 @@ def test_counts_and_seconds_become_tags_of_single_values():
     }
 
 
-def test_the_environment_sets_how_long_a_stage_works_before_it_connects(monkeypatch):
-    monkeypatch.setenv(live.LIVE_AFTER_VARIABLE, "0.5")
-    assert live.live_after_s() == 0.5 and live.live_after_problem() is None
+def test_the_environment_sets_how_long_a_stage_works_before_it_connects():
+    environ = {LIVE_AFTER_VARIABLE: "0.5"}
+    assert JobContext.from_environment(environ).live_after_s == 0.5
+    assert environment_problems(environ) == []
     for bad in ("soon", "-1", "nan"):
-        monkeypatch.setenv(live.LIVE_AFTER_VARIABLE, bad)
-        assert f"{live.LIVE_AFTER_VARIABLE}={bad!r}" in live.live_after_problem()
+        environ = {LIVE_AFTER_VARIABLE: bad}
+        assert f"{LIVE_AFTER_VARIABLE}={bad!r}" in environment_problems(environ)[0]
         with pytest.raises(ValueError, match="expected seconds >= 0"):
-            live.live_after_s()
-    monkeypatch.delenv(live.LIVE_AFTER_VARIABLE)
-    assert live.live_after_s() == live.LIVE_AFTER_S
+            JobContext.from_environment(environ)
+    assert JobContext.from_environment({}).live_after_s == LIVE_AFTER_S
+
+
+def test_a_job_reads_its_context_from_the_environment_the_rules_set(tmp_path):
+    context = JobContext.from_environment(
+        {TRACKING_VARIABLE: str(tmp_path), ATTEMPT_VARIABLE: "3", REPOSITORY_VARIABLE: "/repo"}
+    )
+    assert context == JobContext(Path("/repo"), tmp_path, 3, LIVE_AFTER_S)
+    assert JobContext.from_environment({}) == IN_PROCESS
+    assert IN_PROCESS.tracking is None and IN_PROCESS.attempt == 1
+    with pytest.raises(ValueError, match="SNAKETUNE_ATTEMPT='x'"):
+        JobContext.from_environment({ATTEMPT_VARIABLE: "x"})
 
 
 def test_a_new_sqlite_store_is_made_only_under_the_store_lock(tmp_path):

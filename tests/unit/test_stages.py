@@ -14,6 +14,7 @@ import pytest
 
 from snaketune.cli import parse
 from snaketune.config import validated
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.paths import OUTPUT, is_list, output_name, path_fields
 from snaketune.settings import ConfigView, from_json, to_json
 from snaketune.stages import STAGES, Stage, command_line
@@ -55,12 +56,16 @@ def paths_of(stage: Stage):
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.rule)
 def test_each_stage_runs_a_function_named_after_its_rule_taking_its_paths_and_settings(stage):
+    """(paths, settings, context): the context (what the CLI read from the environment) is
+    optional, an in-process call gets the defaults."""
     entry = stage.entry()
     assert entry.__name__ == stage.rule
     hints = get_type_hints(entry)
-    parameters = list(inspect.signature(entry).parameters)
-    assert len(parameters) == 2
-    assert (hints[parameters[0]], hints[parameters[1]]) == (stage.paths, stage.settings)
+    parameters = inspect.signature(entry).parameters
+    assert len(parameters) == 3
+    paths, settings, context = parameters.values()
+    assert (hints[paths.name], hints[settings.name]) == (stage.paths, stage.settings)
+    assert hints[context.name] is JobContext and context.default is IN_PROCESS
 
 
 @pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.rule)

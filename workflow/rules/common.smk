@@ -26,7 +26,8 @@ from snaketune.track.live import Target, runs_table_url
 from snaketune.names import SPLITS
 from snaketune.provenance import write_invocation
 from snaketune.sharing import SHARED_FOLDER, TRACKING_LINK, Sharing, link_all
-from snaketune.settings import REPOSITORY_VARIABLE, ConfigView, to_json
+from snaketune.context import ATTEMPT_VARIABLE, REPOSITORY_VARIABLE
+from snaketune.settings import ConfigView, to_json
 from snaketune.data.settings import download_settings, resolve_url
 from snaketune.track.settings import mlflow_settings, sweep_names, sweep_points
 from snaketune.data.sources import (
@@ -54,7 +55,7 @@ from snaketune.tokenize.plan import (
 from snaketune.track.tracking_uri import effective_tracking_uri, redact, store_uri
 
 apply_preset(config, workflow.config_settings.config)  # the --config values
-validated(config, workflow.basedir)  # every problem by key, before any job; defaults filled
+validated(config, workflow.basedir, os.environ)  # every problem by key, before any job; defaults filled
 
 os.environ[REPOSITORY_VARIABLE] = str(workflow.basedir)  # the jobs' relative dataset paths
 # torch.compile's graphs, shared by the jobs (snaketune.train.compile_cache); the user's folder wins.

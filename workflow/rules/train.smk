@@ -46,5 +46,5 @@ rule train_model:
             "train_model",
             # CUDA_VISIBLE_DEVICES: the job's own resources.gpu devices (snaketune.gpus).
             launcher=f"{INTERPRETER} -m snaketune.gpus {{resources.gpu}} -- {INTERPRETER} {{params.launcher}}",
-            env="OMP_NUM_THREADS={params.threads_per_process} SNAKETUNE_ATTEMPT={resources.attempt}",
+            env=f"OMP_NUM_THREADS={{params.threads_per_process}} {ATTEMPT_VARIABLE}={{resources.attempt}}",
         )

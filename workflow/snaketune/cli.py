@@ -34,7 +34,8 @@ REPRODUCIBLE_BLAS = {"MKL_CBWR": "AUTO,STRICT", "MKL_DYNAMIC": "FALSE", "OMP_DYN
 for _name, _value in REPRODUCIBLE_BLAS.items():
     os.environ.setdefault(_name, _value)
 
-from snaketune.errors import (  # noqa: E402 (after the environment is set)
+from snaketune.context import JobContext  # noqa: E402 (after the environment is set)
+from snaketune.errors import (  # noqa: E402
     SnaketuneError,
     UsageError,
     is_out_of_memory,
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     stage, paths, settings = parse(argv)
     try:
-        stage.entry()(paths, read_settings(stage, settings))
+        context = JobContext.from_environment(os.environ)  # the one place that reads it
+        stage.entry()(paths, read_settings(stage, settings), context)
     except USER_ERRORS as err:
         # Known failure modes carry a message meant for the user; a traceback would bury it.
         print(error_line(stage.command, str(err)), file=sys.stderr)

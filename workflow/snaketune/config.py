@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from snaketune.checks import experiment_problems, instruction_problems
+from snaketune.context import PACKAGE_REPOSITORY, environment_problems
 from snaketune.data.settings import (
     DatasetSettings,
     TokenizerSettings,
@@ -24,12 +25,11 @@ from snaketune.errors import ConfigError
 from snaketune.names import SEQUENCE_CLASSIFICATION, name_problem, quote_problem
 from snaketune.schema import SCHEMA_PATH, config_schema
 from snaketune.sections import SECTIONS
-from snaketune.settings import ConfigView, SettingsError, repository
-from snaketune.track.live import live_after_problem
+from snaketune.settings import ConfigView, SettingsError
 from snaketune.track.sweep import WRITTEN, as_written, expand_sweeps
 from snaketune.track.tracking_uri import tracking_problems
 
-REPO = repository()
+REPO = PACKAGE_REPOSITORY
 SCHEMA = REPO / SCHEMA_PATH
 """The committed copy of the schema, for editors and readers: the checks here use
 config_schema(), made in the process."""
@@ -91,7 +91,10 @@ def schema_problems(config: dict[str, Any]) -> list[str]:
 
 
 def cross_checks(
-    config: dict[str, Any], base_dir: Path = REPO, given: dict[str, Any] | None = None
+    config: dict[str, Any],
+    base_dir: Path = REPO,
+    given: dict[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Checks across keys, on a config that already passed the schema (defaults filled): every
     dataset entry and every experiment's sections are built as the jobs will get them, so each
@@ -102,7 +105,7 @@ def cross_checks(
     problems += tracking_problems(config["mlflow"]["tracking_uri"])
     if problem := quote_problem(config["mlflow"]["experiment_name"], "MLflow experiment name"):
         problems.append(f"mlflow.experiment_name: {problem}")
-    problems += [problem] if (problem := live_after_problem()) else []
+    problems += environment_problems(environ or {})
     datasets = config["datasets"]
     view = ConfigView(config, base_dir)
     seen = set()
@@ -185,16 +188,21 @@ def settings_problems(view: ConfigView, experiment: str, where: str) -> list[str
     return problems
 
 
-def validated(config: dict[str, Any], base_dir: Path = REPO) -> dict[str, Any]:
+def validated(
+    config: dict[str, Any], base_dir: Path = REPO, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """The config checked, every problem at once (the schema's, then the cross-checks), with
-    the schema's defaults filled in, in place."""
+    the schema's defaults filled in, in place; `environ`, the workflow's environment, with it
+    (the variables its jobs read: snaketune.context)."""
     raise_if_invalid(expand_sweeps(config), "sweeps")  # then each point is checked as written
     written = {WRITTEN: config.pop(WRITTEN, None)}
     raise_if_invalid(as_written(schema_problems(config), written), "schema")
     given = copy.deepcopy(config)
     with_defaults(config, config_schema())
     whole_numbers(config, config_schema())
-    raise_if_invalid(as_written(cross_checks(config, base_dir, given), written), "cross-checks")
+    raise_if_invalid(
+        as_written(cross_checks(config, base_dir, given, environ), written), "cross-checks"
+    )
     return config
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from snaketune import __version__
+from snaketune.context import JobContext
 from snaketune.fileio import read_json, sha256_tree, write_json
 from snaketune.paths import INPUT, OUTPUT, Paths, is_list, path_fields
 from snaketune.stages import stage_of
@@ -57,6 +58,8 @@ class StageRecord:
     """{name: sha256} of what it wrote; left empty, every digested output of the job."""
     extra: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    tracker: live.Tracker | live.Offline = field(default_factory=live.Offline)
+    """The stage's MLflow run while it works: live when the job was given a tracking folder."""
 
     def add_input(self, name: str, path: Path, manifest_name: str = "") -> str:
         """Record one more input (a part of an input folder, say); returns its digest. An input
@@ -106,11 +109,13 @@ def stage_manifest(
     paths: Paths,
     settings: Any,
     *,
+    context: JobContext,
     params: dict[str, Any] | None = None,
     unread: tuple[str, ...] = (),
     known: dict[str, str] | None = None,
 ) -> Iterator[StageRecord]:
-    """Time the stage and write paths.manifest only if the stage body finished without error.
+    """Time the stage, track it (live in MLflow when the context names a tracking folder:
+    record.tracker) and write paths.manifest only if the stage body finished without error.
     Its params are the settings (and `params`); every input but the `unread` ones is digested
     first (but those whose digest the stage already `known`s), every output last."""
     stage = stage_of(paths)
@@ -122,7 +127,9 @@ def stage_manifest(
             record.add_input(name, path, paths.manifest.name)
     key = live.run_key(record.inputs, record.params)
     started_at, started = time.time(), time.perf_counter()
-    with live.tracking(live.StageStart(stage.folder, key, started_at, record.params)) as tracker:
+    start = live.StageStart(stage.folder, key, started_at, record.params)
+    with live.tracking(start, context.tracking, context.live_after_s) as tracker:
+        record.tracker = tracker
         yield record
         record.seconds = round(time.perf_counter() - started, 3)
         _write(paths, stage, record, key, started_at)

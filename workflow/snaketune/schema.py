@@ -29,9 +29,9 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from snaketune.context import PACKAGE_REPOSITORY
 from snaketune.data.settings import DatasetSettings
 from snaketune.sections import SECTIONS, ConfigKeys, ExperimentKeys
-from snaketune.settings import repository
 from snaketune.track.settings import MlflowSettings
 
 SCHEMA_PATH = Path("workflow") / "schemas" / "config.schema.yaml"
@@ -252,7 +252,7 @@ def readme_with_reference(readme: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    root = Path(argv[0]) if argv else repository()
+    root = Path(argv[0]) if argv else PACKAGE_REPOSITORY
     (root / SCHEMA_PATH).write_text(schema_text())
     readme = root / README
     readme.write_text(readme_with_reference(readme.read_text()))

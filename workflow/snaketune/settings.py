@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import types
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
@@ -145,14 +144,3 @@ class ConfigView:
 
     def section(self, cls: type, experiment: str, key: str) -> Any:
         return from_dict(cls, self.experiment(experiment)[key])
-
-
-REPOSITORY_VARIABLE = "SNAKETUNE_REPOSITORY"
-"""The workflow's repository, as the Snakefile found it (set for its jobs): relative dataset
-paths start there."""
-
-
-def repository() -> Path:
-    """Where a job resolves relative dataset paths: the running workflow's repository, else
-    this package's."""
-    return Path(os.environ.get(REPOSITORY_VARIABLE) or Path(__file__).resolve().parents[2])

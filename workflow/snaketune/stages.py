@@ -20,6 +20,7 @@ from dataclasses import Field, dataclass
 from importlib import import_module
 from typing import Any
 
+from snaketune.context import TRACKING_VARIABLE
 from snaketune.data.paths import CleanPaths, DownloadPaths, SplitPaths, TokenizerPaths
 from snaketune.data.settings import (
     CleanJob,
@@ -190,7 +191,7 @@ def shell_command(rule: str, launcher: str = CLI, env: str = "") -> str:
         f"{flag(f)} {{{f.metadata['role']}.{f.name}:q}}" for f in path_fields(stage.paths)
     )
     if rule in LIVE:
-        env = f"SNAKETUNE_TRACKING={{params.tracking:q}} {env}".strip()
+        env = f"{TRACKING_VARIABLE}={{params.tracking:q}} {env}".strip()
     prefix = f"{env} " if env else ""
     return (
         f"{prefix}{launcher} {stage.command} {paths} --settings {{params.settings:q}}"

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from snaketune import tables
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.data.paths import CleanPaths
 from snaketune.data.quality import quality_problem
 from snaketune.data.reading import EMPTY_RESPONSE, compose_instruction, compose_texts, read_records
@@ -165,10 +166,10 @@ def clean_documents(
     return pd.DataFrame(rows, columns=columns).astype("string")
 
 
-def clean_corpus(paths: CleanPaths, job: CleanJob) -> CleanReport:
+def clean_corpus(paths: CleanPaths, job: CleanJob, context: JobContext = IN_PROCESS) -> CleanReport:
     read, settings = job.read, job.clean
     source = pick_member(paths.raw, job.member)
-    with stage_manifest(paths, job) as record:
+    with stage_manifest(paths, job, context=context) as record:
         frame, bad = read_records(source, read)
         report = CleanReport(input_records=len(frame), undecodable_bytes_replaced=bad)
         # Composed first: it names every missing column at once.

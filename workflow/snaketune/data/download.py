@@ -21,6 +21,7 @@ import zlib
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.data.hub import fetch_from_hub
 from snaketune.data.paths import DownloadPaths
 from snaketune.data.settings import URL_SCHEMES, DownloadSettings, resolve_url
@@ -28,7 +29,6 @@ from snaketune.data.sources import local_source, remember
 from snaketune.errors import DownloadError
 from snaketune.fileio import atomic_dir, sha256_file
 from snaketune.manifest import stage_manifest
-from snaketune.settings import repository
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def file_name_of(url: str) -> str:
     return name or "download"
 
 
-def fetch(settings: DownloadSettings, partial_dir: Path) -> Path:
+def fetch(settings: DownloadSettings, partial_dir: Path, repository: Path) -> Path:
     """Return a local file holding the verified bytes of `settings.url`."""
     parsed = urlparse(settings.url)
     if parsed.scheme not in SCHEMES:
@@ -56,7 +56,7 @@ def fetch(settings: DownloadSettings, partial_dir: Path) -> Path:
     elif parsed.scheme == "hf":
         source = fetch_from_hub(settings.url)  # a file in the hub's cache: read, never removed
     else:
-        local = resolve_url(settings.url, repository())
+        local = resolve_url(settings.url, repository)
         source = Path(unquote(parsed.path) if parsed.scheme == "file" else local)
         if not source.is_file():
             raise DownloadError(f"dataset file {source} does not exist (url: {settings.url})")
@@ -217,11 +217,13 @@ def _untar(source: Path, target: Path, max_bytes: int) -> list[str]:
     return written
 
 
-def download_dataset(paths: DownloadPaths, settings: DownloadSettings) -> list[str]:
+def download_dataset(
+    paths: DownloadPaths, settings: DownloadSettings, context: JobContext = IN_PROCESS
+) -> list[str]:
     """Fetch, verify and unpack into paths.files (atomically); write the stage manifest."""
     partial_dir = paths.files.parent / ".partial"
-    with stage_manifest(paths, settings) as record:
-        source = fetch(settings, partial_dir)
+    with stage_manifest(paths, settings, context=context) as record:
+        source = fetch(settings, partial_dir, context.repository)
         with atomic_dir(paths.files) as tmp:
             files = unpack(source, file_name_of(settings.url), tmp, settings.max_unpacked_bytes)
             record.outputs = {f: sha256_file(tmp / f) for f in files}

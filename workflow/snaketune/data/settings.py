@@ -557,8 +557,8 @@ def dataset_of(view: ConfigView, experiment: str) -> DatasetSettings:
 
 
 def download_settings(view: ConfigView, dataset: str) -> DownloadSettings:
-    """The url as configured: a relative path is resolved by the job (repository()), so that
-    a moved or cloned checkout has the same download params and nothing to rerun."""
+    """The url as configured: a relative path is resolved by the job (JobContext.repository),
+    so that a moved or cloned checkout has the same download params and nothing to rerun."""
     ds = dataset_settings(view, dataset)
     return DownloadSettings(
         url=ds.url,

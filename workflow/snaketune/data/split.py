@@ -12,6 +12,7 @@ import hashlib
 
 import pandas as pd
 
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.data.clean import normalize_for_match
 from snaketune.data.dedup import NearDuplicateReport, find_near_duplicates
 from snaketune.data.paths import SplitPaths
@@ -36,9 +37,11 @@ def assign_splits(texts: pd.Series, settings: SplitSettings) -> pd.Series:
     return pd.Series(names, index=texts.index, dtype="string")
 
 
-def split_corpus(paths: SplitPaths, settings: SplitSettings) -> dict[str, int]:
+def split_corpus(
+    paths: SplitPaths, settings: SplitSettings, context: JobContext = IN_PROCESS
+) -> dict[str, int]:
     """Write each split (train, val, test) to its path; the manifest records their sha256."""
-    with stage_manifest(paths, settings) as record:
+    with stage_manifest(paths, settings, context=context) as record:
         docs = pd.read_parquet(paths.corpus)
         docs["split"] = assign_splits(docs["text"], settings).values
         report = None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.data.paths import TokenizerPaths
 from snaketune.data.settings import TokenizerSettings
 from snaketune.errors import TokenizerError, not_loadable
@@ -58,9 +59,11 @@ def load_pretrained(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def prepare_tokenizer(paths: TokenizerPaths, settings: TokenizerSettings) -> int:
+def prepare_tokenizer(
+    paths: TokenizerPaths, settings: TokenizerSettings, context: JobContext = IN_PROCESS
+) -> int:
     unread = () if settings.kind == "bpe" else ("train",)  # a pretrained one reads no split
-    with stage_manifest(paths, settings, unread=unread) as record:
+    with stage_manifest(paths, settings, context=context, unread=unread) as record:
         if settings.kind == "bpe":
             tokenizer = train_bpe(paths.train, settings)
         else:

@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 
 from snaketune import plots, tables
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.evaluate.generation import compile_generation, generate_many
 from snaketune.evaluate.metrics import load_metric
 from snaketune.evaluate.ngram import bigram_baseline
@@ -231,13 +232,13 @@ def write_predictions(
     write_table(pd.DataFrame(rows, columns=["text", "label", "predicted"]), samples_path)
 
 
-def evaluate_model(paths: EvaluatePaths, job: EvalJob) -> dict:
+def evaluate_model(paths: EvaluatePaths, job: EvalJob, context: JobContext = IN_PROCESS) -> dict:
     from transformers import AutoTokenizer
 
     data = TokenizedData.read(paths.tokenize_manifest, paths.shards)
     settings, test_shards = job.evaluate, data.split(TEST)
     placement = place(job.device, job.precision)
-    with stage_manifest(paths, job) as record:
+    with stage_manifest(paths, job, context=context) as record:
         record.add_input("test_shards", test_shards)
         torch.manual_seed(settings.seed)
         model = load_trained(paths.model, job.task, placement.device.type)
@@ -269,7 +270,7 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob) -> dict:
         write_json(paths.metrics, metrics)
         tables.metrics_page(metrics, paths.metrics_html)
         tables.csv_page(paths.samples, paths.samples_html, "Samples")
-        live.current().log(live.numeric_metrics(metrics, live.EVAL_PREFIX), step=0)
+        record.tracker.log(live.numeric_metrics(metrics, live.EVAL_PREFIX), step=0)
         record.counts = {"test_rows": len(test)}
         if job.compile_mode:  # what the compiled scoring found in the compile cache
             record.extra["compile_cache"] = compile_cache.usage()

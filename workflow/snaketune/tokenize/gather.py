@@ -9,6 +9,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_dir, read_json
 from snaketune.manifest import recorded_paths, stage_manifest
@@ -95,10 +96,12 @@ def gather_split(
     return stats, listed
 
 
-def gather_shards(paths: GatherPaths, job: TokenizeJob) -> dict[str, SplitStats]:
+def gather_shards(
+    paths: GatherPaths, job: TokenizeJob, context: JobContext = IN_PROCESS
+) -> dict[str, SplitStats]:
     plan = read_json(paths.plan)
     partitions = partitions_by_name(paths)
-    with stage_manifest(paths, job) as record:
+    with stage_manifest(paths, job, context=context) as record:
         stats, listed = {}, {}
         with atomic_dir(paths.shards) as tmp:
             dtype = token_dtype(plan["vocab_size"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_dir, read_json
 from snaketune.manifest import stage_manifest
@@ -92,7 +93,9 @@ def packing_of(job: PartitionJob):
     return pack_documents if per_document else pack_blocks
 
 
-def tokenize_partition(paths: PartitionPaths, job: PartitionJob) -> PartitionCounts:
+def tokenize_partition(
+    paths: PartitionPaths, job: PartitionJob, context: JobContext = IN_PROCESS
+) -> PartitionCounts:
     plan = read_json(paths.plan)
     split_plan = split_plans(plan)[job.split]
     found = pq.ParquetFile(paths.split_file).metadata.num_rows
@@ -102,7 +105,7 @@ def tokenize_partition(paths: PartitionPaths, job: PartitionJob) -> PartitionCou
             f"{split_plan.rows}; rerun the plan (snakemake reruns it when the split is newer)"
         )
     rows = split_plan.ranges[job.part]
-    with stage_manifest(paths, job, params={"rows": list(rows)}) as record:
+    with stage_manifest(paths, job, context=context, params={"rows": list(rows)}) as record:
         with atomic_dir(paths.shards) as tmp:
             counts, shards = tokenize_rows(paths.split_file, rows, paths.encoder, tmp, job, plan)
         record.counts = asdict(counts)

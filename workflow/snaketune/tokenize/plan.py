@@ -24,6 +24,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_path, read_json, sha256_tree, write_json
 from snaketune.names import SEQUENCE_CLASSIFICATION, SPLITS, TEST, TRAIN, VAL
@@ -148,7 +149,7 @@ def label_vocabulary(train_split: Path) -> list[str]:
     return sorted(names)
 
 
-def plan_partitions(paths: PlanPaths, job: TokenizeJob) -> dict:
+def plan_partitions(paths: PlanPaths, job: TokenizeJob, context: JobContext = IN_PROCESS) -> dict:
     """Write the plan every partition job follows (row ranges, label names, tokenizer facts, the
     encoder chosen and why) and the tokenizer they all run, so no partition job needs
     transformers."""

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from snaketune.errors import ConfigError
 from snaketune.fileio import read_json, write_json
 from snaketune.settings import config_hash
 from snaketune.track.settings import TrackSettings
@@ -42,8 +41,6 @@ from snaketune.track.tracking_uri import effective_tracking_uri, redact, store_u
 
 log = logging.getLogger(__name__)
 
-TRACKING_VARIABLE = "SNAKETUNE_TRACKING"
-"""Set by the rules of the stages that track live: the experiment's tracking folder."""
 TARGET = "target.json"
 PARENT = "parent"
 STAGE_TAG = "snaketune.stage"
@@ -70,12 +67,6 @@ FLUSH_S = 1.0
 """How long points gather before a batch goes out."""
 RETRY_S = 10.0
 """How long after a failed call the sender tries the server again."""
-LIVE_AFTER_S = 3.0
-"""How long a stage works before its sender connects. A stage done sooner never loads MLflow (a
-second or two of CPU per job, a thousand jobs in a sweep); the track job records its run from
-the manifest, with the same times. Runs worth watching take longer than this. The environment
-variable LIVE_AFTER_VARIABLE overrides it (0: connect at once, to watch short stages)."""
-LIVE_AFTER_VARIABLE = "SNAKETUNE_LIVE_AFTER_S"
 END_WAIT_S = 10.0
 """How long a finished stage waits for its last batch and its run's end to reach the server."""
 BATCH = 1000  # MLflow's most metrics per log_batch call
@@ -509,9 +500,10 @@ class Tracker:
     """A stage's live run. log() and end() never raise and never wait for the server (end waits
     at most END_WAIT_S for the last batch)."""
 
-    def __init__(self, target: Target, folder: Path, start: StageStart):
+    def __init__(self, target: Target, folder: Path, start: StageStart, live_after_s: float):
         self.target, self.folder, self.start = target, Path(folder), start
-        self.live_after_s = live_after_s()
+        self.live_after_s = live_after_s
+        """How long the stage works before the sender connects (snaketune.context)."""
         self.queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
         self.dropped = 0
         self.sent = 0
@@ -667,59 +659,24 @@ class Offline:
         pass
 
 
-_current: Tracker | Offline = Offline()
-
-
-def current() -> Tracker | Offline:
-    """The running stage's tracker (Offline outside a tracked stage)."""
-    return _current
-
-
 def status_of(err: BaseException) -> str:
     """KILLED for a stop asked from outside (SIGTERM, Ctrl-C), FAILED for anything else."""
     return "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
 
 
 @contextlib.contextmanager
-def tracking(start: StageStart) -> Iterator[Tracker | Offline]:
-    """The stage's tracker while its body runs: live when the rule named a tracking folder with a
-    target in it, else Offline. The body's exit ends the run (see Tracker.end's callers)."""
-    global _current
-    folder = os.environ.get(TRACKING_VARIABLE)
+def tracking(
+    start: StageStart, folder: Path | None, live_after_s: float
+) -> Iterator[Tracker | Offline]:
+    """The stage's tracker while its body runs: live when the job was given a tracking folder
+    (JobContext.tracking) with a target in it, else Offline. The body's exit ends the run (see
+    Tracker.end's callers)."""
     target = Target.read(Path(folder)) if folder else None
-    tracker: Tracker | Offline = Offline() if target is None else Tracker(target, folder, start)
-    _current = tracker
+    tracker: Tracker | Offline = (
+        Offline() if target is None else Tracker(target, folder, start, live_after_s)
+    )
     try:
         yield tracker
     except BaseException as err:
         tracker.end(status_of(err))
         raise
-    finally:
-        _current = Offline()
-
-
-def live_after_s() -> float:
-    """LIVE_AFTER_S, or the seconds LIVE_AFTER_VARIABLE sets (checked before any job by
-    live_after_problem)."""
-    problem = live_after_problem()
-    if problem:
-        raise ConfigError(problem)
-    value = os.environ.get(LIVE_AFTER_VARIABLE)
-    return LIVE_AFTER_S if value is None else float(value)
-
-
-def live_after_problem() -> str | None:
-    value = os.environ.get(LIVE_AFTER_VARIABLE)
-    if value is None:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = float("nan")
-    if seconds >= 0:
-        return None
-    return (
-        f"{LIVE_AFTER_VARIABLE}={value!r} (environment): expected seconds >= 0, how long a stage "
-        f"works before it connects to the tracking server; unset it for the default "
-        f"{LIVE_AFTER_S:g}"
-    )

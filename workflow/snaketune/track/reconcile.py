@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.errors import TrackingError
 from snaketune.evaluate.paths import EvaluatePaths
 from snaketune.fileio import atomic_path, read_json, sha256_file, write_json
@@ -187,7 +188,9 @@ class StageTimes:
         return cls(ms(started), ms(started + manifest.get("seconds", 0.0)))
 
 
-def track_experiment(paths: TrackPaths, settings: TrackSettings) -> dict[str, str]:
+def track_experiment(
+    paths: TrackPaths, settings: TrackSettings, context: JobContext = IN_PROCESS
+) -> dict[str, str]:
     """Make MLflow agree with the experiment's stages (found through their manifests); write
     the run ids to paths.runs."""
     files = UploadFiles.recorded(paths)

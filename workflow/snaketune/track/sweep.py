@@ -25,6 +25,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.names import name_problem
 from snaketune.sections import SECTIONS
 from snaketune.track.live import SWEEP_TAG
@@ -191,14 +192,16 @@ def point_name(sweep: str, point: dict[str, Any]) -> str:
 # --- the summary job ---------------------------------------------------------------------------
 
 
-def summarize_sweep(paths: SweepPaths, settings: SweepSettings) -> list[dict[str, Any]]:
+def summarize_sweep(
+    paths: SweepPaths, settings: SweepSettings, context: JobContext = IN_PROCESS
+) -> list[dict[str, Any]]:
     """Write the sweep's table and plot, and log them to the sweep's MLflow run."""
     from snaketune import plots, tables
     from snaketune.fileio import read_json
     from snaketune.manifest import stage_manifest
     from snaketune.track.model_card import headline
 
-    with stage_manifest(paths, settings) as record:
+    with stage_manifest(paths, settings, context=context) as record:
         rows = []
         points = zip(settings.experiments, paths.metrics, paths.runs, strict=True)
         for experiment, metrics_path, runs_path in points:

@@ -9,14 +9,13 @@ snakemake invocation (attempt 1) always runs, since the user may have fixed the 
 out-of-memory step needs no retry of the job: the trainer takes it again with a smaller
 micro-batch (snaketune.train.trainer.step_within_memory).
 
-The rule hands the attempt to the job as SNAKETUNE_ATTEMPT; why an attempt failed is
-<state_dir>/failure.json, beside the checkpoints.
+The rule hands the attempt to the job as SNAKETUNE_ATTEMPT (JobContext.attempt); why an attempt
+failed is <state_dir>/failure.json, beside the checkpoints.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from typing import Any
 from snaketune.errors import SnaketuneError, TrainingError
 from snaketune.fileio import read_json, write_json
 
-ATTEMPT_VARIABLE = "SNAKETUNE_ATTEMPT"
 RECORD = "failure.json"
 STOPPED = "stopped"
 """Stopped from outside (SIGTERM, Ctrl-C): a retry resumes from the checkpoint."""
@@ -43,10 +41,10 @@ def cause_of(err: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def attempt(state_dir: Path) -> Iterator[dict[str, Any]]:
-    """One attempt of the job: refused when it is a retry of an error; why it failed, if it
-    does, recorded for the next. Yields what the manifest says about it."""
-    number = int(os.environ.get(ATTEMPT_VARIABLE) or 1)
+def attempt(state_dir: Path, number: int) -> Iterator[dict[str, Any]]:
+    """Attempt `number` of the job (JobContext.attempt): refused when it is a retry of an
+    error; why it failed, if it does, recorded for the next. Yields what the manifest says
+    about it."""
     path = Path(state_dir) / RECORD
     previous = read_json(path) if path.exists() else None
     if number > 1 and previous and previous["cause"] == ERROR:

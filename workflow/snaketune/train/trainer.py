@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from snaketune import plots
+from snaketune.context import IN_PROCESS, JobContext
 from snaketune.data.sources import model_source_digest
 from snaketune.errors import TrainingError
 from snaketune.evaluate.perplexity import perplexity
@@ -514,15 +515,25 @@ def read_now(run: Run, step: int) -> bool:
     )
 
 
-def train_steps(run: Run, progress: Progress) -> Progress:
+OFFLINE = live.Offline()
+"""No live run: a process other than 0, or training called in-process."""
+
+
+def train_steps(
+    run: Run, progress: Progress, tracker: live.Tracker | live.Offline = OFFLINE
+) -> Progress:
+    """Train until max_steps, early stopping or a stop asked from outside; each step's values
+    go to `tracker` (the stage's live run: process 0's)."""
     try:
         with StopRequested() as stop:
-            return steps_until_done(run, progress, stop)
+            return steps_until_done(run, progress, stop, tracker)
     finally:
         run.ahead.close()
 
 
-def steps_until_done(run: Run, progress: Progress, stop: StopRequested) -> Progress:
+def steps_until_done(
+    run: Run, progress: Progress, stop: StopRequested, tracker: live.Tracker | live.Offline
+) -> Progress:
     from tqdm import tqdm
 
     s = run.settings
@@ -547,7 +558,7 @@ def steps_until_done(run: Run, progress: Progress, stop: StopRequested) -> Progr
         progress.step, row = rows[-1]["step"], rows[-1]
         if progress.step % s.eval_every == 0 or progress.step == s.max_steps:
             evaluate_and_track_best(run, progress, row)
-        live.current().log_rows(rows)  # queued; never waits for the server
+        tracker.log_rows(rows)  # queued; never waits for the server
         # Asked of every process at once (SIGTERM may reach only some); a read point already
         # waited for the device.
         stopping = distributed.any_rank(stop.requested, run.device)
@@ -856,7 +867,7 @@ def restore_rng(state: dict, world: distributed.World) -> None:
         )
 
 
-def train_model(paths: TrainPaths, job: TrainJob) -> list[dict]:
+def train_model(paths: TrainPaths, job: TrainJob, context: JobContext = IN_PROCESS) -> list[dict]:
     world = distributed.start()
     if world.size > 1:  # where each process runs: which agent (node) and which rendezvous
         log.info(
@@ -874,8 +885,8 @@ def train_model(paths: TrainPaths, job: TrainJob) -> list[dict]:
             progress = train_steps(run, resume_run(run))
             final_state(run, progress)  # its part of the last checkpoint and of the weights
             return progress.history
-        with attempts.attempt(paths.state_dir) as this_attempt:
-            return train_as_main(paths, job, world, this_attempt)
+        with attempts.attempt(paths.state_dir, context.attempt) as this_attempt:
+            return train_as_main(paths, job, world, this_attempt, context)
     finally:
         distributed.stop()
 
@@ -890,12 +901,16 @@ def final_state(run: Run, progress: Progress) -> dict:
 
 
 def train_as_main(
-    paths: TrainPaths, job: TrainJob, world: distributed.World, this_attempt: dict
+    paths: TrainPaths,
+    job: TrainJob,
+    world: distributed.World,
+    this_attempt: dict,
+    context: JobContext,
 ) -> list[dict]:
     data = TokenizedData.read(paths.tokenize_manifest, paths.shards)
     before_model = resident_bytes("VmRSS")  # what the process held before the model
     run = prepare_run(data, paths.state_dir, job, world)
-    with stage_manifest(paths, job, known={"shards": run.data_digest}) as record:
+    with stage_manifest(paths, job, context=context, known={"shards": run.data_digest}) as record:
         progress = resume_run(run)
         resumed_from = progress.step
         footprint = parameter_footprint(run.model)  # before save_final merges any adapter
@@ -907,8 +922,8 @@ def train_as_main(
             world.size,
             resumed_from,
         )
-        with sample_system_metrics(paths.system_metrics, run.device, live.current()):
-            progress = train_steps(run, progress)
+        with sample_system_metrics(paths.system_metrics, run.device, record.tracker):
+            progress = train_steps(run, progress, record.tracker)
         weights = final_state(run, progress)  # before save_final, which merges LoRA in
         if job.train.early_stopping_patience and progress.best_step:
             load_best(paths.state_dir, run.model)  # the best evaluated weights are the result

@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from snaketune.evaluate.settings import GREEDY
-from snaketune.names import CAUSAL_LM
 from snaketune.settings import AUTO
+from snaketune.tasks import task_of
 from snaketune.tokenize.settings import ACROSS_DOCUMENTS, DOCUMENTS_APART, FAST_ENCODER, HF_ENCODER
 from snaketune.train.settings import NO_QUANTIZATION, TRANSFORMERS
 
@@ -58,7 +58,7 @@ def quantization_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
         problems.append(
             ("model.quantization", "quantized weights are not sharded by fsdp: use ddp")
         )
-    if exp["task"] != CAUSAL_LM:
+    if not task_of(exp["task"]).predicts_tokens:
         problems.append(
             (
                 "model.quantization",
@@ -111,7 +111,7 @@ def decoding_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[
 
 def encoder_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
     """The fast encoder makes causal_lm rows only (snaketune.tokenize.encoder)."""
-    if exp["task"] != CAUSAL_LM and exp["tokenize"]["encoder"] == FAST_ENCODER:
+    if not task_of(exp["task"]).predicts_tokens and exp["tokenize"]["encoder"] == FAST_ENCODER:
         return [
             (
                 "tokenize.encoder",
@@ -208,7 +208,7 @@ def adapter_problems(given: dict[str, Any]) -> list[tuple[str, str]]:
 
 def task_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:
     """Keys that only the other task uses."""
-    lm = exp["task"] == CAUSAL_LM
+    lm = task_of(exp["task"]).predicts_tokens
     unused = {
         "tokenize": {"max_length"} if lm else {"block_size", "packing"},
         "evaluate": set()
@@ -235,7 +235,7 @@ def context_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
     when pretrained), and strides that leave no token unscored."""
     model, tokenize, evaluate = exp["model"], exp["tokenize"], exp["evaluate"]
     problems = []
-    if exp["task"] == CAUSAL_LM:
+    if task_of(exp["task"]).predicts_tokens:
         asked = {"tokenize.block_size": tokenize["block_size"]}
         context = evaluate["context_length"] or tokenize["block_size"]
         if evaluate["context_length"]:
@@ -301,7 +301,7 @@ def instruction_problems(
     """Answers are generated and scored only for instruction data; packed examples (and
     documents_apart) are kept apart only by attention (snaketune.train.batches), which the LSTM has
     not; documents_apart is a plain-text packing."""
-    if exp["task"] != CAUSAL_LM:
+    if not task_of(exp["task"]).predicts_tokens:
         return []
     packing = exp["tokenize"]["packing"]
     if instruction and packing == DOCUMENTS_APART:

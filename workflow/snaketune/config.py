@@ -22,10 +22,11 @@ from snaketune.data.settings import (
     read_settings_for,
 )
 from snaketune.errors import ConfigError
-from snaketune.names import SEQUENCE_CLASSIFICATION, name_problem, quote_problem
+from snaketune.names import name_problem, quote_problem
 from snaketune.schema import SCHEMA_PATH, config_schema
 from snaketune.sections import SECTIONS
 from snaketune.settings import ConfigView, SettingsError
+from snaketune.tasks import task_of
 from snaketune.track.sweep import WRITTEN, as_written, expand_sweeps
 from snaketune.track.tracking_uri import tracking_problems
 
@@ -124,7 +125,10 @@ def cross_checks(
                 f"allowed values are {sorted(datasets)}"
             )
             continue
-        if exp["task"] == SEQUENCE_CLASSIFICATION and not datasets[exp["dataset"]]["label_column"]:
+        if (
+            not task_of(exp["task"]).predicts_tokens
+            and not datasets[exp["dataset"]]["label_column"]
+        ):
             problems.append(
                 f"{where}.task: sequence_classification needs datasets."
                 f"{exp['dataset']}.label_column to be set"

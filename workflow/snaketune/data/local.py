@@ -19,9 +19,10 @@ from snaketune.data.settings import clean_job, download_settings, split_settings
 from snaketune.data.split import split_corpus
 from snaketune.data.tokenizer import prepare_tokenizer
 from snaketune.evaluate.paths import EvaluatePaths
-from snaketune.names import SEQUENCE_CLASSIFICATION, SPLITS
+from snaketune.names import SPLITS
 from snaketune.paths import output_names
 from snaketune.settings import ConfigView
+from snaketune.tasks import task_of
 from snaketune.tokenize.one_process import tokenize_in_one_process
 from snaketune.tokenize.paths import GatherPaths
 from snaketune.tokenize.settings import tokenize_job
@@ -43,7 +44,7 @@ def demo_config(
     if not instruction:
         dataset.pop("prompt_column", None)
         dataset.pop("response_column", None)
-    classify = task == SEQUENCE_CLASSIFICATION
+    classify = not task_of(task).predicts_tokens
     experiment = {
         "name": DEMO_EXPERIMENT,
         "dataset": DEMO_DATASET,

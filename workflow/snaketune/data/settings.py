@@ -11,8 +11,9 @@ from pathlib import Path, PurePosixPath
 from typing import ClassVar
 from urllib.parse import urlparse
 
-from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION, SPLITS
+from snaketune.names import SPLITS
 from snaketune.settings import ConfigView, SettingsError, from_dict, raise_problems, setting
+from snaketune.tasks import task_of
 
 FORMATS = ("txt", "jsonl", "csv", "tsv", "parquet")
 
@@ -576,7 +577,7 @@ def read_settings_for(
     """How an experiment reads its dataset: the label column only matters to classification,
     the prompt and response columns only to a causal LM, a pretrained tokenizer's chat template
     only to instruction data without a text_template."""
-    lm = task == CAUSAL_LM
+    lm = task_of(task).predicts_tokens
     chat = (
         tokenizer.name_or_path
         if lm and dataset.is_instruction and not text_template and tokenizer
@@ -585,7 +586,7 @@ def read_settings_for(
     return ReadSettings(
         format=dataset.format,
         text_column=dataset.text_column,
-        label_column=dataset.label_column if task == SEQUENCE_CLASSIFICATION else None,
+        label_column=dataset.label_column if not task_of(task).predicts_tokens else None,
         text_template=text_template,
         prompt_column=dataset.prompt_column if lm else None,
         response_column=dataset.response_column if lm else None,

@@ -30,8 +30,9 @@ from snaketune.evaluate.qa import answer_nll, answer_protocol, evaluate_answers
 from snaketune.evaluate.settings import EvalJob, EvalSettings
 from snaketune.fileio import atomic_path, write_json
 from snaketune.manifest import stage_manifest
-from snaketune.names import CAUSAL_LM, TEST, TRAIN
+from snaketune.names import TEST, TRAIN
 from snaketune.settings import SettingsError
+from snaketune.tasks import task_of
 from snaketune.tokenize.shards import TokenizedData, read_shards
 from snaketune.track import live
 from snaketune.train import compile_cache, lm_loss
@@ -248,7 +249,7 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob, context: JobContext = IN_
         if job.compile_mode and placement.cuda:
             compile_generation(model, job.compile_mode)
         test = TokenRows.open(data, TEST)
-        if job.task == CAUSAL_LM:
+        if task_of(job.task).predicts_tokens:
             metrics = evaluate_lm(model, tokenizer, test, data, job, paths, placement)
         else:
             labels = data.label_names
@@ -263,7 +264,7 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob, context: JobContext = IN_
             write_predictions(paths.test, test_shards, predictions, labels, paths.samples)
         metrics["test_rows"] = len(test)
         metrics["device"] = placement.describe()
-        if job.task == CAUSAL_LM:
+        if task_of(job.task).predicts_tokens:
             plots.nll_by_position(metrics.pop("nll_by_position"), paths.plot)
         else:
             plots.confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], paths.plot)

@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 
 from snaketune.errors import CorpusError
 from snaketune.fileio import read_json
-from snaketune.names import INSTRUCTION_COLUMNS, SEQUENCE_CLASSIFICATION
+from snaketune.names import INSTRUCTION_COLUMNS
+from snaketune.tasks import task_of
 from snaketune.tokenize.settings import FAST_ENCODER, HF_ENCODER, TokenizeJob
 
 PLAIN_TOKENIZER_CLASS = "TokenizersBackend"
@@ -116,7 +117,7 @@ def eos_appending(tokenizer: TokenizerFacts):
 
 def encoder_for(tokenizer: TokenizerFacts, job: TokenizeJob):
     """The tokenizers copy the plan writes as encoder.json, the reference for every encoder."""
-    if job.task == SEQUENCE_CLASSIFICATION:
+    if not task_of(job.task).predicts_tokens:
         return truncating(tokenizer, job.tokenize.max_length)
     return eos_appending(tokenizer)
 
@@ -339,7 +340,7 @@ def choose_encoder(
     use it an error."""
     if setting == HF_ENCODER:
         return EncoderChoice(HF_ENCODER, "tokenize.encoder is 'hf'")
-    if job.task == SEQUENCE_CLASSIFICATION:
+    if not task_of(job.task).predicts_tokens:
         return EncoderChoice(
             HF_ENCODER,
             "classification rows are truncated with the model's special tokens, which "

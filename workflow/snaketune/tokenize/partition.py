@@ -16,7 +16,8 @@ from snaketune.context import IN_PROCESS, JobContext
 from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_dir, read_json
 from snaketune.manifest import stage_manifest
-from snaketune.names import INSTRUCTION_COLUMNS, SEQUENCE_CLASSIFICATION, TRAIN
+from snaketune.names import INSTRUCTION_COLUMNS, TRAIN
+from snaketune.tasks import task_of
 from snaketune.tokenize.encoder import encoded_batches, encoder_from_plan
 from snaketune.tokenize.packing import (
     PartitionCounts,
@@ -68,7 +69,7 @@ def tokenize_rows(
 ) -> tuple[PartitionCounts, list[ShardStats]]:
     settings = job.tokenize
     encoder = encoder_from_plan(plan, encoder_path)
-    classify = job.task == SEQUENCE_CLASSIFICATION
+    classify = not task_of(job.task).predicts_tokens
     columns = ["doc_id", "text", "label"] if classify else ["text"]
     if job.instruction:
         columns = list(INSTRUCTION_COLUMNS)

@@ -27,8 +27,9 @@ import pyarrow.parquet as pq
 from snaketune.context import IN_PROCESS, JobContext
 from snaketune.errors import CorpusError
 from snaketune.fileio import atomic_path, read_json, sha256_tree, write_json
-from snaketune.names import SEQUENCE_CLASSIFICATION, SPLITS, TEST, TRAIN, VAL
+from snaketune.names import SPLITS, TEST, TRAIN, VAL
 from snaketune.settings import AUTO
+from snaketune.tasks import task_of
 from snaketune.tokenize.encoder import (
     FAST_ENCODER_MAX_PARTITION_BYTES,
     choose_encoder,
@@ -155,7 +156,7 @@ def plan_partitions(paths: PlanPaths, job: TokenizeJob, context: JobContext = IN
     transformers."""
     tokenizer = tokenizer_facts(paths.tokenizer)
     splits = {name: getattr(paths, name) for name in SPLITS}
-    classify = job.task == SEQUENCE_CLASSIFICATION
+    classify = not task_of(job.task).predicts_tokens
     split_plan = plan_splits(splits, job.tokenize.partitions)
     plan = {
         "task": job.task,

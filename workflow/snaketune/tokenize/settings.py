@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from snaketune.data.settings import dataset_of
-from snaketune.names import CAUSAL_LM
 from snaketune.settings import AUTO, ConfigView, check_task, raise_problems, setting
+from snaketune.tasks import task_of
 
 LM_PACKINGS = ("across_documents", "per_document", "documents_apart")
 
@@ -117,7 +117,7 @@ class TokenizeJob:
     def layout(self) -> str:
         """How the rows are made: the LM packing (of instruction examples, for instruction
         data), or one row per classification example."""
-        if self.task != CAUSAL_LM:
+        if not task_of(self.task).predicts_tokens:
             return self.task
         return f"instruction_{self.tokenize.packing}" if self.instruction else self.tokenize.packing
 
@@ -125,7 +125,7 @@ class TokenizeJob:
     def packs_examples(self) -> bool:
         """Train rows may hold several instruction examples, which training keeps apart."""
         return (
-            self.task == CAUSAL_LM
+            task_of(self.task).predicts_tokens
             and self.instruction
             and self.tokenize.packing == ACROSS_DOCUMENTS
         )
@@ -135,7 +135,7 @@ class TokenizeJob:
         """Plain-text rows packed across documents, each document attending only to itself
         (snaketune.train.batches.TokenRows.separator)."""
         return (
-            self.task == CAUSAL_LM
+            task_of(self.task).predicts_tokens
             and not self.instruction
             and self.tokenize.packing == DOCUMENTS_APART
         )
@@ -157,7 +157,7 @@ class PartitionJob(TokenizeJob):
 def tokenize_job(view: ConfigView, experiment: str) -> TokenizeJob:
     tokenize = view.section(TokenizeSettings, experiment, "tokenize")
     task = view.experiment(experiment)["task"]
-    instruction = task == CAUSAL_LM and dataset_of(view, experiment).is_instruction
+    instruction = task_of(task).predicts_tokens and dataset_of(view, experiment).is_instruction
     return TokenizeJob(task=task, tokenize=tokenize, instruction=instruction)
 
 

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 
 from snaketune.errors import CorpusError
 from snaketune.fileio import PARQUET_ROW_GROUP_ROWS, read_json, sha256_file
-from snaketune.names import CAUSAL_LM
 from snaketune.settings import from_dict
+from snaketune.tasks import task_of
 from snaketune.tokenize.settings import TokenizeJob
 
 LM_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32()))])
@@ -47,7 +47,7 @@ def split_dir(shards: Path, split: str) -> Path:
 
 
 def schema_for(task: str, instruction: bool = False) -> pa.Schema:
-    if task != CAUSAL_LM:
+    if not task_of(task).predicts_tokens:
         return CLASSIFICATION_SCHEMA
     return INSTRUCTION_SCHEMA if instruction else LM_SCHEMA
 

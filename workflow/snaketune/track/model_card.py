@@ -9,30 +9,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION
+from snaketune.tasks import task_of
 from snaketune.track.tracking_uri import redact
 
 FILE_NAME = "README.md"
 """The card's name in the model's folders."""
-
-INTENDED_USE = {
-    CAUSAL_LM: (
-        "Continues text in the style and domain of its training corpus (the sampled "
-        "continuations in the evaluate run show what that looks like). It is a small model "
-        "trained from this corpus alone: it does not know facts beyond it, states wrong things "
-        "fluently, and repeats what the corpus says, its biases and personal data that "
-        "cleaning did not catch included. Use it to compare runs of this pipeline, or as a "
-        "draft generator whose output a person checks; not to answer users unchecked."
-    ),
-    SEQUENCE_CLASSIFICATION: (
-        "Assigns each text one of the labels above, as learned from the training split. Every "
-        "input gets one of them, however far it is from the training data; its errors follow "
-        "the confusion matrix of the evaluate run, and label noise in the data bounds what it "
-        "can learn. Use it on texts like the training corpus, and check its accuracy on your own "
-        "labelled sample before relying on it."
-    ),
-}
-
 
 HEADLINE = (
     "perplexity",
@@ -199,7 +180,7 @@ def model_card(
     ]
     if labels:
         lines += [f"Labels: {', '.join(f'`{label}`' for label in labels)}.", ""]
-    lines += [INTENDED_USE.get(task, "Not stated for this task."), ""]
+    lines += [task_of(task).intended_use, ""]
     lines += ["Every figure above is from the experiment's results' manifests.", ""]
     return "\n".join(lines)
 

@@ -37,11 +37,11 @@ from snaketune.errors import TrackingError
 from snaketune.evaluate.paths import EvaluatePaths
 from snaketune.fileio import atomic_path, read_json, sha256_file, write_json
 from snaketune.manifest import package_versions, recorded_paths
-from snaketune.names import CAUSAL_LM
 from snaketune.paths import OUTPUT, path_fields
 from snaketune.provenance import git_state, invocation_tags
 from snaketune.settings import config_hash
 from snaketune.stages import TRACKED, tracked_stage
+from snaketune.tasks import task_of
 from snaketune.track import lineage, live, registry
 from snaketune.track.live import (
     EVAL_PREFIX,
@@ -452,7 +452,7 @@ def _log_model(store: Store, settings: TrackSettings, files: UploadFiles, train_
         task,
         config.get("evaluate", {}),
         files.manifest("clean").get("instruction", {}).get("serving_template"),
-        context=rows.get("block_size" if task == CAUSAL_LM else "max_length", 0),
+        context=rows.get(task_of(task).row_limit, 0),
         name=settings.experiment,
     )
 

@@ -41,7 +41,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from snaketune.evaluate.settings import DECODINGS, GREEDY, SAMPLE, EvalSettings
-from snaketune.names import CAUSAL_LM
+from snaketune.tasks import task_of
 
 MODEL_ARTIFACT = "model"
 UNBOUNDED = 1 << 30
@@ -73,7 +73,7 @@ def signature(task: str):
     from mlflow.types.schema import AnyType
 
     params = None
-    if task == CAUSAL_LM:
+    if task_of(task).predicts_tokens:
         types = {
             "max_new_tokens": DataType.long,
             "decoding": DataType.string,
@@ -197,7 +197,7 @@ class ServedModel(mlflow.pyfunc.PythonModel):
         # length; unknown (0), the LSTM cuts nothing (it has no positions), a transformer cuts
         # to its positions.
         rows = int(config["context"]) or positions(self.model)
-        lm_context = self.settings.context_length if self.task == CAUSAL_LM else 0
+        lm_context = self.settings.context_length if task_of(self.task).predicts_tokens else 0
         self.context = lm_context or rows
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         # Prompts are cut to the context here (generation.prompt_ids), after they are encoded
@@ -208,7 +208,7 @@ class ServedModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None) -> list:
         texts = request_texts(model_input)
-        if self.task == CAUSAL_LM:
+        if task_of(self.task).predicts_tokens:
             # A prompt is cut to one token at least; the new ones must fit the positions.
             limit = min(MAX_NEW_TOKENS, positions(self.model) - 1)
             return self.generate(texts, request_settings(params, self.settings, limit))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from snaketune.names import CAUSAL_LM
+from snaketune.tasks import task_of
 from snaketune.tokenize.shards import TokenArrays, TokenizedData
 
 IGNORED_LABEL = -100  # the label transformers' losses skip
@@ -91,7 +91,7 @@ class TokenRows:
         ids[~real] = self.pad_token_id
         input_ids = torch.from_numpy(ids)
         position_ids = None
-        if self.task == CAUSAL_LM:
+        if task_of(self.task).predicts_tokens:
             ignored = ~real
             if self.arrays.targets is not None:  # instruction data: the response's tokens only
                 targets = self.arrays.targets[positions].astype(bool) & real

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from snaketune.errors import ModelError, not_loadable
-from snaketune.names import CAUSAL_LM
 from snaketune.settings import AUTO
+from snaketune.tasks import task_of
 from snaketune.train.settings import LLAMA, NO_QUANTIZATION, ModelSettings
 
 LSTM_CONFIG = "snaketune_lstm.json"
@@ -55,13 +55,13 @@ class LstmModel(nn.Module):
             dropout=config.dropout if config.n_layer > 1 else 0.0,
         )
         self.drop = nn.Dropout(config.dropout)
-        out = config.vocab_size if config.task == CAUSAL_LM else config.num_labels
+        out = task_of(config.task).head_size(config.vocab_size, config.num_labels)
         self.head = nn.Linear(config.n_embd, out)
 
     def forward(self, input_ids, attention_mask=None, labels=None):
         hidden, _ = self.lstm(self.drop(self.embed(input_ids)))
         hidden = self.drop(hidden)
-        if self.config.task == CAUSAL_LM:
+        if task_of(self.config.task).predicts_tokens:
             logits = self.head(hidden)
             loss = None
             if labels is not None:
@@ -156,15 +156,14 @@ def build_model(
     config = gpt2_config(
         settings, vocab_size, context, pad_token_id, eos_token_id, attention, **labels
     )
-    if task == CAUSAL_LM and not settings.lora_rank:
+    if task_of(task).predicts_tokens and not settings.lora_rank:
         from snaketune.train.lean_gpt import LeanGPT
 
         return LeanGPT(config).to(dtype)
     # peft's adapters and the classifier head are transformers' own models.
-    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+    import transformers
 
-    classes = (GPT2LMHeadModel, GPT2ForSequenceClassification)
-    return classes[task != CAUSAL_LM](config).to(dtype)
+    return getattr(transformers, task_of(task).gpt2_model)(config).to(dtype)
 
 
 def scratch_llama(
@@ -184,11 +183,11 @@ def scratch_llama(
     config = llama_config(
         settings, vocab_size, context, pad_token_id, eos_token_id, attention, **labels
     )
-    if task == CAUSAL_LM and not settings.lora_rank:
+    if task_of(task).predicts_tokens and not settings.lora_rank:
         return LeanLlama(config)
-    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+    import transformers
 
-    return (LlamaForCausalLM, LlamaForSequenceClassification)[task != CAUSAL_LM](config)
+    return getattr(transformers, task_of(task).llama_model)(config)
 
 
 def refuse_growing_quantized(settings: ModelSettings, vocab_size: int) -> None:
@@ -282,11 +281,11 @@ def gpt2_config(
 
 def _load_hf(name_or_path: str, task: str, trust_remote_code: bool, **kwargs):
     # trust_remote_code stays False unless the config says otherwise: hub code runs on load.
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
-    cls = AutoModelForCausalLM if task == CAUSAL_LM else AutoModelForSequenceClassification
+    cls = getattr(transformers, task_of(task).auto_model)
     extra = dict(kwargs)
-    if task != CAUSAL_LM:
+    if not task_of(task).predicts_tokens:
         extra["ignore_mismatched_sizes"] = True  # a new head for this label set
     try:
         return cls.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, **extra)
@@ -326,7 +325,7 @@ def apply_lora(model: nn.Module, settings: ModelSettings, task: str) -> nn.Modul
         )
 
     config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM if task == CAUSAL_LM else TaskType.SEQ_CLS,
+        task_type=TaskType[task_of(task).peft_task_type],
         r=settings.lora_rank,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
@@ -356,7 +355,7 @@ def saves_adapter_alone(settings: ModelSettings, task: str, model: nn.Module) ->
     """LoRA on a pretrained causal LM keeps its adapter apart from the base, unless
     model.save_merged, or the embedding was grown for new tokens (its new rows are neither in
     the base nor in the adapter, so only a whole model holds them)."""
-    if not (settings.lora_rank and settings.init == "pretrained" and task == CAUSAL_LM):
+    if not (settings.lora_rank and settings.init == "pretrained" and task_of(task).predicts_tokens):
         return False
     if settings.save_merged:
         return False

@@ -41,7 +41,8 @@ from snaketune.errors import TrainingError
 from snaketune.evaluate.perplexity import perplexity
 from snaketune.fileio import atomic_dir, atomic_path, sha256_tree
 from snaketune.manifest import stage_manifest
-from snaketune.names import CAUSAL_LM, TRAIN, VAL
+from snaketune.names import TRAIN, VAL
+from snaketune.tasks import task_of
 from snaketune.tokenize.shards import TokenizedData
 from snaketune.track import live
 from snaketune.train import (
@@ -422,7 +423,7 @@ def validate(run: Run) -> dict[str, float]:
     batch_size = run.batch_shape[0]
     for start in range(0, rows, batch_size):
         batch = run.val.batch(np.arange(start, min(rows, start + batch_size)))
-        if run.job.task == CAUSAL_LM:
+        if task_of(run.job.task).predicts_tokens:
             nll += lm_nll_sum(run.scorer or model, batch, run.placement)
             targets += int((batch["labels"][:, 1:] != IGNORED_LABEL).sum())
             continue
@@ -438,7 +439,7 @@ def validate(run: Run) -> dict[str, float]:
             "tokenize.packing: across_documents"
         )
     loss = float(nll) / targets
-    if run.job.task == CAUSAL_LM:
+    if task_of(run.job.task).predicts_tokens:
         return {"val_loss": loss, "val_perplexity": perplexity(float(nll), targets)}
     from snaketune.evaluate.evaluation import classification_metrics
 
@@ -624,17 +625,17 @@ def check_examples_apart(model, vocab_size: int, placement: Placement) -> None:
 def prepare_run(
     data: TokenizedData, state_dir: Path, job: TrainJob, world: distributed.World
 ) -> Run:
-    settings, model_settings = job.train, job.model
+    settings, model_settings, task = job.train, job.model, task_of(job.task)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     placement = place(settings.device, settings.precision, world.local_rank)
     set_deterministic(deterministic(settings.deterministic, placement), bool(settings.compile_mode))
     seed_everything(settings.seed)
     train, val = TokenRows.open(data, TRAIN), TokenRows.open(data, VAL)
-    if job.task == CAUSAL_LM:
+    if task.predicts_tokens:
         train, val = train.with_targets(), val.with_targets()
     # causal_lm: the rows' block_size, which per-document rows may all fall short of.
-    context = data.block_size if job.task == CAUSAL_LM else train.width()
+    context = data.block_size if task.predicts_tokens else train.width()
     model = build_model(
         model_settings,
         job.task,
@@ -658,7 +659,7 @@ def prepare_run(
     # DDP: rank 0's weights everywhere; FSDP: every process starts from the same seed. FSDP
     # shards the model itself (its root's forward gathers the head), so it keeps its own loss.
     sharding = world.size > 1 and settings.strategy == distributed.FSDP
-    lm = model if job.task != CAUSAL_LM or sharding else lm_loss.with_chunked_loss(model)
+    lm = model if not task.predicts_tokens or sharding else lm_loss.with_chunked_loss(model)
     step_model = distributed.wrap(lm, world, placement.device, settings.strategy)
     chunked = lm is not model or hasattr(model, "lm_head_parts")  # wrapped, or the lean GPT
     if world.size > 1:
@@ -681,7 +682,7 @@ def prepare_run(
         scaler=torch.amp.GradScaler("cuda") if placement.scaled else None,
         label_names=data.label_names,
         loss=lm_loss.CHUNKED if chunked else lm_loss.OWN_FORWARD,
-        scorer=lm_loss.scoring(model, settings.compile_mode) if job.task == CAUSAL_LM else None,
+        scorer=lm_loss.scoring(model, settings.compile_mode) if task.predicts_tokens else None,
     )
 
 
@@ -986,7 +987,7 @@ def memory_used(run: Run, data: TokenizedData, before_model: int) -> dict:
     allocator's peak reserved memory, on the CPU the process's peak resident memory above what
     it held before the model was built (the interpreter and its libraries)."""
     job = run.job
-    context = data.block_size if job.task == CAUSAL_LM else run.train.width()
+    context = data.block_size if task_of(job.task).predicts_tokens else run.train.width()
     shape = memory_plan.job_shape(asdict(job.model), data.vocab_size, context)
     # The plan of the micro-batch that trained (after a search or out-of-memory retries).
     train = {**asdict(job.train), "batch_size": run.batch_shape[0]}

@@ -6,6 +6,9 @@ a conftest (importing one runs its module-level code and can register its fixtur
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from tests.support.repo import REPO
@@ -136,3 +139,41 @@ def test_the_test_import_finder_sees_function_level_and_package_imports(tmp_path
         "tests.unit.test_config.with_defaults",
         ".",
     }
+
+
+def test_an_installed_copy_validates_a_config_without_the_checkout(tmp_path):
+    """Built as a wheel and installed elsewhere (not editable): the schema is made from the
+    settings and the metric modules are package data, so nothing is looked up in the checkout;
+    presets come from the workflow's folder, which the caller names."""
+    wheel, site = tmp_path / "wheel", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--quiet"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheel, REPO],
+        check=True,
+        capture_output=True,
+    )
+    (built,) = wheel.glob("*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", site, built], check=True)
+    code = (
+        "import sys, yaml; from pathlib import Path\n"
+        "import snaketune\n"
+        "from snaketune.config import apply_preset, validated\n"
+        "from snaketune.evaluate.metrics import METRICS_DIR\n"
+        "repo = Path(sys.argv[1])\n"
+        "config = yaml.safe_load((repo / 'config.yaml').read_text())\n"
+        "config['preset'] = 'sms-spam'\n"
+        "apply_preset(config, {}, repo / 'presets')\n"
+        "validated(config, repo)\n"
+        "print(snaketune.__file__, [e['name'] for e in config['experiments']],\n"
+        "      sorted(p.name for p in METRICS_DIR.iterdir() if p.is_dir()))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code, REPO],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(site)},
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith(str(site / "snaketune" / "__init__.py"))
+    assert "sms-spam" in run.stdout and "'token_f1'" in run.stdout

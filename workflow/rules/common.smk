@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import sys
+from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
 
@@ -54,7 +55,8 @@ from snaketune.tokenize.plan import (
 )
 from snaketune.track.tracking_uri import effective_tracking_uri, redact, store_uri
 
-apply_preset(config, workflow.config_settings.config)  # the --config values
+# The --config values, and the presets of this workflow (the Snakefile's), wherever snaketune is.
+apply_preset(config, workflow.config_settings.config, Path(workflow.basedir) / "presets")
 validated(config, workflow.basedir, os.environ)  # every problem by key, before any job; defaults filled
 
 os.environ[REPOSITORY_VARIABLE] = str(workflow.basedir)  # the jobs' relative dataset paths

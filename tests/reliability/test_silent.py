@@ -280,7 +280,9 @@ def test_a_jsonl_line_that_is_not_an_object_says_what_it_is(tmp_path):
         run_clean(tmp_path, "a.jsonl", data, JSONL)
 
 
-@pytest.mark.parametrize(("name", "read"), [("a.jsonl", JSONL), ("a.csv", ReadSettings("csv"))])
+@pytest.mark.parametrize(
+    ("name", "read"), [("a.jsonl", JSONL), ("a.csv", ReadSettings(format="csv"))]
+)
 def test_an_empty_file_says_it_holds_no_records(tmp_path, name, read):
     with pytest.raises(CorpusError, match=rf"{name} holds no records"):
         run_clean(tmp_path, name, b"\n\n", read)

@@ -289,7 +289,10 @@ def test_parquet_input_is_read(tmp_path):
     source = tmp_path / "in.parquet"
     pd.DataFrame({"body": ["one doc", "two docs"], "n": [1, 2]}).to_parquet(source)
     _, docs = run_clean(
-        tmp_path, "data.parquet", source.read_bytes(), ReadSettings("parquet", text_column="body")
+        tmp_path,
+        "data.parquet",
+        source.read_bytes(),
+        ReadSettings(format="parquet", text_column="body"),
     )
     assert docs["text"].tolist() == ["one doc", "two docs"]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import codecs
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath
 from typing import ClassVar
 from urllib.parse import urlparse
@@ -27,15 +27,9 @@ TOKENIZER_KINDS = ("bpe", "pretrained")
 URL_SCHEMES = ("http", "https", "file", "hf")
 
 
-@dataclass(frozen=True)
-class DatasetSettings:
-    """One entry of the config's `datasets:` catalog."""
-
-    SECTION: ClassVar[str] = (
-        "Catalog of datasets by name; experiments refer to these names. A name becomes a "
-        "folder under results_dir (datasets/<name>/download), so it is letters, digits, "
-        "'_', '.' and '-'."
-    )
+@dataclass(frozen=True, kw_only=True)
+class DatasetSource:
+    """Where a dataset file comes from: the first keys of a catalog entry."""
 
     url: str = setting(
         minLength=1,
@@ -52,14 +46,19 @@ class DatasetSettings:
         pattern="^[0-9a-fA-F]{64}$",
         description="sha256 of the file as fetched (before decompression); a mismatch fails.",
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileLayout:
+    """How a dataset file's records are laid out: its format and its columns. Defined once, for
+    the catalog's entries (DatasetSettings) and for the clean job that reads them
+    (ReadSettings, which the workflow fills from the entry)."""
+
     format: str = setting(
         enum=FORMATS,
         description=(
             "Format of the (decompressed) data file. A .gz, .zip or .tar.gz URL is unpacked first."
         ),
-    )
-    member: str | None = setting(
-        None, description="For archives holding several files, the path of the data file inside."
     )
     text_column: str = setting(
         "text",
@@ -123,6 +122,25 @@ class DatasetSettings:
             "encoding."
         ),
     )
+
+    @property
+    def is_instruction(self) -> bool:
+        return bool(self.response_column or self.messages_column)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSettings(FileLayout, DatasetSource):
+    """One entry of the config's `datasets:` catalog: its source, its layout, and these."""
+
+    SECTION: ClassVar[str] = (
+        "Catalog of datasets by name; experiments refer to these names. A name becomes a "
+        "folder under results_dir (datasets/<name>/download), so it is letters, digits, "
+        "'_', '.' and '-'."
+    )
+
+    member: str | None = setting(
+        None, description="For archives holding several files, the path of the data file inside."
+    )
     max_unpacked_bytes: int = setting(
         4294967296,
         minimum=1,
@@ -182,10 +200,6 @@ class DatasetSettings:
             problems.append(("messages_column", "needs records with columns; txt has none"))
         raise_problems(problems)
 
-    @property
-    def is_instruction(self) -> bool:
-        return bool(self.response_column or self.messages_column)
-
 
 def inside_folder(relative: str) -> bool:
     """Whether a relative path stays inside the folder it is joined to."""
@@ -216,35 +230,16 @@ class DownloadSettings:
     """Refuse archives or .gz files that expand past this (decompression bombs)."""
 
 
-@dataclass(frozen=True)
-class ReadSettings:
-    """How one experiment reads its dataset's records (from the catalog entry and the task)."""
+@dataclass(frozen=True, kw_only=True)
+class ReadSettings(FileLayout):
+    """How one experiment reads its dataset's records: the catalog entry's layout (the columns
+    its task does not use left out), and these."""
 
-    format: str
-    """One of FORMATS (after decompression)."""
-    text_column: str = "text"
-    label_column: str | None = None
     text_template: str | None = None
     """A str.format template over the record's columns, e.g. 'Q: {question}\\nA: {answer}'."""
-    prompt_column: str | None = None
-    response_column: str | None = None
-    """Instruction data (causal LM): the template's {response_column} placeholder starts the
-    response, which alone is learned and scored (see `instruction`)."""
-    messages_column: str | None = None
     chat_tokenizer: str | None = None
     """Instruction data without a text_template: the pretrained tokenizer whose chat template,
     if it has one, composes each example (snaketune.data.reading.compose_instruction)."""
-    header: bool = True
-    """csv/tsv: whether the first line names the columns."""
-    column_names: list[str] | None = None
-    """csv/tsv without a header: the names of the columns, in order."""
-    quoting: bool = True
-    """csv/tsv: treat '"' as a quote character (off for files such as SMS Spam)."""
-    txt_document: str = "line"
-    """txt: one document per non-blank line, per blank-line-separated paragraph, or per
-    top-level heading ' = Title = ' up to the next one (WikiText's articles)."""
-    encoding: str | None = None
-    """Text files' codec; None reads a byte-order mark (UTF-8/16/32), else UTF-8."""
 
     def __post_init__(self) -> None:
         if self.messages_column and self.text_template:
@@ -271,10 +266,6 @@ class ReadSettings:
             )
         if self.response_column:
             self.instruction  # noqa: B018 (raises a SettingsError for a template that cannot work)
-
-    @property
-    def is_instruction(self) -> bool:
-        return bool(self.response_column or self.messages_column)
 
     @property
     def instruction(self) -> InstructionTemplate | None:
@@ -583,21 +574,14 @@ def read_settings_for(
         if lm and dataset.is_instruction and not text_template and tokenizer
         else None
     )
-    return ReadSettings(
-        format=dataset.format,
-        text_column=dataset.text_column,
-        label_column=dataset.label_column if not task_of(task).predicts_tokens else None,
-        text_template=text_template,
-        prompt_column=dataset.prompt_column if lm else None,
-        response_column=dataset.response_column if lm else None,
-        messages_column=dataset.messages_column if lm else None,
-        chat_tokenizer=chat,
-        header=dataset.header,
-        column_names=dataset.column_names,
-        quoting=dataset.quoting,
-        txt_document=dataset.txt_document,
-        encoding=dataset.encoding,
-    )
+    layout = {f.name: getattr(dataset, f.name) for f in fields(FileLayout)}
+    unused = LM_ONLY_COLUMNS if not lm else ("label_column",)
+    layout.update(dict.fromkeys(unused))  # a column the task does not read: None
+    return ReadSettings(**layout, text_template=text_template, chat_tokenizer=chat)
+
+
+LM_ONLY_COLUMNS = ("prompt_column", "response_column", "messages_column")
+"""The instruction data's columns, which a classifier does not read."""
 
 
 def clean_job(view: ConfigView, experiment: str) -> CleanJob:

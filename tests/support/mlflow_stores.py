@@ -343,7 +343,8 @@ def track(
 def write_tiny_model(data: dict[str, Path], model_dir: Path, task: str, arch: str = "gpt2") -> Path:
     """A real (untrained) 1-layer GPT-2 (or LSTM) saved as the train stage saves it, with the
     tokenizer from `data` (the lm_data or classification_data fixture)."""
-    from snaketune.train.models import build_model, model_positions
+    from snaketune.train.models import build_model
+    from snaketune.train.positions import model_positions
     from snaketune.train.settings import ModelSettings
     from snaketune.train.trainer import limit_tokenizer_length
 

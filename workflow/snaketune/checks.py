@@ -15,11 +15,11 @@ from snaketune.evaluate.settings import GREEDY
 from snaketune.settings import AUTO
 from snaketune.tasks import task_of
 from snaketune.tokenize.settings import ACROSS_DOCUMENTS, DOCUMENTS_APART, FAST_ENCODER, HF_ENCODER
+from snaketune.train.positions import config_positions
 from snaketune.train.settings import NO_QUANTIZATION, TRANSFORMERS
 
 CHECKPOINT_OWNS = ("n_layer", "n_embd", "n_head", "dropout")
 """Model keys a pretrained checkpoint decides for itself."""
-POSITION_KEYS = ("n_positions", "max_position_embeddings")
 
 
 def experiment_problems(exp: dict[str, Any], given: dict[str, Any], where: str) -> list[str]:
@@ -291,8 +291,7 @@ def model_positions(name_or_path: str) -> int | None:
     folder = checkpoint_folder(name_or_path)
     if folder is None:
         return None
-    values = json.loads((folder / "config.json").read_text())
-    return next((int(values[k]) for k in POSITION_KEYS if isinstance(values.get(k), int)), None)
+    return config_positions(json.loads((folder / "config.json").read_text()))
 
 
 def instruction_problems(

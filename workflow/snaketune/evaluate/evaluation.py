@@ -38,7 +38,8 @@ from snaketune.track import live
 from snaketune.train import compile_cache, lm_loss
 from snaketune.train.batches import TokenRows
 from snaketune.train.devices import Placement, place, to_device
-from snaketune.train.models import is_quantized, load_trained, model_positions
+from snaketune.train.models import is_quantized, load_trained
+from snaketune.train.positions import model_positions
 
 log = logging.getLogger(__name__)
 CPU = Placement(torch.device("cpu"), None)

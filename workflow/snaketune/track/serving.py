@@ -42,6 +42,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from snaketune.evaluate.settings import DECODINGS, GREEDY, SAMPLE, EvalSettings
 from snaketune.tasks import task_of
+from snaketune.train.positions import model_positions
 
 MODEL_ARTIFACT = "model"
 UNBOUNDED = 1 << 30
@@ -256,9 +257,7 @@ class ServedModel(mlflow.pyfunc.PythonModel):
 
 def positions(model) -> int:
     """A transformer's positions; the LSTM has none (UNBOUNDED)."""
-    config = model.config
-    found = getattr(config, "n_positions", 0) or getattr(config, "max_position_embeddings", 0)
-    return int(found or UNBOUNDED)
+    return model_positions(model) or UNBOUNDED
 
 
 def label_names(model) -> list[str]:

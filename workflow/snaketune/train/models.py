@@ -422,12 +422,6 @@ def load_with_adapter(model_dir: Path, task: str, device_type: str) -> nn.Module
     return PeftModel.from_pretrained(base, model_dir)
 
 
-def model_positions(model) -> int | None:
-    """The longest sequence the model takes (None: no limit, as the LSTM)."""
-    config = getattr(model, "config", None)
-    return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-
-
 def count_parameters(model: nn.Module) -> int:
     """The saved model's parameters (the lean GPT's padded embedding rows are not saved)."""
     if hasattr(model, "real_parameter_count"):

@@ -70,12 +70,12 @@ from snaketune.train.models import (
     build_model,
     count_parameters,
     is_quantized,
-    model_positions,
     save_adapter,
     saves_adapter_alone,
     unwrap_for_saving,
 )
 from snaketune.train.paths import TrainPaths
+from snaketune.train.positions import model_positions
 from snaketune.train.prefetch import BatchesAhead
 from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
 from snaketune.train.system_metrics import sample_system_metrics

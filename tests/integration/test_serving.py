@@ -276,7 +276,7 @@ def test_inputs_of_another_shape_get_a_400_with_a_message_and_no_stack_trace(ser
 # --- requests that are refused with HTTP 400 and a message saying what is expected -------------
 
 EXPECTED_TEXTS = 'expected texts: {"inputs": ["a text", ...]} (a list of non-blank strings)'
-LM_PARAMS = "its params are max_new_tokens, decoding, do_sample, temperature, top_k"
+LM_PARAMS = "its params are max_new_tokens, decoding, do_sample, temperature, top_k, top_p"
 REFUSED = {
     "a-number": ("lm", {"inputs": 5}, [EXPECTED_TEXTS, "found int 5 as input 1"]),
     "numbers": ("lm", {"inputs": [1, 2]}, [EXPECTED_TEXTS, "found int 1 as input 1"]),

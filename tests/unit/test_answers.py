@@ -141,3 +141,33 @@ def test_a_reference_loses_the_template_tokens_at_its_end_only(lm_data):
     assert answer_text(tokenizer, "a    b") == "a    b"
     eos = tokenizer.eos_token
     assert answer_text(tokenizer, f"done.<|im_end|>{eos}") == "done."
+
+
+def test_sampling_with_a_tiny_top_p_takes_the_most_likely_token(lm_data):
+    """Nucleus sampling through generate(), hot enough that top_k alone would stray: a top_p
+    below the most likely token's probability leaves that token alone, so sampling gives the
+    greedy answer; top_p 1 keeps them all, and it strays."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from snaketune.evaluate.evaluation import CPU
+    from snaketune.evaluate.generation import pick
+
+    info = json.loads(lm_data["tokenize_manifest"].read_text())
+    model = tiny_lm(info, 32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(lm_data["tokenizer"])
+    prompt = "Customer: my order is late, where is it?\nAgent:"
+    greedy = EvalSettings(max_new_tokens=8)
+    hot = replace(greedy, decoding="sample", temperature=50.0, top_k=1000)
+    expected = generate(model, tokenizer, prompt, greedy, 32, CPU)[0]
+    torch.manual_seed(0)
+    assert generate(model, tokenizer, prompt, replace(hot, top_p=1e-6), 32, CPU)[0] == expected
+    torch.manual_seed(0)
+    assert generate(model, tokenizer, prompt, hot, 32, CPU)[0] != expected
+
+    # The loop of models without generate() (the LSTM) picks the same way.
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    torch.manual_seed(0)
+    assert {pick(logits, replace(hot, top_p=1e-6)) for _ in range(50)} == {1}
+    assert len({pick(logits, hot) for _ in range(50)}) > 1

@@ -186,12 +186,17 @@ def test_greedy_decoding_refuses_the_sampling_settings_it_would_ignore():
         given = copy.deepcopy(config)
         return cross_checks(with_defaults(config), REPO, given)
 
-    greedy = problems(experiments__0__evaluate__temperature=0.5)
-    assert [p for p in greedy if p.startswith("experiments[0].evaluate.temperature:")]
-    sampled = problems(
-        experiments__0__evaluate__temperature=0.5, experiments__0__evaluate__decoding="sample"
+    greedy = problems(
+        experiments__0__evaluate__temperature=0.5, experiments__0__evaluate__top_p=0.9
     )
-    assert not [p for p in sampled if "temperature" in p]
+    assert [p for p in greedy if p.startswith("experiments[0].evaluate.temperature:")]
+    assert [p for p in greedy if p.startswith("experiments[0].evaluate.top_p:")]
+    sampled = problems(
+        experiments__0__evaluate__temperature=0.5,
+        experiments__0__evaluate__top_p=0.9,
+        experiments__0__evaluate__decoding="sample",
+    )
+    assert not [p for p in sampled if "temperature" in p or "top_p" in p]
 
 
 @pytest.mark.parametrize(

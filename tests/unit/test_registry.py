@@ -176,7 +176,7 @@ def test_logged_model_is_named_after_the_experiment_and_declares_its_params(
     info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
     params = {spec.name: spec.default for spec in info.signature.params.params}
     assert params == dict.fromkeys(
-        ["max_new_tokens", "decoding", "do_sample", "temperature", "top_k"]
+        ["max_new_tokens", "decoding", "do_sample", "temperature", "top_k", "top_p"]
     )
 
 

@@ -61,18 +61,21 @@ def test_an_empty_text_is_refused(blank):
 
 def test_without_params_a_request_is_decoded_as_evaluation_decodes():
     assert request_settings(None, EVALUATION, LIMIT) == EVALUATION
-    unset = dict.fromkeys(["max_new_tokens", "decoding", "do_sample", "temperature", "top_k"])
+    unset = dict.fromkeys(
+        ["max_new_tokens", "decoding", "do_sample", "temperature", "top_k", "top_p"]
+    )
     assert request_settings(unset, EVALUATION, LIMIT) == EVALUATION  # MLflow's None defaults
 
 
 def test_params_are_honoured():
     settings = request_settings(
-        {"max_new_tokens": 3, "decoding": SAMPLE, "temperature": 0.5, "top_k": 4},
+        {"max_new_tokens": 3, "decoding": SAMPLE, "temperature": 0.5, "top_k": 4, "top_p": 0.9},
         EVALUATION,
         LIMIT,
     )
     assert (settings.max_new_tokens, settings.decoding) == (3, SAMPLE)
-    assert (settings.temperature, settings.top_k, settings.seed) == (0.5, 4, EVALUATION.seed)
+    assert (settings.temperature, settings.top_k, settings.top_p) == (0.5, 4, 0.9)
+    assert settings.seed == EVALUATION.seed
     assert request_settings({"do_sample": True}, EVALUATION, LIMIT).decoding == SAMPLE
     sampling = EvalSettings(decoding=SAMPLE)
     assert request_settings({"do_sample": False}, sampling, LIMIT).decoding == GREEDY
@@ -92,6 +95,9 @@ def test_params_are_honoured():
         ({"decoding": SAMPLE, "temperature": 0.0}, "temperature must be a number above 0"),
         ({"decoding": SAMPLE, "temperature": float("nan")}, "temperature must be a number"),
         ({"decoding": SAMPLE, "top_k": 0}, "top_k must be 1 or more; found 0"),
+        ({"decoding": SAMPLE, "top_p": 0.0}, "top_p must be above 0 and at most 1; found 0.0"),
+        ({"decoding": SAMPLE, "top_p": 1.5}, "top_p must be above 0 and at most 1; found 1.5"),
+        ({"top_p": 0.5}, "top_p apply to sampling"),
     ],
 )
 def test_params_out_of_bounds_or_against_the_decoding_are_refused(params, expected):
@@ -101,7 +107,7 @@ def test_params_out_of_bounds_or_against_the_decoding_are_refused(params, expect
 def test_the_signature_declares_a_causal_lm_s_params_and_none_for_a_classifier():
     params = signature(CAUSAL_LM).params
     assert {spec.name: spec.default for spec in params.params} == dict.fromkeys(
-        ["max_new_tokens", "decoding", "do_sample", "temperature", "top_k"]
+        ["max_new_tokens", "decoding", "do_sample", "temperature", "top_k", "top_p"]
     )
     assert signature(SEQUENCE_CLASSIFICATION).params is None
 
@@ -117,7 +123,7 @@ def test_a_param_the_signature_does_not_declare_is_refused_not_dropped(monkeypat
     schema = signature(CAUSAL_LM).params
     message = refusal(enforce, {"max_tokens": 5}, schema)
     assert message.startswith("unknown params ['max_tokens'] for this model: its params are ")
-    assert "max_new_tokens, decoding, do_sample, temperature, top_k" in message
+    assert "max_new_tokens, decoding, do_sample, temperature, top_k, top_p" in message
     assert "it takes no params" in refusal(enforce, {"max_new_tokens": 5}, None)
     assert enforce({"max_new_tokens": 5}, schema)["max_new_tokens"] == 5
     assert enforce(None, None) is None

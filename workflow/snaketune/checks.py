@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from snaketune.evaluate.settings import GREEDY
+from snaketune.evaluate.settings import GREEDY, SAMPLING_KEYS
 from snaketune.settings import AUTO
 from snaketune.tasks import task_of
 from snaketune.tokenize.settings import ACROSS_DOCUMENTS, DOCUMENTS_APART, FAST_ENCODER, HF_ENCODER
@@ -104,7 +104,7 @@ def decoding_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[
             "applies to decoding 'sample'; evaluate.decoding is 'greedy' (the most likely token "
             f"each step): set decoding: sample, or remove {key}",
         )
-        for key in ("temperature", "top_k")
+        for key in SAMPLING_KEYS
         if key in set_keys(given, "evaluate")
     ]
 

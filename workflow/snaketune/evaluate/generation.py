@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from snaketune.evaluate.settings import GREEDY, EvalSettings
+from snaketune.evaluate.settings import GREEDY, SAMPLING_KEYS, EvalSettings
 from snaketune.train.devices import Placement
 
 ANSWER_MARKER = "\x00answer\x00"
@@ -112,7 +112,7 @@ def with_cache(
     mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
     sampling = {"do_sample": False}
     if settings.decoding != GREEDY:
-        sampling = {"do_sample": True, "top_k": settings.top_k, "temperature": settings.temperature}
+        sampling = {"do_sample": True, **{key: getattr(settings, key) for key in SAMPLING_KEYS}}
     out = model.generate(
         input_ids=inputs.to(placement.device),
         attention_mask=mask.to(placement.device),
@@ -178,6 +178,9 @@ def pick(logits: torch.Tensor, settings: EvalSettings) -> int:
     if settings.decoding == GREEDY:
         return int(torch.argmax(logits))
     logits = logits.float() / max(settings.temperature, 1e-6)
-    top = torch.topk(logits, min(settings.top_k, logits.numel()))
-    choice = torch.multinomial(torch.softmax(top.values, dim=-1), 1)
+    top = torch.topk(logits, min(settings.top_k, logits.numel()))  # most likely first
+    weights = torch.softmax(top.values, dim=-1)
+    if settings.top_p < 1.0:  # the tokens until their mass reaches top_p, the first always
+        weights = weights * (weights.cumsum(-1) - weights < settings.top_p)
+    choice = torch.multinomial(weights, 1)
     return int(top.indices[choice])

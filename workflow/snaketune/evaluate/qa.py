@@ -167,7 +167,8 @@ def template_ends(tokenizer) -> list[str]:
 
 def answer_protocol(settings: EvalSettings, metrics: dict) -> str:
     sampling = (
-        f"top_k={settings.top_k} at temperature={settings.temperature}, seed {settings.seed}"
+        f"top_k={settings.top_k}, top_p={settings.top_p} at temperature={settings.temperature}, "
+        f"seed {settings.seed}"
         if settings.decoding == SAMPLE
         else "the most likely token each step"
     )

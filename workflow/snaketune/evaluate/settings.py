@@ -9,6 +9,8 @@ from snaketune.settings import AUTO, ConfigView, SettingsError, check_task, sett
 from snaketune.train.settings import COMPILE_MODES, TrainSettings, compile_mode
 
 GREEDY, SAMPLE = DECODINGS = ("greedy", "sample")
+SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+"""The evaluate settings (and served model's params) that apply to decoding sample only."""
 """evaluate.decoding: the most likely token each step, or top-k sampling at a temperature."""
 
 
@@ -45,6 +47,15 @@ class EvalSettings:
     )
     top_k: int = setting(
         20, minimum=1, description="Sample among the k most likely tokens (decoding sample)."
+    )
+    top_p: float = setting(
+        1.0,
+        exclusiveMinimum=0,
+        maximum=1,
+        description=(
+            "Of those top_k, sample among the most likely whose probabilities add up to top_p "
+            "(nucleus sampling); 1 keeps all top_k (decoding sample)."
+        ),
     )
     seed: int = setting(1234, minimum=0, description="Seeds generation.")
     answer_examples: int = setting(

@@ -19,11 +19,11 @@ so a request sends that turn's text and the template wraps it.
 
 Params (causal LMs only), each optional, the evaluation's setting where absent:
 `max_new_tokens` (1 to the model's positions less one prompt token, at most MAX_NEW_TOKENS),
-`decoding` ("greedy" or "sample") or `do_sample` (true: sample), `temperature` (> 0) and
-`top_k` (>= 1), which apply to sampling only. Anything else gets HTTP 400 with a message that
-says what was expected: a value that is not a non-blank string, another shape of input, a param
-a model does not take (a classifier takes none), a param out of bounds, temperature or top_k
-with greedy decoding, or decoding and do_sample that disagree.
+`decoding` ("greedy" or "sample") or `do_sample` (true: sample), `temperature` (> 0), `top_k`
+(>= 1) and `top_p` (above 0, at most 1), which apply to sampling only. Anything else gets HTTP
+400 with a message that says what was expected: a value that is not a non-blank string, another
+shape of input, a param a model does not take (a classifier takes none), a param out of bounds,
+a sampling param with greedy decoding, or decoding and do_sample that disagree.
 
 snaketune itself travels with the model (code_paths), so the server needs only the pinned
 packages.
@@ -40,7 +40,7 @@ import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from snaketune.evaluate.settings import DECODINGS, GREEDY, SAMPLE, EvalSettings
+from snaketune.evaluate.settings import DECODINGS, GREEDY, SAMPLE, SAMPLING_KEYS, EvalSettings
 from snaketune.tasks import task_of
 from snaketune.train.positions import model_positions
 
@@ -49,9 +49,8 @@ UNBOUNDED = 1 << 30
 MAX_NEW_TOKENS = 1024
 """A request's max_new_tokens beyond this is refused: a typo, not a wish (the LSTM has no
 positions to bound it)."""
-DECODING_KEYS = ("max_new_tokens", "decoding", "top_k", "temperature", "seed", "context_length")
+DECODING_KEYS = ("max_new_tokens", "decoding", *SAMPLING_KEYS, "seed", "context_length")
 """The evaluate settings the served model decodes with, as evaluation does."""
-SAMPLING_PARAMS = ("temperature", "top_k")
 SERVING_CONFIG = "serving"
 """The model_config key holding what the served model is loaded with (serving_config)."""
 EXPECTED_INPUT = (
@@ -81,6 +80,7 @@ def signature(task: str):
             "do_sample": DataType.boolean,
             "temperature": DataType.double,
             "top_k": DataType.long,
+            "top_p": DataType.double,
         }
         params = ParamSchema([ParamSpec(name, kind, None) for name, kind in types.items()])
     return ModelSignature(inputs=Schema([ColSpec(AnyType())]), params=params)
@@ -121,7 +121,7 @@ def request_settings(params: dict[str, Any] | None, base: EvalSettings, limit: i
     most new tokens a request may ask for."""
     given = {key: value for key, value in (params or {}).items() if value is not None}
     decoding = sampling_choice(given, base.decoding)
-    if decoding == GREEDY and (extra := [key for key in SAMPLING_PARAMS if key in given]):
+    if decoding == GREEDY and (extra := [key for key in SAMPLING_KEYS if key in given]):
         raise refused(
             f"{', '.join(extra)} apply to sampling; this request decodes greedily (the most "
             'likely token each step): add "decoding": "sample" or remove them'
@@ -135,12 +135,16 @@ def request_settings(params: dict[str, Any] | None, base: EvalSettings, limit: i
     top_k = given.get("top_k", base.top_k)
     if top_k < 1:
         raise refused(f"top_k must be 1 or more; found {top_k}")
+    top_p = given.get("top_p", base.top_p)
+    if not 0 < top_p <= 1:
+        raise refused(f"top_p must be above 0 and at most 1; found {top_p}")
     return replace(
         base,
         decoding=decoding,
         max_new_tokens=new_tokens,
         temperature=temperature,
         top_k=top_k,
+        top_p=top_p,
     )
 
 

@@ -75,7 +75,7 @@ class Timing:
 def train_once(data, out: Path, steps: int, uri: str | None, settle: int) -> Timing:
     """One train_model call: its steady-state step time, its whole time, the points sent."""
     from snaketune.context import IN_PROCESS, JobContext
-    from snaketune.track import live
+    from snaketune.track import live, stage_log
     from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
     from snaketune.train.trainer import train_model
 
@@ -83,7 +83,9 @@ def train_once(data, out: Path, steps: int, uri: str | None, settle: int) -> Tim
     if uri is not None:
         folder = out / "tracking"
         folder.mkdir(parents=True)
-        target = live.Target(out.name, "bench-tracking", uri, "", str(out / "mlartifacts"), "bench")
+        target = stage_log.Target(
+            out.name, "bench-tracking", uri, "", str(out / "mlartifacts"), "bench"
+        )
         target.write(folder)
         context = JobContext(tracking=folder)
     settings = TrainSettings(

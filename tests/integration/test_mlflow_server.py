@@ -18,9 +18,9 @@ from mlflow import MlflowClient
 
 from snaketune.errors import TrackingError
 from snaketune.settings import config_hash
-from snaketune.track import live
-from snaketune.track.live import MAX_PARAM_LENGTH
+from snaketune.track import stage_log
 from snaketune.track.reconcile import STAGES
+from snaketune.track.stage_log import MAX_PARAM_LENGTH
 from tests.support.mlflow_stores import (
     EVAL_METRIC_NAMES,
     EXPERIMENT,
@@ -119,8 +119,8 @@ def test_runs_left_running_on_the_server_are_completed(mlflow_server, tmp_path):
     settings = server_settings(mlflow_server.uri, "server-cut-short")
     client = MlflowClient(tracking_uri=mlflow_server.uri)
     experiment_id = client.create_experiment("server-cut-short")
-    ids = live.RunIds(inputs.tracking, mlflow_server.uri, config_hash(settings.config))
-    parent = live.parent_run(client, ids, experiment_id, EXPERIMENT, {}, 0)
+    ids = stage_log.RunIds(inputs.tracking, mlflow_server.uri, config_hash(settings.config))
+    parent = stage_log.parent_run(client, ids, experiment_id, EXPERIMENT, {}, 0)
     uploaded = track(settings, inputs, tmp_path / "runs.json")
     assert uploaded["parent"] == parent
     assert client.get_run(parent).info.status == "FINISHED"

@@ -266,7 +266,7 @@ def test_mlflow_ui_shows_the_run_tree_a_metric_chart_and_the_artifacts(
 ):
     from mlflow import MlflowClient
 
-    from snaketune.track import live
+    from snaketune.track import stage_log
 
     results, run = finished_run
     client = MlflowClient(tracking_uri=mlflow_ui)
@@ -304,14 +304,14 @@ def test_mlflow_ui_shows_the_run_tree_a_metric_chart_and_the_artifacts(
 
     # The parent run's description: what was trained on what, its metrics beside the baselines,
     # and links to its stage runs that open them in the model-training view.
-    parent_page = f"{mlflow_ui}/{live.run_link(experiment.experiment_id, lm.info.run_id)}"
+    parent_page = f"{mlflow_ui}/{stage_log.run_link(experiment.experiment_id, lm.info.run_id)}"
     open_page(browser, parent_page, "Description", "Show more")
     browser.find_element("xpath", "//*[normalize-space(text())='Show more']").click()
     parent = text_once_it_shows(browser, "this model", "Show less")
     assert in_training_view(parent)
     assert "A causal_lm model trained by snaketune" in parent and "kneser_ney_bigram" in parent
     links = {a.get_attribute("href") for a in browser.find_elements("css selector", "a")}
-    assert f"{mlflow_ui}/{live.run_link(experiment.experiment_id, train.info.run_id)}" in links
+    assert f"{mlflow_ui}/{stage_log.run_link(experiment.experiment_id, train.info.run_id)}" in links
     browser.save_screenshot(str(SCREENSHOTS / "parent-description.png"))
 
     run_page = f"{base}/runs/{train.info.run_id}"

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from snaketune.track.live import HISTORY_PREFIX
+from snaketune.track.stage_log import HISTORY_PREFIX
 from tests.support.reliability import EXPERIMENT, run_snakemake, workdir_with
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ from snaketune.data.paths import CleanPaths, DownloadPaths, SplitPaths, Tokenize
 from snaketune.evaluate.paths import EvaluatePaths
 from snaketune.stages import TRACKED
 from snaketune.tokenize.paths import GatherPaths
-from snaketune.track import live
+from snaketune.track import stage_log
 from snaketune.track.paths import TrackPaths
 from snaketune.track.reconcile import StageFiles, track_experiment
 from snaketune.track.settings import TrackSettings
@@ -189,7 +189,7 @@ def write_manifest(
             "paths": {**paths, "manifest": str(path)},
             "seconds": seconds,
             "started_at": started_at,
-            "run_key": live.run_key(inputs, params),
+            "run_key": stage_log.run_key(inputs, params),
             "versions": VERSIONS,
             **extra,
         },

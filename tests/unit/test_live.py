@@ -20,14 +20,16 @@ from snaketune.context import (
     JobContext,
     environment_problems,
 )
-from snaketune.track import live
+from snaketune.track import live, stage_log
 from tests.support.mlflow_stores import new_store
 
 EXPERIMENT = "live-unit"
 
 
-def target_for(uri: str, tmp_path: Path) -> live.Target:
-    return live.Target("exp", EXPERIMENT, uri, str(tmp_path / "unused.db"), str(tmp_path), "cfg")
+def target_for(uri: str, tmp_path: Path) -> stage_log.Target:
+    return stage_log.Target(
+        "exp", EXPERIMENT, uri, str(tmp_path / "unused.db"), str(tmp_path), "cfg"
+    )
 
 
 @pytest.fixture
@@ -65,7 +67,7 @@ def rows(steps) -> list[dict]:
 
 
 def test_the_first_writer_of_a_run_id_wins(tmp_path):
-    ids = live.RunIds(tmp_path, "sqlite:///x.db", "cfg")
+    ids = stage_log.RunIds(tmp_path, "sqlite:///x.db", "cfg")
     assert ids.claim("train-abc", "first") == "first"
     assert ids.claim("train-abc", "second") == "first"
     assert ids.get("train-abc") == "first"
@@ -78,7 +80,7 @@ def test_a_stage_run_is_finished_with_its_times_params_and_points(folder, store)
     assert run.info.status == "FINISHED" and run.info.run_name == "train"
     assert run.info.end_time - run.info.start_time == 5000
     assert run.data.params["lr"] == "0.1"
-    assert run.data.tags[live.RUN_KEY_TAG] == "k1"
+    assert run.data.tags[stage_log.RUN_KEY_TAG] == "k1"
     loss = store.client.get_metric_history(run_id, "train.loss")
     assert sorted(m.step for m in loss) == list(range(1, 21))
     assert {m.timestamp for m in loss} == {int((1790000000.0 + s) * 1000) for s in range(1, 21)}
@@ -116,7 +118,7 @@ def test_points_already_there_are_not_sent_again(store):
     run_id = store.client.create_run(store.client.create_experiment("ledger")).info.run_id
     store.client.log_batch(run_id, metrics=[Metric("train.loss", 1.0, 0, 1)])
     store.client.log_batch(run_id, metrics=[Metric("system/cpu", 5.0, 1000, 0)])
-    ledger = live.Ledger(store.client, run_id, new_run=False)
+    ledger = stage_log.Ledger(store.client, run_id, new_run=False)
     points = [
         Metric("train.loss", 1.0, 0, 1),
         Metric("train.loss", 0.5, 0, 2),
@@ -170,27 +172,29 @@ def test_without_a_tracking_folder_there_is_no_tracking(tmp_path):
 def test_the_runs_table_url_opens_the_model_training_view_with_the_headline_columns():
     """MLflow 3.17's UI takes its mode from the URL (workflowType) and a runs table's columns
     from the saved view the viewStateShareKey names (an experiment tag the track job writes)."""
-    url = live.runs_table_url("http://127.0.0.1:5000/", {"experiment_id": "7"})
+    url = stage_log.runs_table_url("http://127.0.0.1:5000/", {"experiment_id": "7"})
     assert url == (
         "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
-        f"&viewStateShareKey={live.RUNS_VIEW}"
+        f"&viewStateShareKey={stage_log.RUNS_VIEW}"
     )
 
 
 def test_run_links_open_the_model_training_view_relative_to_the_ui():
-    assert live.run_link("7", "abc") == "#/experiments/7/runs/abc?workflowType=machine_learning"
+    assert (
+        stage_log.run_link("7", "abc") == "#/experiments/7/runs/abc?workflowType=machine_learning"
+    )
 
 
 def test_a_views_columns_are_read_back_and_anything_else_has_none():
-    view = live.runs_view(["eval.perplexity", "eval.f1"], 1000)
-    assert live.view_metrics(view) == ["eval.perplexity", "eval.f1"]
+    view = stage_log.runs_view(["eval.perplexity", "eval.f1"], 1000)
+    assert stage_log.view_metrics(view) == ["eval.perplexity", "eval.f1"]
     for other in (None, "", "{}", '{"state": "[]"}', "not json"):
-        assert live.view_metrics(other) == []
+        assert stage_log.view_metrics(other) == []
 
 
 def test_counts_and_seconds_become_tags_of_single_values():
     manifest = {"counts": {"steps": 300, "test": {"rows": 5}, "stopped_early": False}}
-    assert live.count_tags({**manifest, "seconds": 1.5}) == {
+    assert stage_log.count_tags({**manifest, "seconds": 1.5}) == {
         "counts.steps": "300",
         "counts.test.rows": "5",
         "counts.stopped_early": "False",
@@ -236,7 +240,7 @@ def test_a_new_sqlite_store_is_made_only_under_the_store_lock(tmp_path):
     worker = threading.Thread(
         target=lambda: connected.append(live._Connection(target_for(uri, tmp_path), folder, start))
     )
-    with live.store_lock(uri):
+    with stage_log.store_lock(uri):
         worker.start()
         worker.join(timeout=5)
         assert worker.is_alive() and not db.exists()  # waiting for the lock, the store unmade

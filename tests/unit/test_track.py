@@ -17,9 +17,11 @@ from mlflow.utils.validation import _validate_metric_name
 import snaketune
 from snaketune.errors import TrackingError
 from snaketune.settings import config_hash
-from snaketune.track import live
 from snaketune.track import reconcile as track_module
-from snaketune.track.live import (
+from snaketune.track import stage_log
+from snaketune.track.reconcile import STAGES
+from snaketune.track.settings import TrackSettings
+from snaketune.track.stage_log import (
     MAX_PARAM_LENGTH,
     RUN_KEY_TAG,
     as_params,
@@ -27,8 +29,6 @@ from snaketune.track.live import (
     flatten,
     numeric_metrics,
 )
-from snaketune.track.reconcile import STAGES
-from snaketune.track.settings import TrackSettings
 from snaketune.track.tracking_uri import redact
 from tests.support.mlflow_stores import (
     CONFIG,
@@ -150,13 +150,13 @@ def test_config_hash_ignores_key_order_and_follows_values():
 
 def test_a_stage_run_key_follows_its_inputs_and_params_not_its_timings(tmp_path):
     inputs = {"corpus": {"path": "a", "sha256": "1" * 64}}
-    key = live.run_key(inputs, {"lr": 0.1})
-    assert live.run_key({"corpus": {"path": "moved", "sha256": "1" * 64}}, {"lr": 0.1}) == key
-    assert live.run_key({"corpus": {"path": "a", "sha256": "2" * 64}}, {"lr": 0.1}) != key
-    assert live.run_key(inputs, {"lr": 0.2}) != key
+    key = stage_log.run_key(inputs, {"lr": 0.1})
+    assert stage_log.run_key({"corpus": {"path": "moved", "sha256": "1" * 64}}, {"lr": 0.1}) == key
+    assert stage_log.run_key({"corpus": {"path": "a", "sha256": "2" * 64}}, {"lr": 0.1}) != key
+    assert stage_log.run_key(inputs, {"lr": 0.2}) != key
     stage_files = write_stage_files(tmp_path)
     manifest = json.loads(stage_files.manifests["split"].read_text())
-    assert manifest["run_key"] == live.run_key(manifest["inputs"], manifest["params"])
+    assert manifest["run_key"] == stage_log.run_key(manifest["inputs"], manifest["params"])
 
 
 # --- one upload ---------------------------------------------------------------------------------
@@ -236,7 +236,7 @@ def test_child_params_and_counts_come_from_its_manifest(tracked):
     tokenize = tracked.run("tokenize").data
     assert tokenize.params == {"block_size": "32", "max_length": "32", "task": "causal_lm"}
     assert tokenize.metrics == {}
-    counts = {k: v for k, v in tokenize.tags.items() if k.startswith(live.COUNTS_PREFIX)}
+    counts = {k: v for k, v in tokenize.tags.items() if k.startswith(stage_log.COUNTS_PREFIX)}
     assert counts == {
         "counts.train.documents": "2491",
         "counts.train.rows": "855",
@@ -260,7 +260,7 @@ def test_a_count_that_changes_on_a_rerun_of_the_same_run_is_updated(tracked, tmp
     stage = next(s for s in tracked.inputs.stages if s.name == "tokenize")
     manifest = {**json.loads(stage.manifest.read_text()), "seconds": 3.5}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(live, "stage_run", lambda *args: (run_id, False))
+        patch.setattr(stage_log, "stage_run", lambda *args: (run_id, False))
         track_module.complete_stage(store, tracked.ids["parent"], stage, manifest, {})
     assert client.get_run(run_id).data.tags["counts.seconds"] == "3.5"
     client.set_tag(run_id, "counts.seconds", "2.25")  # as the other tests read it
@@ -304,8 +304,8 @@ def test_the_parent_run_has_a_description_of_the_task_data_metrics_and_stage_run
 
 def test_the_runs_table_view_shows_the_headline_metrics_as_columns(tracked):
     experiment = tracked.store.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
-    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{live.RUNS_VIEW}"])
-    assert view["name"] == live.RUNS_VIEW_NAME and isinstance(view["createdAt"], int)
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{stage_log.RUNS_VIEW}"])
+    assert view["name"] == stage_log.RUNS_VIEW_NAME and isinstance(view["createdAt"], int)
     columns = json.loads(view["state"])["selectedColumns"]
     assert columns == [
         "attributes.`Models`",
@@ -318,10 +318,10 @@ def test_the_runs_table_view_shows_the_headline_metrics_as_columns(tracked):
 def test_another_tasks_upload_adds_its_columns_to_the_view_and_keeps_the_others(store):
     client = store.client
     experiment = client.create_experiment("views")
-    live.share_runs_view(client, experiment, ["eval.perplexity"])
-    live.share_runs_view(client, experiment, ["eval.accuracy", "eval.perplexity"])
-    tag = client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{live.RUNS_VIEW}"]
-    assert live.view_metrics(tag) == ["eval.perplexity", "eval.accuracy"]
+    stage_log.share_runs_view(client, experiment, ["eval.perplexity"])
+    stage_log.share_runs_view(client, experiment, ["eval.accuracy", "eval.perplexity"])
+    tag = client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{stage_log.RUNS_VIEW}"]
+    assert stage_log.view_metrics(tag) == ["eval.perplexity", "eval.accuracy"]
 
 
 def test_eval_metrics_are_also_on_the_evaluate_child(tracked):
@@ -482,10 +482,10 @@ def test_runs_left_running_by_live_logging_are_completed_not_duplicated(store, t
     experiment_id = client.create_experiment(
         MLFLOW_EXPERIMENT, artifact_location=store.artifact_location
     )
-    ids = live.RunIds(inputs.tracking, store.uri, config_hash(settings.config))
-    parent = live.parent_run(client, ids, experiment_id, EXPERIMENT, {}, 0)
+    ids = stage_log.RunIds(inputs.tracking, store.uri, config_hash(settings.config))
+    parent = stage_log.parent_run(client, ids, experiment_id, EXPERIMENT, {}, 0)
     train_key = json.loads(inputs.manifests["train"].read_text())["run_key"]
-    train, new = live.stage_run(client, ids, experiment_id, parent, "train", train_key, 0)
+    train, new = stage_log.stage_run(client, ids, experiment_id, parent, "train", train_key, 0)
     assert new
     early = [Metric("train.loss", r["loss"], 0, r["step"]) for r in HISTORY[:2]]
     client.log_batch(train, metrics=early)
@@ -517,7 +517,7 @@ def test_a_stage_computed_again_from_other_inputs_replaces_its_run(store, tmp_pa
     evaluate = inputs.manifests["evaluate"]
     manifest = json.loads(evaluate.read_text())
     manifest["inputs"]["input"]["sha256"] = "f" * 64
-    manifest["run_key"] = live.run_key(manifest["inputs"], manifest["params"])
+    manifest["run_key"] = stage_log.run_key(manifest["inputs"], manifest["params"])
     evaluate.write_text(json.dumps(manifest))
     second = track(settings, inputs, tmp_path / "runs.json")
     assert second["parent"] == first["parent"]

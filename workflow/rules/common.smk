@@ -23,7 +23,7 @@ from snaketune.gpus import (
 )
 from snaketune.train import memory_plan
 from snaketune.train import resume
-from snaketune.track.live import Target, runs_table_url
+from snaketune.track.stage_log import Target, runs_table_url
 from snaketune.names import SPLITS
 from snaketune.provenance import write_invocation
 from snaketune.sharing import SHARED_FOLDER, TRACKING_LINK, Sharing, link_all

@@ -21,7 +21,7 @@ from snaketune.context import JobContext
 from snaketune.fileio import read_json, sha256_tree, write_json
 from snaketune.paths import INPUT, OUTPUT, Paths, is_list, path_fields
 from snaketune.stages import stage_of
-from snaketune.track import live
+from snaketune.track import live, stage_log
 
 _TRACKED_PACKAGES = (
     "pandas",
@@ -125,7 +125,7 @@ def stage_manifest(
             record.inputs[name] = {"path": str(path), "sha256": known[name]}
         else:
             record.add_input(name, path, paths.manifest.name)
-    key = live.run_key(record.inputs, record.params)
+    key = stage_log.run_key(record.inputs, record.params)
     started_at, started = time.time(), time.perf_counter()
     start = live.StageStart(stage.folder, key, started_at, record.params)
     with live.tracking(start, context.tracking, context.live_after_s) as tracker:

@@ -34,7 +34,7 @@ from snaketune.names import TEST, TRAIN
 from snaketune.settings import SettingsError
 from snaketune.tasks import task_of
 from snaketune.tokenize.shards import TokenizedData, read_shards
-from snaketune.track import live
+from snaketune.track import stage_log
 from snaketune.train import compile_cache, lm_loss
 from snaketune.train.batches import TokenRows
 from snaketune.train.devices import Placement, place, to_device
@@ -272,7 +272,7 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob, context: JobContext = IN_
         write_json(paths.metrics, metrics)
         tables.metrics_page(metrics, paths.metrics_html)
         tables.csv_page(paths.samples, paths.samples_html, "Samples")
-        record.tracker.log(live.numeric_metrics(metrics, live.EVAL_PREFIX), step=0)
+        record.tracker.log(stage_log.numeric_metrics(metrics, stage_log.EVAL_PREFIX), step=0)
         record.counts = {"test_rows": len(test)}
         if job.compile_mode:  # what the compiled scoring found in the compile cache
             record.extra["compile_cache"] = compile_cache.usage()

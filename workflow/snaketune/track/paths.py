@@ -31,7 +31,9 @@ class TrackPaths(Paths):
     store: Path = state_path("the default SQLite store (no tracking URI configured)")
     artifacts: Path = state_path("artifact folder of an experiment created in a local store")
     provenance: Path = state_path("provenance.json of the snakemake invocation")
-    tracking: Path = state_path("the experiment's MLflow run ids, one file per run (live.RunIds)")
+    tracking: Path = state_path(
+        "the experiment's MLflow run ids, one file per run (stage_log.RunIds)"
+    )
 
 
 @dataclass(frozen=True)

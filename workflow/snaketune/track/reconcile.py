@@ -15,7 +15,7 @@ counts and seconds as tags (single values, not metrics to chart) and its artifac
 the per-step history, the system metrics sampled during training, its dataset inputs (train and
 val splits) and the logged model; the evaluate run the test split and the eval metrics, linked to
 that model. The model is registered as a version of the configured name (snaketune.track.registry),
-and the experiment gets a runs view with the headline metrics as columns (live.runs_table_url).
+and the experiment gets a runs view with the headline metrics as columns (stage_log.runs_table_url).
 """
 
 from __future__ import annotations
@@ -42,26 +42,29 @@ from snaketune.provenance import git_state, invocation_tags
 from snaketune.settings import config_hash
 from snaketune.stages import TRACKED, tracked_stage
 from snaketune.tasks import task_of
-from snaketune.track import lineage, live, registry
-from snaketune.track.live import (
-    EVAL_PREFIX,
-    SWEEP_TAG,
-    Ledger,
-    RunIds,
-    as_params,
-    experiment_id_for,
-    history_values,
-    log_batched,
-    missing_params,
-    ms,
-    numeric_metrics,
-    sample_values,
-    store_lock,
-)
+from snaketune.track import lineage, registry, stage_log
 from snaketune.track.model_card import FILE_NAME as CARD_FILE_NAME
 from snaketune.track.model_card import HEADLINE, experiment_note, model_card
 from snaketune.track.paths import TrackPaths
 from snaketune.track.settings import SWEPT, TrackSettings
+from snaketune.track.stage_log import (
+    EVAL_PREFIX,
+    SWEEP_TAG,
+    Ledger,
+    RunIds,
+    as_metrics,
+    as_params,
+    experiment_id_for,
+    history_points,
+    log_batched,
+    missing_params,
+    ms,
+    numeric_metrics,
+    sample_points,
+    send_points,
+    store_lock,
+    value_points,
+)
 from snaketune.track.tracking_uri import (
     check_usable,
     effective_tracking_uri,
@@ -104,32 +107,14 @@ class StageFiles:
         return cls(name, Path(manifest), artifacts)
 
 
-def history_metrics(history_path: Path, fallback_ms: int) -> list:
-    """The per-step history at the times its values were read (fallback_ms for rows written
-    before rows had a timestamp)."""
-    from mlflow.entities import Metric
-
-    out = []
-    for line in Path(history_path).read_text().splitlines():
-        row = json.loads(line)
-        when = ms(row["timestamp"]) if "timestamp" in row else fallback_ms
-        for key, value in history_values(row).items():
-            out.append(Metric(key, float(value), when, int(row["step"])))
-    return out
+def history_rows(history_path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(history_path).read_text().splitlines()]
 
 
-def sampled_metrics(samples_path: Path | None) -> list:
-    """The samples taken during training under MLflow's system/ names, at their wall times."""
-    from mlflow.entities import Metric
-
+def system_samples(samples_path: Path | None) -> list[dict[str, float]]:
     if samples_path is None or not Path(samples_path).exists():
         return []
-    out = []
-    for step, row in enumerate(read_samples(samples_path)):
-        timestamp = ms(row["timestamp"])
-        for key, value in sample_values(row).items():
-            out.append(Metric(key, float(value), timestamp, step))
-    return out
+    return list(read_samples(samples_path))
 
 
 @dataclass(frozen=True)
@@ -239,7 +224,7 @@ def opened_store(configured_uri: str, mlflow_experiment: str, artifacts: str):
     # MLflow's default is 7 retries with growing waits: minutes before a dead server is reported.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-    live.quiet_mlflow()
+    stage_log.quiet_mlflow()
     with store_lock(uri):
         try:
             client = MlflowClient(tracking_uri=uri)
@@ -305,7 +290,7 @@ def reconcile(
     manifests = {stage.name: read_json(stage.manifest) for stage in files.stages}
     times = {name: StageTimes.of(m) for name, m in manifests.items()}
     first = min(t.started_ms for t in times.values())
-    parent_id = live.parent_run(
+    parent_id = stage_log.parent_run(
         client, store.ids, store.experiment_id, settings.experiment, tags, first
     )
     complete_parent(client, parent_id, settings, files, tags)
@@ -319,8 +304,10 @@ def reconcile(
     info = _log_model(store, settings, files, ids["train"])
     log_model_card(client, ids["train"], info, files)
     fallback = times["train"].ended_ms
-    train_metrics = history_metrics(files.history, fallback) + sampled_metrics(files.system_metrics)
-    log_batched(client, ids["train"], metrics=ledgers["train"].missing(train_metrics))
+    # The points the live tracker logs, from the files: those it did not send go now.
+    train_points = history_points(history_rows(files.history), fallback)
+    train_points += sample_points(system_samples(files.system_metrics))
+    send_points(client, ids["train"], ledgers["train"], train_points)
     test_split = _log_datasets(client, settings, files, ids)
     eval_values = read_json(files.metrics)
     eval_metrics = eval_points(eval_values, times["evaluate"].ended_ms)
@@ -353,18 +340,17 @@ def describe(
 ) -> None:
     """The parent run's description (MLflow shows the note tag as the run's description) and
     the experiment's runs view with this task's headline metrics as columns."""
-    links = {name: live.run_link(store.experiment_id, run_id) for name, run_id in ids.items()}
+    links = {name: stage_log.run_link(store.experiment_id, run_id) for name, run_id in ids.items()}
     config = settings.config
     note = experiment_note(settings.experiment, config, manifests, eval_values, links)
     store.client.set_tag(parent_id, NOTE_TAG, note)
     columns = [f"{EVAL_PREFIX}{name}" for name in HEADLINE if name in eval_values]
-    live.share_runs_view(store.client, store.experiment_id, columns)
+    stage_log.share_runs_view(store.client, store.experiment_id, columns)
 
 
 def eval_points(values: dict[str, Any], measured_ms: int) -> list:
-    from mlflow.entities import Metric
-
-    return [Metric(k, v, measured_ms, 0) for k, v in numeric_metrics(values, EVAL_PREFIX).items()]
+    """The evaluation's metrics as MLflow metrics at step 0 (as the evaluate stage logs them)."""
+    return as_metrics(value_points(numeric_metrics(values, EVAL_PREFIX), 0, measured_ms))
 
 
 def complete_parent(
@@ -383,10 +369,10 @@ def complete_stage(store: Store, parent_id: str, stage: StageFiles, manifest: di
     counts (as tags) and artifacts."""
     client, times = store.client, StageTimes.of(manifest)
     key = manifest["run_key"]
-    run_id, new = live.stage_run(
+    run_id, new = stage_log.stage_run(
         client, store.ids, store.experiment_id, parent_id, stage.name, key, times.started_ms
     )
-    set_tags(client, run_id, {**tags, **live.count_tags(manifest)})
+    set_tags(client, run_id, {**tags, **stage_log.count_tags(manifest)})
     log_batched(
         client, run_id, params=missing_params(client, run_id, as_params(manifest["params"]))
     )

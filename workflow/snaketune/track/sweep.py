@@ -28,9 +28,9 @@ from typing import Any
 from snaketune.context import IN_PROCESS, JobContext
 from snaketune.names import name_problem
 from snaketune.sections import SECTIONS
-from snaketune.track.live import SWEEP_TAG
 from snaketune.track.paths import SweepPaths
 from snaketune.track.settings import SWEPT, SweepSettings
+from snaketune.track.stage_log import SWEEP_TAG
 
 SWEEP = "sweep"
 """The experiment entry's key that declares a sweep."""

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from snaketune.data import local
+from snaketune import local
 from snaketune.evaluate.evaluation import CPU
 from snaketune.evaluate.perplexity import score_lm, windows
 from snaketune.names import TRAIN

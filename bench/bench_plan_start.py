@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    from snaketune.data import local
+    from snaketune import local
 
     with tempfile.TemporaryDirectory() as tmp:
         config = local.demo_config("causal_lm")

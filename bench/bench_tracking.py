@@ -15,7 +15,7 @@ seconds (so the fixed cost: the sender imports mlflow and connects once per job,
 that competes with training for this machine's 2 cores), the ratios to `off`, and how many
 points each live run got onto the server before the call returned.
 
-Data: the demo corpus through our data stages (snaketune.data.local.demo_config, BPE vocab 400).
+Data: the demo corpus through our data stages (snaketune.local.demo_config, BPE vocab 400).
 Run: .venv/bin/python bench/bench_tracking.py [--steps 200] [--repeats 2]
 """
 
@@ -115,7 +115,7 @@ def train_once(data, out: Path, steps: int, uri: str | None, settle: int) -> Tim
 
 
 def main() -> None:
-    from snaketune.data import local
+    from snaketune import local
     from tests.support.reliability import Relay
     from tests.support.servers import serving
 

@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def prepare_data(root: Path, block: int):
-    from snaketune.data import local
+    from snaketune import local
 
     return local.prepare_data(local.demo_config("causal_lm", block), local.DEMO_EXPERIMENT, root)
 

@@ -63,7 +63,7 @@ def repeat_train_split(shards: Path, out: Path, tokens: int) -> int:
 
 def child(shards: str, manifest: str, tokenizer: str, out: str, steps: int) -> None:
     """One training job in this process; prints its median tokens/s after the first steps."""
-    from snaketune.data.local import PreparedData
+    from snaketune.local import PreparedData
     from snaketune.train.trainer import train_model
 
     data = PreparedData({}, Path(tokenizer), Path(shards), Path(manifest))
@@ -130,7 +130,7 @@ def main() -> None:
         *paths, steps = args.child
         child(*paths, int(steps))
         return
-    from snaketune.data import local
+    from snaketune import local
     from snaketune.names import TRAIN
     from snaketune.tokenize.shards import TOKENS, split_dir
 

@@ -82,7 +82,7 @@ def synthetic_data(root: Path, shape: Shape):
     """The demo corpus through our data stages (for a real manifest and tokenizer), with each
     split's token arrays replaced by uniform random ids at the shape's vocabulary and context:
     throughput does not depend on what the tokens say."""
-    from snaketune.data import local
+    from snaketune import local
     from snaketune.names import SPLITS, TRAIN
     from snaketune.tokenize.shards import OFFSETS, TOKENS, split_dir, token_dtype
 
@@ -374,7 +374,7 @@ def classifier_ms_per_step(root: Path, placement, steps: int) -> tuple[float, in
     """Median milliseconds per step of the 5M classifier trained by train_model on the demo's
     intents (32 tokens a row, batch 32), after the first quarter of the steps; and its
     parameters."""
-    from snaketune.data import local
+    from snaketune import local
     from snaketune.names import SEQUENCE_CLASSIFICATION
     from snaketune.train.settings import ModelSettings, TrainJob, TrainSettings
     from snaketune.train.trainer import train_model

@@ -9,10 +9,10 @@ from pathlib import Path
 import pandas as pd
 
 from snaketune.data.clean import CleanReport, clean_corpus
-from snaketune.data.local import DEMO_EXPERIMENT, PreparedData, demo_config, prepare_data
 from snaketune.data.paths import CleanPaths
 from snaketune.data.settings import CleanJob, CleanSettings, ReadSettings
 from snaketune.evaluate.paths import EvaluatePaths
+from snaketune.local import DEMO_EXPERIMENT, PreparedData, demo_config, prepare_data
 from snaketune.stages import command_line
 from snaketune.train.settings import TrainJob
 from snaketune.train.trainer import train_model

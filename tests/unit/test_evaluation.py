@@ -11,7 +11,7 @@ import pytest
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_score
 
-from snaketune.evaluate.evaluation import CPU, classification_metrics, evaluate_model
+from snaketune.evaluate.evaluation import CPU, evaluate_model
 from snaketune.evaluate.perplexity import (
     count_words,
     perplexity,
@@ -20,6 +20,7 @@ from snaketune.evaluate.perplexity import (
     word_perplexity,
 )
 from snaketune.evaluate.settings import EvalJob, EvalSettings
+from snaketune.metrics import classification_metrics
 from snaketune.tokenize.shards import read_shards
 from tests.support.checkpoints import tiny_lm
 from tests.support.stage_data import evaluate_paths

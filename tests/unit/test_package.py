@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,14 +142,22 @@ def test_the_test_import_finder_sees_function_level_and_package_imports(tmp_path
     }
 
 
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+
 def test_an_installed_copy_validates_a_config_without_the_checkout(tmp_path):
     """Built as a wheel and installed elsewhere (not editable): the schema is made from the
     settings and the metric modules are package data, so nothing is looked up in the checkout;
     presets come from the workflow's folder, which the caller names."""
-    wheel, site = tmp_path / "wheel", tmp_path / "site"
+    wheel, site, source = tmp_path / "wheel", tmp_path / "site", tmp_path / "source"
+    # A copy of what the wheel is built from: building writes build/ beside its sources.
+    for name in ("pyproject.toml", "README.md"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(PACKAGE, source / "workflow" / "snaketune", ignore=IGNORED)
     pip = [sys.executable, "-m", "pip", "--quiet"]
     subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheel, REPO],
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheel, source],
         check=True,
         capture_output=True,
     )
@@ -158,7 +167,7 @@ def test_an_installed_copy_validates_a_config_without_the_checkout(tmp_path):
         "import sys, yaml; from pathlib import Path\n"
         "import snaketune\n"
         "from snaketune.config import apply_preset, validated\n"
-        "from snaketune.evaluate.metrics import METRICS_DIR\n"
+        "from snaketune.metrics import METRICS_DIR\n"
         "repo = Path(sys.argv[1])\n"
         "config = yaml.safe_load((repo / 'config.yaml').read_text())\n"
         "config['preset'] = 'sms-spam'\n"
@@ -177,3 +186,42 @@ def test_an_installed_copy_validates_a_config_without_the_checkout(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith(str(site / "snaketune" / "__init__.py"))
     assert "sms-spam" in run.stdout and "'token_f1'" in run.stdout
+
+
+PIPELINE = ("data", "tokenize", "train", "evaluate", "track")
+"""The stage packages in the order the pipeline runs them."""
+
+
+def later_stages_imported(path: Path, stage: str) -> set[str]:
+    """The stage packages after `stage` that the module at `path` imports, at any level."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "snaketune" and len(parts) > 1 and parts[1] in PIPELINE:
+                if PIPELINE.index(parts[1]) > PIPELINE.index(stage):
+                    found.add(parts[1])
+    return found
+
+
+def test_a_stage_package_imports_only_the_stages_before_it_and_the_core():
+    found = {
+        str(path.relative_to(PACKAGE)): later
+        for stage in PIPELINE
+        for path in (PACKAGE / stage).rglob("*.py")
+        if (later := later_stages_imported(path, stage))
+    }
+    assert found == {}
+
+
+def test_the_stage_order_check_sees_an_import_of_a_later_stage(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from snaketune.track import live\n")
+    assert later_stages_imported(module, "train") == {"track"}
+    assert later_stages_imported(module, "track") == set()

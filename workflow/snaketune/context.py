@@ -1,6 +1,6 @@
 """What the workflow tells a job besides its paths and settings: read from the environment once,
 by the CLI, and passed to the stage's function. No other module of the library reads these
-variables; a job run in-process (tests, notebooks, snaketune.data.local) gets the defaults: no
+variables; a job run in-process (tests, notebooks, snaketune.local) gets the defaults: no
 live tracking, a first attempt, relative dataset paths from this package's repository.
 
 The rules set them (common.smk, snaketune.stages.shell_command) rather than passing flags, so

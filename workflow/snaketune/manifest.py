@@ -46,6 +46,12 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+Tracking = live.Tracker | live.Offline
+"""A stage's MLflow run while it works: live, or Offline (no tracking folder, or a process
+other than 0)."""
+OFFLINE = live.Offline()
+
+
 @dataclass
 class StageRecord:
     """Collects a stage's counts and outputs while it runs; written as manifest.json at the end."""
@@ -58,7 +64,7 @@ class StageRecord:
     """{name: sha256} of what it wrote; left empty, every digested output of the job."""
     extra: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
-    tracker: live.Tracker | live.Offline = field(default_factory=live.Offline)
+    tracker: Tracking = field(default_factory=live.Offline)
     """The stage's MLflow run while it works: live when the job was given a tracking folder."""
 
     def add_input(self, name: str, path: Path, manifest_name: str = "") -> str:

@@ -4,7 +4,7 @@ its file name in the stage's folder (`Paths.under`).
 
 Each stage package declares its jobs' paths in its `paths.py`; snaketune.stages makes the
 rules' shell commands, the CLI and the manifests' records from them, and the rules' `output:`
-and the in-process helpers (snaketune.data.local) take the file names from them."""
+and the in-process helpers (snaketune.local) take the file names from them."""
 
 from __future__ import annotations
 

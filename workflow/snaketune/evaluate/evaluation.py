@@ -22,7 +22,6 @@ import torch
 from snaketune import plots, tables
 from snaketune.context import IN_PROCESS, JobContext
 from snaketune.evaluate.generation import compile_generation, generate_many
-from snaketune.evaluate.metrics import load_metric
 from snaketune.evaluate.ngram import bigram_baseline
 from snaketune.evaluate.paths import EvaluatePaths
 from snaketune.evaluate.perplexity import count_words, score_lm, token_byte_lengths, word_perplexity
@@ -30,11 +29,11 @@ from snaketune.evaluate.qa import answer_nll, answer_protocol, evaluate_answers
 from snaketune.evaluate.settings import EvalJob, EvalSettings
 from snaketune.fileio import atomic_path, write_json
 from snaketune.manifest import stage_manifest
+from snaketune.metrics import classification_metrics, load_metric
 from snaketune.names import TEST, TRAIN
 from snaketune.settings import SettingsError
 from snaketune.tasks import task_of
 from snaketune.tokenize.shards import TokenizedData, read_shards
-from snaketune.track import stage_log
 from snaketune.train import compile_cache, lm_loss
 from snaketune.train.batches import TokenRows
 from snaketune.train.devices import Placement, place, to_device
@@ -152,28 +151,6 @@ def predict_classes(model, data: TokenRows, batch_size: int, placement=CPU) -> n
     return torch.cat(predictions).cpu().numpy()
 
 
-def classification_metrics(
-    predictions: np.ndarray, references: np.ndarray, label_names: list[str]
-) -> dict:
-    n = len(label_names)
-    accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)
-    f1 = load_metric("macro_f1").compute(
-        predictions=predictions, references=references, num_classes=n
-    )
-    matrix = load_metric("confusion_matrix").compute(
-        predictions=predictions, references=references, num_classes=n
-    )
-    return {
-        "accuracy": accuracy["accuracy"],
-        "macro_f1": f1["macro_f1"],
-        "per_class": {
-            name: {"precision": f1["precision"][i], "recall": f1["recall"][i], "f1": f1["f1"][i]}
-            for i, name in enumerate(label_names)
-        },
-        "confusion_matrix": matrix["confusion_matrix"],
-    }
-
-
 def baselines(train_split: Path, test_split: Path, label_names: list[str]) -> dict:
     """Majority class and bag-of-words logistic regression, on the same test documents. A
     baseline that cannot run on this data is reported as skipped, with the reason; it never
@@ -272,7 +249,7 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob, context: JobContext = IN_
         write_json(paths.metrics, metrics)
         tables.metrics_page(metrics, paths.metrics_html)
         tables.csv_page(paths.samples, paths.samples_html, "Samples")
-        record.tracker.log(stage_log.numeric_metrics(metrics, stage_log.EVAL_PREFIX), step=0)
+        record.tracker.log_evaluation(metrics)
         record.counts = {"test_rows": len(test)}
         if job.compile_mode:  # what the compiled scoring found in the compile cache
             record.extra["compile_cache"] = compile_cache.usage()

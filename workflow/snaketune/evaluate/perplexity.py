@@ -24,26 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from snaketune.metrics import perplexity, ratio
 from snaketune.train.batches import document_positions
 from snaketune.train.devices import Placement, to_device
 from snaketune.train.lm_loss import target_scores
 
-MAX_LOG_PERPLEXITY = 700.0  # exp(709) overflows float64; report inf beyond this
 DECODE_CHUNK_TOKENS = 1 << 20
-
-
-def ratio(numerator: float, denominator: int) -> float | None:
-    """A mean over `denominator` things; None (null in metrics.json) when there is none: a
-    number from nothing (0 / 0 reported as 0, or exp(0) = 1) would read as a result."""
-    return numerator / denominator if denominator else None
-
-
-def perplexity(nll_sum: float, count: int) -> float | None:
-    """exp(mean NLL), inf past float64's range; None when nothing was scored."""
-    mean = ratio(nll_sum, count)
-    if mean is None:
-        return None
-    return math.exp(mean) if mean < MAX_LOG_PERPLEXITY else float("inf")
 
 
 def byte_level_alphabet() -> dict[str, int]:

@@ -21,10 +21,9 @@ import torch
 
 from snaketune.evaluate.answers import METRIC_MODULES
 from snaketune.evaluate.generation import generate_many, stop_ids
-from snaketune.evaluate.metrics import load_metric
-from snaketune.evaluate.perplexity import perplexity
 from snaketune.evaluate.retrieval import MAX_TRAIN_EXAMPLES, nearest_answers
 from snaketune.evaluate.settings import SAMPLE, EvalSettings
+from snaketune.metrics import load_metric, perplexity
 from snaketune.names import INSTRUCTION_COLUMNS, PROMPT, RESPONSE
 from snaketune.train.batches import IGNORED_LABEL, TokenRows
 from snaketune.train.devices import Placement, to_device

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from snaketune.track.stage_log import (
+    EVAL_PREFIX,
     Ledger,
     Point,
     RunIds,
@@ -38,6 +39,7 @@ from snaketune.track.stage_log import (
     log_batched,
     missing_params,
     ms,
+    numeric_metrics,
     parent_run,
     quiet_mlflow,
     sample_points,
@@ -161,6 +163,10 @@ class Tracker:
 
     def log_sample(self, index: int, sample: dict[str, float]) -> None:
         self._put_all(sample_points([sample], first=index))
+
+    def log_evaluation(self, metrics: dict[str, Any]) -> None:
+        """The evaluation's numbers, nested as metrics.json holds them, at step 0."""
+        self.log(numeric_metrics(metrics, EVAL_PREFIX), step=0)
 
     def _put_all(self, points: list[Point]) -> None:
         for point in points:
@@ -290,6 +296,9 @@ class Offline:
         pass
 
     def log_sample(self, index: int, sample: dict[str, float]) -> None:
+        pass
+
+    def log_evaluation(self, metrics: dict[str, Any]) -> None:
         pass
 
     def end(self, status: str, ended_at: float | None = None) -> None:

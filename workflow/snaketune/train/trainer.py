@@ -38,13 +38,12 @@ from snaketune import plots
 from snaketune.context import IN_PROCESS, JobContext
 from snaketune.data.sources import model_source_digest
 from snaketune.errors import TrainingError
-from snaketune.evaluate.perplexity import perplexity
 from snaketune.fileio import atomic_dir, atomic_path, sha256_tree
-from snaketune.manifest import stage_manifest
+from snaketune.manifest import OFFLINE, Tracking, stage_manifest
+from snaketune.metrics import classification_metrics, perplexity
 from snaketune.names import TRAIN, VAL
 from snaketune.tasks import task_of
 from snaketune.tokenize.shards import TokenizedData
-from snaketune.track import live
 from snaketune.train import (
     attempts,
     compile_cache,
@@ -441,8 +440,6 @@ def validate(run: Run) -> dict[str, float]:
     loss = float(nll) / targets
     if task_of(run.job.task).predicts_tokens:
         return {"val_loss": loss, "val_perplexity": perplexity(float(nll), targets)}
-    from snaketune.evaluate.evaluation import classification_metrics
-
     predictions = torch.cat(predicted).cpu().numpy()
     scores = classification_metrics(predictions, run.val.labels()[:rows], run.label_names)
     return {
@@ -516,13 +513,7 @@ def read_now(run: Run, step: int) -> bool:
     )
 
 
-OFFLINE = live.Offline()
-"""No live run: a process other than 0, or training called in-process."""
-
-
-def train_steps(
-    run: Run, progress: Progress, tracker: live.Tracker | live.Offline = OFFLINE
-) -> Progress:
+def train_steps(run: Run, progress: Progress, tracker: Tracking = OFFLINE) -> Progress:
     """Train until max_steps, early stopping or a stop asked from outside; each step's values
     go to `tracker` (the stage's live run: process 0's)."""
     try:
@@ -533,7 +524,7 @@ def train_steps(
 
 
 def steps_until_done(
-    run: Run, progress: Progress, stop: StopRequested, tracker: live.Tracker | live.Offline
+    run: Run, progress: Progress, stop: StopRequested, tracker: Tracking
 ) -> Progress:
     from tqdm import tqdm
 

@@ -3,11 +3,12 @@ takes, and the library function that runs it.
 
 A job's paths are a frozen dataclass whose field names are the rule's `input:`, `output:` and
 `params:` names, declared in its stage package's paths.py (snaketune.paths), with each output's
-file name; the rules' `output:` are made from them (`outputs`, common.smk). From these
-definitions come the rules' shell commands (`shell_command`), the
-`snaketune` CLI (snaketune.cli), the command lines tests and benchmarks run (`command_line`),
-and the paths and digests each manifest records (snaketune.manifest). The library function is
-named after the rule and takes `(paths, settings)`, whoever calls it.
+file name; the rules' `output:` are made from them (`outputs`, common.smk). Its settings are a
+dataclass of its stage package's settings.py. From these definitions come the rules' shell
+commands (`shell_command`), the `snaketune` CLI (snaketune.cli), the command lines tests and
+benchmarks run (`command_line`), and the paths and digests each manifest records
+(snaketune.manifest). The library function is named after the rule and takes `(paths, settings,
+context)`, whoever calls it; the context (snaketune.context) is optional in-process.
 
 This module imports nothing heavy: the workflow reads it when it builds the DAG.
 """

@@ -10,7 +10,7 @@ import transformers
 
 from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS
 from snaketune.schema import config_schema
-from snaketune.tasks import BY_NAME, task_of
+from snaketune.tasks import BY_NAME, intended_use, task_of
 from tests.support.repo import REPO
 
 PACKAGE = REPO / "workflow" / "snaketune"
@@ -29,6 +29,11 @@ def test_each_task_names_classes_that_exist(name):
         assert hasattr(transformers, cls), cls
     assert peft.TaskType[task.peft_task_type]
     assert task.intended_use
+
+
+def test_a_model_card_of_a_config_without_a_task_states_no_use():
+    assert intended_use(CAUSAL_LM) == task_of(CAUSAL_LM).intended_use
+    assert intended_use("n/a") == "Not stated for this task."
 
 
 def test_a_head_has_a_row_per_token_or_per_label():

@@ -76,3 +76,10 @@ assert tuple(BY_NAME) == TASKS  # the config's allowed values are these tasks' n
 def task_of(name: str) -> Task:
     """The task the config names (checked before any job: the schema's enum is TASKS)."""
     return BY_NAME[name]
+
+
+def intended_use(name: str) -> str:
+    """The model card's "Intended use" of a task; a config that names none (a manifest read
+    back from elsewhere) has none stated."""
+    task = BY_NAME.get(name)
+    return task.intended_use if task else "Not stated for this task."

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from snaketune.tasks import task_of
+from snaketune.tasks import intended_use
 from snaketune.track.tracking_uri import redact
 
 FILE_NAME = "README.md"
@@ -180,7 +180,7 @@ def model_card(
     ]
     if labels:
         lines += [f"Labels: {', '.join(f'`{label}`' for label in labels)}.", ""]
-    lines += [task_of(task).intended_use, ""]
+    lines += [intended_use(task), ""]
     lines += ["Every figure above is from the experiment's results' manifests.", ""]
     return "\n".join(lines)
 

@@ -94,7 +94,26 @@ def in_training_view(text: str) -> bool:
 REPORT_SCREENSHOTS = REPO / "test-artifacts" / "report"
 
 
-def shown_frame(driver, row_xpath: str, clicks: int = 3):
+def shown_rows(driver, menu_xpath: str, row_xpath: str, clicks: int = 3) -> list:
+    """The rows a report's category menu shows once clicked. Like the eye button (shown_frame),
+    a click the page takes while it still draws opens nothing (seen under CI load), so the
+    menu is clicked again, up to `clicks` times, each given a third of UI_WAIT_S."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(driver, UI_WAIT_S / clicks)
+    for _ in range(clicks):
+        wait.until(lambda d: d.find_elements("xpath", menu_xpath))[0].click()
+        try:
+            return wait.until(lambda d: d.find_elements("xpath", row_xpath))
+        except TimeoutException:
+            continue
+    raise AssertionError(
+        f"the report menu {menu_xpath} showed no {row_xpath} after {clicks} clicks"
+    )
+
+
+def shown_frame(driver, menu_xpath: str, row_xpath: str, clicks: int = 3):
     """The frame a report row's eye button opens its HTML in. A click the page takes while it
     is still drawing the table opens nothing (seen under load), so the row is found and its
     button clicked again, up to `clicks` times, each given a third of UI_WAIT_S."""
@@ -103,7 +122,7 @@ def shown_frame(driver, row_xpath: str, clicks: int = 3):
 
     wait = WebDriverWait(driver, UI_WAIT_S / clicks)
     for _ in range(clicks):
-        row = WebDriverWait(driver, UI_WAIT_S).until(lambda d: d.find_elements("xpath", row_xpath))
+        row = shown_rows(driver, menu_xpath, row_xpath)
         row[0].find_element("css selector", "a[iconname='eye']").click()
         try:
             return wait.until(lambda d: d.find_elements("tag name", "iframe"))[0]
@@ -120,11 +139,10 @@ def report_item(driver, report: Path, category: str, labels: tuple[str, str]) ->
     driver.get(report.as_uri())
     wait = WebDriverWait(driver, UI_WAIT_S)
     menu = f"//span[normalize-space(text())='{category}']"
-    wait.until(lambda d: d.find_elements("xpath", menu))[0].click()
     cells = " and ".join(
         f"td[{i + 1}][starts-with(normalize-space(), '{v}')]" for i, v in enumerate(labels)
     )
-    frame = shown_frame(driver, f"//tr[{cells}]")
+    frame = shown_frame(driver, menu, f"//tr[{cells}]")
     driver.switch_to.frame(frame)
     try:
         body = lambda: driver.find_element("tag name", "body").text  # noqa: E731

@@ -180,6 +180,20 @@ def test_packings_that_cannot_keep_what_they_pack_apart_are_refused_by_key():
     validated(experiment(True, "lstm", "across_documents"))
 
 
+def test_keys_of_the_other_task_are_refused_by_name():
+    config = config_with(experiments__1__tokenize__block_size=64)
+    config["experiments"][1]["evaluate"] = {"prompts": ["Hi"]}
+    given = copy.deepcopy(config)
+    problems = cross_checks(with_defaults(config), REPO, given)
+    refused = [p for p in problems if "is a causal_lm setting" in p]
+    assert refused == [
+        "experiments[1].tokenize.block_size: is a causal_lm setting; this experiment's task is "
+        "sequence_classification",
+        "experiments[1].evaluate.prompts: is a causal_lm setting; this experiment's task is "
+        "sequence_classification",
+    ]
+
+
 def test_greedy_decoding_refuses_the_sampling_settings_it_would_ignore():
     def problems(**keys) -> list[str]:
         config = config_with(**keys)

@@ -36,6 +36,14 @@ def test_a_model_card_of_a_config_without_a_task_states_no_use():
     assert intended_use("n/a") == "Not stated for this task."
 
 
+@pytest.mark.parametrize("name", TASKS)
+def test_the_keys_a_task_owns_are_settings_of_an_experiment(name):
+    experiment = config_schema()["properties"]["experiments"]["items"]["properties"]
+    for dotted in task_of(name).own_keys:
+        section, key = dotted.split(".")
+        assert key in experiment[section]["properties"], dotted
+
+
 def test_a_head_has_a_row_per_token_or_per_label():
     assert task_of(CAUSAL_LM).head_size(50257, 3) == 50257
     assert task_of(SEQUENCE_CLASSIFICATION).head_size(50257, 3) == 3

@@ -13,7 +13,7 @@ from typing import Any
 
 from snaketune.evaluate.settings import GREEDY, SAMPLING_KEYS
 from snaketune.settings import AUTO
-from snaketune.tasks import task_of
+from snaketune.tasks import BY_NAME, task_of
 from snaketune.tokenize.settings import ACROSS_DOCUMENTS, DOCUMENTS_APART, FAST_ENCODER, HF_ENCODER
 from snaketune.train.positions import config_positions
 from snaketune.train.settings import NO_QUANTIZATION, TRANSFORMERS
@@ -207,26 +207,16 @@ def adapter_problems(given: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def task_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:
-    """Keys that only the other task uses."""
-    lm = task_of(exp["task"]).predicts_tokens
-    unused = {
-        "tokenize": {"max_length"} if lm else {"block_size", "packing"},
-        "evaluate": set()
-        if lm
-        else {
-            "prompts",
-            "context_length",
-            "stride",
-            "max_new_tokens",
-            "decoding",
-            "answer_examples",
-        },
-    }
+    """Keys that only another task uses (Task.own_keys)."""
+    task = task_of(exp["task"])
+    sections = {dotted.split(".")[0] for other in BY_NAME.values() for dotted in other.own_keys}
+    given_keys = {f"{section}.{key}" for section in sections for key in set_keys(given, section)}
     return [
-        (f"{section}.{key}", f"is a {other} setting; this experiment's task is {exp['task']}")
-        for section, keys in unused.items()
-        for key in sorted(set_keys(given, section) & keys)
-        for other in ["sequence_classification" if lm else "causal_lm"]
+        (dotted, f"is a {other.name} setting; this experiment's task is {task.name}")
+        for other in BY_NAME.values()
+        if other is not task
+        for dotted in other.own_keys
+        if dotted in given_keys and dotted not in task.own_keys
     ]
 
 

@@ -31,6 +31,8 @@ class Task:
     """peft's TaskType of its LoRA adapters."""
     intended_use: str
     """The model card's "Intended use" (snaketune.track.model_card)."""
+    own_keys: tuple[str, ...]
+    """The experiment keys only this task reads: given for another task, they are refused."""
 
     def head_size(self, vocab_size: int, num_labels: int) -> int:
         return vocab_size if self.predicts_tokens else num_labels
@@ -44,6 +46,16 @@ LANGUAGE_MODEL = Task(
     gpt2_model="GPT2LMHeadModel",
     llama_model="LlamaForCausalLM",
     peft_task_type="CAUSAL_LM",
+    own_keys=(
+        "tokenize.block_size",
+        "tokenize.packing",
+        "evaluate.answer_examples",
+        "evaluate.context_length",
+        "evaluate.decoding",
+        "evaluate.max_new_tokens",
+        "evaluate.prompts",
+        "evaluate.stride",
+    ),
     intended_use=(
         "Continues text in the style and domain of its training corpus (the sampled "
         "continuations in the evaluate run show what that looks like). It is a small model "
@@ -61,6 +73,7 @@ CLASSIFIER = Task(
     gpt2_model="GPT2ForSequenceClassification",
     llama_model="LlamaForSequenceClassification",
     peft_task_type="SEQ_CLS",
+    own_keys=("tokenize.max_length",),
     intended_use=(
         "Assigns each text one of the labels above, as learned from the training split. Every "
         "input gets one of them, however far it is from the training data; its errors follow "

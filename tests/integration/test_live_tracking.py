@@ -295,26 +295,34 @@ def last_live_step(client: MlflowClient, workdir: Path) -> int:
     return max((m.step for m in client.get_metric_history(run_id, "train.loss")), default=0)
 
 
-def interrupt_once_live(workdir: Path, uri: str, how, checkpointed_past: int | None) -> str:
-    """Stop the train job once this attempt's sender has connected (points past the last step
-    the server had; it needs seconds to start) and, if `checkpointed_past` is given, it has
-    written a checkpoint past that step."""
+def interrupt_once_live(workdir: Path, uri: str, how, ready) -> str:
+    """Stop the train job once `ready(client, before)` holds, `before` being the last step the
+    server had when the workflow started."""
     client = MlflowClient(tracking_uri=uri)
     before = last_live_step(client, workdir)
     pipeline = start(workdir, uri)
-
-    def ready() -> bool:
-        if checkpointed_past is not None and not checkpointed(workdir, checkpointed_past):
-            return False
-        return last_live_step(client, workdir) > before
-
-    wait_for(lambda: ready() or pipeline.poll() is not None, TIMEOUT_S, 0.1)
+    wait_for(lambda: ready(client, before) or pipeline.poll() is not None, TIMEOUT_S, 0.1)
     assert pipeline.poll() is None, "the workflow ended before the train job could be stopped"
     how(train_process(workdir))
     output = finish(pipeline)
     trained = workdir / "results" / EXPERIMENT / "train" / "manifest.json"
     assert not trained.exists(), "training had ended when it was stopped: " + output[-2000:]
     return output
+
+
+def connected_and_checkpointed(workdir: Path):
+    """The train job's sender has its run, and a checkpoint is written: as early as a SIGKILL
+    can come and still leave a run and a checkpoint to resume, so that the next attempt has
+    most of its steps still to train (on a fast machine the 1,200 steps take seconds)."""
+    return lambda client, before: (
+        recorded_train_id(workdir) is not None and checkpointed(workdir, 0)
+    )
+
+
+def sending_past(workdir: Path):
+    """This attempt's sender has connected: the server has points past those it had (the
+    sender needs seconds to start)."""
+    return lambda client, before: last_live_step(client, workdir) > before
 
 
 @pytest.fixture(scope="module")
@@ -325,11 +333,13 @@ def resumed(prepared, tmp_path_factory) -> Resumed:
     try:
         client = MlflowClient(tracking_uri=server.uri)
         # A SIGKILL leaves the last periodic checkpoint; a SIGTERM writes one as it exits.
-        interrupt_once_live(workdir, server.uri, lambda p: kill_tree(p.pid), checkpointed_past=0)
+        interrupt_once_live(
+            workdir, server.uri, lambda p: kill_tree(p.pid), connected_and_checkpointed(workdir)
+        )
         killed = recorded_train_id(workdir)
         subprocess.run(workflow(workdir, "--unlock"), capture_output=True, check=True)
         interrupt_once_live(
-            workdir, server.uri, lambda p: p.send_signal(signal.SIGTERM), checkpointed_past=None
+            workdir, server.uri, lambda p: p.send_signal(signal.SIGTERM), sending_past(workdir)
         )
         wait_for(lambda: client.get_run(killed).info.status != "RUNNING", 30, 0.2)
         status = client.get_run(killed).info.status

@@ -8,6 +8,9 @@ from __future__ import annotations
 import errno
 import io
 import json
+import os
+import signal
+import time
 
 import pytest
 
@@ -141,3 +144,31 @@ def test_a_fault_of_the_machine_says_what_the_system_reported(fault, line):
 )
 def test_errors_only_a_bug_raises_are_not_a_fault_of_the_machine(error):
     assert cli.system_error(error) is None
+
+
+def test_a_sigterm_ends_the_job_as_an_exit_that_unwinds_it(tmp_path, monkeypatch):
+    """Python's default would end the process where it stands, leaving the job's MLflow run
+    RUNNING; the job's `finally`s run instead, and the handler before it is back after."""
+    from snaketune.data import download as stage
+
+    unwound = []
+
+    def stopped_from_outside(paths, settings, context):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler runs at the next bytecode; never reached
+            unwound.append("slept")
+        finally:
+            unwound.append("finally")
+
+    monkeypatch.setattr(stage, "download_dataset", stopped_from_outside)
+    before = signal.getsignal(signal.SIGTERM)
+    settings = json.dumps({"url": "a.csv", "sha256": MISSING_SHA})
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(download(tmp_path, settings))
+    assert str(stopped.value) == (
+        "download: SIGTERM received before the job finished; rerun to resume"
+    )
+    assert unwound == ["finally"]
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not (tmp_path / "manifest.json").exists()

@@ -9,18 +9,22 @@ How a failed job ends (exit status 1 in every case):
   permission denied, a missing file, a dropped connection) or memory running out: the same
   line, saying what the system reported and on which path;
 - anything else is a bug in snaketune: the traceback, then a line that says so.
+A SIGTERM ends the job too, exit status 1, with a line that says to rerun (stopped_by_sigterm).
 snaketune.joblog finds these lines in a job's log."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import io
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +117,25 @@ def system_error(err: BaseException) -> str | None:
     return f"operating-system error{where}: {what} ({kind}{', ' + code if code else ''})"
 
 
+@contextlib.contextmanager
+def stopped_by_sigterm(command: str) -> Iterator[None]:
+    """A SIGTERM (a cluster's time limit, a preemption, `scancel`) ends the job as an exception,
+    so that what it holds is let go on the way out: its MLflow run ends KILLED (not left
+    RUNNING until the track job), its manifest is not written, a training attempt records that
+    it was stopped (a retry resumes). Python's default would end the process on the spot.
+    The training loop installs its own handler for its duration (a checkpoint, then this same
+    exit: snaketune.train.trainer.StopRequested); the previous handler is back after."""
+
+    def stop(signum, frame):
+        raise SystemExit(f"{command}: SIGTERM received before the job finished; rerun to resume")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO,
@@ -122,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     stage, paths, settings = parse(argv)
     try:
         context = JobContext.from_environment(os.environ)  # the one place that reads it
-        stage.entry()(paths, read_settings(stage, settings), context)
+        with stopped_by_sigterm(stage.command):
+            stage.entry()(paths, read_settings(stage, settings), context)
     except USER_ERRORS as err:
         # Known failure modes carry a message meant for the user; a traceback would bury it.
         print(error_line(stage.command, str(err)), file=sys.stderr)

@@ -182,16 +182,17 @@ def test_packings_that_cannot_keep_what_they_pack_apart_are_refused_by_key():
 
 def test_keys_of_the_other_task_are_refused_by_name():
     config = config_with(experiments__1__tokenize__block_size=64)
-    config["experiments"][1]["evaluate"] = {"prompts": ["Hi"]}
+    config["experiments"][1]["evaluate"] = {"prompts": ["Hi"], "top_p": 0.9}
     given = copy.deepcopy(config)
     problems = cross_checks(with_defaults(config), REPO, given)
     refused = [p for p in problems if "is a causal_lm setting" in p]
     assert refused == [
-        "experiments[1].tokenize.block_size: is a causal_lm setting; this experiment's task is "
-        "sequence_classification",
-        "experiments[1].evaluate.prompts: is a causal_lm setting; this experiment's task is "
-        "sequence_classification",
+        f"experiments[1].{key}: is a causal_lm setting; this experiment's task is "
+        "sequence_classification"
+        for key in ("tokenize.block_size", "evaluate.prompts", "evaluate.top_p")
     ]
+    # A classifier decodes nothing: not told to sample, as if it were a language model.
+    assert not [p for p in problems if "decoding" in p]
 
 
 def test_greedy_decoding_refuses_the_sampling_settings_it_would_ignore():

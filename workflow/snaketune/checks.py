@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from snaketune.evaluate.settings import GREEDY, SAMPLING_KEYS
+from snaketune.evaluate.settings import GREEDY
+from snaketune.names import SAMPLING_KEYS
 from snaketune.settings import AUTO
 from snaketune.tasks import BY_NAME, task_of
 from snaketune.tokenize.settings import ACROSS_DOCUMENTS, DOCUMENTS_APART, FAST_ENCODER, HF_ENCODER
@@ -95,8 +96,9 @@ def strategy_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def decoding_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:
-    """Sampling settings mean nothing to greedy decoding."""
-    if exp["evaluate"]["decoding"] != GREEDY:
+    """Sampling settings mean nothing to greedy decoding (nor to a task that decodes nothing:
+    task_problems refuses them there)."""
+    if exp["evaluate"]["decoding"] != GREEDY or not task_of(exp["task"]).predicts_tokens:
         return []
     return [
         (

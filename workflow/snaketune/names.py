@@ -18,6 +18,10 @@ CAUSAL_LM = "causal_lm"
 SEQUENCE_CLASSIFICATION = "sequence_classification"
 TASKS = (CAUSAL_LM, SEQUENCE_CLASSIFICATION)
 
+SAMPLING_KEYS = ("temperature", "top_k", "top_p")
+"""The evaluate settings (and the served model's params) that apply to decoding 'sample' only;
+a language model's own (snaketune.tasks)."""
+
 INSTRUCTION_COLUMNS = ("prompt", "response")
 """Instruction data: the columns of each cleaned document's two parts (text is both)."""
 PROMPT, RESPONSE = INSTRUCTION_COLUMNS

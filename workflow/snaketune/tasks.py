@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from snaketune.names import CAUSAL_LM, SEQUENCE_CLASSIFICATION, TASKS
+from snaketune.names import CAUSAL_LM, SAMPLING_KEYS, SEQUENCE_CLASSIFICATION, TASKS
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,7 @@ LANGUAGE_MODEL = Task(
         "evaluate.max_new_tokens",
         "evaluate.prompts",
         "evaluate.stride",
+        *(f"evaluate.{key}" for key in SAMPLING_KEYS),
     ),
     intended_use=(
         "Continues text in the style and domain of its training corpus (the sampled "

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from snaketune.evaluate.settings import GREEDY, SAMPLING_KEYS, EvalSettings
+from snaketune.evaluate.settings import GREEDY, EvalSettings
+from snaketune.names import SAMPLING_KEYS
 from snaketune.train.devices import Placement
 
 ANSWER_MARKER = "\x00answer\x00"

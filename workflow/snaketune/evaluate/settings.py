@@ -9,9 +9,8 @@ from snaketune.settings import AUTO, ConfigView, SettingsError, check_task, sett
 from snaketune.train.settings import COMPILE_MODES, TrainSettings, compile_mode
 
 GREEDY, SAMPLE = DECODINGS = ("greedy", "sample")
-SAMPLING_KEYS = ("temperature", "top_k", "top_p")
-"""The evaluate settings (and served model's params) that apply to decoding sample only."""
-"""evaluate.decoding: the most likely token each step, or top-k sampling at a temperature."""
+"""evaluate.decoding: the most likely token each step, or top-k sampling at a temperature (the
+settings of SAMPLE: snaketune.names.SAMPLING_KEYS)."""
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,8 @@ import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from snaketune.evaluate.settings import DECODINGS, GREEDY, SAMPLE, SAMPLING_KEYS, EvalSettings
+from snaketune.evaluate.settings import DECODINGS, GREEDY, SAMPLE, EvalSettings
+from snaketune.names import SAMPLING_KEYS
 from snaketune.tasks import task_of
 from snaketune.train.positions import model_positions
 

@@ -43,7 +43,9 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from corpus import documents  # noqa: E402
 
+from snaketune.data.paths import CleanPaths, SplitPaths, TokenizerPaths  # noqa: E402
 from snaketune.data.tokenizer import EOS, PAD  # noqa: E402
+from snaketune.paths import MANIFEST  # noqa: E402
 from snaketune.sharing import keys_of, stage_dir  # noqa: E402
 from tests.support.workflow import snakemake_command, tiny_config  # noqa: E402
 
@@ -115,7 +117,7 @@ def snakemake(workdir: Path, target: Path) -> float:
 
 
 def manifest(folder: Path) -> dict:
-    return json.loads((folder / "manifest.json").read_text())
+    return json.loads((folder / MANIFEST).read_text())
 
 
 def python_script(code: str, *args: str) -> float:
@@ -220,16 +222,16 @@ def main() -> None:
         (work / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         folders = stage_paths(config)
 
-        upstream_s = snakemake(work, folders["tokenizer"] / "manifest.json")
+        upstream_s = snakemake(work, folders["tokenizer"] / MANIFEST)
         clean_s = manifest(folders["clean"])["seconds"]
         split_s = manifest(folders["split"])["seconds"]
         bpe_s = manifest(folders["tokenizer"])["seconds"]
-        tokenize_s = snakemake(work, folders["tokenize"] / "manifest.json")
+        tokenize_s = snakemake(work, folders["tokenize"] / MANIFEST)
         tokenized = manifest(folders["tokenize"])
 
         splits = folders["split"]
-        train = splits / "train.parquet"
-        tokenizer_dir = folders["tokenizer"] / "tokenizer"
+        train = SplitPaths.output_in(splits, "train")
+        tokenizer_dir = TokenizerPaths.output_in(folders["tokenizer"], "tokenizer")
         (work / "run_clm").mkdir()
         run_clm_s = python_script(
             RUN_CLM,
@@ -246,7 +248,7 @@ def main() -> None:
         direct_bpe_s = direct_bpe(train, args.vocab_size)
         import pandas as pd
 
-        cleaned = pd.read_parquet(folders["clean"] / "corpus.parquet")["text"].tolist()
+        cleaned = pd.read_parquet(CleanPaths.output_in(folders["clean"], "corpus"))["text"].tolist()
         ours_dedup, theirs_dedup, ours_removed, theirs_removed = dedup_pair(
             cleaned, args.dedup_docs
         )

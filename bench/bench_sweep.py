@@ -36,6 +36,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from snaketune.paths import MANIFEST  # noqa: E402
 from snaketune.sharing import keys_of, stage_dir  # noqa: E402
 from tests.support.workflow import snakemake_command, tiny_config  # noqa: E402
 
@@ -96,7 +97,7 @@ def data_target(config: dict) -> str:
     checked = validated(copy.deepcopy(config), REPO)
     first = checked["experiments"][0]["name"]
     key = keys_of(ConfigView(checked, REPO), first)["tokenize"]
-    return str(stage_dir(config["results_dir"], "tokenize", key) / "manifest.json")
+    return str(stage_dir(config["results_dir"], "tokenize", key) / MANIFEST)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from snaketune.data.paths import DownloadPaths
 from snaketune.data.settings import DownloadSettings
 
 
@@ -145,8 +146,9 @@ def settings_for(url: str, body: bytes, **overrides) -> DownloadSettings:
 
 
 def paths(tmp_path: Path) -> tuple[Path, Path]:
-    """The download job's files folder and manifest under tmp_path."""
-    return tmp_path / "download" / "files", tmp_path / "download" / "manifest.json"
+    """The download job's files folder and manifest in tmp_path/download."""
+    laid_out = DownloadPaths.under(tmp_path / "download")
+    return laid_out.files, laid_out.manifest
 
 
 def part_files(tmp_path: Path) -> list[Path]:

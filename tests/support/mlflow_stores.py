@@ -16,6 +16,7 @@ from mlflow.entities import ViewType
 
 from snaketune.data.paths import CleanPaths, DownloadPaths, SplitPaths, TokenizerPaths
 from snaketune.evaluate.paths import EvaluatePaths
+from snaketune.paths import OUTPUT, Paths, is_list
 from snaketune.stages import TRACKED
 from snaketune.tokenize.paths import GatherPaths
 from snaketune.track import stage_log
@@ -155,22 +156,23 @@ def write_json_file(path: Path, data) -> Path:
     return path
 
 
-def job_paths(cls, folder: Path, **given: Path) -> dict[str, str]:
-    """A manifest's record of where a job's paths were: `given`, else folder/<name>."""
-    return {
-        f.name: str(given.get(f.name, folder / f.name))
+def laid_out(cls: type[Paths], folder: Path) -> Paths:
+    """A job's paths as the workflow lays them out in `folder` (Paths.under); its inputs and
+    state paths, which the track job does not read, under `folder` by their field names."""
+    elsewhere = {
+        f.name: [] if is_list(f) else folder / f.name
         for f in fields(cls)
-        if not str(f.type).startswith("list")
+        if f.metadata["role"] != OUTPUT
     }
+    return cls.under(folder, **elsewhere)
 
 
 def write_manifest(
-    path: Path,
+    paths: Paths,
     stage: str,
     params: dict,
     counts: dict,
     seconds: float,
-    paths: dict[str, str],
     outputs: dict[str, str] | None = None,
     **extra,
 ) -> Path:
@@ -179,14 +181,14 @@ def write_manifest(
     inputs = {"input": {"path": f"results/{EXPERIMENT}/{stage}/input", "sha256": SHA}}
     started_at = STARTED_AT + 1000 * TRACKED.index(stage)
     return write_json_file(
-        path,
+        paths.manifest,
         {
             "stage": stage,
             "inputs": inputs,
             "params": params,
             "counts": counts,
             "outputs": outputs or {},
-            "paths": {**paths, "manifest": str(path)},
+            "paths": {f.name: str(getattr(paths, f.name)) for f in fields(paths) if not is_list(f)},
             "seconds": seconds,
             "started_at": started_at,
             "run_key": stage_log.run_key(inputs, params),
@@ -205,19 +207,25 @@ def write_stage_files(
     """A minimal but complete set of stage files laid out like results/ after a real run (the
     model is a stand-in: write_tiny_model puts a real one in its place)."""
     exp = root / EXPERIMENT
-    download_dir = root / "datasets" / "support-demo" / "download"
-    download = write_manifest(
-        download_dir / "manifest.json",
+    download = laid_out(DownloadPaths, root / "datasets" / "support-demo" / "download")
+    clean = laid_out(CleanPaths, exp / "clean")
+    split = laid_out(SplitPaths, exp / "split")
+    tokenizer = laid_out(TokenizerPaths, exp / "tokenizer")
+    tokenize = laid_out(GatherPaths, exp / "tokenize")
+    train = laid_out(TrainPaths, exp / "train")
+    evaluate = laid_out(EvaluatePaths, exp / "evaluate")
+
+    write_manifest(
+        download,
         "download",
         {"url": url, "sha256": SHA, "retries": 4},
         {"fetched_bytes": 49408, "files": 1},
         0.005,
-        job_paths(DownloadPaths, download_dir),
         fetched_sha256=SHA,
     )
-    report = write_json_file(exp / "clean" / "report.json", {"removed": {"exact_duplicate": 146}})
-    clean = write_manifest(
-        exp / "clean" / "manifest.json",
+    write_json_file(clean.report, {"removed": {"exact_duplicate": 146}})
+    write_manifest(
+        clean,
         "clean",
         {"clean": CONFIG["clean"], "member": None, "read": {"format": "jsonl"}},
         {
@@ -227,32 +235,14 @@ def write_stage_files(
             "labels": {},
         },
         0.366,
-        job_paths(CleanPaths, exp / "clean", report=report),
     )
     # As the split stage records the splits it wrote: their paths and sha256s.
-    split_paths = {name: root / EXPERIMENT / "split" / f"{name}.parquet" for name in SPLIT_SHA}
-    split = write_manifest(
-        exp / "split" / "manifest.json",
-        "split",
-        CONFIG["split"],
-        SPLIT_ROWS,
-        0.097,
-        job_paths(SplitPaths, exp / "split", **split_paths),
-        outputs=SPLIT_SHA,
-    )
-    tokenizer_dir = exp / "tokenizer" / "tokenizer"
-    write_json_file(tokenizer_dir / "tokenizer.json", {"model": {"type": "BPE", "vocab": {}}})
-    write_json_file(tokenizer_dir / "tokenizer_config.json", {"model_max_length": 32})
-    tokenizer = write_manifest(
-        exp / "tokenizer" / "manifest.json",
-        "tokenizer",
-        CONFIG["tokenizer"],
-        {"vocab_size": 400},
-        1.52,
-        job_paths(TokenizerPaths, exp / "tokenizer", tokenizer=tokenizer_dir),
-    )
-    tokenize = write_manifest(
-        exp / "tokenize" / "manifest.json",
+    write_manifest(split, "split", CONFIG["split"], SPLIT_ROWS, 0.097, outputs=SPLIT_SHA)
+    write_json_file(tokenizer.tokenizer / "tokenizer.json", {"model": {"type": "BPE", "vocab": {}}})
+    write_json_file(tokenizer.tokenizer / "tokenizer_config.json", {"model_max_length": 32})
+    write_manifest(tokenizer, "tokenizer", CONFIG["tokenizer"], {"vocab_size": 400}, 1.52)
+    write_manifest(
+        tokenize,
         "tokenize",
         {**CONFIG["tokenize"], "task": "causal_lm"},
         {
@@ -260,62 +250,34 @@ def write_stage_files(
             "test": {"documents": 319, "rows": 110, "tokens": 14080},
         },
         2.25,
-        job_paths(GatherPaths, exp / "tokenize"),
         label_names=[],
     )
-    train_dir = exp / "train"
-    train_dir.mkdir(parents=True, exist_ok=True)
-    history_path = train_dir / "history.jsonl"
-    history_path.write_text("".join(json.dumps(row) + "\n" for row in history))
-    samples_path = train_dir / "system_metrics.jsonl"
-    samples_path.write_text("".join(json.dumps(row) + "\n" for row in SYSTEM_SAMPLES))
-    model = train_dir / "model"
-    write_json_file(model / "config.json", {"model_type": "gpt2", "n_layer": 1})
-    (model / "model.safetensors").write_bytes(bytes(range(256)) * 4)
-    train = write_manifest(
-        train_dir / "manifest.json",
+    train.history.parent.mkdir(parents=True, exist_ok=True)
+    train.history.write_text("".join(json.dumps(row) + "\n" for row in history))
+    train.system_metrics.write_text("".join(json.dumps(row) + "\n" for row in SYSTEM_SAMPLES))
+    write_json_file(train.model / "config.json", {"model_type": "gpt2", "n_layer": 1})
+    (train.model / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    write_manifest(  # no loss curve written: no such artifact
+        train,
         "train",
         {"model": CONFIG["model"], "task": "causal_lm", "train": CONFIG["train"]},
         {"final_val_loss": 6.9, "parameters": 624384, "steps": 5, "train_rows": 855},
         88.804,
-        job_paths(
-            TrainPaths,
-            train_dir,
-            model=model,
-            history=history_path,
-            system_metrics=samples_path,
-            loss_curve=train_dir / "loss_curve.png",  # not written: no such artifact
-        ),
         device="cpu",
         fingerprint="33c43751ed6d804c",
     )
-    metrics_path = write_json_file(exp / "evaluate" / "metrics.json", metrics)
-    samples = exp / "evaluate" / "samples.csv"
-    pd.DataFrame([{"prompt": PROMPTS[0], "generated": " Sorry!"}]).to_csv(samples, index=False)
-    evaluate = write_manifest(
-        exp / "evaluate" / "manifest.json",
-        "evaluate",
-        CONFIG["evaluate"],
-        {"test_rows": 110},
-        3.967,
-        job_paths(
-            EvaluatePaths,
-            exp / "evaluate",
-            metrics=metrics_path,
-            samples=samples,
-            plot=exp / "evaluate" / "eval_plot.png",  # not written: no such artifact
-        ),
+    write_json_file(evaluate.metrics, metrics)
+    pd.DataFrame([{"prompt": PROMPTS[0], "generated": " Sorry!"}]).to_csv(
+        evaluate.samples, index=False
     )
-    manifests = {
-        "download": download,
-        "clean": clean,
-        "split": split,
-        "tokenizer": tokenizer,
-        "tokenize": tokenize,
-        "train": train,
-        "evaluate": evaluate,
-    }
-    return StageInputs(root, manifests, history_path, metrics_path, model, samples_path)
+    write_manifest(  # no plot written: no such artifact
+        evaluate, "evaluate", CONFIG["evaluate"], {"test_rows": 110}, 3.967
+    )
+    jobs = (download, clean, split, tokenizer, tokenize, train, evaluate)
+    manifests = {stage: job.manifest for stage, job in zip(TRACKED, jobs, strict=True)}
+    return StageInputs(
+        root, manifests, train.history, evaluate.metrics, train.model, train.system_metrics
+    )
 
 
 def settings_for(tracking_uri: str, registered_model_name: str | None = None) -> TrackSettings:

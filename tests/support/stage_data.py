@@ -82,12 +82,7 @@ def run_clean(
     raw = tmp_path / "raw"
     raw.mkdir(exist_ok=True)
     (raw / name).write_bytes(data)
-    paths = CleanPaths(
-        raw=raw,
-        corpus=tmp_path / "corpus.parquet",
-        report=tmp_path / "report.json",
-        manifest=tmp_path / "manifest.json",
-    )
+    paths = CleanPaths.under(tmp_path, raw=raw)
     report = clean_corpus(paths, CleanJob(read=read, clean=settings or CleanSettings()))
     return report, pd.read_parquet(paths.corpus)
 

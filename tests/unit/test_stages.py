@@ -110,6 +110,8 @@ def test_under_a_folder_every_output_is_at_its_name_and_the_rest_as_given(stage)
         assert getattr(paths, f.name).name == output_name(stage.paths, f).format(part="00003")
     for name, value in given.items():
         assert getattr(paths, name) == value
+    for f in path_fields(paths, OUTPUT):  # what a reader of results/ opens is what was written
+        assert stage.paths.output_in("/out", f.name, part="00003") == getattr(paths, f.name)
     names = [output_name(stage.paths, f) for f in path_fields(paths, OUTPUT)]
     assert len(set(names)) == len(names)
 

@@ -242,6 +242,11 @@ def get_part_manifests(wildcards):
     return tokenize_partitions(wildcards, rules.tokenize_partition.output.manifest)
 
 
+def get_split_file(wildcards):
+    """The split a partition tokenizes: the split job's output named after it."""
+    return shared("split", getattr(rules.split_corpus.output, wildcards.split))(wildcards)
+
+
 def train_processes(wildcards):
     return EXPERIMENTS[wildcards.experiment]["train"]["processes"]
 

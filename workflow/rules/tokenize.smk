@@ -27,7 +27,7 @@ checkpoint plan_partitions:
 # names are only a second way to reach the same files.
 rule tokenize_partition:
     input:
-        split_file=shared("split", f"{SHARED}/split/{{data}}/{{split}}.parquet"),
+        split_file=get_split_file,
         plan=rules.plan_partitions.output.plan,
         encoder=rules.plan_partitions.output.encoder,
     output:

@@ -75,6 +75,12 @@ class Paths:
         return cls(**outputs, **{n: v for n, v in given.items() if n not in WILDCARDS})
 
     @classmethod
+    def output_in(cls, folder: Path | str, name: str, **wildcards: Any) -> Path:
+        """Where the output `name` of a job that wrote into `folder` is (for a reader of
+        results/ that has no job's paths at hand)."""
+        return Path(folder) / output_names(cls, wildcards)[name]
+
+    @classmethod
     def output_files(cls, folder: str) -> dict[str, tuple[str, bool]]:
         """Each output as the rule's `output:` spells it, `folder`/name with its wildcards
         left to Snakemake, and whether it is a directory."""

@@ -46,7 +46,9 @@ CPU = Placement(torch.device("cpu"), None)
 
 def evaluate_lm(
     model, tokenizer, test: TokenRows, data: TokenizedData, job: EvalJob, paths, placement
-):
+) -> dict:
+    """A language model's metrics (perplexities, their baselines, the answers of instruction
+    data), its samples (continued prompts, answers) and its plot (the loss by position)."""
     settings = job.evaluate
     context = settings.context_length or data.block_size
     stride = settings.stride or context - 1
@@ -114,6 +116,26 @@ def evaluate_lm(
         "bytes of the documents); "
         "bits_per_byte = sum NLL in bits / those bytes (EOS is predicted and adds no byte)"
     )
+    plots.nll_by_position(metrics.pop("nll_by_position"), paths.plot)
+    return metrics
+
+
+def evaluate_classifier(
+    model, tokenizer, test: TokenRows, data: TokenizedData, job: EvalJob, paths, placement
+) -> dict:
+    """A classifier's metrics (accuracy, F1s, the confusion matrix, their baselines), its
+    samples (each test text's prediction) and its plot (the confusion matrix)."""
+    labels = data.label_names
+    scorer = torch.compile(model, mode=job.compile_mode) if job.compile_mode else model
+    predictions = predict_classes(scorer, test, job.evaluate.batch_size, placement)
+    metrics = classification_metrics(predictions, test.labels(), labels)
+    metrics["label_names"] = labels
+    metrics["baselines"] = baselines(paths.train, paths.test, labels)
+    metrics["protocol"] = (
+        f"{len(test)} test examples, truncated to {test.width()} tokens; argmax prediction"
+    )
+    write_predictions(paths.test, data.split(TEST), predictions, labels, paths.samples)
+    plots.confusion_matrix(metrics["confusion_matrix"], labels, paths.plot)
     return metrics
 
 
@@ -227,25 +249,10 @@ def evaluate_model(paths: EvaluatePaths, job: EvalJob, context: JobContext = IN_
         if job.compile_mode and placement.cuda:
             compile_generation(model, job.compile_mode)
         test = TokenRows.open(data, TEST)
-        if task_of(job.task).predicts_tokens:
-            metrics = evaluate_lm(model, tokenizer, test, data, job, paths, placement)
-        else:
-            labels = data.label_names
-            scorer = torch.compile(model, mode=job.compile_mode) if job.compile_mode else model
-            predictions = predict_classes(scorer, test, settings.batch_size, placement)
-            metrics = classification_metrics(predictions, test.labels(), labels)
-            metrics["label_names"] = labels
-            metrics["baselines"] = baselines(paths.train, paths.test, labels)
-            metrics["protocol"] = (
-                f"{len(test)} test examples, truncated to {test.width()} tokens; argmax prediction"
-            )
-            write_predictions(paths.test, test_shards, predictions, labels, paths.samples)
+        evaluate_task = evaluate_lm if task_of(job.task).predicts_tokens else evaluate_classifier
+        metrics = evaluate_task(model, tokenizer, test, data, job, paths, placement)
         metrics["test_rows"] = len(test)
         metrics["device"] = placement.describe()
-        if task_of(job.task).predicts_tokens:
-            plots.nll_by_position(metrics.pop("nll_by_position"), paths.plot)
-        else:
-            plots.confusion_matrix(metrics["confusion_matrix"], metrics["label_names"], paths.plot)
         write_json(paths.metrics, metrics)
         tables.metrics_page(metrics, paths.metrics_html)
         tables.csv_page(paths.samples, paths.samples_html, "Samples")

@@ -28,6 +28,7 @@ import shutil
 import signal
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +43,7 @@ from snaketune.fileio import atomic_dir, atomic_path, sha256_tree
 from snaketune.manifest import OFFLINE, Tracking, stage_manifest
 from snaketune.metrics import classification_metrics, perplexity
 from snaketune.names import TRAIN, VAL
-from snaketune.tasks import task_of
+from snaketune.tasks import Task, task_of
 from snaketune.tokenize.shards import TokenizedData
 from snaketune.train import (
     attempts,
@@ -414,32 +415,38 @@ def out_of_memory(run: Run, step: int, err: BaseException, retried: int) -> Trai
 def validate(run: Run) -> dict[str, float]:
     """Loss on the validation split's first eval_rows rows (all of them when fewer), weighted
     by the targets of each batch; with it the perplexity (LM) or accuracy and macro-F1."""
-    model, s = run.model, run.settings
-    model.eval()
-    rows = min(len(run.val), s.eval_rows)
+    rows = min(len(run.val), run.settings.eval_rows)
+    batch_size = run.batch_shape[0]
+    batches = (
+        run.val.batch(np.arange(start, min(rows, start + batch_size)))
+        for start in range(0, rows, batch_size)
+    )
+    run.model.eval()
+    measure = validate_lm if task_of(run.job.task).predicts_tokens else validate_classifier
+    metrics = measure(run, batches, rows)
+    run.model.train()
+    return metrics
+
+
+def validate_lm(run: Run, batches: Iterator[dict], rows: int) -> dict[str, float]:
+    nll = torch.zeros((), dtype=torch.float64, device=run.device)
+    targets = 0
+    for batch in batches:
+        nll += lm_nll_sum(run.scorer or run.model, batch, run.placement)
+        targets += int((batch["labels"][:, 1:] != IGNORED_LABEL).sum())
+    loss = mean_loss(nll, targets)
+    return {"val_loss": loss, "val_perplexity": perplexity(float(nll), targets)}
+
+
+def validate_classifier(run: Run, batches: Iterator[dict], rows: int) -> dict[str, float]:
     nll = torch.zeros((), dtype=torch.float64, device=run.device)
     targets, predicted = 0, []
-    batch_size = run.batch_shape[0]
-    for start in range(0, rows, batch_size):
-        batch = run.val.batch(np.arange(start, min(rows, start + batch_size)))
-        if task_of(run.job.task).predicts_tokens:
-            nll += lm_nll_sum(run.scorer or model, batch, run.placement)
-            targets += int((batch["labels"][:, 1:] != IGNORED_LABEL).sum())
-            continue
-        out = forward(model, batch, run.placement)
+    for batch in batches:
+        out = forward(run.model, batch, run.placement)
         predicted.append(out.logits.argmax(-1))
         nll += out.loss.double() * len(batch["labels"])
         targets += len(batch["labels"])
-    model.train()
-    if not targets:
-        raise TrainingError(
-            "the validation split has no token to predict (every row is shorter than two "
-            "tokens): a val_loss would be 0 for nothing; use longer documents or "
-            "tokenize.packing: across_documents"
-        )
-    loss = float(nll) / targets
-    if task_of(run.job.task).predicts_tokens:
-        return {"val_loss": loss, "val_perplexity": perplexity(float(nll), targets)}
+    loss = mean_loss(nll, targets)
     predictions = torch.cat(predicted).cpu().numpy()
     scores = classification_metrics(predictions, run.val.labels()[:rows], run.label_names)
     return {
@@ -447,6 +454,16 @@ def validate(run: Run) -> dict[str, float]:
         "val_accuracy": scores["accuracy"],
         "val_macro_f1": scores["macro_f1"],
     }
+
+
+def mean_loss(nll: torch.Tensor, targets: int) -> float:
+    if not targets:
+        raise TrainingError(
+            "the validation split has no token to predict (every row is shorter than two "
+            "tokens): a val_loss would be 0 for nothing; use longer documents or "
+            "tokenize.packing: across_documents"
+        )
+    return float(nll) / targets
 
 
 def lm_nll_sum(model, batch: dict[str, torch.Tensor], placement: Placement) -> torch.Tensor:
@@ -613,6 +630,12 @@ def check_examples_apart(model, vocab_size: int, placement: Placement) -> None:
         )
 
 
+def row_context(task: Task, data: TokenizedData, train: TokenRows) -> int:
+    """The positions the model is built for: a language model's block_size (which rows of one
+    document each may all fall short of), a classifier's widest train row."""
+    return data.block_size if task.predicts_tokens else train.width()
+
+
 def prepare_run(
     data: TokenizedData, state_dir: Path, job: TrainJob, world: distributed.World
 ) -> Run:
@@ -625,8 +648,7 @@ def prepare_run(
     train, val = TokenRows.open(data, TRAIN), TokenRows.open(data, VAL)
     if task.predicts_tokens:
         train, val = train.with_targets(), val.with_targets()
-    # causal_lm: the rows' block_size, which per-document rows may all fall short of.
-    context = data.block_size if task.predicts_tokens else train.width()
+    context = row_context(task, data, train)
     model = build_model(
         model_settings,
         job.task,
@@ -978,7 +1000,7 @@ def memory_used(run: Run, data: TokenizedData, before_model: int) -> dict:
     allocator's peak reserved memory, on the CPU the process's peak resident memory above what
     it held before the model was built (the interpreter and its libraries)."""
     job = run.job
-    context = data.block_size if task_of(job.task).predicts_tokens else run.train.width()
+    context = row_context(task_of(job.task), data, run.train)
     shape = memory_plan.job_shape(asdict(job.model), data.vocab_size, context)
     # The plan of the micro-batch that trained (after a search or out-of-memory retries).
     train = {**asdict(job.train), "batch_size": run.batch_shape[0]}

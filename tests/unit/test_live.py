@@ -4,12 +4,15 @@ never waits for (nor fails because of) a store that does not answer."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
 import pytest
 from mlflow.entities import Metric
 
+from snaketune import cli
 from snaketune.context import (
     ATTEMPT_VARIABLE,
     IN_PROCESS,
@@ -98,6 +101,20 @@ def test_a_stage_that_fails_or_is_stopped_ends_its_run_so(folder, store, error, 
     assert run.info.status == status
     parent = store.client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == status  # the experiment stopped there
+
+
+def test_a_sigterm_anywhere_in_a_job_ends_its_run_killed(folder, store):
+    """Not only in the training loop: the CLI makes a SIGTERM an exit that unwinds the job
+    (snaketune.cli.stopped_by_sigterm), where Python's default would end the process with its
+    run RUNNING."""
+    start = live.StageStart("train", "k5", time.time() - 5, {})
+    with pytest.raises(SystemExit), cli.stopped_by_sigterm("train"):
+        with live.tracking(start, folder, 0.0) as tracker:
+            tracker.log_rows(rows(range(1, 3)))
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # not slept: the handler raises at once
+    (run,) = [r for r in store.client.search_runs([exp_id(store)]) if r.info.run_name == "train"]
+    assert run.info.status == "KILLED"
 
 
 def exp_id(store) -> str:

@@ -96,7 +96,7 @@ def test_sigkill_mid_training_resumes_from_checkpoint_with_identical_weights(lm_
 def test_sigterm_writes_a_checkpoint_before_exit_and_the_rerun_resumes(lm_data, tmp_path):
     # No periodic checkpoint before the signal: the one found afterwards is SIGTERM's.
     settings = TrainSettings(
-        max_steps=400, batch_size=8, warmup_steps=5, eval_every=400, checkpoint_every=1000
+        max_steps=400, batch_size=8, warmup_steps=5, eval_every=100, checkpoint_every=1000
     )
     job = subprocess.Popen(
         train_command(lm_data, tmp_path, settings),
@@ -105,10 +105,11 @@ def test_sigterm_writes_a_checkpoint_before_exit_and_the_rerun_resumes(lm_data, 
         stderr=subprocess.PIPE,
         text=True,
     )
+    # The first evaluation's line: the loop is under way with 300 steps to go, however fast
+    # the machine (a fixed wait once let a fast one reach the last step first).
     for line in job.stderr:
-        if "training gpt2" in line:  # set-up done, steps under way
+        if "step 100 loss" in line:
             break
-    time.sleep(1.0)
     job.send_signal(signal.SIGTERM)
     rest = job.stderr.read()
     job.wait(timeout=120)

@@ -96,10 +96,11 @@ def strategy_problems(exp: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def decoding_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[str, str]]:
-    """Sampling settings mean nothing to greedy decoding (nor to a task that decodes nothing:
-    task_problems refuses them there)."""
-    if exp["evaluate"]["decoding"] != GREEDY or not task_of(exp["task"]).predicts_tokens:
+    """Sampling settings mean nothing to greedy decoding. Given to a task that does not own
+    them (Task.own_keys), they are task_problems' to refuse."""
+    if exp["evaluate"]["decoding"] != GREEDY:
         return []
+    owned = task_of(exp["task"]).own_keys
     return [
         (
             f"evaluate.{key}",
@@ -107,7 +108,7 @@ def decoding_problems(exp: dict[str, Any], given: dict[str, Any]) -> list[tuple[
             f"each step): set decoding: sample, or remove {key}",
         )
         for key in SAMPLING_KEYS
-        if key in set_keys(given, "evaluate")
+        if key in set_keys(given, "evaluate") and f"evaluate.{key}" in owned
     ]
 
 
